@@ -1,0 +1,428 @@
+//! kache's content store: blobs as plain files addressed by digest, metadata in a redb index.
+//!
+//! Invariants, which every public method keeps:
+//! - a blob file at its final path always hashes to its name: bytes are hashed while they are
+//!   written to `tmp/`, verified, fsynced and only then renamed into `blobs/`;
+//! - the index only names blobs whose file is in place (the file is installed first, the
+//!   index transaction commits second; [`Store::open`] repairs what a crash left in between);
+//! - nothing here knows HTTP, so the registry, the pull-through path and GC share it.
+
+mod error;
+mod fs;
+mod index;
+mod upload;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use kache_oci::{Algorithm, Digest, ParsedManifest, Reference, RepoName};
+
+pub use error::{Result, StoreError};
+pub use fs::BlobWriter;
+pub use index::{BlobRecord, ManifestRecord, TagRecord};
+pub use upload::UploadStatus;
+
+use fs::Layout;
+use index::{Index, NewManifest};
+
+/// Largest manifest accepted: the limit distribution and most clients use.
+pub const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
+
+/// A blob ready to be streamed: an open file and its length.
+#[derive(Debug)]
+pub struct BlobFile {
+    pub file: tokio::fs::File,
+    pub size: u64,
+}
+
+/// A manifest as served: its bytes, digest and media type.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub digest: Digest,
+    pub media_type: String,
+    pub bytes: Bytes,
+}
+
+/// An entry of a referrers listing.
+#[derive(Debug, Clone)]
+pub struct Referrer {
+    pub digest: Digest,
+    pub record: ManifestRecord,
+}
+
+/// What [`Store::open`] found and repaired.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    pub temp_files_removed: usize,
+    pub missing_blobs_forgotten: usize,
+    pub orphan_blobs_adopted: usize,
+    pub stale_uploads_removed: usize,
+}
+
+/// The result of [`Store::verify`]: every blob re-hashed against its name.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub blobs: usize,
+    pub bytes: u64,
+    /// Index entries whose file is missing or whose bytes do not hash to the digest.
+    pub bad: Vec<String>,
+}
+
+/// The content store. Cheap to share: wrap it in an `Arc`.
+#[derive(Debug)]
+pub struct Store {
+    layout: Layout,
+    index: Arc<Index>,
+    total_bytes: AtomicU64,
+    uploads: upload::Uploads,
+    access: std::sync::Mutex<HashMap<Digest, u64>>,
+}
+
+/// Runs blocking index work off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Index(format!("index task failed: {e}")))?
+}
+
+impl Store {
+    /// Opens (or creates) the store under `root`, repairing whatever a crash left behind.
+    pub fn open(root: &Path) -> Result<(Store, Recovery)> {
+        let layout = Layout::new(root);
+        for d in [layout.blobs(), layout.tmp(), layout.uploads()] {
+            std::fs::create_dir_all(&d)?;
+        }
+        let index = Index::open(&layout.index())?;
+        let mut rec = Recovery::default();
+
+        // Temporary files are writes that never completed.
+        for e in std::fs::read_dir(layout.tmp())? {
+            std::fs::remove_file(e?.path())?;
+            rec.temp_files_removed += 1;
+        }
+
+        // Index entries whose file is gone are forgotten; a file at a final path that the
+        // index does not know was verified before its rename, so it is adopted (unlinked:
+        // GC decides its fate).
+        let known = index.all_blobs()?;
+        let mut missing = Vec::new();
+        let mut total = 0u64;
+        let mut known_set = std::collections::HashSet::with_capacity(known.len());
+        for (d, r) in known {
+            match std::fs::metadata(layout.blob(&d)) {
+                Ok(m) if m.len() == r.size => total += r.size,
+                _ => missing.push(d.clone()),
+            }
+            known_set.insert(d);
+        }
+        rec.missing_blobs_forgotten = missing.len();
+        index.forget_blobs(&missing)?;
+        for (d, size) in scan_blobs(&layout)? {
+            if !known_set.contains(&d) {
+                index.add_blob(None, &d, size)?;
+                total += size;
+                rec.orphan_blobs_adopted += 1;
+            }
+        }
+
+        rec.stale_uploads_removed = upload::recover(&layout, &index)?;
+        if rec != Recovery::default() {
+            tracing::warn!(?rec, "store repaired after an unclean stop");
+        }
+        Ok((
+            Store {
+                layout,
+                index: Arc::new(index),
+                total_bytes: AtomicU64::new(total),
+                uploads: upload::Uploads::default(),
+                access: Default::default(),
+            },
+            rec,
+        ))
+    }
+
+    /// Bytes held in blob files (manifests included).
+    pub fn total_bytes(&self) -> u64 {
+        self.total_bytes.load(Ordering::Relaxed)
+    }
+
+    fn added(&self, new: bool, size: u64) {
+        if new {
+            self.total_bytes.fetch_add(size, Ordering::Relaxed);
+        }
+    }
+
+    // ---- blobs ----
+
+    /// The size of `digest` if `repo` may serve it.
+    pub fn stat_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>> {
+        self.index.linked_blob(repo, digest)
+    }
+
+    /// Opens `digest` for reading if `repo` may serve it.
+    pub async fn open_blob(&self, repo: &RepoName, digest: &Digest) -> Result<BlobFile> {
+        let size = self.stat_blob(repo, digest)?.ok_or(StoreError::BlobUnknown)?;
+        let file = match tokio::fs::File::open(self.layout.blob(digest)).await {
+            Ok(f) => f,
+            // Deleted between the lookup and the open (GC): the blob is simply unknown now.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StoreError::BlobUnknown),
+            Err(e) => return Err(e.into()),
+        };
+        self.touch(digest);
+        Ok(BlobFile { file, size })
+    }
+
+    /// The path of a blob's file, for readers that stream it themselves.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.layout.blob(digest)
+    }
+
+    /// A writer for a new blob that must hash to a digest of `algorithm`.
+    pub async fn blob_writer(&self, algorithm: Algorithm, limit: Option<u64>) -> Result<BlobWriter> {
+        let path = self.layout.tmp().join(uuid::Uuid::new_v4().to_string());
+        BlobWriter::create(path, algorithm, limit).await
+    }
+
+    /// Verifies what `writer` holds against `expected`, installs it and links it into `repo`.
+    /// On a mismatch nothing is kept.
+    pub async fn commit_blob(&self, writer: BlobWriter, repo: &RepoName, expected: &Digest) -> Result<u64> {
+        let (tmp, actual, size) = writer.finish().await?;
+        if actual != *expected {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(StoreError::DigestMismatch {
+                expected: expected.clone(),
+                actual,
+            });
+        }
+        let (layout, index, repo, d) = (self.layout.clone(), self.index.clone(), repo.clone(), actual);
+        let new = blocking(move || {
+            fs::install(&layout, &tmp, &d)?;
+            index.add_blob(Some(&repo), &d, size)
+        })
+        .await?;
+        self.added(new, size);
+        Ok(size)
+    }
+
+    /// Stores a whole blob from a stream (monolithic push, pull-through).
+    pub async fn put_blob<S, E>(&self, repo: &RepoName, expected: &Digest, body: S) -> Result<u64>
+    where
+        S: Stream<Item = std::result::Result<Bytes, E>>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let mut w = self.blob_writer(expected.algorithm(), None).await?;
+        let mut body = std::pin::pin!(body);
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| StoreError::Body(std::io::Error::other(e)))?;
+            w.write(&chunk).await?;
+        }
+        self.commit_blob(w, repo, expected).await
+    }
+
+    /// Cross-repository mount: links a blob of `from` (or of any repository, without `from`)
+    /// into `repo`. None if there is nothing to mount.
+    pub async fn mount_blob(&self, repo: &RepoName, digest: &Digest, from: Option<&RepoName>) -> Result<Option<u64>> {
+        let (index, repo, digest, from) = (self.index.clone(), repo.clone(), digest.clone(), from.cloned());
+        blocking(move || index.mount(&repo, &digest, from.as_ref())).await
+    }
+
+    /// Removes `digest` from `repo`. The file stays until GC finds nothing referencing it.
+    pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
+        let (index, repo, digest) = (self.index.clone(), repo.clone(), digest.clone());
+        if blocking(move || index.unlink_blob(&repo, &digest)).await? {
+            Ok(())
+        } else {
+            Err(StoreError::BlobUnknown)
+        }
+    }
+
+    /// Notes that a blob was served; flushed to the index by [`Store::flush_access`].
+    fn touch(&self, digest: &Digest) {
+        let now = index::now();
+        let mut map = self.access.lock().expect("access map poisoned");
+        map.insert(digest.clone(), now);
+    }
+
+    /// Writes the access times gathered since the last flush. Called periodically.
+    pub async fn flush_access(&self) -> Result<usize> {
+        let batch: Vec<(Digest, u64)> = {
+            let mut map = self.access.lock().expect("access map poisoned");
+            map.drain().collect()
+        };
+        let n = batch.len();
+        if n > 0 {
+            let index = self.index.clone();
+            blocking(move || index.record_access(&batch)).await?;
+        }
+        Ok(n)
+    }
+
+    /// When a blob or manifest was last served, as far as flushed.
+    pub fn last_access(&self, digest: &Digest) -> Result<Option<u64>> {
+        self.index.last_access(digest)
+    }
+
+    /// The index record of a blob, whatever repository holds it.
+    pub fn blob_record(&self, digest: &Digest) -> Result<Option<BlobRecord>> {
+        self.index.blob(digest)
+    }
+
+    // ---- manifests ----
+
+    /// Stores manifest `bytes` (already parsed) in `repo`, tagged when `reference` is a tag.
+    /// Rejected with [`StoreError::ManifestBlobUnknown`] unless every config and layer blob is
+    /// linked in `repo`; child manifests of an index may be absent (a cache fills them lazily).
+    pub async fn put_manifest(&self, repo: &RepoName, reference: &Reference, bytes: Bytes, parsed: &ParsedManifest) -> Result<Digest> {
+        let digest = match reference {
+            Reference::Digest(d) => {
+                let actual = Digest::compute(d.algorithm(), &bytes);
+                if actual != *d {
+                    return Err(StoreError::DigestMismatch {
+                        expected: d.clone(),
+                        actual,
+                    });
+                }
+                actual
+            }
+            Reference::Tag(_) => Digest::sha256(&bytes),
+        };
+        let size = bytes.len() as u64;
+        let record = ManifestRecord {
+            media_type: parsed.media_type.clone(),
+            size,
+            artifact_type: parsed.effective_artifact_type().map(str::to_owned),
+            subject: parsed.subject.as_ref().map(|s| s.digest.clone()),
+            annotations: parsed.annotations.clone(),
+            created: index::now(),
+        };
+        let required: Vec<Digest> = parsed.required_blobs().map(|d| d.digest.clone()).collect();
+        let references: Vec<Digest> = parsed.references().cloned().collect();
+        let tag = match reference {
+            Reference::Tag(t) => Some(t.as_str().to_owned()),
+            Reference::Digest(_) => None,
+        };
+
+        let mut w = self.blob_writer(digest.algorithm(), None).await?;
+        w.write(&bytes).await?;
+        let (tmp, _, _) = w.finish().await?;
+        let (layout, index, repo, d) = (self.layout.clone(), self.index.clone(), repo.clone(), digest.clone());
+        let new = blocking(move || {
+            let had_file = !fs::install(&layout, &tmp, &d)?;
+            index.put_manifest(NewManifest {
+                repo: &repo,
+                digest: &d,
+                record,
+                tag: tag.as_deref(),
+                required,
+                references,
+            })?;
+            Ok(!had_file)
+        })
+        .await?;
+        self.added(new, size);
+        Ok(digest)
+    }
+
+    /// Resolves a tag or digest of `repo` to its manifest.
+    pub async fn get_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<Manifest> {
+        let digest = match reference {
+            Reference::Digest(d) => d.clone(),
+            Reference::Tag(t) => self.index.tag(repo, t.as_str())?.ok_or(StoreError::ManifestUnknown)?.digest,
+        };
+        let record = self.index.manifest(repo, &digest)?.ok_or(StoreError::ManifestUnknown)?;
+        let bytes = match tokio::fs::read(self.layout.blob(&digest)).await {
+            Ok(b) => Bytes::from(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StoreError::ManifestUnknown),
+            Err(e) => return Err(e.into()),
+        };
+        self.touch(&digest);
+        Ok(Manifest {
+            digest,
+            media_type: record.media_type,
+            bytes,
+        })
+    }
+
+    /// The tag record of `repo:tag`, if any.
+    pub fn tag(&self, repo: &RepoName, tag: &str) -> Result<Option<TagRecord>> {
+        self.index.tag(repo, tag)
+    }
+
+    /// Deletes a manifest by digest (with its tags), or just a tag.
+    pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
+        let (index, repo, reference) = (self.index.clone(), repo.clone(), reference.clone());
+        let found = blocking(move || match &reference {
+            Reference::Digest(d) => index.delete_manifest(&repo, d),
+            Reference::Tag(t) => index.delete_tag(&repo, t.as_str()),
+        })
+        .await?;
+        if found { Ok(()) } else { Err(StoreError::ManifestUnknown) }
+    }
+
+    /// Up to `n` tags of `repo` after `last`, in lexical order.
+    pub fn list_tags(&self, repo: &RepoName, last: Option<&str>, n: usize) -> Result<Vec<String>> {
+        self.index.tags(repo, last, n)?.ok_or(StoreError::NameUnknown)
+    }
+
+    /// Manifests of `repo` that name `subject` as their subject.
+    pub fn referrers(&self, repo: &RepoName, subject: &Digest) -> Result<Vec<Referrer>> {
+        Ok(self
+            .index
+            .referrers(repo, subject)?
+            .into_iter()
+            .map(|(digest, record)| Referrer { digest, record })
+            .collect())
+    }
+
+    /// Digests a stored manifest references (what GC marks from it).
+    pub fn references(&self, manifest: &Digest) -> Result<Vec<Digest>> {
+        self.index.references(manifest)
+    }
+
+    // ---- verification ----
+
+    /// Re-hashes every blob the index knows. Slow (reads everything): for `kache fsck` and tests.
+    pub async fn verify(&self) -> Result<VerifyReport> {
+        let (index, layout) = (self.index.clone(), self.layout.clone());
+        blocking(move || {
+            let mut report = VerifyReport::default();
+            for (d, r) in index.all_blobs()? {
+                report.blobs += 1;
+                match fs::hash_file(&layout.blob(&d), d.algorithm()) {
+                    Ok((actual, len)) if actual == d && len == r.size => report.bytes += len,
+                    Ok((actual, len)) => report.bad.push(format!("{d}: file hashes to {actual} ({len} bytes, index says {})", r.size)),
+                    Err(e) => report.bad.push(format!("{d}: {e}")),
+                }
+            }
+            Ok(report)
+        })
+        .await
+    }
+}
+
+/// Every `blobs/<alg>/<xx>/<hex>` file whose name is a valid digest, with its size.
+fn scan_blobs(layout: &Layout) -> Result<Vec<(Digest, u64)>> {
+    let mut out = Vec::new();
+    for alg in std::fs::read_dir(layout.blobs())? {
+        let alg = alg?;
+        let alg_name = alg.file_name().to_string_lossy().into_owned();
+        for shard in std::fs::read_dir(alg.path())? {
+            for f in std::fs::read_dir(shard?.path())? {
+                let f = f?;
+                let name = format!("{alg_name}:{}", f.file_name().to_string_lossy());
+                match name.parse::<Digest>() {
+                    Ok(d) if f.path() == layout.blob(&d) => out.push((d, f.metadata()?.len())),
+                    _ => tracing::warn!(path = %f.path().display(), "ignoring a file that is not a blob"),
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;
