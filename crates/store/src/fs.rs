@@ -107,7 +107,11 @@ pub struct BlobWriter {
 }
 
 impl BlobWriter {
-    pub(crate) async fn create(path: PathBuf, algorithm: Algorithm, limit: Option<u64>) -> Result<Self> {
+    pub(crate) async fn create(
+        path: PathBuf,
+        algorithm: Algorithm,
+        limit: Option<u64>,
+    ) -> Result<Self> {
         let file = tokio::fs::File::create(&path).await?;
         Ok(BlobWriter {
             file: Some(tokio::io::BufWriter::with_capacity(IO_BUF, file)),

@@ -9,8 +9,8 @@ use std::path::Path;
 
 use kache_oci::{Digest, RepoName};
 use redb::{
-    Database, MultimapTableDefinition, ReadableDatabase, ReadableTable,
-    ReadableTableMetadata, TableDefinition, WriteTransaction,
+    Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition, WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
 
@@ -148,7 +148,11 @@ impl Index {
     /// The size of `digest` if `repo` may serve it.
     pub(crate) fn linked_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>> {
         let tx = self.db.begin_read()?;
-        if tx.open_table(LINKS)?.get(key(repo, &digest.to_string()).as_str())?.is_none() {
+        if tx
+            .open_table(LINKS)?
+            .get(key(repo, &digest.to_string()).as_str())?
+            .is_none()
+        {
             return Ok(None);
         }
         let blobs = tx.open_table(BLOBS)?;
@@ -169,23 +173,41 @@ impl Index {
 
     /// Records a blob whose file is in place, and links it to `repo`. Returns whether the
     /// blob is new to the store.
-    pub(crate) fn add_blob(&self, repo: Option<&RepoName>, digest: &Digest, size: u64) -> Result<bool> {
+    pub(crate) fn add_blob(
+        &self,
+        repo: Option<&RepoName>,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<bool> {
         self.write(|tx| {
             let d = digest.to_string();
             let mut blobs = tx.open_table(BLOBS)?;
             let new = blobs.get(d.as_str())?.is_none();
             if new {
-                blobs.insert(d.as_str(), enc(&BlobRecord { size, created: now() }).as_slice())?;
+                blobs.insert(
+                    d.as_str(),
+                    enc(&BlobRecord {
+                        size,
+                        created: now(),
+                    })
+                    .as_slice(),
+                )?;
             }
             if let Some(repo) = repo {
-                tx.open_table(LINKS)?.insert(key(repo, &d).as_str(), now())?;
+                tx.open_table(LINKS)?
+                    .insert(key(repo, &d).as_str(), now())?;
             }
             Ok(new)
         })
     }
 
     /// Links a blob `from` holds (or, without `from`, any blob the store holds) into `repo`.
-    pub(crate) fn mount(&self, repo: &RepoName, digest: &Digest, from: Option<&RepoName>) -> Result<Option<u64>> {
+    pub(crate) fn mount(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        from: Option<&RepoName>,
+    ) -> Result<Option<u64>> {
         self.write(|tx| {
             let d = digest.to_string();
             let mut links = tx.open_table(LINKS)?;
@@ -194,7 +216,12 @@ impl Index {
             {
                 return Ok(None);
             }
-            let Some(rec) = tx.open_table(BLOBS)?.get(d.as_str())?.map(|v| dec::<BlobRecord>(v.value())).transpose()? else {
+            let Some(rec) = tx
+                .open_table(BLOBS)?
+                .get(d.as_str())?
+                .map(|v| dec::<BlobRecord>(v.value()))
+                .transpose()?
+            else {
                 return Ok(None);
             };
             links.insert(key(repo, &d).as_str(), now())?;
@@ -203,7 +230,12 @@ impl Index {
     }
 
     pub(crate) fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
-        self.write(|tx| Ok(tx.open_table(LINKS)?.remove(key(repo, &digest.to_string()).as_str())?.is_some()))
+        self.write(|tx| {
+            Ok(tx
+                .open_table(LINKS)?
+                .remove(key(repo, &digest.to_string()).as_str())?
+                .is_some())
+        })
     }
 
     /// Every blob record, for recovery and size accounting.
@@ -240,7 +272,8 @@ impl Index {
         let mut tx = self.db.begin_write()?;
         // Access times are advisory: losing the last batch to a crash costs nothing, so this
         // commit skips the fsync that every other commit pays.
-        tx.set_durability(redb::Durability::None).map_err(StoreError::index)?;
+        tx.set_durability(redb::Durability::None)
+            .map_err(StoreError::index)?;
         {
             let mut t = tx.open_table(ACCESS)?;
             for (d, at) in accesses {
@@ -253,7 +286,10 @@ impl Index {
 
     pub(crate) fn last_access(&self, digest: &Digest) -> Result<Option<u64>> {
         let tx = self.db.begin_read()?;
-        Ok(tx.open_table(ACCESS)?.get(digest.to_string().as_str())?.map(|v| v.value()))
+        Ok(tx
+            .open_table(ACCESS)?
+            .get(digest.to_string().as_str())?
+            .map(|v| v.value()))
     }
 
     // ---- manifests and tags ----
@@ -266,14 +302,23 @@ impl Index {
                 let blobs = tx.open_table(BLOBS)?;
                 for r in &m.required {
                     let rs = r.to_string();
-                    if links.get(key(m.repo, &rs).as_str())?.is_none() || blobs.get(rs.as_str())?.is_none() {
+                    if links.get(key(m.repo, &rs).as_str())?.is_none()
+                        || blobs.get(rs.as_str())?.is_none()
+                    {
                         return Err(StoreError::ManifestBlobUnknown(r.clone()));
                     }
                 }
             }
             let mut blobs = tx.open_table(BLOBS)?;
             if blobs.get(d.as_str())?.is_none() {
-                blobs.insert(d.as_str(), enc(&BlobRecord { size: m.record.size, created: now() }).as_slice())?;
+                blobs.insert(
+                    d.as_str(),
+                    enc(&BlobRecord {
+                        size: m.record.size,
+                        created: now(),
+                    })
+                    .as_slice(),
+                )?;
             }
             let mut refs = tx.open_multimap_table(REFS)?;
             for r in &m.references {
@@ -283,10 +328,15 @@ impl Index {
                 tx.open_multimap_table(REFERRERS)?
                     .insert(key(m.repo, &subject.to_string()).as_str(), d.as_str())?;
             }
-            tx.open_table(MANIFESTS)?.insert(key(m.repo, &d).as_str(), enc(&m.record).as_slice())?;
+            tx.open_table(MANIFESTS)?
+                .insert(key(m.repo, &d).as_str(), enc(&m.record).as_slice())?;
             if let Some(tag) = m.tag {
-                let rec = TagRecord { digest: m.digest.clone(), updated: now() };
-                tx.open_table(TAGS)?.insert(key(m.repo, tag).as_str(), enc(&rec).as_slice())?;
+                let rec = TagRecord {
+                    digest: m.digest.clone(),
+                    updated: now(),
+                };
+                tx.open_table(TAGS)?
+                    .insert(key(m.repo, tag).as_str(), enc(&rec).as_slice())?;
             }
             Ok(())
         })
@@ -300,9 +350,16 @@ impl Index {
         }
     }
 
-    pub(crate) fn manifest(&self, repo: &RepoName, digest: &Digest) -> Result<Option<ManifestRecord>> {
+    pub(crate) fn manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<ManifestRecord>> {
         let tx = self.db.begin_read()?;
-        match tx.open_table(MANIFESTS)?.get(key(repo, &digest.to_string()).as_str())? {
+        match tx
+            .open_table(MANIFESTS)?
+            .get(key(repo, &digest.to_string()).as_str())?
+        {
             Some(v) => Ok(Some(dec(v.value())?)),
             None => Ok(None),
         }
@@ -313,7 +370,12 @@ impl Index {
     pub(crate) fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
         self.write(|tx| {
             let d = digest.to_string();
-            let Some(rec) = tx.open_table(MANIFESTS)?.remove(key(repo, &d).as_str())?.map(|v| dec::<ManifestRecord>(v.value())).transpose()? else {
+            let Some(rec) = tx
+                .open_table(MANIFESTS)?
+                .remove(key(repo, &d).as_str())?
+                .map(|v| dec::<ManifestRecord>(v.value()))
+                .transpose()?
+            else {
                 return Ok(false);
             };
             let mut tags = tx.open_table(TAGS)?;
@@ -337,12 +399,22 @@ impl Index {
     }
 
     pub(crate) fn delete_tag(&self, repo: &RepoName, tag: &str) -> Result<bool> {
-        self.write(|tx| Ok(tx.open_table(TAGS)?.remove(key(repo, tag).as_str())?.is_some()))
+        self.write(|tx| {
+            Ok(tx
+                .open_table(TAGS)?
+                .remove(key(repo, tag).as_str())?
+                .is_some())
+        })
     }
 
     /// Tags of `repo` in lexical order after `last`, at most `n`; None if the repository is
     /// unknown (holds no tag, manifest or blob).
-    pub(crate) fn tags(&self, repo: &RepoName, last: Option<&str>, n: usize) -> Result<Option<Vec<String>>> {
+    pub(crate) fn tags(
+        &self,
+        repo: &RepoName,
+        last: Option<&str>,
+        n: usize,
+    ) -> Result<Option<Vec<String>>> {
         let tx = self.db.begin_read()?;
         let tags = tx.open_table(TAGS)?;
         let range = repo_range(repo);
@@ -354,9 +426,22 @@ impl Index {
         for item in tags.range(start.as_str()..range.end.as_str())?.take(n) {
             out.push(suffix(item?.0.value()).to_owned());
         }
-        if out.is_empty() && tags.range(range.start.as_str()..range.end.as_str())?.next().is_none() {
-            let known = tx.open_table(MANIFESTS)?.range(range.start.as_str()..range.end.as_str())?.next().is_some()
-                || tx.open_table(LINKS)?.range(range.start.as_str()..range.end.as_str())?.next().is_some();
+        if out.is_empty()
+            && tags
+                .range(range.start.as_str()..range.end.as_str())?
+                .next()
+                .is_none()
+        {
+            let known = tx
+                .open_table(MANIFESTS)?
+                .range(range.start.as_str()..range.end.as_str())?
+                .next()
+                .is_some()
+                || tx
+                    .open_table(LINKS)?
+                    .range(range.start.as_str()..range.end.as_str())?
+                    .next()
+                    .is_some();
             if !known {
                 return Ok(None);
             }
@@ -365,11 +450,18 @@ impl Index {
     }
 
     /// Manifests of `repo` whose subject is `subject`.
-    pub(crate) fn referrers(&self, repo: &RepoName, subject: &Digest) -> Result<Vec<(Digest, ManifestRecord)>> {
+    pub(crate) fn referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+    ) -> Result<Vec<(Digest, ManifestRecord)>> {
         let tx = self.db.begin_read()?;
         let manifests = tx.open_table(MANIFESTS)?;
         let mut out = Vec::new();
-        for item in tx.open_multimap_table(REFERRERS)?.get(key(repo, &subject.to_string()).as_str())? {
+        for item in tx
+            .open_multimap_table(REFERRERS)?
+            .get(key(repo, &subject.to_string()).as_str())?
+        {
             let d = item?.value().to_owned();
             if let Some(v) = manifests.get(key(repo, &d).as_str())? {
                 out.push((parse_digest(&d)?, dec(v.value())?));
@@ -382,7 +474,10 @@ impl Index {
     pub(crate) fn references(&self, manifest: &Digest) -> Result<Vec<Digest>> {
         let tx = self.db.begin_read()?;
         let mut out = Vec::new();
-        for item in tx.open_multimap_table(REFS)?.get(manifest.to_string().as_str())? {
+        for item in tx
+            .open_multimap_table(REFS)?
+            .get(manifest.to_string().as_str())?
+        {
             out.push(parse_digest(item?.value())?);
         }
         Ok(out)
@@ -411,16 +506,30 @@ impl Index {
 
     /// Finishes an upload in one transaction: the upload is gone and the blob is recorded and
     /// linked, or neither.
-    pub(crate) fn complete_upload(&self, id: &str, repo: &RepoName, digest: &Digest, size: u64) -> Result<bool> {
+    pub(crate) fn complete_upload(
+        &self,
+        id: &str,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<bool> {
         self.write(|tx| {
             tx.open_table(UPLOADS)?.remove(id)?;
             let d = digest.to_string();
             let mut blobs = tx.open_table(BLOBS)?;
             let new = blobs.get(d.as_str())?.is_none();
             if new {
-                blobs.insert(d.as_str(), enc(&BlobRecord { size, created: now() }).as_slice())?;
+                blobs.insert(
+                    d.as_str(),
+                    enc(&BlobRecord {
+                        size,
+                        created: now(),
+                    })
+                    .as_slice(),
+                )?;
             }
-            tx.open_table(LINKS)?.insert(key(repo, &d).as_str(), now())?;
+            tx.open_table(LINKS)?
+                .insert(key(repo, &d).as_str(), now())?;
             Ok(new)
         })
     }

@@ -165,11 +165,15 @@ impl Store {
 
     /// Opens `digest` for reading if `repo` may serve it.
     pub async fn open_blob(&self, repo: &RepoName, digest: &Digest) -> Result<BlobFile> {
-        let size = self.stat_blob(repo, digest)?.ok_or(StoreError::BlobUnknown)?;
+        let size = self
+            .stat_blob(repo, digest)?
+            .ok_or(StoreError::BlobUnknown)?;
         let file = match tokio::fs::File::open(self.layout.blob(digest)).await {
             Ok(f) => f,
             // Deleted between the lookup and the open (GC): the blob is simply unknown now.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StoreError::BlobUnknown),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::BlobUnknown);
+            }
             Err(e) => return Err(e.into()),
         };
         self.touch(digest);
@@ -182,14 +186,23 @@ impl Store {
     }
 
     /// A writer for a new blob that must hash to a digest of `algorithm`.
-    pub async fn blob_writer(&self, algorithm: Algorithm, limit: Option<u64>) -> Result<BlobWriter> {
+    pub async fn blob_writer(
+        &self,
+        algorithm: Algorithm,
+        limit: Option<u64>,
+    ) -> Result<BlobWriter> {
         let path = self.layout.tmp().join(uuid::Uuid::new_v4().to_string());
         BlobWriter::create(path, algorithm, limit).await
     }
 
     /// Verifies what `writer` holds against `expected`, installs it and links it into `repo`.
     /// On a mismatch nothing is kept.
-    pub async fn commit_blob(&self, writer: BlobWriter, repo: &RepoName, expected: &Digest) -> Result<u64> {
+    pub async fn commit_blob(
+        &self,
+        writer: BlobWriter,
+        repo: &RepoName,
+        expected: &Digest,
+    ) -> Result<u64> {
         let (tmp, actual, size) = writer.finish().await?;
         if actual != *expected {
             let _ = tokio::fs::remove_file(&tmp).await;
@@ -198,7 +211,12 @@ impl Store {
                 actual,
             });
         }
-        let (layout, index, repo, d) = (self.layout.clone(), self.index.clone(), repo.clone(), actual);
+        let (layout, index, repo, d) = (
+            self.layout.clone(),
+            self.index.clone(),
+            repo.clone(),
+            actual,
+        );
         let new = blocking(move || {
             fs::install(&layout, &tmp, &d)?;
             index.add_blob(Some(&repo), &d, size)
@@ -225,8 +243,18 @@ impl Store {
 
     /// Cross-repository mount: links a blob of `from` (or of any repository, without `from`)
     /// into `repo`. None if there is nothing to mount.
-    pub async fn mount_blob(&self, repo: &RepoName, digest: &Digest, from: Option<&RepoName>) -> Result<Option<u64>> {
-        let (index, repo, digest, from) = (self.index.clone(), repo.clone(), digest.clone(), from.cloned());
+    pub async fn mount_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        from: Option<&RepoName>,
+    ) -> Result<Option<u64>> {
+        let (index, repo, digest, from) = (
+            self.index.clone(),
+            repo.clone(),
+            digest.clone(),
+            from.cloned(),
+        );
         blocking(move || index.mount(&repo, &digest, from.as_ref())).await
     }
 
@@ -276,7 +304,13 @@ impl Store {
     /// Stores manifest `bytes` (already parsed) in `repo`, tagged when `reference` is a tag.
     /// Rejected with [`StoreError::ManifestBlobUnknown`] unless every config and layer blob is
     /// linked in `repo`; child manifests of an index may be absent (a cache fills them lazily).
-    pub async fn put_manifest(&self, repo: &RepoName, reference: &Reference, bytes: Bytes, parsed: &ParsedManifest) -> Result<Digest> {
+    pub async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        bytes: Bytes,
+        parsed: &ParsedManifest,
+    ) -> Result<Digest> {
         let digest = match reference {
             Reference::Digest(d) => {
                 let actual = Digest::compute(d.algorithm(), &bytes);
@@ -306,10 +340,23 @@ impl Store {
             Reference::Digest(_) => None,
         };
 
+        // Refuse early, before any byte is written, so a rejected manifest leaves nothing. The
+        // check inside the index transaction below stays the authoritative one (a concurrent
+        // delete may land in between; its file is then an orphan for GC).
+        for d in &required {
+            if self.index.linked_blob(repo, d)?.is_none() {
+                return Err(StoreError::ManifestBlobUnknown(d.clone()));
+            }
+        }
         let mut w = self.blob_writer(digest.algorithm(), None).await?;
         w.write(&bytes).await?;
         let (tmp, _, _) = w.finish().await?;
-        let (layout, index, repo, d) = (self.layout.clone(), self.index.clone(), repo.clone(), digest.clone());
+        let (layout, index, repo, d) = (
+            self.layout.clone(),
+            self.index.clone(),
+            repo.clone(),
+            digest.clone(),
+        );
         let new = blocking(move || {
             let had_file = !fs::install(&layout, &tmp, &d)?;
             index.put_manifest(NewManifest {
@@ -331,12 +378,22 @@ impl Store {
     pub async fn get_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<Manifest> {
         let digest = match reference {
             Reference::Digest(d) => d.clone(),
-            Reference::Tag(t) => self.index.tag(repo, t.as_str())?.ok_or(StoreError::ManifestUnknown)?.digest,
+            Reference::Tag(t) => {
+                self.index
+                    .tag(repo, t.as_str())?
+                    .ok_or(StoreError::ManifestUnknown)?
+                    .digest
+            }
         };
-        let record = self.index.manifest(repo, &digest)?.ok_or(StoreError::ManifestUnknown)?;
+        let record = self
+            .index
+            .manifest(repo, &digest)?
+            .ok_or(StoreError::ManifestUnknown)?;
         let bytes = match tokio::fs::read(self.layout.blob(&digest)).await {
             Ok(b) => Bytes::from(b),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StoreError::ManifestUnknown),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::ManifestUnknown);
+            }
             Err(e) => return Err(e.into()),
         };
         self.touch(&digest);
@@ -360,12 +417,18 @@ impl Store {
             Reference::Tag(t) => index.delete_tag(&repo, t.as_str()),
         })
         .await?;
-        if found { Ok(()) } else { Err(StoreError::ManifestUnknown) }
+        if found {
+            Ok(())
+        } else {
+            Err(StoreError::ManifestUnknown)
+        }
     }
 
     /// Up to `n` tags of `repo` after `last`, in lexical order.
     pub fn list_tags(&self, repo: &RepoName, last: Option<&str>, n: usize) -> Result<Vec<String>> {
-        self.index.tags(repo, last, n)?.ok_or(StoreError::NameUnknown)
+        self.index
+            .tags(repo, last, n)?
+            .ok_or(StoreError::NameUnknown)
     }
 
     /// Manifests of `repo` that name `subject` as their subject.
@@ -394,7 +457,10 @@ impl Store {
                 report.blobs += 1;
                 match fs::hash_file(&layout.blob(&d), d.algorithm()) {
                     Ok((actual, len)) if actual == d && len == r.size => report.bytes += len,
-                    Ok((actual, len)) => report.bad.push(format!("{d}: file hashes to {actual} ({len} bytes, index says {})", r.size)),
+                    Ok((actual, len)) => report.bad.push(format!(
+                        "{d}: file hashes to {actual} ({len} bytes, index says {})",
+                        r.size
+                    )),
                     Err(e) => report.bad.push(format!("{d}: {e}")),
                 }
             }
@@ -416,7 +482,9 @@ fn scan_blobs(layout: &Layout) -> Result<Vec<(Digest, u64)>> {
                 let name = format!("{alg_name}:{}", f.file_name().to_string_lossy());
                 match name.parse::<Digest>() {
                     Ok(d) if f.path() == layout.blob(&d) => out.push((d, f.metadata()?.len())),
-                    _ => tracing::warn!(path = %f.path().display(), "ignoring a file that is not a blob"),
+                    _ => {
+                        tracing::warn!(path = %f.path().display(), "ignoring a file that is not a blob")
+                    }
                 }
             }
         }

@@ -36,19 +36,38 @@ async fn blob_round_trip_and_repository_scoping() {
     let (store, _) = Store::open(dir.path()).unwrap();
     let a = repo("a/b");
     let d = Digest::sha256(b"hello world");
-    assert_eq!(store.put_blob(&a, &d, body(b"hello world")).await.unwrap(), 11);
+    assert_eq!(
+        store.put_blob(&a, &d, body(b"hello world")).await.unwrap(),
+        11
+    );
     assert_eq!(store.stat_blob(&a, &d).unwrap(), Some(11));
-    assert_eq!(store.stat_blob(&repo("a"), &d).unwrap(), None, "other repository");
+    assert_eq!(
+        store.stat_blob(&repo("a"), &d).unwrap(),
+        None,
+        "other repository"
+    );
     assert_eq!(store.total_bytes(), 11);
     let on_disk = std::fs::read(store.blob_path(&d)).unwrap();
     assert_eq!(on_disk, b"hello world");
     // Mount needs the source repository to hold it.
-    assert_eq!(store.mount_blob(&repo("c"), &d, Some(&repo("x"))).await.unwrap(), None);
-    assert_eq!(store.mount_blob(&repo("c"), &d, Some(&a)).await.unwrap(), Some(11));
+    assert_eq!(
+        store
+            .mount_blob(&repo("c"), &d, Some(&repo("x")))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store.mount_blob(&repo("c"), &d, Some(&a)).await.unwrap(),
+        Some(11)
+    );
     assert_eq!(store.stat_blob(&repo("c"), &d).unwrap(), Some(11));
     store.delete_blob(&a, &d).await.unwrap();
     assert_eq!(store.stat_blob(&a, &d).unwrap(), None);
-    assert!(matches!(store.delete_blob(&a, &d).await, Err(StoreError::BlobUnknown)));
+    assert!(matches!(
+        store.delete_blob(&a, &d).await,
+        Err(StoreError::BlobUnknown)
+    ));
 }
 
 #[tokio::test]
@@ -56,9 +75,15 @@ async fn digest_mismatch_keeps_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path()).unwrap();
     let wrong = Digest::sha256(b"something else");
-    let err = store.put_blob(&repo("r"), &wrong, body(b"hello")).await.unwrap_err();
+    let err = store
+        .put_blob(&repo("r"), &wrong, body(b"hello"))
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::DigestMismatch { .. }));
-    assert_eq!(files_under(&dir.path().join("blobs")), Vec::<PathBuf>::new());
+    assert_eq!(
+        files_under(&dir.path().join("blobs")),
+        Vec::<PathBuf>::new()
+    );
     assert_eq!(files_under(&dir.path().join("tmp")), Vec::<PathBuf>::new());
     assert_eq!(store.total_bytes(), 0);
 }
@@ -70,21 +95,45 @@ async fn chunked_upload_survives_restart_and_checks_offsets() {
     let id = {
         let (store, _) = Store::open(dir.path()).unwrap();
         let s = store.start_upload(&r).await.unwrap();
-        let st = store.append_upload(&r, &s.id, Some(0), body(b"hello ")).await.unwrap();
+        let st = store
+            .append_upload(&r, &s.id, Some(0), body(b"hello "))
+            .await
+            .unwrap();
         assert_eq!(st.offset, 6);
-        let err = store.append_upload(&r, &s.id, Some(3), body(b"x")).await.unwrap_err();
-        assert!(matches!(err, StoreError::RangeInvalid { expected: 6, got: 3 }));
-        assert!(matches!(store.upload_status(&repo("other"), &s.id).await, Err(StoreError::UploadUnknown)));
+        let err = store
+            .append_upload(&r, &s.id, Some(3), body(b"x"))
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            StoreError::RangeInvalid {
+                expected: 6,
+                got: 3
+            }
+        ));
+        assert!(matches!(
+            store.upload_status(&repo("other"), &s.id).await,
+            Err(StoreError::UploadUnknown)
+        ));
         s.id
     };
     let (store, rec) = Store::open(dir.path()).unwrap();
     assert_eq!(rec.stale_uploads_removed, 0);
     assert_eq!(store.upload_status(&r, &id).await.unwrap().offset, 6);
     let d = Digest::sha256(b"hello world");
-    store.complete_upload(&r, &id, &d, body(b"world")).await.unwrap();
+    store
+        .complete_upload(&r, &id, &d, body(b"world"))
+        .await
+        .unwrap();
     assert_eq!(std::fs::read(store.blob_path(&d)).unwrap(), b"hello world");
-    assert!(matches!(store.upload_status(&r, &id).await, Err(StoreError::UploadUnknown)));
-    assert_eq!(files_under(&dir.path().join("uploads")), Vec::<PathBuf>::new());
+    assert!(matches!(
+        store.upload_status(&r, &id).await,
+        Err(StoreError::UploadUnknown)
+    ));
+    assert_eq!(
+        files_under(&dir.path().join("uploads")),
+        Vec::<PathBuf>::new()
+    );
 }
 
 #[tokio::test]
@@ -94,14 +143,26 @@ async fn sha512_upload_and_wrong_digest_ends_session() {
     let r = repo("r");
     let s = store.start_upload(&r).await.unwrap();
     let d = Digest::compute(Algorithm::Sha512, b"abc");
-    store.complete_upload(&r, &s.id, &d, body(b"abc")).await.unwrap();
+    store
+        .complete_upload(&r, &s.id, &d, body(b"abc"))
+        .await
+        .unwrap();
     assert_eq!(store.stat_blob(&r, &d).unwrap(), Some(3));
 
     let s = store.start_upload(&r).await.unwrap();
-    let err = store.complete_upload(&r, &s.id, &Digest::sha256(b"no"), body(b"abc")).await.unwrap_err();
+    let err = store
+        .complete_upload(&r, &s.id, &Digest::sha256(b"no"), body(b"abc"))
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::DigestMismatch { .. }));
-    assert!(matches!(store.upload_status(&r, &s.id).await, Err(StoreError::UploadUnknown)));
-    assert_eq!(files_under(&dir.path().join("uploads")), Vec::<PathBuf>::new());
+    assert!(matches!(
+        store.upload_status(&r, &s.id).await,
+        Err(StoreError::UploadUnknown)
+    ));
+    assert_eq!(
+        files_under(&dir.path().join("uploads")),
+        Vec::<PathBuf>::new()
+    );
 }
 
 #[tokio::test]
@@ -114,25 +175,49 @@ async fn manifests_need_their_blobs_and_deletes_cascade_to_tags() {
     let parsed = ParsedManifest::parse(&bytes, None).unwrap();
     let tag: Reference = "v1".parse().unwrap();
     store.put_blob(&r, &c, body(b"{}")).await.unwrap();
-    let err = store.put_manifest(&r, &tag, bytes.clone(), &parsed).await.unwrap_err();
+    let err = store
+        .put_manifest(&r, &tag, bytes.clone(), &parsed)
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::ManifestBlobUnknown(d) if d == l));
-    assert!(matches!(store.get_manifest(&r, &tag).await, Err(StoreError::ManifestUnknown)));
+    assert!(matches!(
+        store.get_manifest(&r, &tag).await,
+        Err(StoreError::ManifestUnknown)
+    ));
 
     store.put_blob(&r, &l, body(b"layer")).await.unwrap();
-    let d = store.put_manifest(&r, &tag, bytes.clone(), &parsed).await.unwrap();
-    store.put_manifest(&r, &"v2".parse().unwrap(), bytes.clone(), &parsed).await.unwrap();
+    let d = store
+        .put_manifest(&r, &tag, bytes.clone(), &parsed)
+        .await
+        .unwrap();
+    store
+        .put_manifest(&r, &"v2".parse().unwrap(), bytes.clone(), &parsed)
+        .await
+        .unwrap();
     let m = store.get_manifest(&r, &tag).await.unwrap();
     assert_eq!((m.digest.clone(), m.bytes), (d.clone(), bytes));
     assert_eq!(m.media_type, media_type::OCI_MANIFEST);
     assert_eq!(store.list_tags(&r, None, 10).unwrap(), ["v1", "v2"]);
     assert_eq!(store.references(&d).unwrap().len(), 2);
 
-    store.delete_manifest(&r, &"v2".parse().unwrap()).await.unwrap();
+    store
+        .delete_manifest(&r, &"v2".parse().unwrap())
+        .await
+        .unwrap();
     assert_eq!(store.list_tags(&r, None, 10).unwrap(), ["v1"]);
-    store.delete_manifest(&r, &Reference::Digest(d.clone())).await.unwrap();
+    store
+        .delete_manifest(&r, &Reference::Digest(d.clone()))
+        .await
+        .unwrap();
     assert_eq!(store.list_tags(&r, None, 10).unwrap(), Vec::<String>::new());
-    assert!(matches!(store.get_manifest(&r, &Reference::Digest(d)).await, Err(StoreError::ManifestUnknown)));
-    assert!(matches!(store.list_tags(&repo("nope"), None, 10), Err(StoreError::NameUnknown)));
+    assert!(matches!(
+        store.get_manifest(&r, &Reference::Digest(d)).await,
+        Err(StoreError::ManifestUnknown)
+    ));
+    assert!(matches!(
+        store.list_tags(&repo("nope"), None, 10),
+        Err(StoreError::NameUnknown)
+    ));
 }
 
 #[tokio::test]
@@ -141,14 +226,26 @@ async fn tag_pagination_is_lexical_and_repository_bounded() {
     let (store, _) = Store::open(dir.path()).unwrap();
     let bytes = Bytes::from_static(br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#);
     let parsed = ParsedManifest::parse(&bytes, None).unwrap();
-    for (r, t) in [("a", "b"), ("a", "a"), ("a", "c"), ("a/x", "zz"), ("a-b", "q")] {
-        store.put_manifest(&repo(r), &t.parse().unwrap(), bytes.clone(), &parsed).await.unwrap();
+    for (r, t) in [
+        ("a", "b"),
+        ("a", "a"),
+        ("a", "c"),
+        ("a/x", "zz"),
+        ("a-b", "q"),
+    ] {
+        store
+            .put_manifest(&repo(r), &t.parse().unwrap(), bytes.clone(), &parsed)
+            .await
+            .unwrap();
     }
     let a = repo("a");
     assert_eq!(store.list_tags(&a, None, 100).unwrap(), ["a", "b", "c"]);
     assert_eq!(store.list_tags(&a, None, 2).unwrap(), ["a", "b"]);
     assert_eq!(store.list_tags(&a, Some("b"), 2).unwrap(), ["c"]);
-    assert_eq!(store.list_tags(&a, Some("c"), 2).unwrap(), Vec::<String>::new());
+    assert_eq!(
+        store.list_tags(&a, Some("c"), 2).unwrap(),
+        Vec::<String>::new()
+    );
 }
 
 #[tokio::test]
@@ -159,7 +256,10 @@ async fn open_repairs_what_a_crash_leaves() {
     {
         let (store, _) = Store::open(dir.path()).unwrap();
         store.put_blob(&repo("r"), &d, body(b"kept")).await.unwrap();
-        store.put_blob(&repo("r"), &gone, body(b"gone")).await.unwrap();
+        store
+            .put_blob(&repo("r"), &gone, body(b"gone"))
+            .await
+            .unwrap();
         std::fs::remove_file(store.blob_path(&gone)).unwrap();
     }
     std::fs::write(dir.path().join("tmp/half-written"), b"partial").unwrap();
@@ -190,7 +290,10 @@ async fn verify_finds_a_corrupted_blob() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path()).unwrap();
     let d = Digest::sha256(b"good bytes");
-    store.put_blob(&repo("r"), &d, body(b"good bytes")).await.unwrap();
+    store
+        .put_blob(&repo("r"), &d, body(b"good bytes"))
+        .await
+        .unwrap();
     std::fs::write(store.blob_path(&d), b"evil bytes").unwrap();
     let report = store.verify().await.unwrap();
     assert_eq!(report.bad.len(), 1, "{report:?}");
@@ -202,11 +305,26 @@ async fn expired_uploads_are_removed() {
     let (store, _) = Store::open(dir.path()).unwrap();
     let r = repo("r");
     let s = store.start_upload(&r).await.unwrap();
-    assert_eq!(store.expire_uploads(std::time::Duration::from_secs(3600)).await.unwrap(), 0);
+    assert_eq!(
+        store
+            .expire_uploads(std::time::Duration::from_secs(3600))
+            .await
+            .unwrap(),
+        0
+    );
     // Nothing younger than "now minus zero" survives a cutoff in the future.
     let mut rec = store.index.upload(&s.id.to_string()).unwrap().unwrap();
     rec.updated -= 10;
     store.index.put_upload(&s.id.to_string(), &rec).unwrap();
-    assert_eq!(store.expire_uploads(std::time::Duration::from_secs(5)).await.unwrap(), 1);
-    assert!(matches!(store.upload_status(&r, &s.id).await, Err(StoreError::UploadUnknown)));
+    assert_eq!(
+        store
+            .expire_uploads(std::time::Duration::from_secs(5))
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(matches!(
+        store.upload_status(&r, &s.id).await,
+        Err(StoreError::UploadUnknown)
+    ));
 }

@@ -50,9 +50,7 @@ pub(crate) fn recover(layout: &Layout, index: &Index) -> Result<usize> {
         }
     }
     for id in records.keys() {
-        let exists = id
-            .parse::<Uuid>()
-            .is_ok_and(|u| layout.upload(&u).exists());
+        let exists = id.parse::<Uuid>().is_ok_and(|u| layout.upload(&u).exists());
         if !exists {
             index.remove_upload(id)?;
             removed += 1;
@@ -86,7 +84,10 @@ impl Store {
 
     /// The session's lock, after checking it exists and belongs to `repo`.
     async fn session(&self, repo: &RepoName, id: &Uuid) -> Result<Arc<tokio::sync::Mutex<Live>>> {
-        let rec = self.index.upload(&id.to_string())?.ok_or(StoreError::UploadUnknown)?;
+        let rec = self
+            .index
+            .upload(&id.to_string())?
+            .ok_or(StoreError::UploadUnknown)?;
         if rec.repo != repo.as_str() {
             return Err(StoreError::UploadUnknown);
         }
@@ -94,7 +95,10 @@ impl Store {
             return Ok(l.clone());
         }
         // First touch since a restart: the file's length is the offset.
-        let len = tokio::fs::metadata(self.layout.upload(id)).await.map_err(|_| StoreError::UploadUnknown)?.len();
+        let len = tokio::fs::metadata(self.layout.upload(id))
+            .await
+            .map_err(|_| StoreError::UploadUnknown)?
+            .len();
         let mut live = self.uploads.live.lock().expect("uploads poisoned");
         Ok(live
             .entry(*id)
@@ -115,11 +119,20 @@ impl Store {
         if live.finished {
             return Err(StoreError::UploadUnknown);
         }
-        Ok(UploadStatus { id: *id, offset: live.len })
+        Ok(UploadStatus {
+            id: *id,
+            offset: live.len,
+        })
     }
 
     /// Appends a chunk. `start`, from `Content-Range`, must equal the current offset.
-    pub async fn append_upload<S, E>(&self, repo: &RepoName, id: &Uuid, start: Option<u64>, body: S) -> Result<UploadStatus>
+    pub async fn append_upload<S, E>(
+        &self,
+        repo: &RepoName,
+        id: &Uuid,
+        start: Option<u64>,
+        body: S,
+    ) -> Result<UploadStatus>
     where
         S: Stream<Item = std::result::Result<Bytes, E>>,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -132,15 +145,24 @@ impl Store {
         if let Some(start) = start
             && start != live.len
         {
-            return Err(StoreError::RangeInvalid { expected: live.len, got: start });
+            return Err(StoreError::RangeInvalid {
+                expected: live.len,
+                got: start,
+            });
         }
         let res = self.append_locked(id, &mut live, body).await;
         if res.is_err() {
             // The file may hold part of a chunk the hash has not seen: trust the file.
             live.hasher = None;
-            live.len = tokio::fs::metadata(self.layout.upload(id)).await.map(|m| m.len()).unwrap_or(live.len);
+            live.len = tokio::fs::metadata(self.layout.upload(id))
+                .await
+                .map(|m| m.len())
+                .unwrap_or(live.len);
         }
-        let status = UploadStatus { id: *id, offset: live.len };
+        let status = UploadStatus {
+            id: *id,
+            offset: live.len,
+        };
         res.map(|()| status)
     }
 
@@ -149,7 +171,10 @@ impl Store {
         S: Stream<Item = std::result::Result<Bytes, E>>,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let file = tokio::fs::OpenOptions::new().append(true).open(self.layout.upload(id)).await?;
+        let file = tokio::fs::OpenOptions::new()
+            .append(true)
+            .open(self.layout.upload(id))
+            .await?;
         let mut file = tokio::io::BufWriter::with_capacity(IO_BUF, file);
         let mut body = std::pin::pin!(body);
         let mut wrote = false;
@@ -186,7 +211,13 @@ impl Store {
 
     /// Completes an upload with an optional last chunk: verifies `digest`, installs the blob
     /// and links it into `repo`. A wrong digest ends the session and keeps nothing.
-    pub async fn complete_upload<S, E>(&self, repo: &RepoName, id: &Uuid, digest: &Digest, body: S) -> Result<u64>
+    pub async fn complete_upload<S, E>(
+        &self,
+        repo: &RepoName,
+        id: &Uuid,
+        digest: &Digest,
+        body: S,
+    ) -> Result<u64>
     where
         S: Stream<Item = std::result::Result<Bytes, E>>,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -209,7 +240,11 @@ impl Store {
             }
         };
         live.finished = true;
-        self.uploads.live.lock().expect("uploads poisoned").remove(id);
+        self.uploads
+            .live
+            .lock()
+            .expect("uploads poisoned")
+            .remove(id);
         let (index, layout, key) = (self.index.clone(), self.layout.clone(), id.to_string());
         if actual != *digest {
             blocking(move || {
@@ -242,7 +277,11 @@ impl Store {
             return Err(StoreError::UploadUnknown);
         }
         live.finished = true;
-        self.uploads.live.lock().expect("uploads poisoned").remove(id);
+        self.uploads
+            .live
+            .lock()
+            .expect("uploads poisoned")
+            .remove(id);
         let (index, path, key) = (self.index.clone(), self.layout.upload(id), id.to_string());
         blocking(move || {
             index.remove_upload(&key)?;
@@ -260,8 +299,16 @@ impl Store {
             if rec.updated >= cutoff {
                 continue;
             }
-            let Ok(id) = key.parse::<Uuid>() else { continue };
-            let live = self.uploads.live.lock().expect("uploads poisoned").get(&id).cloned();
+            let Ok(id) = key.parse::<Uuid>() else {
+                continue;
+            };
+            let live = self
+                .uploads
+                .live
+                .lock()
+                .expect("uploads poisoned")
+                .get(&id)
+                .cloned();
             let guard = match &live {
                 Some(l) => match l.try_lock() {
                     Ok(g) => Some(g),
@@ -272,7 +319,11 @@ impl Store {
             if let Some(mut g) = guard {
                 g.finished = true;
             }
-            self.uploads.live.lock().expect("uploads poisoned").remove(&id);
+            self.uploads
+                .live
+                .lock()
+                .expect("uploads poisoned")
+                .remove(&id);
             let (index, path) = (self.index.clone(), self.layout.upload(&id));
             blocking(move || {
                 index.remove_upload(&key)?;

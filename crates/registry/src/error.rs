@@ -1,0 +1,170 @@
+//! OCI error responses: `{"errors":[{"code","message","detail"}]}` with the spec's status codes.
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use kache_oci::{DigestError, NameError};
+use kache_store::StoreError;
+use serde_json::{Value, json};
+
+/// The error codes of the OCI Distribution Spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    BlobUnknown,
+    BlobUploadInvalid,
+    BlobUploadUnknown,
+    DigestInvalid,
+    ManifestBlobUnknown,
+    ManifestInvalid,
+    ManifestUnknown,
+    NameInvalid,
+    NameUnknown,
+    SizeInvalid,
+    Unauthorized,
+    Denied,
+    Unsupported,
+    TooManyRequests,
+}
+
+impl Code {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::BlobUnknown => "BLOB_UNKNOWN",
+            Code::BlobUploadInvalid => "BLOB_UPLOAD_INVALID",
+            Code::BlobUploadUnknown => "BLOB_UPLOAD_UNKNOWN",
+            Code::DigestInvalid => "DIGEST_INVALID",
+            Code::ManifestBlobUnknown => "MANIFEST_BLOB_UNKNOWN",
+            Code::ManifestInvalid => "MANIFEST_INVALID",
+            Code::ManifestUnknown => "MANIFEST_UNKNOWN",
+            Code::NameInvalid => "NAME_INVALID",
+            Code::NameUnknown => "NAME_UNKNOWN",
+            Code::SizeInvalid => "SIZE_INVALID",
+            Code::Unauthorized => "UNAUTHORIZED",
+            Code::Denied => "DENIED",
+            Code::Unsupported => "UNSUPPORTED",
+            Code::TooManyRequests => "TOOMANYREQUESTS",
+        }
+    }
+
+    /// The status a code answers with unless a handler says otherwise.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Code::BlobUnknown
+            | Code::BlobUploadUnknown
+            | Code::ManifestUnknown
+            | Code::NameUnknown => StatusCode::NOT_FOUND,
+            Code::Unauthorized => StatusCode::UNAUTHORIZED,
+            Code::Denied => StatusCode::FORBIDDEN,
+            Code::Unsupported => StatusCode::METHOD_NOT_ALLOWED,
+            Code::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// An error answer. Build it with [`Error::new`] and adjust status, detail or headers.
+#[derive(Debug)]
+pub struct Error {
+    pub code: Code,
+    pub status: StatusCode,
+    pub message: String,
+    pub detail: Value,
+    pub headers: HeaderMap,
+}
+
+impl Error {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Error {
+            code,
+            status: code.status(),
+            message: message.into(),
+            detail: Value::Null,
+            headers: HeaderMap::new(),
+        }
+    }
+
+    pub fn status(mut self, status: StatusCode) -> Self {
+        self.status = status;
+        self
+    }
+
+    pub fn detail(mut self, detail: Value) -> Self {
+        self.detail = detail;
+        self
+    }
+
+    pub fn header(mut self, name: HeaderName, value: impl TryInto<HeaderValue>) -> Self {
+        if let Ok(v) = value.try_into() {
+            self.headers.insert(name, v);
+        }
+        self
+    }
+
+    /// A fault of this server, never of the client's input.
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "internal error");
+        Error::new(Code::Unsupported, "internal error").status(StatusCode::INTERNAL_SERVER_ERROR)
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let mut entry = json!({"code": self.code.as_str(), "message": self.message});
+        if !self.detail.is_null() {
+            entry["detail"] = self.detail;
+        }
+        let mut resp = (self.status, axum::Json(json!({ "errors": [entry] }))).into_response();
+        resp.headers_mut().extend(self.headers);
+        resp
+    }
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        let msg = e.to_string();
+        match e {
+            StoreError::BlobUnknown => Error::new(Code::BlobUnknown, "blob unknown to registry"),
+            StoreError::ManifestUnknown => Error::new(Code::ManifestUnknown, "manifest unknown"),
+            StoreError::NameUnknown => {
+                Error::new(Code::NameUnknown, "repository name not known to registry")
+            }
+            StoreError::ManifestBlobUnknown(d) => Error::new(Code::ManifestBlobUnknown, msg)
+                .detail(json!({ "digest": d.to_string() })),
+            StoreError::DigestMismatch { expected, actual } => Error::new(Code::DigestInvalid, msg)
+                .detail(json!({ "expected": expected.to_string(), "actual": actual.to_string() })),
+            StoreError::UploadUnknown => Error::new(Code::BlobUploadUnknown, msg),
+            StoreError::RangeInvalid { expected, .. } => Error::new(Code::BlobUploadInvalid, msg)
+                .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                .header(axum::http::header::RANGE, range_header(expected)),
+            StoreError::TooLarge { .. } => {
+                Error::new(Code::SizeInvalid, msg).status(StatusCode::PAYLOAD_TOO_LARGE)
+            }
+            StoreError::SizeMismatch { .. } => Error::new(Code::SizeInvalid, msg),
+            StoreError::Body(_) => Error::new(Code::BlobUploadInvalid, msg),
+            StoreError::Io(_) | StoreError::Index(_) => Error::internal(msg),
+        }
+    }
+}
+
+impl From<NameError> for Error {
+    fn from(e: NameError) -> Self {
+        match e {
+            NameError::InvalidTag(_) => Error::new(Code::ManifestInvalid, e.to_string()),
+            NameError::Digest(d) => d.into(),
+            _ => Error::new(Code::NameInvalid, e.to_string()),
+        }
+    }
+}
+
+impl From<DigestError> for Error {
+    fn from(e: DigestError) -> Self {
+        Error::new(Code::DigestInvalid, e.to_string())
+    }
+}
+
+/// The `Range` header of an upload holding `offset` bytes: `0-<last byte>` (`0-0` when empty,
+/// as distribution answers).
+pub fn range_header(offset: u64) -> String {
+    format!("0-{}", offset.saturating_sub(1))
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
