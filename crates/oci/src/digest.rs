@@ -44,7 +44,9 @@ pub enum DigestError {
     Malformed(String),
     #[error("digest algorithm {0:?} is not supported (sha256, sha512)")]
     UnsupportedAlgorithm(String),
-    #[error("digest {0:?} has an encoded part of the wrong length or with characters other than [0-9a-f]")]
+    #[error(
+        "digest {0:?} has an encoded part of the wrong length or with characters other than [0-9a-f]"
+    )]
     InvalidEncoding(String),
 }
 

@@ -34,7 +34,11 @@ pub struct Platform {
     pub os: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variant: Option<String>,
-    #[serde(rename = "os.version", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "os.version",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub os_version: Option<String>,
 }
 
@@ -85,7 +89,8 @@ pub struct ParsedManifest {
 impl ParsedManifest {
     /// Parses `bytes` received with `content_type` (the request's header, if any).
     pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<Self, ManifestError> {
-        let raw: Raw = serde_json::from_slice(bytes).map_err(|e| ManifestError::Json(e.to_string()))?;
+        let raw: Raw =
+            serde_json::from_slice(bytes).map_err(|e| ManifestError::Json(e.to_string()))?;
         if raw.schema_version != Some(2) {
             return Err(ManifestError::SchemaVersion);
         }
@@ -104,7 +109,9 @@ impl ParsedManifest {
             // OCI makes mediaType optional in the body; the structure then says which it is.
             (None, _) if raw.manifests.is_some() => media_type::OCI_INDEX.to_owned(),
             (None, _) if raw.config.is_some() => media_type::OCI_MANIFEST.to_owned(),
-            (None, Some(header)) => return Err(ManifestError::UnsupportedMediaType(header.to_owned())),
+            (None, Some(header)) => {
+                return Err(ManifestError::UnsupportedMediaType(header.to_owned()));
+            }
             (None, None) => return Err(ManifestError::UnknownMediaType),
         };
         if !MANIFEST_TYPES.contains(&media_type.as_str()) {
@@ -121,10 +128,16 @@ impl ParsedManifest {
         };
         if media_type::is_index(&parsed.media_type) {
             if parsed.config.is_some() || !parsed.layers.is_empty() {
-                return Err(ManifestError::MissingField("an index", "manifests and no config or layers"));
+                return Err(ManifestError::MissingField(
+                    "an index",
+                    "manifests and no config or layers",
+                ));
             }
         } else if parsed.config.is_none() {
-            return Err(ManifestError::MissingField("an image", "a config descriptor"));
+            return Err(ManifestError::MissingField(
+                "an image",
+                "a config descriptor",
+            ));
         }
         Ok(parsed)
     }
@@ -183,7 +196,11 @@ mod tests {
     fn infers_type_and_lists_references() {
         let m = ParsedManifest::parse(image("").as_bytes(), None).unwrap();
         assert_eq!(m.media_type, media_type::OCI_MANIFEST);
-        assert_eq!(m.required_blobs().count(), 2, "foreign layer is not required");
+        assert_eq!(
+            m.required_blobs().count(),
+            2,
+            "foreign layer is not required"
+        );
         assert_eq!(m.references().count(), 3);
         assert_eq!(
             m.effective_artifact_type(),
@@ -199,7 +216,10 @@ mod tests {
             ParsedManifest::parse(body.as_bytes(), Some(media_type::DOCKER_MANIFEST)),
             Err(ManifestError::MediaTypeMismatch { .. })
         ));
-        let body = image(&format!(r#""mediaType":"{}","#, media_type::DOCKER_MANIFEST));
+        let body = image(&format!(
+            r#""mediaType":"{}","#,
+            media_type::DOCKER_MANIFEST
+        ));
         let m = ParsedManifest::parse(body.as_bytes(), Some("application/json")).unwrap();
         assert_eq!(m.media_type, media_type::DOCKER_MANIFEST);
     }
@@ -219,7 +239,10 @@ mod tests {
             Err(ManifestError::UnknownMediaType)
         );
         let bad_digest = br#"{"schemaVersion":2,"config":{"mediaType":"x","digest":"sha256:../..","size":1},"layers":[]}"#;
-        assert!(matches!(ParsedManifest::parse(bad_digest, None), Err(ManifestError::Json(_))));
+        assert!(matches!(
+            ParsedManifest::parse(bad_digest, None),
+            Err(ManifestError::Json(_))
+        ));
     }
 
     #[test]
@@ -233,6 +256,9 @@ mod tests {
         let m = ParsedManifest::parse(body.as_bytes(), None).unwrap();
         assert!(m.is_index());
         assert_eq!(m.required_blobs().count(), 0);
-        assert_eq!(m.manifests[0].platform.as_ref().unwrap().variant.as_deref(), Some("v8"));
+        assert_eq!(
+            m.manifests[0].platform.as_ref().unwrap().variant.as_deref(),
+            Some("v8")
+        );
     }
 }

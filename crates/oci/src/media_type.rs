@@ -15,7 +15,12 @@ pub const NON_DISTRIBUTABLE_LAYERS: [&str; 4] = [
 ];
 
 /// Every manifest media type accepted on push, in the order offered in `Accept` headers.
-pub const MANIFEST_TYPES: [&str; 4] = [OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST];
+pub const MANIFEST_TYPES: [&str; 4] = [
+    OCI_INDEX,
+    DOCKER_MANIFEST_LIST,
+    OCI_MANIFEST,
+    DOCKER_MANIFEST,
+];
 
 /// Whether `mt` lists other manifests (an index or a Docker manifest list).
 pub fn is_index(mt: &str) -> bool {

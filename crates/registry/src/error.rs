@@ -1,6 +1,6 @@
 //! OCI error responses: `{"errors":[{"code","message","detail"}]}` with the spec's status codes.
 
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use kache_oci::{DigestError, NameError};
 use kache_store::StoreError;
@@ -68,7 +68,8 @@ pub struct Error {
     pub status: StatusCode,
     pub message: String,
     pub detail: Value,
-    pub headers: HeaderMap,
+    /// Extra headers (`Range`, `Allow`, `Retry-After`...): a list, since most errors have none.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl Error {
@@ -78,7 +79,7 @@ impl Error {
             status: code.status(),
             message: message.into(),
             detail: Value::Null,
-            headers: HeaderMap::new(),
+            headers: Vec::new(),
         }
     }
 
@@ -94,7 +95,7 @@ impl Error {
 
     pub fn header(mut self, name: HeaderName, value: impl TryInto<HeaderValue>) -> Self {
         if let Ok(v) = value.try_into() {
-            self.headers.insert(name, v);
+            self.headers.push((name, v));
         }
         self
     }
@@ -113,7 +114,9 @@ impl IntoResponse for Error {
             entry["detail"] = self.detail;
         }
         let mut resp = (self.status, axum::Json(json!({ "errors": [entry] }))).into_response();
-        resp.headers_mut().extend(self.headers);
+        for (k, v) in self.headers {
+            resp.headers_mut().insert(k, v);
+        }
         resp
     }
 }

@@ -1,0 +1,117 @@
+//! A blocking plain-HTTP client that reports exactly what the server answered: every status is a
+//! response (not an error), redirects are not followed, and no proxy is used.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use ureq::http::Request;
+
+/// What the server answered, with the whole body read.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The first value of a header, by case-insensitive name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as UTF-8 text (lossy), for messages and JSON.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The body parsed as JSON; fails the test if it is not.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("response body is not JSON ({e}): {}", self.text()))
+    }
+}
+
+fn agent() -> &'static ureq::Agent {
+    static AGENT: OnceLock<ureq::Agent> = OnceLock::new();
+    AGENT.get_or_init(|| {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .proxy(None)
+            .build()
+            .into()
+    })
+}
+
+/// How long one request may take, start to end, unless told otherwise.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Sends one request and reads the whole answer. Transport errors (refused connection, timeout)
+/// are `Err`, so callers can poll a server that is still starting.
+pub fn try_request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<Response, ureq::Error> {
+    try_request_within(DEFAULT_TIMEOUT, method, url, headers, body)
+}
+
+/// [`try_request`] bounded by `timeout` from start to the end of the body.
+pub fn try_request_within(
+    timeout: Duration,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<Response, ureq::Error> {
+    let mut builder = Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let request = agent()
+        .configure_request(builder.body(body.to_vec())?)
+        .timeout_global(Some(timeout))
+        .build();
+    let mut response = agent().run(request)?;
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(n, v)| {
+            let value = String::from_utf8_lossy(v.as_bytes()).into_owned();
+            (n.as_str().to_owned(), value)
+        })
+        .collect();
+    // Layers in tests are a few MiB; the default 10 MB cap would be too tight for later tests.
+    let body = response
+        .body_mut()
+        .with_config()
+        .limit(1 << 30)
+        .read_to_vec()?;
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Like [`try_request`], but fails the test on a transport error.
+pub fn request(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+    try_request(method, url, headers, body)
+        .unwrap_or_else(|e| panic!("{method} {url} failed to get an answer: {e}"))
+}
+
+/// `GET url` with the given headers.
+pub fn get(url: &str, headers: &[(&str, &str)]) -> Response {
+    request("GET", url, headers, &[])
+}
+
+/// `HEAD url` with the given headers.
+pub fn head(url: &str, headers: &[(&str, &str)]) -> Response {
+    request("HEAD", url, headers, &[])
+}
