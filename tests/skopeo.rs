@@ -511,31 +511,35 @@ fn pushing_another_image_to_a_tag_moves_the_tag_only() {
     assert_eq!(env.skopeo.list_tags(&env.remote("test/moving")), ["v1"]);
 }
 
-/// skopeo remembers where it pushed blobs (in /var/lib/containers/cache for root, across runs and
-/// ports) and tries a cross-repository mount from there; a registry that does not have the blob
-/// must start an ordinary upload (202) so that the push goes on.
+/// skopeo remembers where it pushed blobs (root's cache in /var/lib/containers/cache, across runs
+/// and ports) and looks there for a cross-repository mount. After a registry lost its data, that
+/// memory is stale: the push must still work. A client that asks to mount a blob the registry does
+/// not have gets an ordinary upload session (202), as the distribution spec says.
 #[test]
-fn mount_of_an_unknown_blob_starts_an_upload() {
-    let env = Env::start();
+fn pushes_work_when_the_clients_blob_locations_are_stale() {
+    let mut env = Env::start();
     let image = small_image(Flavor::Oci, Platform::linux_amd64(), 8000);
+    let src = format!("oci:{}:v1", env.oci_layout("src", &[("v1", &image)]));
+    env.skopeo.copy(&src, &env.remote("test/first:v1"), &[]);
+
+    // Same address, empty store: skopeo's memory of test/first is now wrong.
+    env.registry.kill9();
+    let data_dir = env.registry.data_dir().to_path_buf();
+    std::fs::remove_dir_all(&data_dir).expect("wipe data dir");
+    env.registry.restart();
+
     let layer = &image.layers[0];
     let url = env.url(&format!(
-        "/v2/test/mounted/blobs/uploads/?mount={}&from=test/elsewhere",
+        "/v2/test/probe/blobs/uploads/?mount={}&from=test/first",
         layer.digest
     ));
     let r = support::http::request("POST", &url, &[], &[]);
     assert_eq!(r.status, 202, "POST {url}: {}", r.text());
     assert!(r.header("Location").is_some(), "POST {url}: no Location");
 
-    // And skopeo pushes through that situation: the tag works and the blob is served.
-    let src = env.oci_layout("src", &[("v1", &image)]);
-    env.skopeo.copy(
-        &format!("oci:{src}:v1"),
-        &env.remote("test/mounted:v1"),
-        &[],
-    );
-    assert_manifest_served(&env, "test/mounted", "v1", &image.manifest);
-    assert_blobs_served(&env, "test/mounted", &image);
+    env.skopeo.copy(&src, &env.remote("test/second:v1"), &[]);
+    assert_manifest_served(&env, "test/second", "v1", &image.manifest);
+    assert_blobs_served(&env, "test/second", &image);
 }
 
 #[test]

@@ -204,6 +204,32 @@ async fn monolithic_push_get_head_and_ranges() {
 }
 
 #[tokio::test]
+async fn sha512_blobs() {
+    let s = serve().await;
+    let d = Digest::compute(kache_oci::Algorithm::Sha512, b"five hundred and twelve");
+    let r = s
+        .client
+        .post(s.url(&format!("/v2/r/blobs/uploads/?digest={d}")))
+        .body("five hundred and twelve")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = s.req(Method::GET, &format!("/v2/r/blobs/{d}")).await;
+    assert_eq!(r.headers()["docker-content-digest"], d.to_string().as_str());
+    assert_eq!(r.bytes().await.unwrap(), "five hundred and twelve");
+    let wrong = Digest::compute(kache_oci::Algorithm::Sha512, b"other");
+    let r = s
+        .client
+        .post(s.url(&format!("/v2/r/blobs/uploads/?digest={wrong}")))
+        .body("five hundred and twelve")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, "DIGEST_INVALID");
+}
+
+#[tokio::test]
 async fn post_then_put_with_the_whole_body() {
     let s = serve().await;
     let r = s.req(Method::POST, "/v2/r/blobs/uploads/").await;

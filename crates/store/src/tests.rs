@@ -328,3 +328,46 @@ async fn expired_uploads_are_removed() {
         Err(StoreError::UploadUnknown)
     ));
 }
+
+/// A blob may be deleted between the early check of `put_manifest` and its index transaction.
+/// The transaction re-checks, so the manifest is refused rather than stored pointing at nothing.
+#[tokio::test]
+async fn the_index_transaction_rechecks_blobs_a_manifest_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path()).unwrap();
+    let r = repo("race");
+    let (c, l) = (Digest::sha256(b"{}"), Digest::sha256(b"layer"));
+    store.put_blob(&r, &c, body(b"{}")).await.unwrap();
+    store.put_blob(&r, &l, body(b"layer")).await.unwrap();
+    let bytes = image_manifest(&c, &l);
+    let parsed = ParsedManifest::parse(&bytes, None).unwrap();
+    let digest = Digest::sha256(&bytes);
+    // The early check passed; now the layer goes before the transaction runs.
+    store.delete_blob(&r, &l).await.unwrap();
+    let record = ManifestRecord {
+        media_type: parsed.media_type.clone(),
+        size: bytes.len() as u64,
+        artifact_type: None,
+        subject: None,
+        annotations: None,
+        created: 0,
+    };
+    let err = store
+        .index
+        .put_manifest(NewManifest {
+            repo: &r,
+            digest: &digest,
+            record,
+            tag: Some("v1"),
+            required: parsed.required_blobs().map(|d| d.digest.clone()).collect(),
+            references: parsed.references().cloned().collect(),
+        })
+        .unwrap_err();
+    assert!(matches!(err, StoreError::ManifestBlobUnknown(d) if d == l));
+    assert!(store.tag(&r, "v1").unwrap().is_none());
+    assert!(store.index.manifest(&r, &digest).unwrap().is_none());
+    assert!(
+        store.references(&digest).unwrap().is_empty(),
+        "nothing of the refused manifest is recorded"
+    );
+}
