@@ -8,6 +8,7 @@
 //! - nothing here knows HTTP, so the registry, the pull-through path and GC share it.
 
 mod error;
+mod flight;
 mod fs;
 mod index;
 mod upload;
@@ -22,6 +23,7 @@ use futures_util::{Stream, StreamExt};
 use kache_oci::{Algorithm, Digest, ParsedManifest, Reference, RepoName};
 
 pub use error::{Result, StoreError};
+pub use flight::{ByteStream, FetchError, FetchFailure, FlightStream, Source};
 pub use fs::BlobWriter;
 pub use index::{BlobRecord, ManifestRecord, TagRecord};
 pub use upload::UploadStatus;
@@ -80,6 +82,7 @@ pub struct Store {
     total_bytes: AtomicU64,
     uploads: upload::Uploads,
     access: std::sync::Mutex<HashMap<Digest, u64>>,
+    flights: flight::Flights,
 }
 
 /// Runs blocking index work off the async threads.
@@ -140,6 +143,7 @@ impl Store {
                 total_bytes: AtomicU64::new(total),
                 uploads: upload::Uploads::default(),
                 access: Default::default(),
+                flights: Default::default(),
             },
             rec,
         ))

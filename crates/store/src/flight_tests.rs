@@ -1,0 +1,205 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use super::*;
+
+fn repo(s: &str) -> RepoName {
+    s.parse().unwrap()
+}
+
+fn data(n: usize) -> Bytes {
+    Bytes::from((0..n).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>())
+}
+
+#[derive(Debug)]
+struct Refusal;
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("upstream said 404")
+    }
+}
+impl std::error::Error for Refusal {}
+
+/// A source sending `bytes` in 10 KiB chunks with a pause between them, announcing `size`.
+fn dripping(
+    bytes: Bytes,
+    size: Option<u64>,
+    calls: Arc<AtomicUsize>,
+) -> impl FnOnce() -> futures_util::future::BoxFuture<'static, Result<Source, FetchError>> + Send + 'static
+{
+    move || {
+        calls.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            let chunks: Vec<Bytes> = bytes
+                .chunks(10 * 1024)
+                .map(Bytes::copy_from_slice)
+                .collect();
+            let body = futures_util::stream::iter(chunks).then(|c| async move {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                Ok::<_, FetchError>(c)
+            });
+            Ok(Source {
+                size,
+                body: Box::pin(body),
+            })
+        })
+    }
+}
+
+async fn collect(s: FlightStream) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut body = s.body;
+    while let Some(c) = body.next().await {
+        out.extend_from_slice(&c?);
+    }
+    Ok(out)
+}
+
+fn open(dir: &std::path::Path) -> Arc<Store> {
+    Arc::new(Store::open(dir).unwrap().0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_make_one_fetch_and_all_get_every_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let bytes = data(300 * 1024);
+    let d = Digest::sha256(&bytes);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let (store, d, bytes, calls) = (store.clone(), d.clone(), bytes.clone(), calls.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = repo(&format!("r{}", i % 2));
+            let s = store
+                .fetch_blob(
+                    &r,
+                    &d,
+                    dripping(bytes.clone(), Some(bytes.len() as u64), calls),
+                )
+                .await
+                .unwrap();
+            collect(s).await.unwrap()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), bytes);
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    for r in ["r0", "r1"] {
+        assert_eq!(
+            store.stat_blob(&repo(r), &d).unwrap(),
+            Some(bytes.len() as u64),
+            "{r} may serve it"
+        );
+    }
+    assert_eq!(std::fs::read(store.blob_path(&d)).unwrap(), bytes);
+}
+
+#[tokio::test]
+async fn the_fetch_completes_when_its_first_client_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let bytes = data(200 * 1024);
+    let d = Digest::sha256(&bytes);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let first = store
+        .fetch_blob(
+            &repo("r"),
+            &d,
+            dripping(bytes.clone(), Some(bytes.len() as u64), calls.clone()),
+        )
+        .await
+        .unwrap();
+    let second = store
+        .fetch_blob(&repo("r"), &d, dripping(bytes.clone(), None, calls.clone()))
+        .await
+        .unwrap();
+    drop(first);
+    assert_eq!(collect(second).await.unwrap(), bytes);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(store.verify().await.unwrap().bad, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn wrong_bytes_never_complete_a_response_and_are_not_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let bytes = data(100 * 1024);
+    let claimed = Digest::sha256(b"what the client asked for");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let s = store
+        .fetch_blob(
+            &repo("r"),
+            &claimed,
+            dripping(bytes.clone(), Some(bytes.len() as u64), calls),
+        )
+        .await
+        .unwrap();
+    let mut got = 0usize;
+    let mut body = s.body;
+    let mut failed = false;
+    while let Some(c) = body.next().await {
+        match c {
+            Ok(c) => got += c.len(),
+            Err(e) => {
+                assert!(e.to_string().contains("hashing to"), "{e}");
+                failed = true;
+                break;
+            }
+        }
+    }
+    assert!(failed, "the stream must end in an error");
+    assert!(got < bytes.len(), "the whole (wrong) blob was delivered");
+    assert_eq!(store.stat_blob(&repo("r"), &claimed).unwrap(), None);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+        0
+    );
+    assert_eq!(store.total_bytes(), 0);
+}
+
+#[tokio::test]
+async fn a_truncated_source_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let bytes = data(50 * 1024);
+    let d = Digest::sha256(&bytes);
+    let calls = Arc::new(AtomicUsize::new(0));
+    // Announces the full size, sends half.
+    let s = store
+        .fetch_blob(
+            &repo("r"),
+            &d,
+            dripping(bytes.slice(..25 * 1024), Some(bytes.len() as u64), calls),
+        )
+        .await
+        .unwrap();
+    assert!(collect(s).await.is_err());
+    assert_eq!(store.stat_blob(&repo("r"), &d).unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_refusal_reaches_every_joiner_as_the_source_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let d = Digest::sha256(b"absent");
+    let err = store
+        .fetch_blob(&repo("r"), &d, || async {
+            Err::<Source, FetchError>(Arc::new(Refusal))
+        })
+        .await
+        .unwrap_err();
+    match err {
+        FetchFailure::Source(e) => assert!(e.downcast_ref::<Refusal>().is_some()),
+        FetchFailure::Store(e) => panic!("{e}"),
+    }
+    // A later request tries again rather than inheriting the failure.
+    let bytes = Bytes::from_static(b"absent");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let s = store
+        .fetch_blob(&repo("r"), &d, dripping(bytes.clone(), None, calls))
+        .await
+        .unwrap();
+    assert_eq!(collect(s).await.unwrap(), bytes);
+}
