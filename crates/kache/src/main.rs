@@ -1,4 +1,4 @@
-//! The one kache binary: `kache registry|dev|fsck`. It parses configuration and wires the
+//! The one kache binary: `kache registry|proxy|dev|fsck`. It parses configuration and wires the
 //! crates together; behaviour lives in the crates.
 
 mod serve;
@@ -31,9 +31,11 @@ enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Serve the OCI registry over the store in --data-dir.
+    /// Serve the OCI registry and pull-through cache over the store in --data-dir.
     Registry(RegistryArgs),
-    /// Run everything a newcomer needs on 127.0.0.1, with data in ./kache-data.
+    /// Serve pulls on a node: the registry first, the upstream when the registry cannot answer.
+    Proxy(ProxyArgs),
+    /// Run registry and proxy on 127.0.0.1, with data in ./kache-data: what a newcomer runs first.
     Dev(DevArgs),
     /// Re-hash every blob in a (stopped) store and report what does not verify.
     Fsck {
@@ -42,11 +44,39 @@ enum Command {
     },
 }
 
+/// How kache reaches upstream registries (registry and proxy alike).
+#[derive(clap::Args, Debug, Clone)]
+pub struct UpstreamArgs {
+    /// A docker config.json (the format of kubernetes.io/dockerconfigjson Secrets) with
+    /// credentials per registry.
+    #[arg(long, env = "KACHE_DOCKER_CONFIG")]
+    docker_config: Option<PathBuf>,
+    /// Extra CA certificates (PEM) trusted for upstream registries; repeatable.
+    #[arg(long = "ca-file", env = "KACHE_CA_FILES", value_delimiter = ',')]
+    ca_files: Vec<PathBuf>,
+    /// Registries reached over plain HTTP (`host:port`); repeatable.
+    #[arg(
+        long = "insecure-registry",
+        env = "KACHE_INSECURE_REGISTRIES",
+        value_delimiter = ','
+    )]
+    insecure_registries: Vec<String>,
+    /// Longest wait for an upstream's response headers.
+    #[arg(long, env = "KACHE_UPSTREAM_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
+    upstream_timeout: Duration,
+}
+
 #[derive(clap::Args, Debug)]
 struct RegistryArgs {
-    /// Address of the Distribution API.
+    /// Address of the Distribution API the proxies read from. Writes here need --write-token-file.
     #[arg(long, env = "KACHE_LISTEN", default_value = "0.0.0.0:5000")]
     listen: SocketAddr,
+    /// Address of a listener that also takes writes (push, delete, warm), for the controller.
+    #[arg(long, env = "KACHE_INTERNAL_LISTEN")]
+    internal_listen: Option<SocketAddr>,
+    /// A file holding a bearer token that allows writes on --listen (a mounted Secret).
+    #[arg(long, env = "KACHE_WRITE_TOKEN_FILE")]
+    write_token_file: Option<PathBuf>,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "KACHE_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
     metrics_listen: SocketAddr,
@@ -56,16 +86,53 @@ struct RegistryArgs {
     /// Upload sessions untouched for this long are removed.
     #[arg(long, env = "KACHE_UPLOAD_TIMEOUT", value_parser = parse_duration, default_value = "1h")]
     upload_timeout: Duration,
+    /// A cached tag older than this is re-validated upstream (served from cache if that fails).
+    #[arg(long, env = "KACHE_TAG_TTL", value_parser = parse_duration, default_value = "5m")]
+    tag_ttl: Duration,
+    #[command(flatten)]
+    upstream: UpstreamArgs,
+}
+
+#[derive(clap::Args, Debug)]
+struct ProxyArgs {
+    /// Addresses to serve the kubelet on. `[::1]` is skipped where the host has no IPv6.
+    #[arg(long, env = "KACHE_LISTEN", value_delimiter = ',', default_values_t = [
+        "127.0.0.1:7439".parse::<SocketAddr>().expect("valid"),
+        "[::1]:7439".parse::<SocketAddr>().expect("valid"),
+    ])]
+    listen: Vec<SocketAddr>,
+    /// Base URL of the registry Service.
+    #[arg(
+        long,
+        env = "KACHE_REGISTRY",
+        default_value = "http://kache-registry:5000"
+    )]
+    registry: String,
+    /// Longest wait for the registry before going upstream.
+    #[arg(long, env = "KACHE_REGISTRY_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
+    registry_timeout: Duration,
+    #[arg(long, env = "KACHE_METRICS_LISTEN", default_value = "127.0.0.1:9091")]
+    metrics_listen: SocketAddr,
+    #[command(flatten)]
+    upstream: UpstreamArgs,
 }
 
 #[derive(clap::Args, Debug)]
 struct DevArgs {
+    /// The registry (reads and writes).
     #[arg(long, env = "KACHE_LISTEN", default_value = "127.0.0.1:5000")]
     listen: SocketAddr,
+    /// The node proxy.
+    #[arg(long, env = "KACHE_PROXY_LISTEN", default_value = "127.0.0.1:7439")]
+    proxy_listen: SocketAddr,
     #[arg(long, env = "KACHE_METRICS_LISTEN", default_value = "127.0.0.1:9090")]
     metrics_listen: SocketAddr,
     #[arg(long, env = "KACHE_DATA_DIR", default_value = "kache-data")]
     data_dir: PathBuf,
+    #[arg(long, env = "KACHE_TAG_TTL", value_parser = parse_duration, default_value = "5m")]
+    tag_ttl: Duration,
+    #[command(flatten)]
+    upstream: UpstreamArgs,
 }
 
 /// Durations as `30s`, `15m`, `2h`, `30d` (or plain seconds).
@@ -99,6 +166,8 @@ fn init_tracing(format: LogFormat) {
 }
 
 fn main() -> anyhow::Result<()> {
+    // The one TLS provider of the binary; two would panic at the first TLS configuration.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -107,26 +176,58 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async {
         match cli.command {
             Command::Registry(a) => {
+                let write_token = match &a.write_token_file {
+                    Some(p) => Some(serve::read_token(p)?),
+                    None => None,
+                };
                 serve::registry(serve::RegistryOptions {
                     listen: a.listen,
+                    internal_listen: a.internal_listen,
+                    write_token,
+                    open_writes: false,
                     metrics_listen: a.metrics_listen,
                     data_dir: a.data_dir,
                     upload_timeout: a.upload_timeout,
+                    tag_ttl: a.tag_ttl,
+                    upstream: serve::upstream_config(&a.upstream)?,
+                    proxy: None,
+                })
+                .await
+            }
+            Command::Proxy(a) => {
+                serve::proxy(serve::ProxyOptions {
+                    listen: a.listen,
+                    registry: a.registry,
+                    registry_timeout: a.registry_timeout,
+                    metrics_listen: a.metrics_listen,
+                    upstream: serve::upstream_config(&a.upstream)?,
                 })
                 .await
             }
             Command::Dev(a) => {
                 tracing::info!(
-                    registry = %a.listen,
-                    data_dir = %a.data_dir.display(),
-                    "kache dev: push and pull with skopeo --dest-tls-verify=false docker://{}/<name>:<tag>",
+                    "kache dev: pull through the proxy with `skopeo copy --src-tls-verify=false docker://{}/docker.io/library/<image>:<tag> ...`; push to the registry at {}",
+                    a.proxy_listen,
                     a.listen
                 );
+                let upstream = serve::upstream_config(&a.upstream)?;
                 serve::registry(serve::RegistryOptions {
                     listen: a.listen,
+                    internal_listen: None,
+                    write_token: None,
+                    open_writes: true,
                     metrics_listen: a.metrics_listen,
                     data_dir: a.data_dir,
                     upload_timeout: Duration::from_secs(3600),
+                    tag_ttl: a.tag_ttl,
+                    upstream: upstream.clone(),
+                    proxy: Some(serve::ProxyOptions {
+                        listen: vec![a.proxy_listen],
+                        registry: format!("http://{}", a.listen),
+                        registry_timeout: Duration::from_secs(5),
+                        metrics_listen: a.metrics_listen,
+                        upstream,
+                    }),
                 })
                 .await
             }

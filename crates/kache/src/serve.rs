@@ -10,35 +10,85 @@ use axum::Router;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use kache_registry::{Metrics, Registry};
+use kache_oci::upstream::{DockerConfig, Upstream, UpstreamConfig};
+use kache_proxy::{Proxy, ProxyConfig, ProxyMetrics};
+use kache_registry::{Access, Metrics, Registry};
 use kache_store::Store;
 use prometheus_client::registry::Registry as PromRegistry;
+use tokio::task::JoinSet;
+
+use crate::UpstreamArgs;
 
 #[derive(Debug)]
 pub struct RegistryOptions {
     pub listen: SocketAddr,
+    pub internal_listen: Option<SocketAddr>,
+    pub write_token: Option<String>,
+    /// Writes allowed on `listen` without a token (`kache dev` only).
+    pub open_writes: bool,
     pub metrics_listen: SocketAddr,
     pub data_dir: PathBuf,
     pub upload_timeout: Duration,
+    pub tag_ttl: Duration,
+    pub upstream: UpstreamConfig,
+    /// A node proxy in the same process (`kache dev`).
+    pub proxy: Option<ProxyOptions>,
+}
+
+#[derive(Debug)]
+pub struct ProxyOptions {
+    pub listen: Vec<SocketAddr>,
+    pub registry: String,
+    pub registry_timeout: Duration,
+    pub metrics_listen: SocketAddr,
+    pub upstream: UpstreamConfig,
+}
+
+/// The upstream client's configuration from flags.
+pub fn upstream_config(a: &UpstreamArgs) -> anyhow::Result<UpstreamConfig> {
+    let credentials = match &a.docker_config {
+        Some(p) => DockerConfig::from_file(p)
+            .with_context(|| format!("reading credentials from {}", p.display()))?,
+        None => DockerConfig::default(),
+    };
+    let extra_ca_pem = a
+        .ca_files
+        .iter()
+        .map(|p| std::fs::read(p).with_context(|| format!("reading CA file {}", p.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(UpstreamConfig {
+        credentials,
+        extra_ca_pem,
+        insecure_registries: a.insecure_registries.clone(),
+        request_timeout: a.upstream_timeout,
+        ..UpstreamConfig::default()
+    })
+}
+
+/// Reads a bearer token from a mounted Secret; surrounding whitespace is not part of it.
+pub fn read_token(path: &Path) -> anyhow::Result<String> {
+    let t = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the write token from {}", path.display()))?;
+    let t = t.trim().to_owned();
+    anyhow::ensure!(
+        t.len() >= 16,
+        "the write token in {} is shorter than 16 characters",
+        path.display()
+    );
+    Ok(t)
 }
 
 /// Resolves when the process is asked to stop (SIGTERM from the kubelet, or Ctrl-C).
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return ctrl_c.await.unwrap_or(()),
-            };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return ctrl_c.await.unwrap_or(()),
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term.recv() => {},
     }
-    #[cfg(not(unix))]
-    ctrl_c.await.unwrap_or(());
     tracing::info!("shutting down");
 }
 
@@ -80,6 +130,37 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpLis
         .with_context(|| format!("cannot listen on {addr} for {what}"))
 }
 
+/// Serves `app` on `listener` until shutdown.
+fn spawn_server(
+    set: &mut JoinSet<anyhow::Result<()>>,
+    listener: tokio::net::TcpListener,
+    app: Router,
+    what: &'static str,
+) {
+    set.spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .with_context(|| format!("{what} failed"))
+    });
+}
+
+/// Binds the proxy's listeners; an IPv6 address the host lacks is skipped, not fatal.
+async fn bind_proxy(addrs: &[SocketAddr]) -> anyhow::Result<Vec<tokio::net::TcpListener>> {
+    let mut out = Vec::new();
+    for a in addrs {
+        match tokio::net::TcpListener::bind(a).await {
+            Ok(l) => out.push(l),
+            Err(e) if a.is_ipv6() && matches!(e.raw_os_error(), Some(99 | 97)) => {
+                tracing::info!(addr = %a, "no IPv6 on this host; not listening there");
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot listen on {a} for the proxy")),
+        }
+    }
+    anyhow::ensure!(!out.is_empty(), "the proxy has no address to listen on");
+    Ok(out)
+}
+
 pub async fn registry(o: RegistryOptions) -> anyhow::Result<()> {
     let data_dir = o.data_dir.clone();
     let (store, recovery) = tokio::task::spawn_blocking(move || Store::open(&data_dir))
@@ -89,29 +170,95 @@ pub async fn registry(o: RegistryOptions) -> anyhow::Result<()> {
     let store = Arc::new(store);
     let mut prom = PromRegistry::default();
     let metrics = Metrics::new(&mut prom);
-    let registry = Registry::new(store.clone(), metrics.clone());
+    let upstream = Upstream::new(o.upstream.clone()).context("configuring the upstream client")?;
+    let registry = Registry::with_pull_through(store.clone(), metrics.clone(), upstream, o.tag_ttl);
 
-    let api = bind(o.listen, "the registry").await?;
+    let access = match (&o.write_token, o.open_writes) {
+        (_, true) => Access::ReadWrite,
+        (Some(t), false) => Access::Token(t.as_str().into()),
+        (None, false) => Access::ReadOnly,
+    };
+    if matches!(access, Access::ReadOnly) && o.internal_listen.is_none() {
+        tracing::warn!(
+            "no --internal-listen and no --write-token-file: nothing can push to or warm this registry"
+        );
+    }
+    let mut servers = JoinSet::new();
+    spawn_server(
+        &mut servers,
+        bind(o.listen, "the registry").await?,
+        registry.router_for(access),
+        "registry",
+    );
+    if let Some(addr) = o.internal_listen {
+        spawn_server(
+            &mut servers,
+            bind(addr, "the internal registry listener").await?,
+            registry.router_for(Access::ReadWrite),
+            "internal registry listener",
+        );
+    }
+    if let Some(p) = o.proxy {
+        let proxy = Proxy::new(
+            ProxyConfig {
+                registry: p.registry,
+                registry_timeout: p.registry_timeout,
+            },
+            Upstream::new(p.upstream).context("configuring the proxy's upstream client")?,
+            ProxyMetrics::new(&mut prom),
+        )?;
+        for l in bind_proxy(&p.listen).await? {
+            spawn_server(&mut servers, l, proxy.router(), "proxy");
+        }
+        tracing::info!(listen = ?p.listen, "proxy serving");
+    }
     let ops = bind(o.metrics_listen, "metrics").await?;
-    tracing::info!(listen = %o.listen, metrics = %o.metrics_listen, data_dir = %o.data_dir.display(), "registry serving");
+    tracing::info!(listen = %o.listen, internal = ?o.internal_listen, metrics = %o.metrics_listen, data_dir = %o.data_dir.display(), "registry serving");
 
     let gauge_store = store.clone();
     let ops_app = ops_router(Arc::new(prom), move || {
         metrics.store_bytes.set(gauge_store.total_bytes() as i64);
     });
+    spawn_server(&mut servers, ops, ops_app, "metrics listener");
     let maintain = tokio::spawn(registry.clone().maintain(o.upload_timeout));
-    let ops_task = tokio::spawn(async move { axum::serve(ops, ops_app).await });
-    axum::serve(api, registry.router())
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("registry server failed")?;
+    // The first server to end (shutdown or failure) ends the process.
+    let first = servers.join_next().await;
     maintain.abort();
-    ops_task.abort();
     store
         .flush_access()
         .await
         .context("flushing access times")?;
-    Ok(())
+    match first {
+        Some(r) => r?,
+        None => Ok(()),
+    }
+}
+
+pub async fn proxy(o: ProxyOptions) -> anyhow::Result<()> {
+    let mut prom = PromRegistry::default();
+    let proxy = Proxy::new(
+        ProxyConfig {
+            registry: o.registry.clone(),
+            registry_timeout: o.registry_timeout,
+        },
+        Upstream::new(o.upstream).context("configuring the upstream client")?,
+        ProxyMetrics::new(&mut prom),
+    )?;
+    let mut servers = JoinSet::new();
+    for l in bind_proxy(&o.listen).await? {
+        spawn_server(&mut servers, l, proxy.router(), "proxy");
+    }
+    spawn_server(
+        &mut servers,
+        bind(o.metrics_listen, "metrics").await?,
+        ops_router(Arc::new(prom), || {}),
+        "metrics listener",
+    );
+    tracing::info!(listen = ?o.listen, registry = %o.registry, metrics = %o.metrics_listen, "proxy serving");
+    match servers.join_next().await {
+        Some(r) => r?,
+        None => Ok(()),
+    }
 }
 
 pub async fn fsck(data_dir: &Path) -> anyhow::Result<()> {

@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::{Stream, TryStreamExt};
 use http_body_util::BodyExt;
+use kache_oci::api::Route;
 use kache_oci::{Descriptor, Digest, ParsedManifest, Reference, RepoName, media_type};
 use kache_store::MAX_MANIFEST_SIZE;
 use serde_json::json;
@@ -17,7 +18,11 @@ use uuid::Uuid;
 
 use crate::Registry;
 use crate::error::{Code, Error, Result, range_header};
-use crate::route::Route;
+use crate::pull::{CacheOutcome, Origin, PullThrough};
+use crate::warm::WarmRequest;
+
+/// How a pull-through request was answered: `hit`, `miss` or `stale` (the node proxy counts it).
+pub const X_KACHE_CACHE: &str = "x-kache-cache";
 
 /// Read size for blob bodies: see DESIGN.md, small reads are what makes a registry slow.
 const READ_BUF: usize = 256 * 1024;
@@ -78,6 +83,47 @@ fn digest_param(p: &Params, key: &str) -> Result<Option<Digest>> {
 }
 
 impl Registry {
+    /// containerd's mirror form: `?ns=<registry>` names the upstream of a plain repository.
+    pub(crate) fn mirror(&self, route: Route, req: &Request) -> Result<Route> {
+        match params(req).remove("ns") {
+            Some(ns) => route.map_repo(|repo| crate::pull::mirror_repository(&ns, &repo)),
+            None => Ok(route),
+        }
+    }
+
+    /// `POST /kache/v1/warm` with a JSON [`WarmRequest`].
+    pub(crate) async fn warm_endpoint(&self, req: Request) -> Result<Response> {
+        if req.method() != Method::POST {
+            return Err(unsupported(req.method(), "POST"));
+        }
+        let bad = |m: String| Error::new(Code::Unsupported, m).status(StatusCode::BAD_REQUEST);
+        let body = http_body_util::Limited::new(req.into_body(), 64 * 1024)
+            .collect()
+            .await
+            .map_err(|e| bad(format!("reading the warm request failed: {e}")))?
+            .to_bytes();
+        let warm: WarmRequest =
+            serde_json::from_slice(&body).map_err(|e| bad(format!("not a warm request: {e}")))?;
+        Ok(axum::Json(self.warm(warm).await?).into_response())
+    }
+
+    /// The pull-through side and the upstream of `repo`, when both exist.
+    fn origin(&self, repo: &RepoName) -> Option<(&PullThrough, Origin)> {
+        let pull = self.inner.pull.as_ref()?;
+        Some((pull, pull.origin(repo)?))
+    }
+
+    fn count_cache(&self, kind: &'static str, outcome: CacheOutcome) {
+        self.inner
+            .metrics
+            .cache
+            .get_or_create(&crate::metrics::CacheLabels {
+                kind,
+                outcome: outcome.as_str(),
+            })
+            .inc();
+    }
+
     pub(crate) async fn dispatch(&self, route: Route, req: Request) -> Result<Response> {
         let method = req.method().clone();
         let store = &self.inner.store;
@@ -107,17 +153,25 @@ impl Registry {
 
             (Route::UploadStart(repo), Method::POST) => self.start_upload(&repo, req).await,
             (Route::UploadStart(..), m) => Err(unsupported(&m, "POST")),
-            (Route::Upload(repo, id), Method::GET) => {
-                let s = store.upload_status(&repo, &id).await?;
-                Ok((StatusCode::NO_CONTENT, upload_headers(&repo, &id, s.offset)).into_response())
+            (Route::Upload(repo, id), m) => {
+                let id = Uuid::from_u128(id.0);
+                match m {
+                    Method::GET => {
+                        let s = store.upload_status(&repo, &id).await?;
+                        Ok(
+                            (StatusCode::NO_CONTENT, upload_headers(&repo, &id, s.offset))
+                                .into_response(),
+                        )
+                    }
+                    Method::PATCH => self.patch_upload(&repo, &id, req).await,
+                    Method::PUT => self.finish_upload(&repo, &id, req).await,
+                    Method::DELETE => {
+                        store.cancel_upload(&repo, &id).await?;
+                        Ok(StatusCode::NO_CONTENT.into_response())
+                    }
+                    m => Err(unsupported(&m, "GET, PATCH, PUT, DELETE")),
+                }
             }
-            (Route::Upload(repo, id), Method::PATCH) => self.patch_upload(&repo, &id, req).await,
-            (Route::Upload(repo, id), Method::PUT) => self.finish_upload(&repo, &id, req).await,
-            (Route::Upload(repo, id), Method::DELETE) => {
-                store.cancel_upload(&repo, &id).await?;
-                Ok(StatusCode::NO_CONTENT.into_response())
-            }
-            (Route::Upload(..), m) => Err(unsupported(&m, "GET, PATCH, PUT, DELETE")),
 
             (Route::Tags(repo), Method::GET) => self.list_tags(&repo, &params(&req)),
             (Route::Tags(..), m) => Err(unsupported(&m, "GET")),
@@ -152,40 +206,69 @@ impl Registry {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/octet-stream"),
         );
-        h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
         h.insert(header::ETAG, hv(format!("\"{digest}\"")));
-        if head {
-            let size = self
-                .inner
-                .store
-                .stat_blob(repo, digest)?
-                .ok_or_else(|| Error::from(kache_store::StoreError::BlobUnknown))?;
+        let store = &self.inner.store;
+        let origin = self.origin(repo);
+        let blob = if head {
+            store.stat_blob(repo, digest)?.map(|size| (None, size))
+        } else {
+            match store.open_blob(repo, digest).await {
+                Ok(b) => Some((Some(b.file), b.size)),
+                Err(kache_store::StoreError::BlobUnknown) => None,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let Some((file, size)) = blob else {
+            let Some((pull, origin)) = origin else {
+                return Err(kache_store::StoreError::BlobUnknown.into());
+            };
+            // A miss: stream the single flight's file as it grows. Range is ignored on a miss
+            // (RFC 9110 allows it); a HEAD starts the fetch and answers without waiting for it.
+            let flight = pull.blob(store, repo, &origin, digest, None).await?;
+            self.count_cache("blob", CacheOutcome::Miss);
+            h.insert(X_KACHE_CACHE, HeaderValue::from_static("miss"));
+            if let Some(size) = flight.size {
+                h.insert(header::CONTENT_LENGTH, hv(size.to_string()));
+            }
+            if head {
+                return Ok((StatusCode::OK, h).into_response());
+            }
+            let counter = self.inner.metrics.bytes_out.clone();
+            let body = flight.body.inspect_ok(move |b| {
+                counter.inc_by(b.len() as u64);
+            });
+            return Ok((StatusCode::OK, h, Body::from_stream(body)).into_response());
+        };
+        if origin.is_some() {
+            self.count_cache("blob", CacheOutcome::Hit);
+            h.insert(X_KACHE_CACHE, HeaderValue::from_static("hit"));
+        }
+        h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        let Some(mut file) = file else {
             h.insert(header::CONTENT_LENGTH, hv(size.to_string()));
             return Ok((StatusCode::OK, h).into_response());
-        }
-        let blob = self.inner.store.open_blob(repo, digest).await?;
+        };
         let (status, start, len) = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
-            None => (StatusCode::OK, 0, blob.size),
-            Some(r) => match parse_range(r, blob.size) {
-                RangeSpec::Ignore => (StatusCode::OK, 0, blob.size),
+            None => (StatusCode::OK, 0, size),
+            Some(r) => match parse_range(r, size) {
+                RangeSpec::Ignore => (StatusCode::OK, 0, size),
                 RangeSpec::Unsatisfiable => {
                     return Err(Error::new(
                         Code::BlobUnknown,
-                        format!("range {r:?} is outside the blob of {} bytes", blob.size),
+                        format!("range {r:?} is outside the blob of {size} bytes"),
                     )
                     .status(StatusCode::RANGE_NOT_SATISFIABLE)
-                    .header(header::CONTENT_RANGE, format!("bytes */{}", blob.size)));
+                    .header(header::CONTENT_RANGE, format!("bytes */{size}")));
                 }
                 RangeSpec::Bytes(start, end) => {
                     h.insert(
                         header::CONTENT_RANGE,
-                        hv(format!("bytes {start}-{end}/{}", blob.size)),
+                        hv(format!("bytes {start}-{end}/{size}")),
                     );
                     (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
                 }
             },
         };
-        let mut file = blob.file;
         if start > 0 {
             file.seek(std::io::SeekFrom::Start(start))
                 .await
@@ -274,8 +357,17 @@ impl Registry {
         reference: &Reference,
         head: bool,
     ) -> Result<Response> {
-        let m = self.inner.store.get_manifest(repo, reference).await?;
+        let store = &self.inner.store;
         let mut h = HeaderMap::new();
+        let m = match self.origin(repo) {
+            Some((pull, origin)) => {
+                let (m, outcome) = pull.manifest(store, repo, &origin, reference, None).await?;
+                self.count_cache("manifest", outcome);
+                h.insert(X_KACHE_CACHE, HeaderValue::from_static(outcome.as_str()));
+                m
+            }
+            None => store.get_manifest(repo, reference).await?,
+        };
         h.insert(header::CONTENT_TYPE, hv(&m.media_type));
         h.insert(DOCKER_CONTENT_DIGEST, hv(m.digest.to_string()));
         h.insert(header::ETAG, hv(format!("\"{}\"", m.digest)));

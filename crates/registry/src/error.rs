@@ -2,64 +2,12 @@
 
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use kache_oci::api::RouteError;
 use kache_oci::{DigestError, NameError};
 use kache_store::StoreError;
 use serde_json::{Value, json};
 
-/// The error codes of the OCI Distribution Spec.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Code {
-    BlobUnknown,
-    BlobUploadInvalid,
-    BlobUploadUnknown,
-    DigestInvalid,
-    ManifestBlobUnknown,
-    ManifestInvalid,
-    ManifestUnknown,
-    NameInvalid,
-    NameUnknown,
-    SizeInvalid,
-    Unauthorized,
-    Denied,
-    Unsupported,
-    TooManyRequests,
-}
-
-impl Code {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Code::BlobUnknown => "BLOB_UNKNOWN",
-            Code::BlobUploadInvalid => "BLOB_UPLOAD_INVALID",
-            Code::BlobUploadUnknown => "BLOB_UPLOAD_UNKNOWN",
-            Code::DigestInvalid => "DIGEST_INVALID",
-            Code::ManifestBlobUnknown => "MANIFEST_BLOB_UNKNOWN",
-            Code::ManifestInvalid => "MANIFEST_INVALID",
-            Code::ManifestUnknown => "MANIFEST_UNKNOWN",
-            Code::NameInvalid => "NAME_INVALID",
-            Code::NameUnknown => "NAME_UNKNOWN",
-            Code::SizeInvalid => "SIZE_INVALID",
-            Code::Unauthorized => "UNAUTHORIZED",
-            Code::Denied => "DENIED",
-            Code::Unsupported => "UNSUPPORTED",
-            Code::TooManyRequests => "TOOMANYREQUESTS",
-        }
-    }
-
-    /// The status a code answers with unless a handler says otherwise.
-    pub fn status(self) -> StatusCode {
-        match self {
-            Code::BlobUnknown
-            | Code::BlobUploadUnknown
-            | Code::ManifestUnknown
-            | Code::NameUnknown => StatusCode::NOT_FOUND,
-            Code::Unauthorized => StatusCode::UNAUTHORIZED,
-            Code::Denied => StatusCode::FORBIDDEN,
-            Code::Unsupported => StatusCode::METHOD_NOT_ALLOWED,
-            Code::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
-            _ => StatusCode::BAD_REQUEST,
-        }
-    }
-}
+pub use kache_oci::api::ErrorCode as Code;
 
 /// An error answer. Build it with [`Error::new`] and adjust status, detail or headers.
 #[derive(Debug)]
@@ -76,7 +24,7 @@ impl Error {
     pub fn new(code: Code, message: impl Into<String>) -> Self {
         Error {
             code,
-            status: code.status(),
+            status: StatusCode::from_u16(code.status()).unwrap_or(StatusCode::BAD_REQUEST),
             message: message.into(),
             detail: Value::Null,
             headers: Vec::new(),
@@ -155,6 +103,13 @@ impl From<NameError> for Error {
             NameError::Digest(d) => d.into(),
             _ => Error::new(Code::NameInvalid, e.to_string()),
         }
+    }
+}
+
+impl From<RouteError> for Error {
+    fn from(e: RouteError) -> Self {
+        Error::new(e.code(), e.to_string())
+            .status(StatusCode::from_u16(e.status()).unwrap_or(StatusCode::NOT_FOUND))
     }
 }
 

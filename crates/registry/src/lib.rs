@@ -1,25 +1,35 @@
-//! The OCI Distribution API (v1.1) served by axum over the kache store.
+//! The OCI Distribution API (v1.1) served by axum over the kache store, with pull-through
+//! from upstream registries for repositories named `<upstream host>/<path>`.
 //!
-//! Every request is routed by [`route::Route::parse`] from its raw path, then handled in
+//! Every request is routed by [`Route::parse`] from its raw path, then handled in
 //! [`api`]; every failure is an [`error::Error`] with the spec's code and JSON body.
 
 mod api;
 pub mod error;
 pub mod metrics;
-pub mod route;
+pub mod pull;
+pub mod warm;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::HeaderValue;
+use axum::http::{HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
+use kache_oci::api::Route;
+use kache_oci::upstream::Upstream;
 use kache_store::Store;
 
 pub use metrics::Metrics;
+pub use pull::PullThrough;
 
-/// The registry service: a store and its metrics, cheap to clone into handlers.
+use error::{Code, Error};
+
+/// Path of the warm call (outside `/v2/`: it is not part of the Distribution API).
+pub const WARM_PATH: &str = "/kache/v1/warm";
+
+/// The registry service: a store, its metrics and optional pull-through; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Registry {
     inner: Arc<Inner>,
@@ -29,12 +39,53 @@ pub struct Registry {
 struct Inner {
     store: Arc<Store>,
     metrics: Metrics,
+    pull: Option<PullThrough>,
+}
+
+/// Who may change the cache through a listener. Whatever is cached runs on every node and any
+/// pod can reach the registry Service, so writes (push, delete, warm) are privileged.
+#[derive(Clone, Debug)]
+pub enum Access {
+    /// Reads and writes (`kache dev`, the internal listener).
+    ReadWrite,
+    /// Reads only: writes answer 405.
+    ReadOnly,
+    /// Writes need `Authorization: Bearer <token>`; without it they answer 401.
+    Token(Arc<str>),
+}
+
+#[derive(Clone, Debug)]
+struct Endpoint {
+    registry: Registry,
+    access: Access,
 }
 
 impl Registry {
     pub fn new(store: Arc<Store>, metrics: Metrics) -> Self {
         Registry {
-            inner: Arc::new(Inner { store, metrics }),
+            inner: Arc::new(Inner {
+                store,
+                metrics,
+                pull: None,
+            }),
+        }
+    }
+
+    /// A registry that fetches what it lacks from upstream registries, re-validating cached
+    /// tags older than `tag_ttl`.
+    pub fn with_pull_through(
+        store: Arc<Store>,
+        metrics: Metrics,
+        upstream: Upstream,
+        tag_ttl: Duration,
+    ) -> Self {
+        let pull = PullThrough::new(upstream, tag_ttl, metrics.clone());
+        Registry {
+            inner: Arc::new(Inner {
+                store,
+                metrics,
+                pull: Some(pull),
+            }),
         }
     }
 
@@ -42,9 +93,17 @@ impl Registry {
         &self.inner.store
     }
 
-    /// The `/v2/` API as an axum router.
+    /// The API with reads and writes, as `kache dev` and tests serve it.
     pub fn router(&self) -> Router {
-        Router::new().fallback(handle).with_state(self.clone())
+        self.router_for(Access::ReadWrite)
+    }
+
+    /// The API as one listener serves it.
+    pub fn router_for(&self, access: Access) -> Router {
+        Router::new().fallback(handle).with_state(Endpoint {
+            registry: self.clone(),
+            access,
+        })
     }
 
     /// Background upkeep: flushes access times, expires abandoned uploads, refreshes the
@@ -70,21 +129,76 @@ impl Registry {
     }
 }
 
-async fn handle(State(reg): State<Registry>, req: Request) -> Response {
+impl Access {
+    /// Whether `req` may write through this listener.
+    fn check_write(&self, req: &Request) -> Result<(), Error> {
+        match self {
+            Access::ReadWrite => Ok(()),
+            Access::ReadOnly => Err(Error::new(
+                Code::Unsupported,
+                "this listener is read-only: push, delete and warm go to the internal listener",
+            )),
+            Access::Token(token) => {
+                let given = req
+                    .headers()
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "));
+                match given {
+                    Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
+                    _ => Err(Error::new(
+                        Code::Unauthorized,
+                        "writes need the registry's write token",
+                    )
+                    .header(header::WWW_AUTHENTICATE, "Bearer realm=\"kache\"")),
+                }
+            }
+        }
+    }
+}
+
+/// Compares secrets without an early exit, so timing does not reveal a matching prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn is_write(method: &Method) -> bool {
+    !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+async fn handle(State(ep): State<Endpoint>, req: Request) -> Response {
     let started = Instant::now();
+    let reg = &ep.registry;
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let (route, mut resp) = match route::Route::parse(&path) {
-        Ok(route) => {
-            let label = route.label();
-            (
-                label,
-                reg.dispatch(route, req)
-                    .await
-                    .unwrap_or_else(IntoResponse::into_response),
-            )
-        }
-        Err(e) => ("invalid", e.into_response()),
+    let write_check = if is_write(&method) {
+        ep.access.check_write(&req)
+    } else {
+        Ok(())
+    };
+    let (route, mut resp) = match write_check {
+        Err(e) => ("denied", e.into_response()),
+        Ok(()) if path == WARM_PATH => (
+            "warm",
+            reg.warm_endpoint(req)
+                .await
+                .unwrap_or_else(IntoResponse::into_response),
+        ),
+        Ok(()) => match Route::parse(&path)
+            .map_err(Error::from)
+            .and_then(|r| reg.mirror(r, &req))
+        {
+            Ok(route) => {
+                let label = route.label();
+                (
+                    label,
+                    reg.dispatch(route, req)
+                        .await
+                        .unwrap_or_else(IntoResponse::into_response),
+                )
+            }
+            Err(e) => ("invalid", e.into_response()),
+        },
     };
     resp.headers_mut().insert(
         "docker-distribution-api-version",
@@ -107,8 +221,7 @@ async fn handle(State(reg): State<Registry>, req: Request) -> Response {
 }
 
 /// Methods as metric labels; anything unusual is one label, so clients cannot grow the series.
-fn method_label(m: &axum::http::Method) -> &'static str {
-    use axum::http::Method;
+fn method_label(m: &Method) -> &'static str {
     match *m {
         Method::GET => "GET",
         Method::HEAD => "HEAD",

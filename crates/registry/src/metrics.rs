@@ -15,6 +15,14 @@ pub struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    /// `manifest` or `blob`.
+    pub kind: &'static str,
+    /// `hit`, `miss` or `stale`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabel {
     pub route: &'static str,
 }
@@ -27,6 +35,8 @@ pub struct Metrics {
     pub bytes_in: Counter,
     pub bytes_out: Counter,
     pub store_bytes: Gauge,
+    pub cache: Family<CacheLabels, Counter>,
+    pub upstream_errors: Counter,
 }
 
 impl Metrics {
@@ -40,6 +50,8 @@ impl Metrics {
             bytes_in: Counter::default(),
             bytes_out: Counter::default(),
             store_bytes: Gauge::default(),
+            cache: Family::default(),
+            upstream_errors: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("kache_registry");
         r.register(
@@ -66,6 +78,16 @@ impl Metrics {
             "store_bytes",
             "Bytes held in the store",
             m.store_bytes.clone(),
+        );
+        r.register(
+            "cache_requests",
+            "Pull-through lookups by kind and outcome (stale: served from cache because the upstream could not re-validate)",
+            m.cache.clone(),
+        );
+        r.register(
+            "upstream_errors",
+            "Upstream fetches that failed",
+            m.upstream_errors.clone(),
         );
         m
     }

@@ -59,6 +59,7 @@ pub struct ManifestRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TagRecord {
     pub digest: Digest,
+    /// When it was pushed, pulled from upstream, or last confirmed upstream (unix seconds).
     pub updated: u64,
 }
 
@@ -395,6 +396,22 @@ impl Index {
                     .remove(key(repo, &subject.to_string()).as_str(), d.as_str())?;
             }
             Ok(true)
+        })
+    }
+
+    pub(crate) fn touch_tag(&self, repo: &RepoName, tag: &str) -> Result<()> {
+        self.write(|tx| {
+            let mut tags = tx.open_table(TAGS)?;
+            let k = key(repo, tag);
+            let rec = tags
+                .get(k.as_str())?
+                .map(|v| dec::<TagRecord>(v.value()))
+                .transpose()?;
+            if let Some(mut rec) = rec {
+                rec.updated = now();
+                tags.insert(k.as_str(), enc(&rec).as_slice())?;
+            }
+            Ok(())
         })
     }
 

@@ -315,6 +315,31 @@ impl Store {
         bytes: Bytes,
         parsed: &ParsedManifest,
     ) -> Result<Digest> {
+        self.store_manifest(repo, reference, bytes, parsed, true)
+            .await
+    }
+
+    /// Stores a manifest fetched from upstream: its blobs are fetched on demand later, so
+    /// none needs to be present now.
+    pub async fn put_pulled_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        bytes: Bytes,
+        parsed: &ParsedManifest,
+    ) -> Result<Digest> {
+        self.store_manifest(repo, reference, bytes, parsed, false)
+            .await
+    }
+
+    async fn store_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        bytes: Bytes,
+        parsed: &ParsedManifest,
+        require_blobs: bool,
+    ) -> Result<Digest> {
         let digest = match reference {
             Reference::Digest(d) => {
                 let actual = Digest::compute(d.algorithm(), &bytes);
@@ -337,7 +362,11 @@ impl Store {
             annotations: parsed.annotations.clone(),
             created: index::now(),
         };
-        let required: Vec<Digest> = parsed.required_blobs().map(|d| d.digest.clone()).collect();
+        let required: Vec<Digest> = if require_blobs {
+            parsed.required_blobs().map(|d| d.digest.clone()).collect()
+        } else {
+            Vec::new()
+        };
         let references: Vec<Digest> = parsed.references().cloned().collect();
         let tag = match reference {
             Reference::Tag(t) => Some(t.as_str().to_owned()),
@@ -411,6 +440,12 @@ impl Store {
     /// The tag record of `repo:tag`, if any.
     pub fn tag(&self, repo: &RepoName, tag: &str) -> Result<Option<TagRecord>> {
         self.index.tag(repo, tag)
+    }
+
+    /// Marks `repo:tag` as confirmed by its upstream now (the tag TTL starts again).
+    pub async fn touch_tag(&self, repo: &RepoName, tag: &str) -> Result<()> {
+        let (index, repo, tag) = (self.index.clone(), repo.clone(), tag.to_owned());
+        blocking(move || index.touch_tag(&repo, &tag)).await
     }
 
     /// Deletes a manifest by digest (with its tags), or just a tag.

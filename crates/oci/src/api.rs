@@ -1,0 +1,335 @@
+//! The Distribution API's wire vocabulary shared by the registry and the node proxy: the
+//! endpoints a `/v2/...` path names and the spec's error codes.
+//!
+//! Paths are parsed raw (not percent-decoded). Repository names contain slashes, so routes are
+//! recognised from the end of the path; the name is then validated against the spec's grammar,
+//! which refuses `..`, `%` and anything else that could reach the filesystem.
+
+use std::fmt;
+
+use crate::{Digest, NameError, Reference, RepoName};
+
+/// An upload session id: a UUID as the registry issues them, kept as its canonical text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct UploadId(pub u128);
+
+impl std::str::FromStr for UploadId {
+    type Err = ();
+
+    /// Accepts the hyphenated lowercase form only (what the registry hands out).
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let b = s.as_bytes();
+        if b.len() != 36 || [8, 13, 18, 23].iter().any(|&i| b[i] != b'-') {
+            return Err(());
+        }
+        let hex: String = s.chars().filter(|&c| c != '-').collect();
+        if !hex.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(());
+        }
+        u128::from_str_radix(&hex, 16).map(UploadId).map_err(|_| ())
+    }
+}
+
+impl fmt::Display for UploadId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let h = format!("{:032x}", self.0);
+        write!(
+            f,
+            "{}-{}-{}-{}-{}",
+            &h[..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..]
+        )
+    }
+}
+
+/// Why a path names no endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("no such endpoint: {0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("{0:?} is not an upload id")]
+    UploadUnknown(String),
+}
+
+impl From<crate::DigestError> for RouteError {
+    fn from(e: crate::DigestError) -> Self {
+        RouteError::Name(NameError::Digest(e))
+    }
+}
+
+impl RouteError {
+    /// The spec's code for this error (the status is [`RouteError::status`]).
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            RouteError::NotFound(_) => ErrorCode::Unsupported,
+            RouteError::Name(NameError::InvalidTag(_)) => ErrorCode::ManifestInvalid,
+            RouteError::Name(NameError::Digest(_)) => ErrorCode::DigestInvalid,
+            RouteError::Name(_) => ErrorCode::NameInvalid,
+            RouteError::UploadUnknown(_) => ErrorCode::BlobUploadUnknown,
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        match self {
+            RouteError::NotFound(_) => 404,
+            e => e.code().status(),
+        }
+    }
+}
+
+/// One endpoint of the Distribution API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    Base,
+    Tags(RepoName),
+    Manifest(RepoName, Reference),
+    Blob(RepoName, Digest),
+    UploadStart(RepoName),
+    Upload(RepoName, UploadId),
+    Referrers(RepoName, Digest),
+}
+
+impl Route {
+    /// A low-cardinality name for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Route::Base => "base",
+            Route::Tags(_) => "tags",
+            Route::Manifest(..) => "manifest",
+            Route::Blob(..) => "blob",
+            Route::UploadStart(_) | Route::Upload(..) => "upload",
+            Route::Referrers(..) => "referrers",
+        }
+    }
+
+    /// The repository the route is about, if any.
+    pub fn repo(&self) -> Option<&RepoName> {
+        match self {
+            Route::Base => None,
+            Route::Tags(r)
+            | Route::Manifest(r, _)
+            | Route::Blob(r, _)
+            | Route::UploadStart(r)
+            | Route::Upload(r, _)
+            | Route::Referrers(r, _) => Some(r),
+        }
+    }
+
+    /// The same route for another repository (containerd's `?ns=` mirror requests).
+    pub fn map_repo<E>(self, f: impl FnOnce(RepoName) -> Result<RepoName, E>) -> Result<Route, E> {
+        Ok(match self {
+            Route::Base => Route::Base,
+            Route::Tags(r) => Route::Tags(f(r)?),
+            Route::Manifest(r, x) => Route::Manifest(f(r)?, x),
+            Route::Blob(r, d) => Route::Blob(f(r)?, d),
+            Route::UploadStart(r) => Route::UploadStart(f(r)?),
+            Route::Upload(r, u) => Route::Upload(f(r)?, u),
+            Route::Referrers(r, d) => Route::Referrers(f(r)?, d),
+        })
+    }
+
+    /// Parses a raw (not percent-decoded) request path.
+    pub fn parse(path: &str) -> Result<Route, RouteError> {
+        let not_found = || RouteError::NotFound(path.to_owned());
+        if path == "/v2" || path == "/v2/" {
+            return Ok(Route::Base);
+        }
+        let rest = path.strip_prefix("/v2").ok_or_else(not_found)?;
+        let name = |n: &str| -> Result<RepoName, RouteError> {
+            Ok(n.strip_prefix('/').unwrap_or("/").parse()?)
+        };
+        if let Some(n) = rest.strip_suffix("/tags/list") {
+            return Ok(Route::Tags(name(n)?));
+        }
+        if let Some(n) = rest
+            .strip_suffix("/blobs/uploads/")
+            .or_else(|| rest.strip_suffix("/blobs/uploads"))
+        {
+            return Ok(Route::UploadStart(name(n)?));
+        }
+        let (head, last) = rest.rsplit_once('/').ok_or_else(not_found)?;
+        let last = decode_segment(last);
+        if let Some(n) = head.strip_suffix("/blobs/uploads") {
+            let repo = name(n)?;
+            let id = last
+                .parse::<UploadId>()
+                .map_err(|_| RouteError::UploadUnknown(last.to_string()))?;
+            return Ok(Route::Upload(repo, id));
+        }
+        if let Some(n) = head.strip_suffix("/manifests") {
+            return Ok(Route::Manifest(name(n)?, last.parse()?));
+        }
+        if let Some(n) = head.strip_suffix("/blobs") {
+            return Ok(Route::Blob(name(n)?, last.parse()?));
+        }
+        if let Some(n) = head.strip_suffix("/referrers") {
+            return Ok(Route::Referrers(name(n)?, last.parse()?));
+        }
+        Err(not_found())
+    }
+}
+
+/// Some clients write the `:` of a digest as `%3A`; nothing else in a last segment may be
+/// encoded, and what remains encoded fails validation.
+fn decode_segment(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains("%3A") || s.contains("%3a") {
+        s.replace("%3A", ":").replace("%3a", ":").into()
+    } else {
+        s.into()
+    }
+}
+
+/// The error codes of the OCI Distribution Spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    BlobUnknown,
+    BlobUploadInvalid,
+    BlobUploadUnknown,
+    DigestInvalid,
+    ManifestBlobUnknown,
+    ManifestInvalid,
+    ManifestUnknown,
+    NameInvalid,
+    NameUnknown,
+    SizeInvalid,
+    Unauthorized,
+    Denied,
+    Unsupported,
+    TooManyRequests,
+    /// Distribution's code for a dependency that cannot answer (here: the upstream).
+    Unavailable,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BlobUnknown => "BLOB_UNKNOWN",
+            ErrorCode::BlobUploadInvalid => "BLOB_UPLOAD_INVALID",
+            ErrorCode::BlobUploadUnknown => "BLOB_UPLOAD_UNKNOWN",
+            ErrorCode::DigestInvalid => "DIGEST_INVALID",
+            ErrorCode::ManifestBlobUnknown => "MANIFEST_BLOB_UNKNOWN",
+            ErrorCode::ManifestInvalid => "MANIFEST_INVALID",
+            ErrorCode::ManifestUnknown => "MANIFEST_UNKNOWN",
+            ErrorCode::NameInvalid => "NAME_INVALID",
+            ErrorCode::NameUnknown => "NAME_UNKNOWN",
+            ErrorCode::SizeInvalid => "SIZE_INVALID",
+            ErrorCode::Unauthorized => "UNAUTHORIZED",
+            ErrorCode::Denied => "DENIED",
+            ErrorCode::Unsupported => "UNSUPPORTED",
+            ErrorCode::TooManyRequests => "TOOMANYREQUESTS",
+            ErrorCode::Unavailable => "UNAVAILABLE",
+        }
+    }
+
+    /// The status a code answers with unless a handler says otherwise.
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorCode::BlobUnknown
+            | ErrorCode::BlobUploadUnknown
+            | ErrorCode::ManifestUnknown
+            | ErrorCode::NameUnknown => 404,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::Denied => 403,
+            ErrorCode::Unsupported => 405,
+            ErrorCode::TooManyRequests => 429,
+            ErrorCode::Unavailable => 503,
+            _ => 400,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d() -> String {
+        Digest::sha256(b"x").to_string()
+    }
+
+    #[test]
+    fn recognises_every_endpoint_with_nested_names() {
+        let r = |s: &str| Route::parse(s).unwrap();
+        assert_eq!(r("/v2/"), Route::Base);
+        assert_eq!(r("/v2/docker.io/library/nginx/tags/list").label(), "tags");
+        assert!(
+            matches!(r(&format!("/v2/a/b/manifests/{}", d())), Route::Manifest(n, Reference::Digest(_)) if n.as_str() == "a/b")
+        );
+        assert!(matches!(
+            r("/v2/a/b/manifests/v1"),
+            Route::Manifest(_, Reference::Tag(_))
+        ));
+        assert!(matches!(
+            r(&format!("/v2/a/blobs/{}", d())),
+            Route::Blob(..)
+        ));
+        assert!(matches!(
+            r(&format!("/v2/a/blobs/{}", d().replace(':', "%3A"))),
+            Route::Blob(..)
+        ));
+        assert!(matches!(r("/v2/x/blobs/uploads/"), Route::UploadStart(n) if n.as_str() == "x"));
+        assert!(matches!(r("/v2/x/blobs/uploads"), Route::UploadStart(_)));
+        assert!(matches!(
+            r(&format!("/v2/x/blobs/uploads/{}", UploadId(0))),
+            Route::Upload(..)
+        ));
+        assert!(matches!(
+            r(&format!("/v2/x/referrers/{}", d())),
+            Route::Referrers(..)
+        ));
+        // A repository may itself be called "blobs".
+        assert!(
+            matches!(r(&format!("/v2/a/blobs/blobs/{}", d())), Route::Blob(n, _) if n.as_str() == "a/blobs")
+        );
+    }
+
+    #[test]
+    fn upload_ids_round_trip() {
+        let s = "67e55044-10b1-426f-9247-bb680e5fe0c8";
+        assert_eq!(s.parse::<UploadId>().unwrap().to_string(), s);
+        for bad in [
+            "",
+            "67e5504410b1426f9247bb680e5fe0c8",
+            "67E55044-10b1-426f-9247-bb680e5fe0c8",
+            "../../../../../../../../../index.redb",
+        ] {
+            assert!(bad.parse::<UploadId>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn refuses_traversal_and_garbage() {
+        for (path, code) in [
+            ("/v2/../etc/manifests/latest", ErrorCode::NameInvalid),
+            ("/v2/a/%2e%2e/manifests/latest", ErrorCode::NameInvalid),
+            (
+                "/v2/a/..%2f..%2fetc/manifests/latest",
+                ErrorCode::NameInvalid,
+            ),
+            ("/v2//abs/manifests/latest", ErrorCode::NameInvalid),
+            ("/v2/manifests/latest", ErrorCode::NameInvalid),
+            ("/v2/a/manifests/..", ErrorCode::ManifestInvalid),
+            ("/v2/a/manifests/sha256:..%2f..", ErrorCode::DigestInvalid),
+            (
+                "/v2/a/blobs/sha256:../../etc/passwd",
+                ErrorCode::Unsupported,
+            ),
+            (
+                "/v2/a/blobs/uploads/not-a-uuid",
+                ErrorCode::BlobUploadUnknown,
+            ),
+            ("/v2/a/unknown/thing", ErrorCode::Unsupported),
+            ("/v3/", ErrorCode::Unsupported),
+            ("/", ErrorCode::Unsupported),
+        ] {
+            match Route::parse(path) {
+                Err(e) => assert_eq!(e.code(), code, "{path}: {e}"),
+                Ok(r) => panic!("{path} parsed as {r:?}"),
+            }
+        }
+    }
+}

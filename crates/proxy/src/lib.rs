@@ -1,0 +1,311 @@
+//! The node proxy: what the kubelet talks to on `localhost:7439`.
+//!
+//! Every pull goes to the kache registry first. When the registry cannot be reached, times out
+//! or answers 5xx, the proxy goes straight to the upstream registry the repository names, so a
+//! broken cache never stops a pod from starting. A registry 4xx (an image the upstream does
+//! not have, a bad request) is the answer and is passed on as it is. Bodies are streamed both
+//! ways, never buffered; nothing on the request path calls the Kubernetes API.
+
+mod metrics;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::TryStreamExt;
+use kache_oci::api::{ErrorCode, Route};
+use kache_oci::upstream::{Upstream, UpstreamError, UpstreamResponse};
+use kache_oci::{ImageReference, RepoName, split_cache_repository};
+
+pub use metrics::ProxyMetrics;
+
+/// Headers of a registry answer worth passing on (hop-by-hop ones are not).
+const PASSED_HEADERS: [&str; 10] = [
+    "content-type",
+    "content-length",
+    "content-range",
+    "accept-ranges",
+    "docker-content-digest",
+    "docker-distribution-api-version",
+    "etag",
+    "retry-after",
+    "www-authenticate",
+    "x-kache-cache",
+];
+
+/// Request headers worth forwarding.
+const FORWARDED_HEADERS: [&str; 4] = ["accept", "range", "if-none-match", "user-agent"];
+
+/// How the proxy reaches the registry.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Base URL of the registry Service, e.g. `http://kache-registry.kache:5000`.
+    pub registry: String,
+    /// Longest wait for the registry's response headers before falling back upstream.
+    pub registry_timeout: Duration,
+}
+
+/// The proxy service; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: ProxyConfig,
+    client: reqwest::Client,
+    upstream: Upstream,
+    metrics: ProxyMetrics,
+}
+
+impl Proxy {
+    pub fn new(
+        config: ProxyConfig,
+        upstream: Upstream,
+        metrics: ProxyMetrics,
+    ) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(config.registry_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            // The registry is in-cluster: an HTTP(S)_PROXY meant for the internet must not apply.
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Proxy {
+            inner: Arc::new(Inner {
+                config,
+                client,
+                upstream,
+                metrics,
+            }),
+        })
+    }
+
+    pub fn router(&self) -> Router {
+        Router::new().fallback(handle).with_state(self.clone())
+    }
+}
+
+/// An OCI error answer.
+fn error(status: StatusCode, code: ErrorCode, message: impl std::fmt::Display) -> Response {
+    let body =
+        serde_json::json!({"errors": [{"code": code.as_str(), "message": message.to_string()}]});
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// The client's answer for an upstream failure; `unknown` is the code of a 404.
+fn upstream_error(e: &UpstreamError, unknown: ErrorCode) -> Response {
+    let (status, code) = match e {
+        UpstreamError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
+        UpstreamError::Denied(_) => (StatusCode::FORBIDDEN, ErrorCode::Denied),
+        UpstreamError::NotFound(_) => (StatusCode::NOT_FOUND, unknown),
+        UpstreamError::TooManyRequests { .. } => {
+            (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests)
+        }
+        _ => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
+    };
+    let mut resp = error(status, code, format!("upstream: {e}"));
+    if let UpstreamError::TooManyRequests {
+        retry_after: Some(r),
+        ..
+    } = e
+        && let Ok(v) = HeaderValue::from_str(r)
+    {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    resp
+}
+
+/// The cache repository a request is about: the path's, or for containerd's mirror requests
+/// (`?ns=<registry>`) the path's under that registry.
+fn cache_repository(route: &Route, query: Option<&str>) -> Option<RepoName> {
+    let repo = route.repo()?;
+    let ns = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ns=")));
+    match ns {
+        None => Some(repo.clone()),
+        Some(ns) => format!("{ns}/{repo}")
+            .parse::<ImageReference>()
+            .ok()
+            .map(|r| r.cache_repository()),
+    }
+}
+
+async fn handle(State(p): State<Proxy>, req: Request) -> Response {
+    let method = req.method().clone();
+    if method != Method::GET && method != Method::HEAD {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::Unsupported,
+            "the node proxy only serves pulls",
+        );
+    }
+    let path = req.uri().path().to_owned();
+    if path == "/v2/" || path == "/v2" {
+        // The kubelet's ping: answered here, so it never depends on the registry.
+        return (
+            StatusCode::OK,
+            [("docker-distribution-api-version", "registry/2.0")],
+        )
+            .into_response();
+    }
+    let route = match Route::parse(&path) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::from_u16(e.status()).unwrap_or(StatusCode::NOT_FOUND),
+                e.code(),
+                e,
+            );
+        }
+    };
+    let repo = cache_repository(&route, req.uri().query());
+    // Only what the registry needs; the request (and its body) is not held across awaits.
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| path.clone(), |pq| pq.as_str().to_owned());
+    let mut headers = reqwest::header::HeaderMap::new();
+    for name in FORWARDED_HEADERS {
+        if let Some(v) = req.headers().get(name) {
+            headers.insert(name, v.clone());
+        }
+    }
+    drop(req);
+    let origin = repo.as_ref().and_then(split_cache_repository);
+    let host = origin
+        .as_ref()
+        .map_or("none", |(h, _)| h.as_str())
+        .to_owned();
+    let m = &p.inner.metrics;
+
+    match forward(&p, method.clone(), &pq, headers).await {
+        Ok(resp) if !resp.status().is_server_error() => {
+            let result = match resp
+                .headers()
+                .get("x-kache-cache")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some("hit") => "hit",
+                Some("miss") => "miss",
+                Some("stale") => "stale",
+                _ => "registry",
+            };
+            m.count(&host, result);
+            return relay(resp, m);
+        }
+        Ok(resp) => {
+            tracing::warn!(%path, status = resp.status().as_u16(), "registry failed; going upstream")
+        }
+        Err(e) => tracing::warn!(%path, error = %e, "registry unreachable; going upstream"),
+    }
+
+    let Some((registry, upstream_path)) = origin else {
+        m.count(&host, "error");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "the kache registry is unavailable and this repository names no upstream registry",
+        );
+    };
+    let head = method == Method::HEAD;
+    let up = &p.inner.upstream;
+    let (answer, unknown) = match &route {
+        Route::Manifest(_, reference) => (
+            up.manifest(
+                &registry,
+                &upstream_path,
+                &reference.to_string(),
+                head,
+                None,
+            )
+            .await,
+            ErrorCode::ManifestUnknown,
+        ),
+        Route::Blob(_, digest) => (
+            up.blob(&registry, &upstream_path, digest, None).await,
+            ErrorCode::BlobUnknown,
+        ),
+        _ => {
+            m.count(&host, "error");
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                "the kache registry is unavailable",
+            );
+        }
+    };
+    match answer {
+        Ok(resp) => {
+            m.count(&host, "fallback");
+            upstream_response(resp, head, m)
+        }
+        Err(e) => {
+            m.count(&host, "error");
+            m.upstream_error(&host);
+            tracing::warn!(%path, upstream = %registry, error = %e, "upstream failed too");
+            upstream_error(&e, unknown)
+        }
+    }
+}
+
+/// Sends the request to the registry; Ok once its response headers arrived in time.
+async fn forward(
+    p: &Proxy,
+    method: Method,
+    pq: &str,
+    headers: reqwest::header::HeaderMap,
+) -> Result<reqwest::Response, String> {
+    let cfg = &p.inner.config;
+    let url = format!("{}{pq}", cfg.registry.trim_end_matches('/'));
+    let send = p.inner.client.request(method, url).headers(headers).send();
+    match tokio::time::timeout(cfg.registry_timeout, send).await {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {:?}", cfg.registry_timeout)),
+    }
+}
+
+fn pass_headers(from: &HeaderMap) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for name in PASSED_HEADERS {
+        if let Some(v) = from.get(name) {
+            h.insert(name, v.clone());
+        }
+    }
+    h
+}
+
+/// The registry's answer, streamed.
+fn relay(resp: reqwest::Response, m: &ProxyMetrics) -> Response {
+    let status = resp.status();
+    let headers = pass_headers(resp.headers());
+    let counter = m.bytes.clone();
+    let body = resp.bytes_stream().inspect_ok(move |b| {
+        counter.inc_by(b.len() as u64);
+    });
+    (status, headers, Body::from_stream(body)).into_response()
+}
+
+/// An upstream's answer, streamed.
+fn upstream_response(resp: UpstreamResponse, head: bool, m: &ProxyMetrics) -> Response {
+    let headers = pass_headers(&resp.headers);
+    let status = resp.status;
+    if head {
+        return (status, headers).into_response();
+    }
+    let counter = m.bytes.clone();
+    let body = resp.into_stream().inspect_ok(move |b| {
+        counter.inc_by(b.len() as u64);
+    });
+    (status, headers, Body::from_stream(body)).into_response()
+}

@@ -1,0 +1,346 @@
+//! Pull-through: what the registry does when a repository named `<upstream host>/<path>` asks
+//! for something the store lacks, or for a tag older than its TTL.
+//!
+//! - One upstream request per manifest reference and per blob digest, however many clients
+//!   ask at once (manifests here, blobs in the store's flights).
+//! - A cached tag older than the TTL is re-validated with a HEAD; when the upstream cannot
+//!   answer (down, 5xx, 429, timeout, or the image is gone), the cached manifest is served:
+//!   keeping pods starting is the point of the cache.
+//! - Nothing is stored that does not verify: manifests by digest are checked by the store,
+//!   manifests by tag against the upstream's `Docker-Content-Digest`, blobs by their flight.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::TryStreamExt;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use kache_oci::reference::{ImageReference, split_cache_repository};
+use kache_oci::upstream::{Credentials, Upstream, UpstreamError};
+use kache_oci::{Digest, ParsedManifest, Reference, RepoName};
+use kache_store::{
+    FetchError, FetchFailure, FlightStream, MAX_MANIFEST_SIZE, Manifest, Source, Store, StoreError,
+};
+
+use crate::Metrics;
+use crate::error::{Code, Error};
+
+/// How a manifest request was answered, reported in `X-Kache-Cache` and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheOutcome {
+    /// From the store, fresh (or by digest).
+    Hit,
+    /// Fetched from upstream now.
+    Miss,
+    /// From the store after the upstream failed to re-validate it.
+    Stale,
+}
+
+impl CacheOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheOutcome::Hit => "hit",
+            CacheOutcome::Miss => "miss",
+            CacheOutcome::Stale => "stale",
+        }
+    }
+}
+
+/// Where a cached repository comes from.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub registry: String,
+    pub path: String,
+}
+
+/// Why a pull-through request failed; cheap to clone for every waiter of a flight.
+#[derive(Debug, Clone)]
+pub enum PullError {
+    Upstream(UpstreamError),
+    /// The upstream sent something that is not what was asked for.
+    Invalid(String),
+    Store(Arc<str>),
+}
+
+impl From<StoreError> for PullError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::DigestMismatch { .. } => {
+                PullError::Invalid(format!("upstream manifest: {e}"))
+            }
+            e => PullError::Store(e.to_string().into()),
+        }
+    }
+}
+
+impl From<UpstreamError> for PullError {
+    fn from(e: UpstreamError) -> Self {
+        PullError::Upstream(e)
+    }
+}
+
+/// The client's error for an upstream failure; `unknown` is the code of a 404.
+pub fn upstream_error(e: &UpstreamError, unknown: Code) -> Error {
+    let bad_gateway =
+        |m: String| Error::new(Code::Unavailable, m).status(http::StatusCode::BAD_GATEWAY);
+    match e {
+        UpstreamError::Unauthorized(m) => Error::new(Code::Unauthorized, format!("upstream: {m}")),
+        UpstreamError::Denied(m) => Error::new(Code::Denied, format!("upstream: {m}")),
+        UpstreamError::NotFound(m) => Error::new(unknown, format!("upstream: {m}")),
+        UpstreamError::TooManyRequests {
+            retry_after,
+            message,
+        } => {
+            let err = Error::new(Code::TooManyRequests, format!("upstream: {message}"));
+            match retry_after {
+                Some(r) => err.header(http::header::RETRY_AFTER, r.as_str()),
+                None => err,
+            }
+        }
+        e => bad_gateway(format!("upstream: {e}")),
+    }
+}
+
+impl PullError {
+    pub fn into_error(self, unknown: Code) -> Error {
+        match self {
+            PullError::Upstream(e) => upstream_error(&e, unknown),
+            PullError::Invalid(m) => {
+                Error::new(Code::Unavailable, m).status(http::StatusCode::BAD_GATEWAY)
+            }
+            PullError::Store(m) => Error::internal(m),
+        }
+    }
+}
+
+type ManifestFlight = Shared<BoxFuture<'static, Result<Manifest, PullError>>>;
+
+/// The pull-through side of the registry.
+#[derive(Debug)]
+pub struct PullThrough {
+    upstream: Upstream,
+    tag_ttl: Duration,
+    manifests: Mutex<HashMap<String, ManifestFlight>>,
+    metrics: Metrics,
+}
+
+/// The repository of the cache that `/v2/<repo>/...?ns=<registry>` (containerd's mirror
+/// requests) stands for.
+pub fn mirror_repository(ns: &str, repo: &RepoName) -> Result<RepoName, Error> {
+    let r: ImageReference = format!("{ns}/{repo}")
+        .parse()
+        .map_err(|e| Error::new(Code::NameInvalid, format!("ns={ns:?} with {repo}: {e}")))?;
+    Ok(r.cache_repository())
+}
+
+impl PullThrough {
+    pub fn new(upstream: Upstream, tag_ttl: Duration, metrics: Metrics) -> Self {
+        PullThrough {
+            upstream,
+            tag_ttl,
+            manifests: Mutex::default(),
+            metrics,
+        }
+    }
+
+    /// The upstream of `repo`, if its first component names a registry.
+    pub fn origin(&self, repo: &RepoName) -> Option<Origin> {
+        split_cache_repository(repo).map(|(registry, path)| Origin { registry, path })
+    }
+
+    /// Runs `fut` once for every concurrent request with the same `key`.
+    async fn single_flight(
+        &self,
+        key: String,
+        fut: impl Future<Output = Result<Manifest, PullError>> + Send + 'static,
+    ) -> Result<Manifest, PullError> {
+        let flight = {
+            let mut map = self.manifests.lock().expect("manifest flights poisoned");
+            map.entry(key.clone())
+                .or_insert_with(|| {
+                    // A task of its own: it completes (and fills the cache) when its client leaves.
+                    let task = tokio::spawn(fut);
+                    async move {
+                        task.await
+                            .unwrap_or_else(|e| Err(PullError::Store(e.to_string().into())))
+                    }
+                    .boxed()
+                    .shared()
+                })
+                .clone()
+        };
+        let result = flight.clone().await;
+        let mut map = self.manifests.lock().expect("manifest flights poisoned");
+        if map.get(&key).is_some_and(|f| f.ptr_eq(&flight)) {
+            map.remove(&key);
+        }
+        if result.is_err() {
+            self.metrics.upstream_errors.inc();
+        }
+        result
+    }
+
+    /// A manifest of a cached repository: from the store when fresh, else from upstream.
+    pub async fn manifest(
+        &self,
+        store: &Arc<Store>,
+        repo: &RepoName,
+        origin: &Origin,
+        reference: &Reference,
+        creds: Option<Credentials>,
+    ) -> Result<(Manifest, CacheOutcome), Error> {
+        let cached = match store.get_manifest(repo, reference).await {
+            Ok(m) => Some(m),
+            Err(StoreError::ManifestUnknown) => None,
+            Err(e) => return Err(e.into()),
+        };
+        match (reference, cached) {
+            (Reference::Digest(_), Some(m)) => return Ok((m, CacheOutcome::Hit)),
+            (Reference::Tag(t), Some(m)) => {
+                let fresh = store
+                    .tag(repo, t.as_str())?
+                    .is_some_and(|rec| now().saturating_sub(rec.updated) < self.tag_ttl.as_secs());
+                if fresh {
+                    return Ok((m, CacheOutcome::Hit));
+                }
+                let key = format!("{repo}:{t}?revalidate");
+                let fut = revalidate(
+                    store.clone(),
+                    self.upstream.clone(),
+                    repo.clone(),
+                    origin.clone(),
+                    t.as_str().to_owned(),
+                    m.clone(),
+                    creds,
+                );
+                return match self.single_flight(key, fut).await {
+                    Ok(m) => Ok((m, CacheOutcome::Hit)),
+                    Err(e) => {
+                        tracing::warn!(%repo, tag = %t, error = ?e, "upstream could not re-validate the tag; serving the cached manifest");
+                        Ok((m, CacheOutcome::Stale))
+                    }
+                };
+            }
+            (_, None) => {}
+        }
+        let key = format!("{repo}@{reference}");
+        let fut = fetch_manifest(
+            store.clone(),
+            self.upstream.clone(),
+            repo.clone(),
+            origin.clone(),
+            reference.clone(),
+            creds,
+        );
+        self.single_flight(key, fut)
+            .await
+            .map(|m| (m, CacheOutcome::Miss))
+            .map_err(|e| e.into_error(Code::ManifestUnknown))
+    }
+
+    /// A blob of a cached repository that the store lacks, streamed while it is fetched.
+    pub async fn blob(
+        &self,
+        store: &Arc<Store>,
+        repo: &RepoName,
+        origin: &Origin,
+        digest: &Digest,
+        creds: Option<Credentials>,
+    ) -> Result<FlightStream, Error> {
+        let (up, origin_c, d) = (self.upstream.clone(), origin.clone(), digest.clone());
+        let source = move || async move {
+            let r = up
+                .blob(&origin_c.registry, &origin_c.path, &d, creds.as_ref())
+                .await
+                .map_err(|e| Arc::new(e) as FetchError)?;
+            let size = r.content_length();
+            let body = r.into_stream().map_err(|e| Arc::new(e) as FetchError);
+            Ok(Source {
+                size,
+                body: Box::pin(body),
+            })
+        };
+        match store.fetch_blob(repo, digest, source).await {
+            Ok(s) => Ok(s),
+            Err(FetchFailure::Source(e)) => {
+                self.metrics.upstream_errors.inc();
+                Err(match e.downcast_ref::<UpstreamError>() {
+                    Some(u) => upstream_error(u, Code::BlobUnknown),
+                    None => Error::new(Code::Unavailable, e.to_string())
+                        .status(http::StatusCode::BAD_GATEWAY),
+                })
+            }
+            Err(FetchFailure::Store(e)) => Err(e.into()),
+        }
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// GETs a manifest upstream, checks it, stores it.
+async fn fetch_manifest(
+    store: Arc<Store>,
+    upstream: Upstream,
+    repo: RepoName,
+    origin: Origin,
+    reference: Reference,
+    creds: Option<Credentials>,
+) -> Result<Manifest, PullError> {
+    let resp = upstream
+        .manifest(
+            &origin.registry,
+            &origin.path,
+            &reference.to_string(),
+            false,
+            creds.as_ref(),
+        )
+        .await?;
+    let announced = resp.digest();
+    let content_type = resp.content_type().map(str::to_owned);
+    let bytes = resp.bytes_limited(MAX_MANIFEST_SIZE).await?;
+    if let Some(a) = &announced {
+        let actual = Digest::compute(a.algorithm(), &bytes);
+        if actual != *a {
+            return Err(PullError::Invalid(format!(
+                "upstream manifest hashes to {actual}, but the upstream announced {a}"
+            )));
+        }
+    }
+    let parsed = ParsedManifest::parse(&bytes, content_type.as_deref())
+        .map_err(|e| PullError::Invalid(format!("upstream manifest: {e}")))?;
+    let digest = store
+        .put_pulled_manifest(&repo, &reference, bytes.clone(), &parsed)
+        .await?;
+    Ok(Manifest {
+        digest,
+        media_type: parsed.media_type,
+        bytes,
+    })
+}
+
+/// HEADs a stale tag upstream; refetches only when it moved.
+async fn revalidate(
+    store: Arc<Store>,
+    upstream: Upstream,
+    repo: RepoName,
+    origin: Origin,
+    tag: String,
+    cached: Manifest,
+    creds: Option<Credentials>,
+) -> Result<Manifest, PullError> {
+    let head = upstream
+        .manifest(&origin.registry, &origin.path, &tag, true, creds.as_ref())
+        .await?;
+    if head.digest().as_ref() == Some(&cached.digest) {
+        store.touch_tag(&repo, &tag).await?;
+        return Ok(cached);
+    }
+    let reference: Reference = tag
+        .parse()
+        .map_err(|e: kache_oci::NameError| PullError::Invalid(e.to_string()))?;
+    fetch_manifest(store, upstream, repo, origin, reference, creds).await
+}

@@ -1,0 +1,264 @@
+//! The warm call: the controller asks the registry to cache an image for some platforms,
+//! optionally with credentials that serve this one fetch and are never stored.
+
+use futures_util::{StreamExt, TryStreamExt};
+use kache_oci::manifest::Platform;
+use kache_oci::reference::ImageReference;
+use kache_oci::upstream::Credentials;
+use kache_oci::{Digest, ParsedManifest, Reference, RepoName};
+use serde::{Deserialize, Serialize};
+
+use crate::Registry;
+use crate::error::{Code, Error, Result};
+use crate::pull::{Origin, PullThrough};
+
+/// `POST /kache/v1/warm`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmRequest {
+    /// Any image reference (`nginx:1.27`, `ghcr.io/o/a@sha256:...`); normalised as Docker does.
+    pub image: String,
+    /// `os/arch[/variant]`; `linux/amd64` when empty. Ignored for single-platform images.
+    #[serde(default)]
+    pub platforms: Vec<String>,
+    #[serde(default)]
+    pub credentials: Option<WarmCredentials>,
+}
+
+/// Registry credentials for this fetch only.
+#[derive(Deserialize)]
+pub struct WarmCredentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for WarmCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WarmCredentials")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmResponse {
+    /// The normalised reference.
+    pub image: String,
+    /// The cache repository it is stored under.
+    pub repository: String,
+    /// Digest of the manifest or index the reference resolved to.
+    pub digest: Digest,
+    pub media_type: String,
+    /// Bytes of every manifest and blob of the warmed platforms.
+    pub bytes: u64,
+    pub platforms: Vec<PlatformResult>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PlatformResult {
+    pub platform: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<Digest>,
+    pub bytes: u64,
+    /// `cached`, `absent` (the image has no such platform) or `failed`.
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Whether an index entry's platform is the one asked for (`arm64` and `arm64/v8` are one).
+fn matches(entry: &Platform, want: &str) -> bool {
+    let mut parts = want.split('/');
+    let (os, arch, variant) = (
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+        parts.next(),
+    );
+    let norm = |arch: &str, v: Option<&str>| match (arch, v) {
+        ("arm64", Some("v8")) => None,
+        (_, v) => v.map(str::to_owned),
+    };
+    entry.os == os
+        && entry.architecture == arch
+        && (variant.is_none() && entry.architecture != "arm"
+            || norm(arch, variant) == norm(&entry.architecture, entry.variant.as_deref()))
+}
+
+impl Registry {
+    pub(crate) async fn warm(&self, req: WarmRequest) -> Result<WarmResponse> {
+        let pull = self.inner.pull.as_ref().ok_or_else(|| {
+            Error::new(
+                Code::Unsupported,
+                "this registry has no upstream access (pull-through is off)",
+            )
+        })?;
+        let image: ImageReference = req
+            .image
+            .parse()
+            .map_err(|e| Error::new(Code::NameInvalid, format!("image {:?}: {e}", req.image)))?;
+        let repo = image.cache_repository();
+        let origin = pull.origin(&repo).ok_or_else(|| {
+            Error::new(
+                Code::NameInvalid,
+                format!("{repo} does not name an upstream registry"),
+            )
+        })?;
+        let creds = req.credentials.map(|c| Credentials::Basic {
+            username: c.username,
+            password: c.password,
+        });
+        let store = &self.inner.store;
+        let (top, _) = pull
+            .manifest(store, &repo, &origin, &image.reference(), creds.clone())
+            .await?;
+        let parsed = ParsedManifest::parse(&top.bytes, Some(&top.media_type))
+            .map_err(Error::internal)?;
+        let mut bytes = top.bytes.len() as u64;
+        let mut platforms = Vec::new();
+        if parsed.is_index() {
+            let wanted = if req.platforms.is_empty() {
+                vec!["linux/amd64".to_owned()]
+            } else {
+                req.platforms
+            };
+            for want in wanted {
+                let Some(child) = parsed
+                    .manifests
+                    .iter()
+                    .find(|m| m.platform.as_ref().is_some_and(|p| matches(p, &want)))
+                else {
+                    platforms.push(PlatformResult {
+                        platform: want,
+                        digest: None,
+                        bytes: 0,
+                        status: "absent".into(),
+                        message: Some("the index has no manifest for this platform".into()),
+                    });
+                    continue;
+                };
+                let r = self
+                    .warm_image(pull, &repo, &origin, &child.digest, creds.clone())
+                    .await;
+                platforms.push(result(want, child.digest.clone(), r, &mut bytes));
+            }
+        } else {
+            let r = self.warm_blobs(pull, &repo, &origin, &parsed, creds).await;
+            platforms.push(result(String::new(), top.digest.clone(), r, &mut bytes));
+        }
+        Ok(WarmResponse {
+            image: image.to_string(),
+            repository: repo.to_string(),
+            digest: top.digest,
+            media_type: top.media_type,
+            bytes,
+            platforms,
+        })
+    }
+
+    /// One platform: its manifest, then its blobs. Returns bytes of both.
+    async fn warm_image(
+        &self,
+        pull: &PullThrough,
+        repo: &RepoName,
+        origin: &Origin,
+        digest: &Digest,
+        creds: Option<Credentials>,
+    ) -> Result<u64> {
+        let (m, _) = pull
+            .manifest(
+                &self.inner.store,
+                repo,
+                origin,
+                &Reference::Digest(digest.clone()),
+                creds.clone(),
+            )
+            .await?;
+        let parsed = ParsedManifest::parse(&m.bytes, Some(&m.media_type))
+            .map_err(|e| Error::new(Code::ManifestInvalid, e.to_string()))?;
+        Ok(m.bytes.len() as u64 + self.warm_blobs(pull, repo, origin, &parsed, creds).await?)
+    }
+
+    /// Every blob of an image manifest, a few at a time; drains fetches so they complete.
+    async fn warm_blobs(
+        &self,
+        pull: &PullThrough,
+        repo: &RepoName,
+        origin: &Origin,
+        m: &ParsedManifest,
+        creds: Option<Credentials>,
+    ) -> Result<u64> {
+        let store = &self.inner.store;
+        let blobs: Vec<Digest> = m.required_blobs().map(|d| d.digest.clone()).collect();
+        let sizes = futures_util::stream::iter(blobs)
+            .map(|d| {
+                let creds = creds.clone();
+                async move {
+                    if let Some(size) = store.stat_blob(repo, &d)? {
+                        return Ok(size);
+                    }
+                    let s = pull.blob(store, repo, origin, &d, creds).await?;
+                    s.body
+                        .try_fold(0u64, |n, c| async move { Ok(n + c.len() as u64) })
+                        .await
+                        .map_err(|e| {
+                            Error::new(Code::Unavailable, format!("fetching {d}: {e}"))
+                                .status(http::StatusCode::BAD_GATEWAY)
+                        })
+                }
+            })
+            .buffer_unordered(3)
+            .try_collect::<Vec<u64>>()
+            .await?;
+        Ok(sizes.iter().sum())
+    }
+}
+
+fn result(platform: String, digest: Digest, r: Result<u64>, total: &mut u64) -> PlatformResult {
+    match r {
+        Ok(n) => {
+            *total += n;
+            PlatformResult {
+                platform,
+                digest: Some(digest),
+                bytes: n,
+                status: "cached".into(),
+                message: None,
+            }
+        }
+        Err(e) => PlatformResult {
+            platform,
+            digest: Some(digest),
+            bytes: 0,
+            status: "failed".into(),
+            message: Some(e.message),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(os: &str, arch: &str, variant: Option<&str>) -> Platform {
+        Platform {
+            os: os.into(),
+            architecture: arch.into(),
+            variant: variant.map(Into::into),
+            os_version: None,
+        }
+    }
+
+    #[test]
+    fn platform_matching() {
+        assert!(matches(&p("linux", "amd64", None), "linux/amd64"));
+        assert!(!matches(&p("linux", "amd64", None), "linux/arm64"));
+        assert!(matches(&p("linux", "arm64", Some("v8")), "linux/arm64"));
+        assert!(matches(&p("linux", "arm64", None), "linux/arm64/v8"));
+        assert!(matches(&p("linux", "arm", Some("v7")), "linux/arm/v7"));
+        assert!(!matches(&p("linux", "arm", Some("v6")), "linux/arm/v7"));
+        assert!(!matches(&p("linux", "arm", Some("v7")), "linux/arm"));
+        assert!(!matches(&p("windows", "amd64", None), "linux/amd64"));
+    }
+}

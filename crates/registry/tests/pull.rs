@@ -1,0 +1,565 @@
+//! Pull-through over real HTTP on 127.0.0.1: a caching registry in front of an upstream that
+//! is itself a kache registry (the Debian distribution runs in the end-to-end tests).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kache_oci::upstream::{Upstream, UpstreamConfig};
+use kache_oci::{Digest, media_type};
+use kache_registry::{Access, Metrics, Registry};
+use kache_store::Store;
+use reqwest::{Client, StatusCode};
+use serde_json::{Value, json};
+
+struct Node {
+    base: String,
+    addr: std::net::SocketAddr,
+    store: Arc<Store>,
+    prom: Arc<prometheus_client::registry::Registry>,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn metrics(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.prom).unwrap();
+        out
+    }
+
+    fn count(&self, series: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+async fn start(upstream_of: Option<&str>, ttl: Duration, access: Access) -> Node {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap().0);
+    let mut prom = prometheus_client::registry::Registry::default();
+    let metrics = Metrics::new(&mut prom);
+    let reg = match upstream_of {
+        None => Registry::new(store.clone(), metrics),
+        Some(host) => {
+            let up = Upstream::new(UpstreamConfig {
+                insecure_registries: vec![host.to_owned()],
+                request_timeout: Duration::from_secs(5),
+                connect_timeout: Duration::from_secs(1),
+                ..UpstreamConfig::default()
+            })
+            .unwrap();
+            Registry::with_pull_through(store.clone(), metrics, up, ttl)
+        }
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = reg.router_for(access);
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Node {
+        base: format!("http://{addr}"),
+        addr,
+        store,
+        prom: Arc::new(prom),
+        task,
+        _dir: dir,
+    }
+}
+
+fn client() -> Client {
+    Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+async fn push_blob(c: &Client, base: &str, repo: &str, bytes: &[u8]) -> Digest {
+    let d = Digest::sha256(bytes);
+    let r = c
+        .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"))
+        .body(bytes.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    d
+}
+
+/// Pushes an image of one config and one layer; returns (manifest bytes, layer digest).
+async fn push_image(
+    c: &Client,
+    base: &str,
+    repo: &str,
+    tag: &str,
+    layer: &[u8],
+    platform: Option<(&str, &str)>,
+) -> (Vec<u8>, Digest) {
+    let config = match platform {
+        Some((os, arch)) => format!(r#"{{"os":"{os}","architecture":"{arch}"}}"#),
+        None => "{}".to_owned(),
+    };
+    let cd = push_blob(c, base, repo, config.as_bytes()).await;
+    let ld = push_blob(c, base, repo, layer).await;
+    let m = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": media_type::OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd.to_string(), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": ld.to_string(), "size": layer.len()}],
+    }))
+    .unwrap();
+    let r = c
+        .put(format!("{base}/v2/{repo}/manifests/{tag}"))
+        .header("content-type", media_type::OCI_MANIFEST)
+        .body(m.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    (m, ld)
+}
+
+async fn code(r: reqwest::Response) -> String {
+    let v: Value = r.json().await.unwrap();
+    v["errors"][0]["code"].as_str().unwrap().to_owned()
+}
+
+fn cache_repo(upstream: &Node, path: &str) -> String {
+    format!("127.0.0.1_{}/{path}", upstream.addr.port())
+}
+
+#[tokio::test]
+async fn pulls_through_then_serves_from_cache_when_upstream_is_gone() {
+    let up = start(None, Duration::ZERO, Access::ReadWrite).await;
+    let c = client();
+    let layer = vec![42u8; 300_000];
+    let (m, ld) = push_image(&c, &up.base, "team/app", "v1", &layer, None).await;
+    let cache = start(
+        Some(&up.addr.to_string()),
+        Duration::from_secs(3600),
+        Access::ReadOnly,
+    )
+    .await;
+    let repo = cache_repo(&up, "team/app");
+
+    let r = c
+        .get(format!("{}/v2/{repo}/manifests/v1", cache.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["x-kache-cache"], "miss");
+    assert_eq!(r.headers()["content-type"], media_type::OCI_MANIFEST);
+    assert_eq!(r.bytes().await.unwrap(), m);
+    let r = c
+        .get(format!("{}/v2/{repo}/blobs/{ld}", cache.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-kache-cache"], "miss");
+    assert_eq!(r.bytes().await.unwrap(), layer);
+
+    let r = c
+        .get(format!("{}/v2/{repo}/manifests/v1", cache.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-kache-cache"], "hit");
+    let r = c
+        .get(format!("{}/v2/{repo}/blobs/{ld}", cache.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-kache-cache"], "hit");
+
+    up.task.abort();
+    let _ = up.task.await;
+    let r = c
+        .get(format!("{}/v2/{repo}/manifests/v1", cache.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.unwrap(), m);
+    let r = c
+        .get(format!("{}/v2/{repo}/blobs/{ld}", cache.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap(), layer);
+    assert_eq!(
+        cache.store.verify().await.unwrap().bad,
+        Vec::<String>::new()
+    );
+}
+
+#[tokio::test]
+async fn stale_tags_are_revalidated_and_served_when_upstream_fails() {
+    let up = start(None, Duration::ZERO, Access::ReadWrite).await;
+    let c = client();
+    let (m1, _) = push_image(&c, &up.base, "app", "latest", b"one", None).await;
+    // A zero TTL re-validates on every request.
+    let cache = start(Some(&up.addr.to_string()), Duration::ZERO, Access::ReadOnly).await;
+    let url = format!(
+        "{}/v2/{}/manifests/latest",
+        cache.base,
+        cache_repo(&up, "app")
+    );
+    assert_eq!(c.get(&url).send().await.unwrap().bytes().await.unwrap(), m1);
+
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(
+        r.headers()["x-kache-cache"],
+        "hit",
+        "unchanged upstream: confirmed by HEAD"
+    );
+    assert_eq!(
+        up.count(r#"kache_registry_requests_total{route="manifest",method="HEAD",status="200"}"#),
+        1.0
+    );
+
+    let (m2, _) = push_image(&c, &up.base, "app", "latest", b"two", None).await;
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.bytes().await.unwrap(), m2, "the tag moved upstream");
+
+    up.task.abort();
+    let _ = up.task.await;
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["x-kache-cache"], "stale");
+    assert_eq!(r.bytes().await.unwrap(), m2);
+    assert_eq!(
+        cache.count(r#"kache_registry_cache_requests_total{kind="manifest",outcome="stale"}"#),
+        1.0,
+        "{}",
+        cache.metrics()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_cold_pulls_make_one_upstream_request() {
+    let up = start(None, Duration::ZERO, Access::ReadWrite).await;
+    let c = client();
+    let layer: Vec<u8> = (0..6_000_000u32).map(|i| (i % 253) as u8).collect();
+    let (_, ld) = push_image(&c, &up.base, "big", "v1", &layer, None).await;
+    let cache = start(
+        Some(&up.addr.to_string()),
+        Duration::from_secs(3600),
+        Access::ReadOnly,
+    )
+    .await;
+    let url = format!("{}/v2/{}/blobs/{ld}", cache.base, cache_repo(&up, "big"));
+    let gets: Vec<_> = (0..16)
+        .map(|_| {
+            let (c, url) = (c.clone(), url.clone());
+            tokio::spawn(async move { c.get(url).send().await.unwrap().bytes().await.unwrap() })
+        })
+        .collect();
+    for g in gets {
+        assert!(g.await.unwrap() == layer, "a client got wrong bytes");
+    }
+    assert_eq!(
+        up.count(r#"kache_registry_requests_total{route="blob",method="GET",status="200"}"#),
+        1.0
+    );
+    let mc = format!("{}/v2/{}/manifests/v1", cache.base, cache_repo(&up, "big"));
+    let gets: Vec<_> = (0..8)
+        .map(|_| {
+            let (c, mc) = (c.clone(), mc.clone());
+            tokio::spawn(async move { c.get(mc).send().await.unwrap().status() })
+        })
+        .collect();
+    for g in gets {
+        assert_eq!(g.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(
+        up.count(r#"kache_registry_requests_total{route="manifest",method="GET",status="200"}"#),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn upstream_404_reaches_the_client_as_the_spec_error() {
+    let up = start(None, Duration::ZERO, Access::ReadWrite).await;
+    let c = client();
+    push_image(&c, &up.base, "exists", "v1", b"x", None).await;
+    let cache = start(
+        Some(&up.addr.to_string()),
+        Duration::from_secs(3600),
+        Access::ReadOnly,
+    )
+    .await;
+    let r = c
+        .get(format!(
+            "{}/v2/{}/manifests/nope",
+            cache.base,
+            cache_repo(&up, "exists")
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(code(r).await, "MANIFEST_UNKNOWN");
+    let r = c
+        .get(format!(
+            "{}/v2/{}/blobs/{}",
+            cache.base,
+            cache_repo(&up, "exists"),
+            Digest::sha256(b"absent")
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(code(r).await, "BLOB_UNKNOWN");
+    // An unreachable upstream with nothing cached is a gateway error, not a 404.
+    let r = c
+        .get(format!("{}/v2/127.0.0.1_1/x/manifests/v1", cache.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(code(r).await, "UNAVAILABLE");
+}
+
+#[tokio::test]
+async fn mirror_requests_name_the_upstream_in_ns() {
+    let up = start(None, Duration::ZERO, Access::ReadWrite).await;
+    let c = client();
+    let (m, ld) = push_image(&c, &up.base, "library/web", "1.0", b"mirror layer", None).await;
+    let cache = start(
+        Some(&up.addr.to_string()),
+        Duration::from_secs(3600),
+        Access::ReadOnly,
+    )
+    .await;
+    let ns = up.addr.to_string();
+    let r = c
+        .get(format!(
+            "{}/v2/library/web/manifests/1.0?ns={ns}",
+            cache.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.unwrap(), m);
+    let r = c
+        .get(format!("{}/v2/library/web/blobs/{ld}?ns={ns}", cache.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap(), "mirror layer");
+    // Stored under the cache's own naming, so the webhook's form finds it too.
+    let r = c
+        .get(format!(
+            "{}/v2/{}/manifests/1.0",
+            cache.base,
+            cache_repo(&up, "library/web")
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-kache-cache"], "hit");
+}
+
+#[tokio::test]
+async fn writes_need_the_internal_listener_or_the_token() {
+    let c = client();
+    for (access, status, code_) in [
+        (
+            Access::ReadOnly,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+        ),
+        (
+            Access::Token("s3cret-token-0123456789".into()),
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+        ),
+    ] {
+        let node = start(None, Duration::ZERO, access).await;
+        let d = Digest::sha256(b"poison");
+        let r = c
+            .post(format!(
+                "{}/v2/docker.io/library/nginx/blobs/uploads/?digest={d}",
+                node.base
+            ))
+            .body("poison")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status);
+        assert_eq!(code(r).await, code_);
+        let r = c
+            .put(format!(
+                "{}/v2/docker.io/library/nginx/manifests/latest",
+                node.base
+            ))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status);
+        let r = c
+            .delete(format!(
+                "{}/v2/docker.io/library/nginx/manifests/latest",
+                node.base
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status);
+        let r = c
+            .post(format!("{}/kache/v1/warm", node.base))
+            .body(r#"{"image":"nginx"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status);
+        assert_eq!(node.store.total_bytes(), 0, "nothing was written");
+        assert_eq!(
+            node.store
+                .stat_blob(&"docker.io/library/nginx".parse().unwrap(), &d)
+                .unwrap(),
+            None
+        );
+    }
+    let node = start(
+        None,
+        Duration::ZERO,
+        Access::Token("s3cret-token-0123456789".into()),
+    )
+    .await;
+    let d = Digest::sha256(b"legit");
+    let r = c
+        .post(format!("{}/v2/r/blobs/uploads/?digest={d}", node.base))
+        .bearer_auth("wrong-token-000000000")
+        .body("legit")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = c
+        .post(format!("{}/v2/r/blobs/uploads/?digest={d}", node.base))
+        .bearer_auth("s3cret-token-0123456789")
+        .body("legit")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    // Reads never need it.
+    assert_eq!(
+        c.get(format!("{}/v2/r/blobs/{d}", node.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn warm_caches_the_asked_platforms_of_an_index_and_nothing_else() {
+    let up = start(None, Duration::ZERO, Access::ReadWrite).await;
+    let c = client();
+    let mut children = Vec::new();
+    let mut layers = Vec::new();
+    for (arch, tag) in [("amd64", "amd"), ("arm64", "arm"), ("s390x", "s390")] {
+        let (m, ld) = push_image(
+            &c,
+            &up.base,
+            "multi",
+            tag,
+            format!("layer of {arch}").as_bytes(),
+            Some(("linux", arch)),
+        )
+        .await;
+        children.push(json!({"mediaType": media_type::OCI_MANIFEST, "digest": Digest::sha256(&m).to_string(), "size": m.len(), "platform": {"os": "linux", "architecture": arch}}));
+        layers.push(ld);
+    }
+    let index = serde_json::to_vec(
+        &json!({"schemaVersion": 2, "mediaType": media_type::OCI_INDEX, "manifests": children}),
+    )
+    .unwrap();
+    let r = c
+        .put(format!("{}/v2/multi/manifests/v1", up.base))
+        .header("content-type", media_type::OCI_INDEX)
+        .body(index.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+
+    let cache = start(
+        Some(&up.addr.to_string()),
+        Duration::from_secs(3600),
+        Access::ReadWrite,
+    )
+    .await;
+    let image = format!("{}/multi:v1", up.addr);
+    let r = c
+        .post(format!("{}/kache/v1/warm", cache.base))
+        .json(
+            &json!({"image": image, "platforms": ["linux/amd64", "linux/arm64", "linux/riscv64"]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["digest"], Digest::sha256(&index).to_string().as_str());
+    assert_eq!(v["repository"], cache_repo(&up, "multi").as_str());
+    let statuses: Vec<(&str, &str)> = v["platforms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["platform"].as_str().unwrap(),
+                p["status"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            ("linux/amd64", "cached"),
+            ("linux/arm64", "cached"),
+            ("linux/riscv64", "absent")
+        ]
+    );
+    assert!(v["bytes"].as_u64().unwrap() > index.len() as u64);
+
+    let repo: kache_oci::RepoName = cache_repo(&up, "multi").parse().unwrap();
+    assert!(
+        cache.store.stat_blob(&repo, &layers[0]).unwrap().is_some(),
+        "amd64 layer cached"
+    );
+    assert!(
+        cache.store.stat_blob(&repo, &layers[1]).unwrap().is_some(),
+        "arm64 layer cached"
+    );
+    assert!(
+        cache.store.stat_blob(&repo, &layers[2]).unwrap().is_none(),
+        "s390x layer not fetched"
+    );
+
+    let r = c
+        .post(format!("{}/kache/v1/warm", cache.base))
+        .body("not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let r = c
+        .post(format!("{}/kache/v1/warm", cache.base))
+        .json(&json!({"image": "UPPER/case"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+}
