@@ -15,4 +15,6 @@ pub mod upstream;
 pub use digest::{Algorithm, Digest, DigestError, Hasher};
 pub use manifest::{Descriptor, ManifestError, ParsedManifest};
 pub use name::{NameError, Reference, RepoName, Tag};
-pub use reference::{ImageReference, ReferenceError, registry_endpoint, split_cache_repository};
+pub use reference::{
+    ImageReference, ReferenceError, mirror_repository, registry_endpoint, split_cache_repository,
+};

@@ -82,6 +82,15 @@ fn latest() -> Tag {
     "latest".parse().expect("latest is a valid tag")
 }
 
+/// The cache repository of a registry-mirror request: containerd asks for `/v2/<repo>/...` with
+/// `?ns=<registry>`, which is the image `<registry>/<repo>` (`ns=docker.io`, `library/nginx` →
+/// `docker.io/library/nginx`), stored under the same name the webhook's rewrite uses.
+pub fn mirror_repository(ns: &str, repo: &RepoName) -> Result<RepoName, ReferenceError> {
+    Ok(format!("{ns}/{repo}")
+        .parse::<ImageReference>()?
+        .cache_repository())
+}
+
 /// Splits a cache repository (`registry_5000/x`) back into the upstream registry host, with its
 /// port restored (`registry:5000`), and the repository path on it (`x`).
 ///
@@ -445,5 +454,35 @@ mod tests {
         assert_eq!(registry_endpoint("docker.io"), "registry-1.docker.io");
         assert_eq!(registry_endpoint("ghcr.io"), "ghcr.io");
         assert_eq!(registry_endpoint("registry:5000"), "registry:5000");
+    }
+}
+
+#[cfg(test)]
+mod mirror_tests {
+    use super::*;
+
+    #[test]
+    fn mirror_requests_map_onto_cache_names() {
+        let r = |s: &str| s.parse::<RepoName>().unwrap();
+        assert_eq!(
+            mirror_repository("docker.io", &r("library/nginx"))
+                .unwrap()
+                .as_str(),
+            "docker.io/library/nginx"
+        );
+        assert_eq!(
+            mirror_repository("registry-1.docker.io", &r("library/nginx"))
+                .unwrap()
+                .as_str(),
+            "docker.io/library/nginx"
+        );
+        assert_eq!(
+            mirror_repository("reg:5000", &r("team/app"))
+                .unwrap()
+                .as_str(),
+            "reg_5000/team/app"
+        );
+        assert!(mirror_repository("[::1]:5000", &r("x")).is_err());
+        assert!(mirror_repository("not a host", &r("x")).is_err());
     }
 }

@@ -390,7 +390,7 @@ async fn bearer_tokens_are_fetched_with_scope_and_reused() {
 
 #[tokio::test]
 async fn expired_tokens_are_fetched_again() {
-    let fake = bearer_registry(1).await;
+    let fake = bearer_registry(2).await;
     let up = upstream(plain_http(&[fake.addr]));
     let registry = fake.addr.to_string();
     let digest = Digest::sha256(b"secret layer");
@@ -399,8 +399,8 @@ async fn expired_tokens_are_fetched_again() {
     up.blob(&registry, "o/a", &digest, None).await.unwrap();
     up.blob(&registry, "o/a", &digest, None).await.unwrap();
     assert_eq!(tokens(), 1);
-    // A 1 s token is used for 750 ms at most.
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    // A 2 s token is used for 1.5 s at most.
+    tokio::time::sleep(Duration::from_millis(1700)).await;
     up.blob(&registry, "o/a", &digest, None).await.unwrap();
     assert_eq!(tokens(), 2);
 }

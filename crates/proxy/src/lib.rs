@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::TryStreamExt;
 use kache_oci::api::{ErrorCode, Route};
 use kache_oci::upstream::{Upstream, UpstreamError, UpstreamResponse};
-use kache_oci::{ImageReference, RepoName, split_cache_repository};
+use kache_oci::{RepoName, split_cache_repository};
 
 pub use metrics::ProxyMetrics;
 
@@ -133,10 +133,7 @@ fn cache_repository(route: &Route, query: Option<&str>) -> Option<RepoName> {
     let ns = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ns=")));
     match ns {
         None => Some(repo.clone()),
-        Some(ns) => format!("{ns}/{repo}")
-            .parse::<ImageReference>()
-            .ok()
-            .map(|r| r.cache_repository()),
+        Some(ns) => kache_oci::mirror_repository(ns, repo).ok(),
     }
 }
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use futures_util::TryStreamExt;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
-use kache_oci::reference::{ImageReference, split_cache_repository};
+use kache_oci::reference::split_cache_repository;
 use kache_oci::upstream::{Credentials, Upstream, UpstreamError};
 use kache_oci::{Digest, ParsedManifest, Reference, RepoName};
 use kache_store::{
@@ -127,10 +127,8 @@ pub struct PullThrough {
 /// The repository of the cache that `/v2/<repo>/...?ns=<registry>` (containerd's mirror
 /// requests) stands for.
 pub fn mirror_repository(ns: &str, repo: &RepoName) -> Result<RepoName, Error> {
-    let r: ImageReference = format!("{ns}/{repo}")
-        .parse()
-        .map_err(|e| Error::new(Code::NameInvalid, format!("ns={ns:?} with {repo}: {e}")))?;
-    Ok(r.cache_repository())
+    kache_oci::mirror_repository(ns, repo)
+        .map_err(|e| Error::new(Code::NameInvalid, format!("ns={ns:?} with {repo}: {e}")))
 }
 
 impl PullThrough {

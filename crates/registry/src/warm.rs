@@ -113,8 +113,8 @@ impl Registry {
         let (top, _) = pull
             .manifest(store, &repo, &origin, &image.reference(), creds.clone())
             .await?;
-        let parsed = ParsedManifest::parse(&top.bytes, Some(&top.media_type))
-            .map_err(Error::internal)?;
+        let parsed =
+            ParsedManifest::parse(&top.bytes, Some(&top.media_type)).map_err(Error::internal)?;
         let mut bytes = top.bytes.len() as u64;
         let mut platforms = Vec::new();
         if parsed.is_index() {

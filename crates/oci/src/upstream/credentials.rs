@@ -222,6 +222,7 @@ impl DockerConfig {
         self.auths.keys().map(String::as_str)
     }
 
+    /// Whether no registry has credentials.
     pub fn is_empty(&self) -> bool {
         self.auths.is_empty()
     }

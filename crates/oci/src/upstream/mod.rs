@@ -500,6 +500,7 @@ pub struct UpstreamResponse {
 }
 
 impl UpstreamResponse {
+    /// `Content-Type`, as the upstream wrote it (parameters included).
     pub fn content_type(&self) -> Option<&str> {
         self.headers.get(CONTENT_TYPE)?.to_str().ok()
     }
