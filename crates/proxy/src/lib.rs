@@ -127,13 +127,15 @@ fn upstream_error(e: &UpstreamError, unknown: ErrorCode) -> Response {
 }
 
 /// The cache repository a request is about: the path's, or for containerd's mirror requests
-/// (`?ns=<registry>`) the path's under that registry.
-fn cache_repository(route: &Route, query: Option<&str>) -> Option<RepoName> {
+/// (`?ns=<registry>`, percent-encoded: `ns=reg%3A5000`) the path's under that registry.
+fn cache_repository(route: &Route, uri: &http::Uri) -> Option<RepoName> {
     let repo = route.repo()?;
-    let ns = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ns=")));
+    let ns = axum::extract::Query::<std::collections::HashMap<String, String>>::try_from_uri(uri)
+        .ok()
+        .and_then(|q| q.0.get("ns").cloned());
     match ns {
         None => Some(repo.clone()),
-        Some(ns) => kache_oci::mirror_repository(ns, repo).ok(),
+        Some(ns) => kache_oci::mirror_repository(&ns, repo).ok(),
     }
 }
 
@@ -165,7 +167,7 @@ async fn handle(State(p): State<Proxy>, req: Request) -> Response {
             );
         }
     };
-    let repo = cache_repository(&route, req.uri().query());
+    let repo = cache_repository(&route, req.uri());
     // Only what the registry needs; the request (and its body) is not held across awaits.
     let pq = req
         .uri()

@@ -187,9 +187,13 @@ async fn pulls_go_through_the_registry_and_count_hits_and_misses() {
     assert_eq!(p.count(&series("miss")), 2.0);
     assert_eq!(p.count(&series("hit")), 2.0);
     assert_eq!(p.count(&series("fallback")), 0.0);
-    // Mirror mode through the proxy: the registry resolves ns.
+    // Mirror mode through the proxy: the registry resolves ns, percent-encoded as containerd sends it.
     let r = c
-        .get(format!("{}/v2/app/manifests/v1?ns={uh}", p.base()))
+        .get(format!(
+            "{}/v2/app/manifests/v1?ns={}",
+            p.base(),
+            uh.replace(':', "%3A")
+        ))
         .send()
         .await
         .unwrap();
@@ -227,11 +231,22 @@ async fn an_unreachable_registry_means_straight_to_upstream() {
         .await
         .unwrap();
     assert_eq!(r.bytes().await.unwrap(), "fallback layer");
+    // containerd's mirror form falls back too, its ns percent-encoded.
+    let r = c
+        .get(format!(
+            "{}/v2/app/manifests/v1?ns={}",
+            p.base(),
+            uh.replace(':', "%3A")
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap(), m);
     assert_eq!(
         p.count(&format!(
             r#"kache_proxy_requests_total{{upstream="{uh}",result="fallback"}}"#
         )),
-        3.0
+        4.0
     );
     // Nothing upstream either: the upstream's answer, as the spec's error.
     let r = c
