@@ -209,6 +209,11 @@ impl Registry {
         h.insert(header::ETAG, hv(format!("\"{digest}\"")));
         let store = &self.inner.store;
         let origin = self.origin(repo);
+        // A cached repository may serve a blob another one already fetched (same digest, same
+        // bytes): link it rather than download it again.
+        if origin.is_some() && store.stat_blob(repo, digest)?.is_none() {
+            store.mount_blob(repo, digest, None).await?;
+        }
         let blob = if head {
             store.stat_blob(repo, digest)?.map(|size| (None, size))
         } else {

@@ -157,7 +157,14 @@ impl PullThrough {
             map.entry(key.clone())
                 .or_insert_with(|| {
                     // A task of its own: it completes (and fills the cache) when its client leaves.
-                    let task = tokio::spawn(fut);
+                    let errors = self.metrics.upstream_errors.clone();
+                    let task = tokio::spawn(async move {
+                        let r = fut.await;
+                        if r.is_err() {
+                            errors.inc();
+                        }
+                        r
+                    });
                     async move {
                         task.await
                             .unwrap_or_else(|e| Err(PullError::Store(e.to_string().into())))
@@ -171,9 +178,6 @@ impl PullThrough {
         let mut map = self.manifests.lock().expect("manifest flights poisoned");
         if map.get(&key).is_some_and(|f| f.ptr_eq(&flight)) {
             map.remove(&key);
-        }
-        if result.is_err() {
-            self.metrics.upstream_errors.inc();
         }
         result
     }

@@ -563,3 +563,34 @@ async fn warm_caches_the_asked_platforms_of_an_index_and_nothing_else() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test]
+async fn a_blob_fetched_for_one_repository_is_not_fetched_again_for_another() {
+    let up = start(None, Duration::ZERO, Access::ReadWrite).await;
+    let c = client();
+    let layer = vec![7u8; 100_000];
+    let (_, ld) = push_image(&c, &up.base, "one", "v1", &layer, None).await;
+    push_image(&c, &up.base, "two", "v1", &layer, None).await;
+    let cache = start(
+        Some(&up.addr.to_string()),
+        Duration::from_secs(3600),
+        Access::ReadOnly,
+    )
+    .await;
+    for repo in ["one", "two"] {
+        let r = c
+            .get(format!(
+                "{}/v2/{}/blobs/{ld}",
+                cache.base,
+                cache_repo(&up, repo)
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.bytes().await.unwrap(), layer);
+    }
+    assert_eq!(
+        up.count(r#"kache_registry_requests_total{route="blob",method="GET",status="200"}"#),
+        1.0
+    );
+}
