@@ -1,0 +1,139 @@
+//! A real Kubernetes 1.20 API server (with kube-controller-manager and etcd) on 127.0.0.1,
+//! started by `scripts/kube-test-server`, which builds and caches the binaries.
+//!
+//! Requests go through curl: the API server's certificate is signed by a test CA, and curl
+//! needs no TLS stack in the test binary.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// A running test API server; stopped on drop.
+#[derive(Debug)]
+pub struct KubeServer {
+    dir: TempDir,
+    /// `https://127.0.0.1:<port>`.
+    pub api: String,
+    pub token: String,
+    pub ca: PathBuf,
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/kube-test-server")
+}
+
+impl KubeServer {
+    /// Starts etcd, kube-apiserver and kube-controller-manager; waits until the API is ready.
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new().prefix("kache-kube").tempdir().expect("temp dir");
+        let out = Command::new("bash")
+            .arg(script())
+            .arg("start")
+            .arg(dir.path())
+            .output()
+            .expect("run scripts/kube-test-server");
+        if !out.status.success() {
+            let logs = ["etcd.log", "apiserver.log"]
+                .iter()
+                .map(|f| std::fs::read_to_string(dir.path().join(f)).unwrap_or_default())
+                .collect::<Vec<_>>()
+                .join("\n");
+            panic!(
+                "kube-test-server start failed:\n{}\n{}\n{logs}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let env = std::fs::read_to_string(dir.path().join("env")).expect("env file");
+        let get = |k: &str| {
+            env.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .unwrap_or_else(|| panic!("{k} missing from env"))
+                .to_owned()
+        };
+        KubeServer {
+            api: get("KUBE_APISERVER"),
+            token: get("KUBE_TOKEN"),
+            ca: PathBuf::from(get("KUBE_CA")),
+            dir,
+        }
+    }
+
+    /// The kubeconfig of the admin user.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
+    /// One API request; returns the status and the JSON body (Null when empty or not JSON).
+    pub fn request(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--max-time", "30", "-o", "-", "-w", "\n%{http_code}", "-X", method])
+            .arg("--cacert")
+            .arg(&self.ca)
+            .arg("-H")
+            .arg(format!("Authorization: Bearer {}", self.token));
+        if let Some(b) = body {
+            let ct = if method == "PATCH" { "application/merge-patch+json" } else { "application/json" };
+            cmd.arg("-H").arg(format!("Content-Type: {ct}")).arg("--data-binary").arg(b.to_string());
+        }
+        let out = cmd.arg(format!("{}{path}", self.api)).output().expect("run curl");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        let status = code.trim().parse().unwrap_or_else(|_| panic!("curl {method} {path}: {}", String::from_utf8_lossy(&out.stderr)));
+        (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    }
+
+    /// Like [`request`](Self::request), failing the test unless the status is 2xx.
+    pub fn ok(&self, method: &str, path: &str, body: Option<&Value>) -> Value {
+        let (status, v) = self.request(method, path, body);
+        assert!((200..300).contains(&status), "{method} {path}: {status} {v}");
+        v
+    }
+
+    /// Polls `check` on `GET path` until it returns Some, for at most `timeout`.
+    pub fn wait_for<T>(&self, path: &str, timeout: Duration, mut check: impl FnMut(u16, &Value) -> Option<T>) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (status, v) = self.request("GET", path, None);
+            if let Some(t) = check(status, &v) {
+                return t;
+            }
+            assert!(Instant::now() < deadline, "GET {path} never met the condition; last: {status} {v}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Creates a namespace and waits for its default ServiceAccount (pods need it).
+    pub fn namespace(&self, name: &str) {
+        self.ok("POST", "/api/v1/namespaces", Some(&serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})));
+        self.wait_for(&format!("/api/v1/namespaces/{name}/serviceaccounts/default"), Duration::from_secs(60), |s, v| {
+            // 1.20 adds the token volume only once the token Secret exists.
+            (s == 200 && v["secrets"].as_array().is_some_and(|a| !a.is_empty())).then_some(())
+        });
+    }
+
+    /// The logs of the control plane, for failure messages.
+    pub fn logs(&self) -> String {
+        ["apiserver.log", "controller-manager.log"]
+            .iter()
+            .map(|f| {
+                let t = std::fs::read_to_string(self.dir.path().join(f)).unwrap_or_default();
+                let start = t.len().saturating_sub(8000);
+                format!("----- {f} -----\n{}", t.get(start..).unwrap_or(""))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for KubeServer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+        let _ = Command::new("bash").arg(script()).arg("stop").arg(self.dir.path()).status();
+    }
+}
