@@ -34,8 +34,8 @@ fn metric(text: &str, series: &str) -> Option<f64> {
 #[test]
 fn metrics_count_requests_bytes_and_store_size() {
     let data = tempfile::tempdir().unwrap();
-    let registry = KacheRegistry::start(data.path());
-    let base = registry.base_url();
+    let registry = KacheRegistry::start_with_internal(data.path(), &[] as &[&str]);
+    let base = registry.internal_url();
     let body = vec![7u8; 10_000];
     let d = format!(
         "sha256:{}",

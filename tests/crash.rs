@@ -80,8 +80,8 @@ type Attempt = (usize, String, usize, bool);
 #[test]
 fn sigkill_during_concurrent_uploads_loses_and_corrupts_nothing() {
     let data = tempfile::tempdir().unwrap();
-    let mut registry = KacheRegistry::start(data.path());
-    let base = registry.base_url();
+    let mut registry = KacheRegistry::start_with_internal(data.path(), &[] as &[&str]);
+    let base = registry.internal_url();
 
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(AtomicUsize::new(0));
@@ -153,7 +153,7 @@ fn sigkill_during_concurrent_uploads_loses_and_corrupts_nothing() {
 
     // Every acknowledged blob is served whole; an interrupted one is absent or whole.
     registry.restart();
-    let base = registry.base_url();
+    let base = registry.internal_url();
     for (w, d, len, ok) in &log {
         let r = try_request("GET", &format!("{base}/v2/crash/w{w}/blobs/{d}"), &[], &[]).unwrap();
         match r.status {

@@ -26,7 +26,8 @@ impl Env {
             .prefix("kache-e2e-skopeo")
             .tempdir()
             .expect("create temp dir");
-        let registry = KacheRegistry::start(tmp.path().join("data"));
+        // Pushes need the listener that takes writes; it serves the whole Distribution API.
+        let registry = KacheRegistry::start_with_internal(tmp.path().join("data"), &[] as &[&str]);
         Env {
             tmp,
             registry,
@@ -40,11 +41,14 @@ impl Env {
 
     /// `docker://127.0.0.1:PORT/<reference>`.
     fn remote(&self, reference: &str) -> String {
-        format!("docker://{}/{reference}", self.registry.addr())
+        format!(
+            "docker://{}/{reference}",
+            self.registry.internal_addr().expect("internal listener")
+        )
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.registry.base_url())
+        format!("{}{path}", self.registry.internal_url())
     }
 
     /// Writes an OCI layout under the scratch dir and returns its path for `oci:PATH:TAG`.

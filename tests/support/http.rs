@@ -115,3 +115,83 @@ pub fn get(url: &str, headers: &[(&str, &str)]) -> Response {
 pub fn head(url: &str, headers: &[(&str, &str)]) -> Response {
     request("HEAD", url, headers, &[])
 }
+
+/// What a streamed GET received. The body is hashed as it arrives and never held whole, so
+/// many clients can read large blobs at once, and the time of its first byte is known.
+#[derive(Debug)]
+pub struct Streamed {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    /// Body bytes received (until the end, or until `error`).
+    pub size: u64,
+    /// `sha256:<hex>` of the bytes received.
+    pub digest: String,
+    /// From sending the request to the first body byte; `None` for an empty body.
+    pub first_byte: Option<Duration>,
+    /// From sending the request to the end of the body (or the error).
+    pub total: Duration,
+    /// Why reading the body failed (a connection closed early, a broken chunk), if it did.
+    pub error: Option<String>,
+}
+
+impl Streamed {
+    /// The first value of a header, by case-insensitive name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// `GET url`, reading the body in pieces within `timeout` from start to end. `Err` only when
+/// no response head arrived; a body that breaks off is `Ok` with [`Streamed::error`] set.
+pub fn get_streamed(url: &str, timeout: Duration) -> Result<Streamed, ureq::Error> {
+    use sha2::{Digest as _, Sha256};
+    use std::io::Read as _;
+    use std::time::Instant;
+
+    let request = agent()
+        .configure_request(Request::builder().method("GET").uri(url).body(Vec::new())?)
+        .timeout_global(Some(timeout))
+        .build();
+    let started = Instant::now();
+    let mut response = agent().run(request)?;
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(n, v)| {
+            let value = String::from_utf8_lossy(v.as_bytes()).into_owned();
+            (n.as_str().to_owned(), value)
+        })
+        .collect();
+    let mut reader = response.body_mut().as_reader();
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let (mut size, mut first_byte, mut error) = (0u64, None, None);
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                first_byte.get_or_insert_with(|| started.elapsed());
+                hasher.update(&buf[..n]);
+                size += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    Ok(Streamed {
+        status,
+        headers,
+        size,
+        digest: format!("sha256:{}", hex::encode(hasher.finalize())),
+        first_byte,
+        total: started.elapsed(),
+        error,
+    })
+}

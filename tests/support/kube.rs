@@ -28,7 +28,10 @@ fn script() -> PathBuf {
 impl KubeServer {
     /// Starts etcd, kube-apiserver and kube-controller-manager; waits until the API is ready.
     pub fn start() -> Self {
-        let dir = tempfile::Builder::new().prefix("kache-kube").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("kache-kube")
+            .tempdir()
+            .expect("temp dir");
         let out = Command::new("bash")
             .arg(script())
             .arg("start")
@@ -70,38 +73,74 @@ impl KubeServer {
     /// One API request; returns the status and the JSON body (Null when empty or not JSON).
     pub fn request(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
         let mut cmd = Command::new("curl");
-        cmd.args(["-sS", "--max-time", "30", "-o", "-", "-w", "\n%{http_code}", "-X", method])
-            .arg("--cacert")
-            .arg(&self.ca)
-            .arg("-H")
-            .arg(format!("Authorization: Bearer {}", self.token));
+        cmd.args([
+            "-sS",
+            "--max-time",
+            "30",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "-X",
+            method,
+        ])
+        .arg("--cacert")
+        .arg(&self.ca)
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {}", self.token));
         if let Some(b) = body {
-            let ct = if method == "PATCH" { "application/merge-patch+json" } else { "application/json" };
-            cmd.arg("-H").arg(format!("Content-Type: {ct}")).arg("--data-binary").arg(b.to_string());
+            let ct = if method == "PATCH" {
+                "application/merge-patch+json"
+            } else {
+                "application/json"
+            };
+            cmd.arg("-H")
+                .arg(format!("Content-Type: {ct}"))
+                .arg("--data-binary")
+                .arg(b.to_string());
         }
-        let out = cmd.arg(format!("{}{path}", self.api)).output().expect("run curl");
+        let out = cmd
+            .arg(format!("{}{path}", self.api))
+            .output()
+            .expect("run curl");
         let text = String::from_utf8_lossy(&out.stdout);
         let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-        let status = code.trim().parse().unwrap_or_else(|_| panic!("curl {method} {path}: {}", String::from_utf8_lossy(&out.stderr)));
+        let status = code.trim().parse().unwrap_or_else(|_| {
+            panic!(
+                "curl {method} {path}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
         (status, serde_json::from_str(body).unwrap_or(Value::Null))
     }
 
     /// Like [`request`](Self::request), failing the test unless the status is 2xx.
     pub fn ok(&self, method: &str, path: &str, body: Option<&Value>) -> Value {
         let (status, v) = self.request(method, path, body);
-        assert!((200..300).contains(&status), "{method} {path}: {status} {v}");
+        assert!(
+            (200..300).contains(&status),
+            "{method} {path}: {status} {v}"
+        );
         v
     }
 
     /// Polls `check` on `GET path` until it returns Some, for at most `timeout`.
-    pub fn wait_for<T>(&self, path: &str, timeout: Duration, mut check: impl FnMut(u16, &Value) -> Option<T>) -> T {
+    pub fn wait_for<T>(
+        &self,
+        path: &str,
+        timeout: Duration,
+        mut check: impl FnMut(u16, &Value) -> Option<T>,
+    ) -> T {
         let deadline = Instant::now() + timeout;
         loop {
             let (status, v) = self.request("GET", path, None);
             if let Some(t) = check(status, &v) {
                 return t;
             }
-            assert!(Instant::now() < deadline, "GET {path} never met the condition; last: {status} {v}");
+            assert!(
+                Instant::now() < deadline,
+                "GET {path} never met the condition; last: {status} {v}"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -109,10 +148,14 @@ impl KubeServer {
     /// Creates a namespace and waits for its default ServiceAccount (pods need it).
     pub fn namespace(&self, name: &str) {
         self.ok("POST", "/api/v1/namespaces", Some(&serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})));
-        self.wait_for(&format!("/api/v1/namespaces/{name}/serviceaccounts/default"), Duration::from_secs(60), |s, v| {
-            // 1.20 adds the token volume only once the token Secret exists.
-            (s == 200 && v["secrets"].as_array().is_some_and(|a| !a.is_empty())).then_some(())
-        });
+        self.wait_for(
+            &format!("/api/v1/namespaces/{name}/serviceaccounts/default"),
+            Duration::from_secs(60),
+            |s, v| {
+                // 1.20 adds the token volume only once the token Secret exists.
+                (s == 200 && v["secrets"].as_array().is_some_and(|a| !a.is_empty())).then_some(())
+            },
+        );
     }
 
     /// The logs of the control plane, for failure messages.
@@ -134,6 +177,10 @@ impl Drop for KubeServer {
         if std::thread::panicking() {
             eprintln!("{}", self.logs());
         }
-        let _ = Command::new("bash").arg(script()).arg("stop").arg(self.dir.path()).status();
+        let _ = Command::new("bash")
+            .arg(script())
+            .arg("stop")
+            .arg(self.dir.path())
+            .status();
     }
 }

@@ -12,6 +12,8 @@ use tempfile::TempDir;
 
 /// How long a started registry has to answer `GET /v2/` with 200.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stopped registry has to exit on SIGTERM before SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A running `kache registry --listen 127.0.0.1:P --data-dir D --metrics-listen 127.0.0.1:Q`.
 ///
@@ -23,6 +25,8 @@ pub struct KacheRegistry {
     extra_args: Vec<OsString>,
     addr: SocketAddr,
     metrics_addr: SocketAddr,
+    /// `--internal-listen`, when started with one.
+    internal_addr: Option<SocketAddr>,
     child: Option<Child>,
     log_path: PathBuf,
     /// Kept (not deleted) when dropped during a panic, for reading the whole log.
@@ -41,6 +45,23 @@ impl KacheRegistry {
         data_dir: impl AsRef<Path>,
         extra_args: &[S],
     ) -> Self {
+        Self::start_inner(data_dir.as_ref(), extra_args, false)
+    }
+
+    /// Like [`start_with_args`](Self::start_with_args), with `--internal-listen` on another
+    /// free port of 127.0.0.1: the listener that takes writes without a token.
+    pub fn start_with_internal<S: AsRef<std::ffi::OsStr>>(
+        data_dir: impl AsRef<Path>,
+        extra_args: &[S],
+    ) -> Self {
+        Self::start_inner(data_dir.as_ref(), extra_args, true)
+    }
+
+    fn start_inner<S: AsRef<std::ffi::OsStr>>(
+        data_dir: &Path,
+        extra_args: &[S],
+        internal: bool,
+    ) -> Self {
         let log_dir = tempfile::Builder::new()
             .prefix("kache-registry-log")
             .tempdir()
@@ -48,16 +69,21 @@ impl KacheRegistry {
         // Both bound at once, so the two ports differ.
         let api = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         let metrics = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let internal_listener =
+            internal.then(|| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"));
         let mut registry = KacheRegistry {
-            data_dir: data_dir.as_ref().to_path_buf(),
+            data_dir: data_dir.to_path_buf(),
             extra_args: extra_args.iter().map(|a| a.as_ref().to_owned()).collect(),
             addr: api.local_addr().expect("local addr"),
             metrics_addr: metrics.local_addr().expect("local addr"),
+            internal_addr: internal_listener
+                .as_ref()
+                .map(|l| l.local_addr().expect("local addr")),
             child: None,
             log_path: log_dir.path().join("kache-registry.log"),
             log_dir: Some(log_dir),
         };
-        drop((api, metrics));
+        drop((api, metrics, internal_listener));
         registry.spawn();
         registry
     }
@@ -70,6 +96,19 @@ impl KacheRegistry {
     /// `http://127.0.0.1:PORT`, without a trailing slash.
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The internal listener's address, when started with one.
+    pub fn internal_addr(&self) -> Option<SocketAddr> {
+        self.internal_addr
+    }
+
+    /// `http://127.0.0.1:PORT` of the internal listener; fails the test if there is none.
+    pub fn internal_url(&self) -> String {
+        let addr = self
+            .internal_addr
+            .expect("started without an internal listener: use start_with_internal");
+        format!("http://{addr}")
     }
 
     /// The metrics listener's address.
@@ -108,6 +147,36 @@ impl KacheRegistry {
         }
     }
 
+    /// Stops the child the way Kubernetes does (SIGTERM, so it shuts down cleanly), with
+    /// SIGKILL if it has not exited within a bound, and reaps it; the data dir stays.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // std has no SIGTERM; the kill(1) utility sends it by pid.
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.note(&format!("stopped with SIGTERM: {status}"));
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        self.note(&format!(
+            "no exit within {STOP_TIMEOUT:?} of SIGTERM; killed"
+        ));
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// Starts the registry again on the same data dir, addresses and arguments (killing it
     /// first if it still runs), and waits until it serves `/v2/`.
     pub fn restart(&mut self) {
@@ -131,11 +200,19 @@ impl KacheRegistry {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--metrics-listen")
-            .arg(self.metrics_addr.to_string())
+            .arg(self.metrics_addr.to_string());
+        if let Some(internal) = self.internal_addr {
+            command.arg("--internal-listen").arg(internal.to_string());
+        }
+        command
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(log);
+        // Proxies of the environment must not reach the child: the tests' upstreams are local.
+        for var in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+            command.env_remove(var);
+        }
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "info");
         }
@@ -213,4 +290,87 @@ impl Drop for KacheRegistry {
 pub fn free_local_addr() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     listener.local_addr().expect("local addr")
+}
+
+/// What `kache fsck --data-dir DIR` said about a stopped store.
+#[derive(Debug)]
+pub struct FsckReport {
+    pub success: bool,
+    pub output: String,
+    /// From its `blobs: N  bytes: M  bad: K` line.
+    pub blobs: u64,
+    pub bytes: u64,
+    pub bad: u64,
+}
+
+/// Runs `kache fsck --data-dir data_dir` (the registry on it must be stopped) and reads its
+/// summary line; fails the test if there is none.
+pub fn fsck(data_dir: &Path) -> FsckReport {
+    let out = Command::new(env!("CARGO_BIN_EXE_kache"))
+        .arg("fsck")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run kache fsck");
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = output
+        .lines()
+        .find(|l| l.starts_with("blobs:"))
+        .unwrap_or_else(|| panic!("kache fsck printed no summary:\n{output}"));
+    let field = |name: &str| -> u64 {
+        let mut words = summary.split_whitespace();
+        words
+            .by_ref()
+            .find(|w| *w == name)
+            .and_then(|_| words.next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in fsck summary {summary:?}"))
+    };
+    FsckReport {
+        success: out.status.success(),
+        blobs: field("blobs:"),
+        bytes: field("bytes:"),
+        bad: field("bad:"),
+        output,
+    }
+}
+
+/// Every blob file of a store (`<data>/blobs/sha256/<xx>/<hex>`) by digest, with its size,
+/// each re-hashed: fails the test if a file's bytes do not match its name. Files are renamed
+/// into place only once verified, so this may run while the registry serves.
+pub fn stored_blobs(data_dir: &Path) -> std::collections::BTreeMap<String, u64> {
+    use sha2::{Digest as _, Sha256};
+    let mut out = std::collections::BTreeMap::new();
+    let root = data_dir.join("blobs/sha256");
+    let Ok(shards) = std::fs::read_dir(&root) else {
+        return out;
+    };
+    for shard in shards {
+        let shard = shard.expect("read blob shard");
+        for file in std::fs::read_dir(shard.path()).expect("read blob shard dir") {
+            let file = file.expect("read blob entry");
+            let path = file.path();
+            let name = file.file_name().to_string_lossy().into_owned();
+            let mut hasher = Sha256::new();
+            let mut f = std::fs::File::open(&path)
+                .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+            let size = std::io::copy(&mut f, &mut hasher)
+                .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+            let actual = hex::encode(hasher.finalize());
+            assert_eq!(
+                actual,
+                name,
+                "{} holds bytes that hash to sha256:{actual}",
+                path.display()
+            );
+            out.insert(format!("sha256:{name}"), size);
+        }
+    }
+    out
 }

@@ -115,6 +115,13 @@ fn upstream_error(e: &UpstreamError, unknown: ErrorCode) -> Response {
         _ => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
     };
     let mut resp = error(status, code, format!("upstream: {e}"));
+    if status == StatusCode::UNAUTHORIZED {
+        // Every 401 carries a challenge (RFC 9110).
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"kache\""),
+        );
+    }
     if let UpstreamError::TooManyRequests {
         retry_after: Some(r),
         ..

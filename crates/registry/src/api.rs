@@ -224,19 +224,18 @@ impl Registry {
             }
         };
         let Some((file, size)) = blob else {
-            let Some((pull, origin)) = origin else {
+            // A HEAD answers from the cache alone: pushing clients ask it before uploading
+            // (and must hear 404, not wait for an upstream), while pulls GET.
+            let Some((pull, origin)) = origin.filter(|_| !head) else {
                 return Err(kache_store::StoreError::BlobUnknown.into());
             };
             // A miss: stream the single flight's file as it grows. Range is ignored on a miss
-            // (RFC 9110 allows it); a HEAD starts the fetch and answers without waiting for it.
+            // (RFC 9110 allows it).
             let flight = pull.blob(store, repo, &origin, digest, None).await?;
             self.count_cache("blob", CacheOutcome::Miss);
             h.insert(X_KACHE_CACHE, HeaderValue::from_static("miss"));
             if let Some(size) = flight.size {
                 h.insert(header::CONTENT_LENGTH, hv(size.to_string()));
-            }
-            if head {
-                return Ok((StatusCode::OK, h).into_response());
             }
             let counter = self.inner.metrics.bytes_out.clone();
             let body = flight.body.inspect_ok(move |b| {

@@ -84,7 +84,10 @@ pub fn upstream_error(e: &UpstreamError, unknown: Code) -> Error {
     let bad_gateway =
         |m: String| Error::new(Code::Unavailable, m).status(http::StatusCode::BAD_GATEWAY);
     match e {
-        UpstreamError::Unauthorized(m) => Error::new(Code::Unauthorized, format!("upstream: {m}")),
+        // Every 401 carries a challenge (RFC 9110); the credentials that would help are
+        // kache's (--docker-config, pull secrets), not the client's.
+        UpstreamError::Unauthorized(m) => Error::new(Code::Unauthorized, format!("upstream: {m}"))
+            .header(http::header::WWW_AUTHENTICATE, "Basic realm=\"kache\""),
         UpstreamError::Denied(m) => Error::new(Code::Denied, format!("upstream: {m}")),
         UpstreamError::NotFound(m) => Error::new(unknown, format!("upstream: {m}")),
         UpstreamError::TooManyRequests {

@@ -594,3 +594,31 @@ async fn a_blob_fetched_for_one_repository_is_not_fetched_again_for_another() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn a_head_on_a_missing_blob_answers_from_the_cache_alone() {
+    let up = start(None, Duration::ZERO, Access::ReadWrite).await;
+    let c = client();
+    let (_, ld) = push_image(&c, &up.base, "app", "v1", b"only upstream", None).await;
+    let cache = start(
+        Some(&up.addr.to_string()),
+        Duration::from_secs(3600),
+        Access::ReadWrite,
+    )
+    .await;
+    let url = format!("{}/v2/{}/blobs/{ld}", cache.base, cache_repo(&up, "app"));
+    // What a pushing client asks before uploading: not cached means 404, upstream untouched.
+    assert_eq!(
+        c.head(&url).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        up.count(r#"kache_registry_requests_total{route="blob",method="GET",status="200"}"#),
+        0.0
+    );
+    assert_eq!(
+        c.get(&url).send().await.unwrap().bytes().await.unwrap(),
+        "only upstream"
+    );
+    assert_eq!(c.head(&url).send().await.unwrap().status(), StatusCode::OK);
+}
