@@ -1,4 +1,4 @@
-//! The one kache binary: `kache registry|proxy|dev|fsck`. It parses configuration and wires the
+//! The one kache binary: `kache registry|proxy|webhook|dev|fsck`. It parses configuration and wires the
 //! crates together; behaviour lives in the crates.
 
 mod serve;
@@ -35,6 +35,8 @@ enum Command {
     Registry(RegistryArgs),
     /// Serve pulls on a node: the registry first, the upstream when the registry cannot answer.
     Proxy(ProxyArgs),
+    /// Serve the admission webhook that points pod images at the node proxy (HTTPS).
+    Webhook(WebhookArgs),
     /// Run registry and proxy on 127.0.0.1, with data in ./kache-data: what a newcomer runs first.
     Dev(DevArgs),
     /// Re-hash every blob in a (stopped) store and report what does not verify.
@@ -115,6 +117,41 @@ struct ProxyArgs {
     metrics_listen: SocketAddr,
     #[command(flatten)]
     upstream: UpstreamArgs,
+}
+
+#[derive(clap::Args, Debug)]
+struct WebhookArgs {
+    /// Address of the HTTPS admission endpoint (POST /mutate).
+    #[arg(long, env = "KACHE_LISTEN", default_value = "0.0.0.0:8443")]
+    listen: SocketAddr,
+    /// Serving certificate chain (PEM, cert-manager's tls.crt); reloaded when it changes.
+    #[arg(long, env = "KACHE_TLS_CERT")]
+    tls_cert: PathBuf,
+    /// Its private key (PEM, tls.key).
+    #[arg(long, env = "KACHE_TLS_KEY")]
+    tls_key: PathBuf,
+    /// The node proxy's port: images become localhost:<port>/<upstream host>/<path>.
+    #[arg(long, env = "KACHE_PROXY_PORT", default_value_t = 7439)]
+    proxy_port: u16,
+    /// Leave images of this registry alone (host, glob like `*.internal`, or `regex:<re>`);
+    /// repeatable.
+    #[arg(
+        long = "ignore-registry",
+        env = "KACHE_IGNORE_REGISTRIES",
+        value_delimiter = ','
+    )]
+    ignore_registries: Vec<String>,
+    /// Rewrite only images matching one of these (glob like `docker.io/library/*` or
+    /// `*.example.com`, or `regex:<re>`); repeatable (the variable holds one pattern).
+    #[arg(long, env = "KACHE_ACCEPT")]
+    accept: Vec<String>,
+    /// Leave mutable images alone: `imagePullPolicy: Always`, or tag `latest` or none, unless
+    /// pinned by digest.
+    #[arg(long, env = "KACHE_SKIP_MUTABLE")]
+    skip_mutable: bool,
+    /// Address of /metrics, /healthz and /readyz (plain HTTP).
+    #[arg(long, env = "KACHE_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    metrics_listen: SocketAddr,
 }
 
 #[derive(clap::Args, Debug)]
@@ -201,6 +238,19 @@ fn main() -> anyhow::Result<()> {
                     registry_timeout: a.registry_timeout,
                     metrics_listen: a.metrics_listen,
                     upstream: serve::upstream_config(&a.upstream)?,
+                })
+                .await
+            }
+            Command::Webhook(a) => {
+                serve::webhook(serve::WebhookOptions {
+                    listen: a.listen,
+                    tls_cert: a.tls_cert,
+                    tls_key: a.tls_key,
+                    proxy_port: a.proxy_port,
+                    ignore_registries: a.ignore_registries,
+                    accept: a.accept,
+                    skip_mutable: a.skip_mutable,
+                    metrics_listen: a.metrics_listen,
                 })
                 .await
             }

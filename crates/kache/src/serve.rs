@@ -44,6 +44,18 @@ pub struct ProxyOptions {
     pub upstream: UpstreamConfig,
 }
 
+#[derive(Debug)]
+pub struct WebhookOptions {
+    pub listen: SocketAddr,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub proxy_port: u16,
+    pub ignore_registries: Vec<String>,
+    pub accept: Vec<String>,
+    pub skip_mutable: bool,
+    pub metrics_listen: SocketAddr,
+}
+
 /// The upstream client's configuration from flags.
 pub fn upstream_config(a: &UpstreamArgs) -> anyhow::Result<UpstreamConfig> {
     let credentials = match &a.docker_config {
@@ -256,6 +268,51 @@ pub async fn proxy(o: ProxyOptions) -> anyhow::Result<()> {
     );
     tracing::info!(listen = ?o.listen, registry = %o.registry, metrics = %o.metrics_listen, "proxy serving");
     match servers.join_next().await {
+        Some(r) => r?,
+        None => Ok(()),
+    }
+}
+
+pub async fn webhook(o: WebhookOptions) -> anyhow::Result<()> {
+    let policy = kache_webhook::Policy {
+        proxy_port: o.proxy_port,
+        ignore_registries: o
+            .ignore_registries
+            .iter()
+            .map(|p| kache_webhook::Pattern::registry(p))
+            .collect::<Result<_, _>>()
+            .context("--ignore-registry")?,
+        accept: o
+            .accept
+            .iter()
+            .map(|p| kache_webhook::Pattern::image(p))
+            .collect::<Result<_, _>>()
+            .context("--accept")?,
+        skip_mutable: o.skip_mutable,
+    };
+    let certs = kache_webhook::ReloadingCert::load(&o.tls_cert, &o.tls_key)
+        .context("loading the serving certificate")?;
+    let tls = kache_webhook::server_config(certs.clone())?;
+    let mut prom = PromRegistry::default();
+    let hook = kache_webhook::Webhook::new(policy, kache_webhook::WebhookMetrics::new(&mut prom));
+    let mut servers = JoinSet::new();
+    let listener = bind(o.listen, "the webhook").await?;
+    servers.spawn(async move {
+        kache_webhook::serve_tls(listener, tls, hook.router(), shutdown_signal())
+            .await
+            .context("webhook failed")
+    });
+    spawn_server(
+        &mut servers,
+        bind(o.metrics_listen, "metrics").await?,
+        ops_router(Arc::new(prom), || {}),
+        "metrics listener",
+    );
+    let watch = tokio::spawn(certs.watch(Duration::from_secs(1)));
+    tracing::info!(listen = %o.listen, metrics = %o.metrics_listen, cert = %o.tls_cert.display(), "webhook serving");
+    let first = servers.join_next().await;
+    watch.abort();
+    match first {
         Some(r) => r?,
         None => Ok(()),
     }

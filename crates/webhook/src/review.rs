@@ -1,0 +1,199 @@
+//! One AdmissionReview body in, the response body out: what `POST /mutate` does, without HTTP.
+//!
+//! A body that is not an AdmissionReview is an error (the server answers 400). Anything
+//! unexpected inside a valid review is answered `allowed` with no patch: the webhook never blocks
+//! a pod.
+
+use base64::Engine as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::rules::{self, Policy, Scope, Skipped};
+
+/// Why a body is not an AdmissionReview the webhook can answer.
+#[derive(Debug, thiserror::Error)]
+pub enum BadReview {
+    #[error("the body is not an AdmissionReview: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error(
+        "the body is a {kind:?} of {api_version:?}, not an AdmissionReview of admission.k8s.io"
+    )]
+    NotAReview { kind: String, api_version: String },
+    #[error("the AdmissionReview has no request")]
+    NoRequest,
+}
+
+/// Why a valid review was answered without looking at its containers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Unhandled {
+    /// The object is not a core/v1 Pod (the webhook configuration sent something else).
+    NotPod,
+    /// An operation or subresource the rules do not apply to (neither a create nor an update of
+    /// `pods/ephemeralcontainers`).
+    Operation,
+    /// The object is missing or does not read as a Pod.
+    BadObject,
+    /// The patch would not apply to the object as sent (a bug guard: an invalid patch would make
+    /// the API server fail the request).
+    BadPatch,
+}
+
+impl Unhandled {
+    /// The reason as a metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotPod => "not_pod",
+            Self::Operation => "operation",
+            Self::BadObject => "unparsable_object",
+            Self::BadPatch => "invalid_patch",
+        }
+    }
+}
+
+/// The answer to one review.
+#[derive(Debug)]
+pub struct Reviewed {
+    /// The AdmissionReview to send back (JSON).
+    pub body: Vec<u8>,
+    /// The request's uid.
+    pub uid: String,
+    /// Images rewritten.
+    pub rewritten: usize,
+    /// Containers left alone.
+    pub skipped: Vec<Skipped>,
+    /// The pod opted out with `kache.io/image-caching-policy: ignore`.
+    pub opted_out: bool,
+    /// Set when the review was answered without applying the rules, with a reason for the log.
+    pub unhandled: Option<(Unhandled, String)>,
+}
+
+/// Answers one AdmissionReview body under `policy`.
+pub fn review(body: &[u8], policy: &Policy) -> Result<Reviewed, BadReview> {
+    let mut doc: Value = serde_json::from_slice(body)?;
+    // The objects stay as sent: the patch is checked against exactly what the API server will
+    // apply it to, and an object that is not a Pod is no reason to refuse the review.
+    let mut take = |pointer: &str| {
+        doc.pointer_mut(pointer)
+            .map(Value::take)
+            .filter(|v| !v.is_null())
+    };
+    let object = take("/request/object");
+    let old_object = take("/request/oldObject");
+    let review: AdmissionReview<DynamicObject> = serde_json::from_value(doc)?;
+    if review.types.kind != "AdmissionReview"
+        || !review.types.api_version.starts_with("admission.k8s.io/")
+    {
+        return Err(BadReview::NotAReview {
+            kind: review.types.kind,
+            api_version: review.types.api_version,
+        });
+    }
+    let request: AdmissionRequest<DynamicObject> =
+        review.try_into().map_err(|_| BadReview::NoRequest)?;
+    let mut response = AdmissionResponse::from(&request);
+    let mut out = Reviewed {
+        body: Vec::new(),
+        uid: request.uid.clone(),
+        rewritten: 0,
+        skipped: Vec::new(),
+        opted_out: false,
+        unhandled: None,
+    };
+    match decide(&request, object, old_object, policy) {
+        Ok((rewrite, checked)) => {
+            out.rewritten = rewrite.rewritten;
+            out.skipped = rewrite.skipped;
+            out.opted_out = rewrite.opted_out;
+            if !rewrite.warnings.is_empty() {
+                response.warnings = Some(rewrite.warnings);
+            }
+            if let Some(patch) = checked {
+                response = response
+                    .with_patch(patch)
+                    .expect("a JSON patch of strings always serialises");
+            }
+        }
+        Err(unhandled) => out.unhandled = Some(unhandled),
+    }
+    out.body = encode(response);
+    Ok(out)
+}
+
+/// The answer as JSON, its patch base64-encoded: the form the API documents for `[]byte`
+/// (kube serialises the bytes as an array of numbers, which Go also decodes, at 3x the size).
+fn encode(response: AdmissionResponse) -> Vec<u8> {
+    let mut v =
+        serde_json::to_value(response.into_review()).expect("an AdmissionReview always serialises");
+    if let Some(patch) = v.pointer_mut("/response/patch") {
+        let bytes: Vec<u8> = serde_json::from_value(patch.take()).unwrap_or_default();
+        *patch = Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
+    }
+    serde_json::to_vec(&v).expect("a JSON value always serialises")
+}
+
+/// The rules' verdict and the patch to send (checked against the object as sent), or why the
+/// rules were not applied.
+fn decide(
+    request: &AdmissionRequest<DynamicObject>,
+    object: Option<Value>,
+    old_object: Option<Value>,
+    policy: &Policy,
+) -> Result<(rules::Rewrite, Option<json_patch::Patch>), (Unhandled, String)> {
+    let kind = &request.kind;
+    if !(kind.group.is_empty() && kind.version == "v1" && kind.kind == "Pod") {
+        return Err((
+            Unhandled::NotPod,
+            format!(
+                "object is {}/{} {}, not a Pod",
+                kind.group, kind.version, kind.kind
+            ),
+        ));
+    }
+    let ephemeral_update = request.operation == Operation::Update
+        && request.sub_resource.as_deref() == Some("ephemeralcontainers");
+    let create = request.operation == Operation::Create && request.sub_resource.is_none();
+    if !create && !ephemeral_update {
+        return Err((
+            Unhandled::Operation,
+            format!(
+                "{:?} of pods{} is not rewritten",
+                request.operation,
+                request
+                    .sub_resource
+                    .as_deref()
+                    .map(|s| format!("/{s}"))
+                    .unwrap_or_default()
+            ),
+        ));
+    }
+    let mut doc = object.ok_or_else(|| (Unhandled::BadObject, "no object".to_owned()))?;
+    let pod = as_pod(&doc, "object")?;
+    let old;
+    let scope = if ephemeral_update {
+        let old_doc =
+            old_object.ok_or_else(|| (Unhandled::BadObject, "no oldObject".to_owned()))?;
+        old = as_pod(&old_doc, "oldObject")?;
+        Scope::EphemeralUpdate { old: &old }
+    } else {
+        Scope::Create
+    };
+    let mut rewrite = rules::rewrite(&pod, policy, scope);
+    if rewrite.patch.0.is_empty() {
+        return Ok((rewrite, None));
+    }
+    json_patch::patch(&mut doc, &rewrite.patch).map_err(|e| {
+        (
+            Unhandled::BadPatch,
+            format!("the patch does not apply: {e}"),
+        )
+    })?;
+    let patch = std::mem::take(&mut rewrite.patch);
+    Ok((rewrite, Some(patch)))
+}
+
+fn as_pod(doc: &Value, field: &str) -> Result<Pod, (Unhandled, String)> {
+    Pod::deserialize(doc).map_err(|e| (Unhandled::BadObject, format!("{field} is not a Pod: {e}")))
+}

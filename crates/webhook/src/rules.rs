@@ -1,0 +1,1085 @@
+//! The rewrite rules: a Pod and a [`Policy`] in, a JSON patch out. Pure: no I/O, no clock.
+//!
+//! Every image the policy takes becomes `localhost:<port>/<cache repository>[:tag][@digest]`
+//! (`nginx` → `localhost:7439/docker.io/library/nginx:latest`). The pod gets the label
+//! `kache.io/managed: "true"` and, per rewritten container, an annotation holding the image as it
+//! was written; [`original_images`] reads them back.
+//!
+//! # Annotation keys
+//!
+//! `original-image.kache.io/<k>.<container>`, where `<k>` is `c` (containers), `i` (init
+//! containers) or `e` (ephemeral containers). The name part of a key may hold 63 characters and
+//! a container name may too, so `<k>.<container>` only fits names of up to 61 characters. A longer
+//! name (62 or 63 characters) keeps its head and packs its last 24 characters (`[a-z0-9-]`, base
+//! 37) into 21 base-62 characters behind a second `.`: `c.<head>.<packed>`, as long as the name
+//! itself. Container names never hold a `.`, so the two forms cannot meet, and the packing is a
+//! bijection, so keys are deterministic, never collide within a pod (names are unique there) and
+//! decode back to the container name without looking at the pod. A hash would have needed the pod
+//! to decode and would only make collisions unlikely.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use json_patch::jsonptr::PointerBuf;
+use json_patch::{AddOperation, Patch, PatchOperation, ReplaceOperation};
+use k8s_openapi::api::core::v1::Pod;
+use kache_oci::name::MAX_NAME_LEN;
+use kache_oci::{ImageReference, RepoName, split_cache_repository};
+use regex::Regex;
+use serde_json::Value;
+
+/// The port the node proxy listens on, on every node.
+pub const DEFAULT_PROXY_PORT: u16 = 7439;
+
+/// Label set on every pod with at least one rewritten image; the controller watches these.
+pub const MANAGED_LABEL: &str = "kache.io/managed";
+
+/// Pod label that, set to [`POLICY_IGNORE`], leaves the whole pod alone.
+pub const POLICY_LABEL: &str = "kache.io/image-caching-policy";
+
+/// The value of [`POLICY_LABEL`] that opts a pod out.
+pub const POLICY_IGNORE: &str = "ignore";
+
+/// Prefix of the annotations that keep each container's original image.
+pub const ORIGINAL_IMAGE_PREFIX: &str = "original-image.kache.io/";
+
+/// Which list of the pod spec a container is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ContainerKind {
+    /// `spec.containers`
+    Container,
+    /// `spec.initContainers`
+    Init,
+    /// `spec.ephemeralContainers`
+    Ephemeral,
+}
+
+impl ContainerKind {
+    const ALL: [ContainerKind; 3] = [Self::Container, Self::Init, Self::Ephemeral];
+
+    /// The field of the pod spec holding this kind (`initContainers`).
+    pub fn spec_field(self) -> &'static str {
+        match self {
+            Self::Container => "containers",
+            Self::Init => "initContainers",
+            Self::Ephemeral => "ephemeralContainers",
+        }
+    }
+
+    fn key_letter(self) -> char {
+        match self {
+            Self::Container => 'c',
+            Self::Init => 'i',
+            Self::Ephemeral => 'e',
+        }
+    }
+}
+
+impl fmt::Display for ContainerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Container => "container",
+            Self::Init => "init container",
+            Self::Ephemeral => "ephemeral container",
+        })
+    }
+}
+
+/// A pattern from `--accept` or `--ignore-registry`.
+///
+/// `regex:<re>` is a regular expression searched (unanchored) in the normalised reference
+/// (`docker.io/library/nginx:1.27`, with `@<digest>` when there is one), or in the registry host
+/// for `--ignore-registry`. Anything else is a glob, matched whole: `*` is any run of characters
+/// (`/` included), `?` one character. An image glob with a `/` matches the normalised name
+/// (`docker.io/library/*`); one without matches the registry host (`*.example.com`), as registry
+/// globs always do, with any port unless the glob names one.
+#[derive(Debug, Clone)]
+pub struct Pattern {
+    source: String,
+    regex: Regex,
+    target: Target,
+    /// A host glob without `:` also matches the host with its port cut off.
+    any_port: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Registry,
+    Name,
+    Reference,
+}
+
+/// A pattern that does not compile.
+#[derive(Debug, thiserror::Error)]
+#[error("pattern {pattern:?}: {source}")]
+pub struct PatternError {
+    pattern: String,
+    #[source]
+    source: regex::Error,
+}
+
+impl Pattern {
+    /// A pattern selecting images (`--accept`).
+    pub fn image(pattern: &str) -> Result<Self, PatternError> {
+        match pattern.strip_prefix("regex:") {
+            Some(re) => Self::compile(pattern, re, Target::Reference),
+            None if pattern.contains('/') => Self::glob(pattern, Target::Name),
+            None => Self::glob(pattern, Target::Registry),
+        }
+    }
+
+    /// A pattern selecting registry hosts (`--ignore-registry`): `quay.io`, `*.internal`.
+    pub fn registry(pattern: &str) -> Result<Self, PatternError> {
+        match pattern.strip_prefix("regex:") {
+            Some(re) => Self::compile(pattern, re, Target::Registry),
+            None => Self::glob(pattern, Target::Registry),
+        }
+    }
+
+    /// The pattern as it was given.
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    /// Whether the pattern selects `image`.
+    pub fn matches(&self, image: &ImageReference) -> bool {
+        match self.target {
+            Target::Registry => {
+                self.regex.is_match(&image.registry)
+                    || (self.any_port
+                        && image
+                            .registry
+                            .split_once(':')
+                            .is_some_and(|(host, _)| self.regex.is_match(host)))
+            }
+            Target::Name => self
+                .regex
+                .is_match(&format!("{}/{}", image.registry, image.repository)),
+            Target::Reference => self.regex.is_match(&image.to_string()),
+        }
+    }
+
+    fn glob(pattern: &str, target: Target) -> Result<Self, PatternError> {
+        // Names and hosts are lowercase once normalised; a glob written `Quay.io` still means it.
+        let lower = pattern.to_ascii_lowercase();
+        // Docker Hub's aliases normalise to docker.io, so a glob naming one must as well.
+        let lower = match lower.as_str() {
+            "index.docker.io" | "registry-1.docker.io" => "docker.io".to_owned(),
+            _ => lower,
+        };
+        let mut re = String::with_capacity(lower.len() + 8);
+        re.push('^');
+        let mut literal = String::new();
+        for c in lower.chars() {
+            if matches!(c, '*' | '?') {
+                re.push_str(&regex::escape(&literal));
+                literal.clear();
+                re.push_str(if c == '*' { ".*" } else { "." });
+            } else {
+                literal.push(c);
+            }
+        }
+        re.push_str(&regex::escape(&literal));
+        re.push('$');
+        let mut p = Self::compile(pattern, &re, target)?;
+        p.any_port = target == Target::Registry && !lower.contains(':');
+        Ok(p)
+    }
+
+    fn compile(source: &str, re: &str, target: Target) -> Result<Self, PatternError> {
+        let regex = Regex::new(re).map_err(|source| PatternError {
+            pattern: re.to_owned(),
+            source,
+        })?;
+        Ok(Pattern {
+            source: source.to_owned(),
+            regex,
+            target,
+            any_port: false,
+        })
+    }
+}
+
+/// What the webhook rewrites, from its flags.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// The node proxy's port on `localhost`.
+    pub proxy_port: u16,
+    /// Registries whose images are left alone.
+    pub ignore_registries: Vec<Pattern>,
+    /// When not empty, only images matching one of these are rewritten.
+    pub accept: Vec<Pattern>,
+    /// Leave mutable images alone: `imagePullPolicy: Always`, or tag `latest` (or none), unless a
+    /// digest pins them.
+    pub skip_mutable: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            proxy_port: DEFAULT_PROXY_PORT,
+            ignore_registries: Vec::new(),
+            accept: Vec::new(),
+            skip_mutable: false,
+        }
+    }
+}
+
+/// Which containers a request may change.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    /// A pod being created: every container of every kind.
+    Create,
+    /// An update through `pods/ephemeralcontainers`: only the ephemeral containers that `old`
+    /// does not have yet. Existing ones must not change (the API server refuses that), and nothing
+    /// else may change through this subresource.
+    EphemeralUpdate {
+        /// The pod before the update.
+        old: &'a Pod,
+    },
+}
+
+/// Why an image was left as it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SkipReason {
+    /// The image already points at the proxy (a second admission).
+    AlreadyProxied,
+    /// The image is on a loopback registry (`localhost:5000/...`): node-local, nothing to cache.
+    LocalRegistry,
+    /// The registry is in `--ignore-registry`.
+    IgnoredRegistry,
+    /// `--accept` is set and no pattern matches.
+    NotAccepted,
+    /// `imagePullPolicy: Never`: the image must already be on the node.
+    PullNever,
+    /// `--skip-mutable` and the image is mutable.
+    Mutable,
+    /// The container has no image (the API server will refuse the pod).
+    NoImage,
+    /// The container name is not a DNS label (the API server will refuse the pod).
+    InvalidContainerName,
+    /// The image is not a reference kache can parse. Warned about.
+    Unparsable,
+    /// The rewritten reference would be longer than references may be. Warned about.
+    TooLong,
+}
+
+impl SkipReason {
+    /// The reason as a metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AlreadyProxied => "already_proxied",
+            Self::LocalRegistry => "local_registry",
+            Self::IgnoredRegistry => "ignored_registry",
+            Self::NotAccepted => "not_accepted",
+            Self::PullNever => "pull_never",
+            Self::Mutable => "mutable",
+            Self::NoImage => "no_image",
+            Self::InvalidContainerName => "invalid_container_name",
+            Self::Unparsable => "unparsable",
+            Self::TooLong => "too_long",
+        }
+    }
+}
+
+/// A container left as it was, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub kind: ContainerKind,
+    pub container: String,
+    pub reason: SkipReason,
+}
+
+/// What [`rewrite`] decided for one pod.
+#[derive(Debug, Clone, Default)]
+pub struct Rewrite {
+    /// The JSON patch to apply to the pod as the API server sent it; empty when nothing changes.
+    pub patch: Patch,
+    /// How many images were rewritten.
+    pub rewritten: usize,
+    /// Containers left alone (none listed when the pod opted out).
+    pub skipped: Vec<Skipped>,
+    /// What the user should know (returned as admission warnings).
+    pub warnings: Vec<String>,
+    /// The pod carries `kache.io/image-caching-policy: ignore`: nothing was looked at.
+    pub opted_out: bool,
+}
+
+/// Computes the patch that points `pod`'s images at the proxy, under `policy`.
+///
+/// Applying the patch and rewriting the result again yields an empty patch.
+pub fn rewrite(pod: &Pod, policy: &Policy, scope: Scope<'_>) -> Rewrite {
+    let mut out = Rewrite::default();
+    let labels = pod.metadata.labels.as_ref();
+    if labels.and_then(|l| l.get(POLICY_LABEL)).map(String::as_str) == Some(POLICY_IGNORE) {
+        out.opted_out = true;
+        return out;
+    }
+    let existing_ephemeral: Vec<&str> = match scope {
+        Scope::Create => Vec::new(),
+        Scope::EphemeralUpdate { old } => containers(old)
+            .filter(|c| c.kind == ContainerKind::Ephemeral)
+            .map(|c| c.name)
+            .collect(),
+    };
+    let mut ops = Vec::new();
+    let mut originals = BTreeMap::new();
+    for c in containers(pod) {
+        match scope {
+            Scope::Create => {}
+            Scope::EphemeralUpdate { .. } => {
+                if c.kind != ContainerKind::Ephemeral || existing_ephemeral.contains(&c.name) {
+                    continue;
+                }
+            }
+        }
+        match decide(&c, policy) {
+            Ok(new_image) => {
+                ops.push(PatchOperation::Replace(ReplaceOperation {
+                    path: PointerBuf::from_tokens([
+                        "spec",
+                        c.kind.spec_field(),
+                        &c.index.to_string(),
+                        "image",
+                    ]),
+                    value: Value::String(new_image),
+                }));
+                if let (Some(key), Some(image)) = (annotation_key(c.kind, c.name), c.image) {
+                    originals.insert(key, image.to_owned());
+                }
+                out.rewritten += 1;
+            }
+            Err((reason, warning)) => {
+                out.skipped.push(Skipped {
+                    kind: c.kind,
+                    container: c.name.to_owned(),
+                    reason,
+                });
+                out.warnings.extend(warning);
+            }
+        }
+    }
+    if out.rewritten == 0 {
+        return out;
+    }
+    let mut managed = BTreeMap::new();
+    if labels
+        .and_then(|l| l.get(MANAGED_LABEL))
+        .map(String::as_str)
+        != Some("true")
+    {
+        managed.insert(MANAGED_LABEL.to_owned(), "true".to_owned());
+    }
+    add_to_map(&mut ops, "labels", labels.is_some(), managed);
+    let annotations = pod.metadata.annotations.as_ref();
+    originals.retain(|k, v| annotations.and_then(|a| a.get(k)) != Some(v));
+    add_to_map(&mut ops, "annotations", annotations.is_some(), originals);
+    out.patch = Patch(ops);
+    out
+}
+
+/// Adds `entries` to `metadata.<field>`: key by key when the map exists (`/` in keys escaped as
+/// `~1`), as a whole map when it does not (a pointer into a missing map would not apply).
+fn add_to_map(
+    ops: &mut Vec<PatchOperation>,
+    field: &str,
+    exists: bool,
+    entries: BTreeMap<String, String>,
+) {
+    if entries.is_empty() {
+        return;
+    }
+    if exists {
+        for (k, v) in entries {
+            ops.push(PatchOperation::Add(AddOperation {
+                path: PointerBuf::from_tokens(["metadata", field, &k]),
+                value: Value::String(v),
+            }));
+        }
+    } else {
+        let map = entries
+            .into_iter()
+            .map(|(k, v)| (k, Value::String(v)))
+            .collect();
+        ops.push(PatchOperation::Add(AddOperation {
+            path: PointerBuf::from_tokens(["metadata", field]),
+            value: Value::Object(map),
+        }));
+    }
+}
+
+/// One container of any kind, with what the rules read from it.
+struct ContainerRef<'a> {
+    kind: ContainerKind,
+    index: usize,
+    name: &'a str,
+    image: Option<&'a str>,
+    pull_policy: Option<&'a str>,
+}
+
+fn containers(pod: &Pod) -> impl Iterator<Item = ContainerRef<'_>> {
+    let spec = pod.spec.as_ref();
+    let regular = spec
+        .into_iter()
+        .flat_map(|s| s.containers.iter().enumerate())
+        .map(|(index, c)| ContainerRef {
+            kind: ContainerKind::Container,
+            index,
+            name: &c.name,
+            image: c.image.as_deref(),
+            pull_policy: c.image_pull_policy.as_deref(),
+        });
+    let init = spec
+        .and_then(|s| s.init_containers.as_ref())
+        .into_iter()
+        .flat_map(|v| v.iter().enumerate())
+        .map(|(index, c)| ContainerRef {
+            kind: ContainerKind::Init,
+            index,
+            name: &c.name,
+            image: c.image.as_deref(),
+            pull_policy: c.image_pull_policy.as_deref(),
+        });
+    let ephemeral = spec
+        .and_then(|s| s.ephemeral_containers.as_ref())
+        .into_iter()
+        .flat_map(|v| v.iter().enumerate())
+        .map(|(index, c)| ContainerRef {
+            kind: ContainerKind::Ephemeral,
+            index,
+            name: &c.name,
+            image: c.image.as_deref(),
+            pull_policy: c.image_pull_policy.as_deref(),
+        });
+    regular.chain(init).chain(ephemeral)
+}
+
+/// The rewritten image, or why not (with a warning when the user should hear about it).
+fn decide(c: &ContainerRef<'_>, policy: &Policy) -> Result<String, (SkipReason, Option<String>)> {
+    let image = match c.image {
+        Some(i) if !i.is_empty() => i,
+        _ => return Err((SkipReason::NoImage, None)),
+    };
+    if on_proxy(image, policy.proxy_port) {
+        return Err((SkipReason::AlreadyProxied, None));
+    }
+    if !is_dns_label(c.name) {
+        return Err((SkipReason::InvalidContainerName, None));
+    }
+    if c.pull_policy == Some("Never") {
+        return Err((SkipReason::PullNever, None));
+    }
+    if is_loopback_registry(image) {
+        return Err((SkipReason::LocalRegistry, None));
+    }
+    let reference: ImageReference = image.parse().map_err(|e| {
+        (
+            SkipReason::Unparsable,
+            Some(warning(format!(
+                "kache: {} {:?}: image not cached, left as is: {e}",
+                c.kind, c.name
+            ))),
+        )
+    })?;
+    if policy
+        .ignore_registries
+        .iter()
+        .any(|p| p.matches(&reference))
+    {
+        return Err((SkipReason::IgnoredRegistry, None));
+    }
+    if !policy.accept.is_empty() && !policy.accept.iter().any(|p| p.matches(&reference)) {
+        return Err((SkipReason::NotAccepted, None));
+    }
+    if policy.skip_mutable && is_mutable(&reference, c.pull_policy) {
+        return Err((SkipReason::Mutable, None));
+    }
+    let name = format!(
+        "localhost:{}/{}",
+        policy.proxy_port,
+        reference.cache_repository()
+    );
+    if name.len() > MAX_NAME_LEN {
+        return Err((
+            SkipReason::TooLong,
+            Some(warning(format!(
+                "kache: {} {:?}: image not cached, left as is: its name through the proxy would be {} characters, over the limit of {MAX_NAME_LEN}",
+                c.kind,
+                c.name,
+                name.len()
+            ))),
+        ));
+    }
+    let mut out = name;
+    if let Some(t) = &reference.tag {
+        out.push(':');
+        out.push_str(t.as_str());
+    }
+    if let Some(d) = &reference.digest {
+        out.push('@');
+        out.push_str(&d.to_string());
+    }
+    Ok(out)
+}
+
+/// Longest warning kept whole: the API server may truncate longer ones.
+const MAX_WARNING: usize = 256;
+
+/// Cuts `w` to [`MAX_WARNING`] bytes (on a character boundary), marking the cut.
+fn warning(mut w: String) -> String {
+    if w.len() > MAX_WARNING {
+        let mut end = MAX_WARNING - '…'.len_utf8();
+        while !w.is_char_boundary(end) {
+            end -= 1;
+        }
+        w.truncate(end);
+        w.push('…');
+    }
+    w
+}
+
+fn is_mutable(reference: &ImageReference, pull_policy: Option<&str>) -> bool {
+    reference.digest.is_none()
+        && (pull_policy == Some("Always")
+            || reference
+                .tag
+                .as_ref()
+                .is_none_or(|t| t.as_str() == "latest"))
+}
+
+/// Whether `image` already points at the proxy on `port` (written either way the node reaches it).
+fn on_proxy(image: &str, port: u16) -> bool {
+    ["localhost", "127.0.0.1", "[::1]"].iter().any(|host| {
+        image
+            .strip_prefix(host)
+            .and_then(|r| r.strip_prefix(':'))
+            .and_then(|r| r.strip_prefix(port.to_string().as_str()))
+            .is_some_and(|r| r.starts_with('/'))
+    })
+}
+
+/// Whether the first component of `image` names a registry on the node's loopback. The cache
+/// would fetch such a name from the registry pod's own loopback, which is not the node's.
+fn is_loopback_registry(image: &str) -> bool {
+    let Some((first, _)) = image.split_once('/') else {
+        return false;
+    };
+    let host = match first.strip_prefix('[') {
+        Some(v6) => return v6.starts_with("::1]"),
+        None => first.split(':').next().unwrap_or(first),
+    };
+    host.eq_ignore_ascii_case("localhost") || host.starts_with("127.")
+}
+
+/// Kubernetes' DNS-1123 label: what container names must be.
+fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// Longest container name written verbatim after `<k>.` within the 63-character name part.
+const VERBATIM_MAX: usize = 61;
+/// How many trailing characters of a long name are packed, and into how many.
+const PACKED_FROM: usize = 24;
+const PACKED_TO: usize = 21;
+/// A container name's alphabet, in the order of its base-37 digits.
+const NAME_DIGITS: &[u8; 37] = b"0123456789abcdefghijklmnopqrstuvwxyz-";
+/// The packed form's alphabet, all allowed anywhere in a key's name part.
+const KEY_DIGITS: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// The annotation key that keeps the original image of container `name` of `kind` (see the
+/// module documentation for the scheme). `None` when `name` is not a valid container name.
+pub fn annotation_key(kind: ContainerKind, name: &str) -> Option<String> {
+    if !is_dns_label(name) {
+        return None;
+    }
+    let mut key = String::with_capacity(ORIGINAL_IMAGE_PREFIX.len() + 2 + name.len());
+    key.push_str(ORIGINAL_IMAGE_PREFIX);
+    key.push(kind.key_letter());
+    key.push('.');
+    if name.len() <= VERBATIM_MAX {
+        key.push_str(name);
+    } else {
+        let (head, tail) = name.split_at(name.len() - PACKED_FROM);
+        key.push_str(head);
+        key.push('.');
+        key.push_str(&pack(tail));
+    }
+    Some(key)
+}
+
+/// The container an annotation key of [`annotation_key`] names; `None` for any other key.
+pub fn parse_annotation_key(key: &str) -> Option<(ContainerKind, String)> {
+    let rest = key.strip_prefix(ORIGINAL_IMAGE_PREFIX)?;
+    let (letter, rest) = rest.split_once('.')?;
+    let kind = ContainerKind::ALL
+        .into_iter()
+        .find(|k| letter.len() == 1 && letter.starts_with(k.key_letter()))?;
+    let name = match rest.split_once('.') {
+        None => rest.to_owned(),
+        Some((head, packed)) => format!("{head}{}", unpack(packed)?),
+    };
+    // Only the canonical key of a name decodes to it: no two keys name one container.
+    (annotation_key(kind, &name).as_deref() == Some(key)).then_some((kind, name))
+}
+
+/// Base 37 (container name characters) to fixed-width base 62. 37^24 < 62^21 < 2^128.
+fn pack(tail: &str) -> String {
+    let mut n: u128 = 0;
+    for b in tail.bytes() {
+        let d = NAME_DIGITS.iter().position(|&x| x == b).unwrap_or(0);
+        n = n * 37 + d as u128;
+    }
+    let mut out = [0u8; PACKED_TO];
+    for slot in out.iter_mut().rev() {
+        *slot = KEY_DIGITS[(n % 62) as usize];
+        n /= 62;
+    }
+    out.iter().map(|&b| b as char).collect()
+}
+
+fn unpack(packed: &str) -> Option<String> {
+    if packed.len() != PACKED_TO {
+        return None;
+    }
+    let mut n: u128 = 0;
+    for b in packed.bytes() {
+        let d = KEY_DIGITS.iter().position(|&x| x == b)?;
+        n = n.checked_mul(62)?.checked_add(d as u128)?;
+    }
+    let mut out = [0u8; PACKED_FROM];
+    for slot in out.iter_mut().rev() {
+        *slot = NAME_DIGITS[(n % 37) as usize];
+        n /= 37;
+    }
+    // A remainder means the packed value exceeds any 24-character name.
+    (n == 0).then(|| out.iter().map(|&b| b as char).collect())
+}
+
+/// The original image of every container now pulled through a kache proxy, in pod order:
+/// `(kind, container name, image)`.
+///
+/// The image is the annotation's (as written in the pod spec before the rewrite). Without an
+/// annotation (the API server keeps only `spec.ephemeralContainers` of an update through
+/// `pods/ephemeralcontainers`, so metadata added there is dropped), it is decoded from the
+/// rewritten reference, normalised (`docker.io/library/nginx:1.27`). Containers whose image is
+/// not on a proxy (`localhost:<port>/<cache repository>`, or `127.0.0.1:<port>/...`) are not
+/// listed, whatever the annotations say.
+pub fn original_images(pod: &Pod) -> Vec<(ContainerKind, String, String)> {
+    let annotations = pod.metadata.annotations.as_ref();
+    containers(pod)
+        .filter_map(|c| {
+            let upstream = upstream_of_proxied(c.image?)?;
+            let recorded = annotation_key(c.kind, c.name)
+                .and_then(|k| annotations.and_then(|a| a.get(&k)))
+                .cloned();
+            Some((c.kind, c.name.to_owned(), recorded.unwrap_or(upstream)))
+        })
+        .collect()
+}
+
+/// `localhost:7439/registry_5000/x:1` → `registry:5000/x:1`; `None` unless `image` is a proxy
+/// reference (any port) naming a cache repository.
+fn upstream_of_proxied(image: &str) -> Option<String> {
+    let r: ImageReference = image.parse().ok()?;
+    let (host, port) = r.registry.split_once(':')?;
+    if !(host == "localhost" || host == "127.0.0.1") || port.is_empty() {
+        return None;
+    }
+    let repo: RepoName = r.repository.parse().ok()?;
+    let (registry, path) = split_cache_repository(&repo)?;
+    let mut out = format!("{registry}/{path}");
+    if let Some(t) = &r.tag {
+        out.push(':');
+        out.push_str(t.as_str());
+    }
+    if let Some(d) = &r.digest {
+        out.push('@');
+        out.push_str(&d.to_string());
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{Container, EphemeralContainer, PodSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    const HEX: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    fn pod(images: &[(&str, &str, Option<&str>)]) -> Pod {
+        Pod {
+            metadata: ObjectMeta::default(),
+            spec: Some(PodSpec {
+                containers: images
+                    .iter()
+                    .map(|(name, image, policy)| Container {
+                        name: (*name).into(),
+                        image: Some((*image).into()),
+                        image_pull_policy: policy.map(Into::into),
+                        ..Container::default()
+                    })
+                    .collect(),
+                ..PodSpec::default()
+            }),
+            status: None,
+        }
+    }
+
+    /// The image of container 0 after applying the patch, or `None` when it is unchanged.
+    fn rewritten(image: &str, policy: &Policy) -> Option<String> {
+        rewritten_with(image, None, policy)
+    }
+
+    fn rewritten_with(image: &str, pull: Option<&str>, policy: &Policy) -> Option<String> {
+        let p = pod(&[("app", image, pull)]);
+        let r = rewrite(&p, policy, Scope::Create);
+        if r.rewritten == 0 {
+            assert!(r.patch.0.is_empty());
+            return None;
+        }
+        let mut doc = serde_json::to_value(&p).unwrap();
+        json_patch::patch(&mut doc, &r.patch).unwrap();
+        Some(doc["spec"]["containers"][0]["image"].as_str()?.to_owned())
+    }
+
+    #[test]
+    fn rewrites_to_the_proxy() {
+        let p = Policy::default();
+        let d = format!("sha256:{HEX}");
+        let cases = [
+            (
+                "nginx",
+                "localhost:7439/docker.io/library/nginx:latest".to_owned(),
+            ),
+            (
+                "nginx:1.27",
+                "localhost:7439/docker.io/library/nginx:1.27".into(),
+            ),
+            ("ghcr.io/o/a:1", "localhost:7439/ghcr.io/o/a:1".into()),
+            (
+                &format!("registry:5000/x@{d}"),
+                format!("localhost:7439/registry_5000/x@{d}"),
+            ),
+            (
+                &format!("nginx:1.27@{d}"),
+                format!("localhost:7439/docker.io/library/nginx:1.27@{d}"),
+            ),
+            (
+                "index.docker.io/bitnami/redis:7",
+                "localhost:7439/docker.io/bitnami/redis:7".into(),
+            ),
+        ];
+        for (image, want) in cases {
+            assert_eq!(
+                rewritten(image, &p).as_deref(),
+                Some(want.as_str()),
+                "{image}"
+            );
+        }
+        let other_port = Policy {
+            proxy_port: 17439,
+            ..Policy::default()
+        };
+        assert_eq!(
+            rewritten("nginx", &other_port).as_deref(),
+            Some("localhost:17439/docker.io/library/nginx:latest")
+        );
+    }
+
+    #[test]
+    fn leaves_alone() {
+        let p = Policy::default();
+        for image in [
+            "localhost:7439/docker.io/library/nginx:latest",
+            "127.0.0.1:7439/ghcr.io/o/a:1",
+            "[::1]:7439/ghcr.io/o/a:1",
+            "localhost:5000/team/app:1",
+            "127.0.0.1:5000/app",
+            "localhost/app",
+        ] {
+            assert_eq!(rewritten(image, &p), None, "{image}");
+        }
+        assert_eq!(rewritten_with("nginx:1", Some("Never"), &p), None);
+        assert!(rewritten_with("nginx:1", Some("IfNotPresent"), &p).is_some());
+        // Not the proxy: another port on localhost is a node-local registry, left alone too.
+        let r = rewrite(
+            &pod(&[("a", "localhost:7440/docker.io/x", None)]),
+            &p,
+            Scope::Create,
+        );
+        assert_eq!(r.skipped[0].reason, SkipReason::LocalRegistry);
+    }
+
+    #[test]
+    fn warns_about_what_it_cannot_rewrite() {
+        let p = Policy::default();
+        let long = format!("ghcr.io/{}:1", "a".repeat(240));
+        let r = rewrite(
+            &pod(&[
+                ("up", "Nginx", None),
+                ("long", &long, None),
+                ("ok", "nginx", None),
+            ]),
+            &p,
+            Scope::Create,
+        );
+        assert_eq!(r.rewritten, 1);
+        let reasons: Vec<_> = r.skipped.iter().map(|s| s.reason).collect();
+        assert_eq!(reasons, [SkipReason::Unparsable, SkipReason::TooLong]);
+        assert_eq!(r.warnings.len(), 2, "{:?}", r.warnings);
+        assert!(r.warnings[0].contains("\"up\"") && r.warnings[0].contains("lowercase"));
+        assert!(r.warnings[1].contains("\"long\"") && r.warnings[1].contains("255"));
+        let r = rewrite(
+            &pod(&[("x", &format!("{}:1", "A".repeat(300)), None)]),
+            &p,
+            Scope::Create,
+        );
+        assert!(r.warnings[0].len() <= MAX_WARNING && r.warnings[0].ends_with('…'));
+    }
+
+    #[test]
+    fn policy_patterns() {
+        let with = |ignore: &[&str], accept: &[&str]| Policy {
+            ignore_registries: ignore
+                .iter()
+                .map(|p| Pattern::registry(p).unwrap())
+                .collect(),
+            accept: accept.iter().map(|p| Pattern::image(p).unwrap()).collect(),
+            ..Policy::default()
+        };
+        let p = with(&["quay.io", "*.internal", "Index.Docker.IO"], &[]);
+        assert_eq!(rewritten("quay.io/a/b", &p), None);
+        assert_eq!(rewritten("reg.corp.internal:5000/a", &p), None);
+        assert_eq!(rewritten("nginx", &p), None, "docker.io aliases normalise");
+        assert!(rewritten("ghcr.io/a/b", &p).is_some());
+        assert!(
+            rewritten("quay.io.evil.com/a", &p).is_some(),
+            "globs match whole"
+        );
+
+        let p = with(
+            &[],
+            &[
+                "*.example.com",
+                "docker.io/library/*",
+                "regex:^ghcr\\.io/o/.*:v[0-9]+$",
+            ],
+        );
+        assert!(rewritten("reg.example.com/x", &p).is_some());
+        assert!(rewritten("nginx", &p).is_some());
+        assert!(rewritten("ghcr.io/o/a:v1", &p).is_some());
+        assert_eq!(rewritten("ghcr.io/o/a:latest", &p), None);
+        assert_eq!(rewritten("bitnami/redis", &p), None);
+        assert_eq!(rewritten("example.com/x", &p), None);
+
+        let r = rewrite(
+            &pod(&[("a", "quay.io/x", None)]),
+            &with(&[], &["ghcr.io"]),
+            Scope::Create,
+        );
+        assert_eq!(r.skipped[0].reason, SkipReason::NotAccepted);
+        assert!(r.warnings.is_empty(), "policy is not a warning");
+        assert!(Pattern::image("regex:(").is_err());
+    }
+
+    #[test]
+    fn skip_mutable() {
+        let p = Policy {
+            skip_mutable: true,
+            ..Policy::default()
+        };
+        assert_eq!(rewritten("nginx", &p), None);
+        assert_eq!(rewritten("nginx:latest", &p), None);
+        assert_eq!(rewritten_with("nginx:1.27", Some("Always"), &p), None);
+        assert!(rewritten_with("nginx:1.27", Some("IfNotPresent"), &p).is_some());
+        assert!(rewritten(&format!("nginx@sha256:{HEX}"), &p).is_some());
+        assert!(
+            rewritten_with(&format!("nginx:latest@sha256:{HEX}"), Some("Always"), &p).is_some()
+        );
+        assert!(
+            rewritten("nginx", &Policy::default()).is_some(),
+            "off by default"
+        );
+    }
+
+    #[test]
+    fn opt_out_label() {
+        let mut p = pod(&[("a", "nginx", None)]);
+        p.metadata.labels = Some([(POLICY_LABEL.to_owned(), "ignore".to_owned())].into());
+        let r = rewrite(&p, &Policy::default(), Scope::Create);
+        assert!(r.patch.0.is_empty() && r.warnings.is_empty() && r.skipped.is_empty());
+        assert!(r.opted_out);
+    }
+
+    #[test]
+    fn ephemeral_update_touches_only_new_ephemeral_containers() {
+        let mut old = pod(&[("app", "nginx", None)]);
+        let e = |name: &str, image: &str| EphemeralContainer {
+            name: name.into(),
+            image: Some(image.into()),
+            ..EphemeralContainer::default()
+        };
+        old.spec.as_mut().unwrap().ephemeral_containers = Some(vec![e("debug1", "busybox")]);
+        let mut new = old.clone();
+        new.spec
+            .as_mut()
+            .unwrap()
+            .ephemeral_containers
+            .as_mut()
+            .unwrap()
+            .push(e("debug2", "busybox:1.36"));
+        let r = rewrite(
+            &new,
+            &Policy::default(),
+            Scope::EphemeralUpdate { old: &old },
+        );
+        assert_eq!(r.rewritten, 1);
+        let mut doc = serde_json::to_value(&new).unwrap();
+        json_patch::patch(&mut doc, &r.patch).unwrap();
+        let spec = &doc["spec"];
+        assert_eq!(spec["containers"][0]["image"], "nginx");
+        assert_eq!(spec["ephemeralContainers"][0]["image"], "busybox");
+        assert_eq!(
+            spec["ephemeralContainers"][1]["image"],
+            "localhost:7439/docker.io/library/busybox:1.36"
+        );
+        assert_eq!(
+            doc["metadata"]["annotations"]["original-image.kache.io/e.debug2"],
+            "busybox:1.36"
+        );
+    }
+
+    #[test]
+    fn annotation_keys() {
+        let n61 = "a".repeat(61);
+        let n62 = format!("{}-{}", "x".repeat(30), "9".repeat(31));
+        let n63 = format!("z{}", "-".repeat(61)) + "0";
+        assert_eq!(
+            annotation_key(ContainerKind::Container, "app").as_deref(),
+            Some("original-image.kache.io/c.app")
+        );
+        assert_eq!(
+            annotation_key(ContainerKind::Init, &n61),
+            Some(format!("original-image.kache.io/i.{n61}"))
+        );
+        assert_eq!(annotation_key(ContainerKind::Container, "Bad_Name"), None);
+        assert_eq!(
+            annotation_key(ContainerKind::Container, &"a".repeat(64)),
+            None
+        );
+        let qualified_name = Regex::new("^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$").unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for name in [
+            "a",
+            "app",
+            "0",
+            &n61,
+            &n62,
+            &n63,
+            &"9".repeat(63),
+            &"-".repeat(61),
+        ] {
+            for kind in ContainerKind::ALL {
+                let Some(key) = annotation_key(kind, name) else {
+                    assert!(!is_dns_label(name));
+                    continue;
+                };
+                let part = key.strip_prefix(ORIGINAL_IMAGE_PREFIX).unwrap();
+                assert!(part.len() <= 63, "{part}");
+                assert!(qualified_name.is_match(part), "{part}");
+                assert_eq!(
+                    parse_annotation_key(&key),
+                    Some((kind, name.to_owned())),
+                    "{key}"
+                );
+                assert!(seen.insert(key), "keys are unique");
+            }
+        }
+        // 37^24 fits in 21 base-62 digits, and the extremes survive the round trip.
+        assert!(37u128.pow(PACKED_FROM as u32) <= 62u128.pow(PACKED_TO as u32));
+        assert_eq!(unpack(&pack(&"-".repeat(24))).unwrap(), "-".repeat(24));
+        assert_eq!(unpack(&pack(&"0".repeat(24))).unwrap(), "0".repeat(24));
+        // Two long names differing in one packed character get different keys.
+        let a = format!("{}a", "b".repeat(62));
+        let b = format!("{}c", "b".repeat(62));
+        assert_ne!(
+            annotation_key(ContainerKind::Container, &a),
+            annotation_key(ContainerKind::Container, &b)
+        );
+        for bad in [
+            "original-image.kache.io/x.app",
+            "original-image.kache.io/c.",
+            "original-image.kache.io/c.App",
+            "original-image.kache.io/c.aa.zzzzzzzzzzzzzzzzzzzzz",
+            "original-image.kache.io/c.aa.000000000000000000000",
+            "other.io/c.app",
+            "original-image.kache.io/cc.app",
+        ] {
+            assert_eq!(parse_annotation_key(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn reads_original_images_back() {
+        let p = Policy::default();
+        let name63 = "n".repeat(63);
+        let mut pd = pod(&[
+            ("a", "nginx:1.27", None),
+            (&name63, "registry:5000/x:2", None),
+            ("keep", "localhost:5000/x", None),
+        ]);
+        pd.spec.as_mut().unwrap().init_containers = Some(vec![Container {
+            name: "a".into(),
+            image: Some("busybox".into()),
+            ..Container::default()
+        }]);
+        let r = rewrite(&pd, &p, Scope::Create);
+        let mut doc = serde_json::to_value(&pd).unwrap();
+        json_patch::patch(&mut doc, &r.patch).unwrap();
+        let patched: Pod = serde_json::from_value(doc).unwrap();
+        let want = vec![
+            (
+                ContainerKind::Container,
+                "a".to_owned(),
+                "nginx:1.27".to_owned(),
+            ),
+            (
+                ContainerKind::Container,
+                name63.clone(),
+                "registry:5000/x:2".to_owned(),
+            ),
+            (ContainerKind::Init, "a".to_owned(), "busybox".to_owned()),
+        ];
+        assert_eq!(original_images(&patched), want);
+        // Without annotations, the rewritten references still tell.
+        let mut bare = patched.clone();
+        bare.metadata.annotations = None;
+        assert_eq!(
+            original_images(&bare),
+            vec![
+                (
+                    ContainerKind::Container,
+                    "a".to_owned(),
+                    "docker.io/library/nginx:1.27".to_owned()
+                ),
+                (
+                    ContainerKind::Container,
+                    name63,
+                    "registry:5000/x:2".to_owned()
+                ),
+                (
+                    ContainerKind::Init,
+                    "a".to_owned(),
+                    "docker.io/library/busybox:latest".to_owned()
+                ),
+            ]
+        );
+    }
+}

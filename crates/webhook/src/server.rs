@@ -1,0 +1,212 @@
+//! The admission server: `POST /mutate` over TLS, with metrics.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
+
+use crate::review::review;
+use crate::rules::Policy;
+
+/// Largest AdmissionReview accepted; the API server caps objects at 3 MiB (etcd's limit) plus
+/// the review's envelope.
+pub const MAX_BODY: usize = 4 * 1024 * 1024;
+
+/// A TLS handshake that takes longer than this is dropped, so idle sockets cannot pile up.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Open connections get this long to finish after shutdown is asked for.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// The webhook's metric handles (`kache_webhook_*`). Cloning shares them.
+#[derive(Clone, Debug)]
+pub struct WebhookMetrics {
+    reviews: Counter,
+    patched: Counter,
+    skipped: Family<ReasonLabel, Counter>,
+    duration: Histogram,
+}
+
+impl WebhookMetrics {
+    /// Registers the metrics in `registry`.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = WebhookMetrics {
+            reviews: Counter::default(),
+            patched: Counter::default(),
+            skipped: Family::default(),
+            // 50 µs .. ~0.8 s
+            duration: Histogram::new(exponential_buckets(0.00005, 2.0, 15)),
+        };
+        let r = registry.sub_registry_with_prefix("kache_webhook");
+        r.register(
+            "reviews",
+            "AdmissionReviews answered (bodies that were not one are not counted)",
+            m.reviews.clone(),
+        );
+        r.register(
+            "patched",
+            "AdmissionReviews answered with a patch",
+            m.patched.clone(),
+        );
+        r.register(
+            "skipped",
+            "Images left as they were (or whole reviews: not_pod, operation, unparsable_object, invalid_patch, pod_opt_out), by reason",
+            m.skipped.clone(),
+        );
+        r.register(
+            "review_duration_seconds",
+            "Time to answer one AdmissionReview, from the body read to the answer",
+            m.duration.clone(),
+        );
+        m
+    }
+
+    fn skip(&self, reason: &'static str) {
+        self.skipped.get_or_create(&ReasonLabel { reason }).inc();
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    policy: Policy,
+    metrics: WebhookMetrics,
+}
+
+/// The `/mutate` endpoint over a policy.
+#[derive(Clone, Debug)]
+pub struct Webhook(Arc<Inner>);
+
+impl Webhook {
+    pub fn new(policy: Policy, metrics: WebhookMetrics) -> Self {
+        Webhook(Arc::new(Inner { policy, metrics }))
+    }
+
+    /// `POST /mutate`, bodies up to [`MAX_BODY`] (larger ones get 413).
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/mutate", post(mutate))
+            .layer(DefaultBodyLimit::max(MAX_BODY))
+            .with_state(self.clone())
+    }
+}
+
+async fn mutate(State(hook): State<Webhook>, body: Bytes) -> Response {
+    let start = Instant::now();
+    let m = &hook.0.metrics;
+    let reviewed = match review(&body, &hook.0.policy) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!(error = %e, "refused a request to /mutate");
+            return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response();
+        }
+    };
+    m.reviews.inc();
+    if reviewed.rewritten > 0 {
+        m.patched.inc();
+    }
+    for s in &reviewed.skipped {
+        m.skip(s.reason.as_str());
+    }
+    if reviewed.opted_out {
+        m.skip("pod_opt_out");
+    }
+    match &reviewed.unhandled {
+        Some((reason, why)) => {
+            m.skip(reason.as_str());
+            tracing::info!(uid = %reviewed.uid, reason = reason.as_str(), %why, "allowed without a patch");
+        }
+        None => tracing::debug!(
+            uid = %reviewed.uid,
+            rewritten = reviewed.rewritten,
+            skipped = ?reviewed.skipped,
+            "reviewed"
+        ),
+    }
+    m.duration.observe(start.elapsed().as_secs_f64());
+    ([(header::CONTENT_TYPE, "application/json")], reviewed.body).into_response()
+}
+
+/// Serves `app` over TLS on `listener` until `shutdown` resolves, then lets open connections
+/// finish (for a while). HTTP/1.1 and HTTP/2 (ALPN). A failed handshake only drops that
+/// connection.
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    app: Router,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let acceptor = TlsAcceptor::from(tls);
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let service = hyper::service::service_fn(move |req| app.clone().oneshot(req));
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                .into_owned();
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::info!("connections still open after the drain timeout; closing them");
+    }
+    Ok(())
+}
