@@ -1,6 +1,7 @@
 //! The webhook behind a real Kubernetes 1.20 API server (scripts/kube-test-server): pods and a
-//! Deployment's pods (made by kube-controller-manager) come out rewritten and labelled, an
-//! ignored pod is untouched, and with the webhook gone pods are still created.
+//! Deployment's pods (made by kube-controller-manager) come out rewritten and labelled, so do
+//! ephemeral containers added through `pods/ephemeralcontainers`, an ignored pod is untouched, and
+//! with the webhook gone pods are still created.
 
 mod support;
 
@@ -167,6 +168,54 @@ fn pods_are_rewritten_by_a_real_api_server_and_never_blocked() {
             "{original} not recorded: {annotations:?}"
         );
     }
+
+    // Ephemeral containers: on 1.16–1.21 they come through `pods/ephemeralcontainers` as an
+    // EphemeralContainers object (the list and the pod's identity), not a Pod; the new one is
+    // rewritten all the same, through the same rules.
+    let subresource = "/api/v1/namespaces/t/pods/plain/ephemeralcontainers";
+    let debug = |name: &str, image: &str| {
+        // Read first: the update carries the resourceVersion and the whole current list.
+        let mut ec = kube.ok("GET", subresource, None);
+        assert_eq!(ec["kind"], "EphemeralContainers", "{ec}");
+        ec["ephemeralContainers"]
+            .as_array_mut()
+            .expect("a list")
+            .push(json!({
+                "name": name, "image": image, "command": ["sh"], "stdin": true, "tty": true,
+                "terminationMessagePolicy": "File", "imagePullPolicy": "IfNotPresent",
+            }));
+        kube.ok("PUT", subresource, Some(&ec))
+    };
+    let updated = debug("debugger", "busybox:1.36");
+    assert_eq!(
+        updated["ephemeralContainers"][0]["image"],
+        "localhost:7439/docker.io/library/busybox:1.36",
+        "{updated}\n{}",
+        kube.logs()
+    );
+    let debugged = kube.ok("GET", "/api/v1/namespaces/t/pods/plain", None);
+    assert_eq!(
+        images(&debugged, "ephemeralContainers"),
+        ["localhost:7439/docker.io/library/busybox:1.36"]
+    );
+    assert_eq!(
+        images(&debugged, "containers"),
+        images(&created, "containers")
+    );
+    assert_eq!(
+        debugged["metadata"]["labels"],
+        created["metadata"]["labels"]
+    );
+    // A second one: the first is left exactly as stored (the API server refuses any change to it).
+    debug("shell", "ghcr.io/o/a:1");
+    let debugged = kube.ok("GET", "/api/v1/namespaces/t/pods/plain", None);
+    assert_eq!(
+        images(&debugged, "ephemeralContainers"),
+        [
+            "localhost:7439/docker.io/library/busybox:1.36",
+            "localhost:7439/ghcr.io/o/a:1",
+        ]
+    );
 
     // An ignored pod is untouched.
     let ignored = kube.ok(

@@ -5,6 +5,8 @@
 //! a pod.
 
 use base64::Engine as _;
+use json_patch::jsonptr::Pointer;
+use json_patch::{PatchOperation, ReplaceOperation};
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
@@ -29,12 +31,13 @@ pub enum BadReview {
 /// Why a valid review was answered without looking at its containers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Unhandled {
-    /// The object is not a core/v1 Pod (the webhook configuration sent something else).
+    /// The object is neither a core/v1 Pod nor a core/v1 EphemeralContainers (the webhook
+    /// configuration sent something else).
     NotPod,
     /// An operation or subresource the rules do not apply to (neither a create nor an update of
     /// `pods/ephemeralcontainers`).
     Operation,
-    /// The object is missing or does not read as a Pod.
+    /// The object is missing or does not read as what its kind says.
     BadObject,
     /// The patch would not apply to the object as sent (a bug guard: an invalid patch would make
     /// the API server fail the request).
@@ -134,6 +137,16 @@ fn encode(response: AdmissionResponse) -> Vec<u8> {
     serde_json::to_vec(&v).expect("a JSON value always serialises")
 }
 
+/// What the review's object is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// A core/v1 Pod: creates, and updates of `pods/ephemeralcontainers` from Kubernetes 1.22.
+    Pod,
+    /// A core/v1 EphemeralContainers (`metadata` and `ephemeralContainers`): what an update of
+    /// `pods/ephemeralcontainers` carries on Kubernetes 1.16–1.21.
+    EphemeralContainers,
+}
+
 /// The rules' verdict and the patch to send (checked against the object as sent), or why the
 /// rules were not applied.
 fn decide(
@@ -143,57 +156,137 @@ fn decide(
     policy: &Policy,
 ) -> Result<(rules::Rewrite, Option<json_patch::Patch>), (Unhandled, String)> {
     let kind = &request.kind;
-    if !(kind.group.is_empty() && kind.version == "v1" && kind.kind == "Pod") {
-        return Err((
-            Unhandled::NotPod,
-            format!(
-                "object is {}/{} {}, not a Pod",
-                kind.group, kind.version, kind.kind
-            ),
-        ));
-    }
+    let form = match (
+        kind.group.as_str(),
+        kind.version.as_str(),
+        kind.kind.as_str(),
+    ) {
+        ("", "v1", "Pod") => Form::Pod,
+        ("", "v1", "EphemeralContainers") => Form::EphemeralContainers,
+        _ => {
+            return Err((
+                Unhandled::NotPod,
+                format!(
+                    "object is {}/{} {}, neither a Pod nor an EphemeralContainers",
+                    kind.group, kind.version, kind.kind
+                ),
+            ));
+        }
+    };
     let ephemeral_update = request.operation == Operation::Update
         && request.sub_resource.as_deref() == Some("ephemeralcontainers");
-    let create = request.operation == Operation::Create && request.sub_resource.is_none();
+    let create = form == Form::Pod
+        && request.operation == Operation::Create
+        && request.sub_resource.is_none();
     if !create && !ephemeral_update {
         return Err((
             Unhandled::Operation,
             format!(
-                "{:?} of pods{} is not rewritten",
+                "{:?} of pods{} ({}) is not rewritten",
                 request.operation,
                 request
                     .sub_resource
                     .as_deref()
                     .map(|s| format!("/{s}"))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                kind.kind
             ),
         ));
     }
     let mut doc = object.ok_or_else(|| (Unhandled::BadObject, "no object".to_owned()))?;
-    let pod = as_pod(&doc, "object")?;
+    let pod = as_pod(&doc, form, "object")?;
     let old;
     let scope = if ephemeral_update {
         let old_doc =
             old_object.ok_or_else(|| (Unhandled::BadObject, "no oldObject".to_owned()))?;
-        old = as_pod(&old_doc, "oldObject")?;
+        old = as_pod(&old_doc, form, "oldObject")?;
         Scope::EphemeralUpdate { old: &old }
     } else {
         Scope::Create
     };
     let mut rewrite = rules::rewrite(&pod, policy, scope);
-    if rewrite.patch.0.is_empty() {
+    let patch = std::mem::take(&mut rewrite.patch);
+    let patch = match form {
+        Form::Pod => patch,
+        Form::EphemeralContainers => onto_ephemeral_containers(patch)?,
+    };
+    if patch.0.is_empty() {
         return Ok((rewrite, None));
     }
-    json_patch::patch(&mut doc, &rewrite.patch).map_err(|e| {
+    json_patch::patch(&mut doc, &patch).map_err(|e| {
         (
             Unhandled::BadPatch,
             format!("the patch does not apply: {e}"),
         )
     })?;
-    let patch = std::mem::take(&mut rewrite.patch);
     Ok((rewrite, Some(patch)))
 }
 
-fn as_pod(doc: &Value, field: &str) -> Result<Pod, (Unhandled, String)> {
-    Pod::deserialize(doc).map_err(|e| (Unhandled::BadObject, format!("{field} is not a Pod: {e}")))
+/// The object as a Pod, for the rules. An EphemeralContainers object becomes a Pod with its
+/// metadata and its ephemeral containers (and no other container), so that the rules, their skip
+/// reasons and warnings are the same for both forms.
+///
+/// The API server gives an EphemeralContainers only the pod's identity for metadata, and clients
+/// send back what they read, so the pod's opt-out label is seen only when a client adds it.
+fn as_pod(doc: &Value, form: Form, field: &str) -> Result<Pod, (Unhandled, String)> {
+    match form {
+        Form::Pod => Pod::deserialize(doc)
+            .map_err(|e| (Unhandled::BadObject, format!("{field} is not a Pod: {e}"))),
+        Form::EphemeralContainers => {
+            let not_it = |e: &dyn std::fmt::Display| {
+                (
+                    Unhandled::BadObject,
+                    format!("{field} is not an EphemeralContainers: {e}"),
+                )
+            };
+            let o = doc
+                .as_object()
+                .ok_or_else(|| not_it(&"not a JSON object"))?;
+            let field = |name: &str| o.get(name).cloned().unwrap_or(Value::Null);
+            let view = serde_json::json!({
+                "metadata": field("metadata"),
+                "spec": {
+                    // Required in a PodSpec; the rules look at none but new ephemeral containers.
+                    "containers": [],
+                    "ephemeralContainers": field("ephemeralContainers"),
+                },
+            });
+            Pod::deserialize(&view).map_err(|e| not_it(&e))
+        }
+    }
+}
+
+/// The patch of an EphemeralContainers object's Pod view (see [`as_pod`]), made to apply to the
+/// object itself: `/spec/ephemeralContainers/<i>/image` becomes `/ephemeralContainers/<i>/image`.
+///
+/// The label and annotation operations are left out: the subresource stores nothing of the
+/// object's metadata but its identity, and the controller reads the original image back from the
+/// rewritten reference instead. Any other operation would be a bug, answered as such rather than
+/// sent to the API server.
+fn onto_ephemeral_containers(
+    patch: json_patch::Patch,
+) -> Result<json_patch::Patch, (Unhandled, String)> {
+    let spec = Pointer::from_static("/spec");
+    let list = Pointer::from_static("/ephemeralContainers");
+    let metadata = Pointer::from_static("/metadata");
+    let mut ops = Vec::new();
+    for op in patch.0 {
+        let path = op.path();
+        match (&op, path.strip_prefix(spec)) {
+            (PatchOperation::Replace(r), Some(rest)) if rest.starts_with(list) => {
+                ops.push(PatchOperation::Replace(ReplaceOperation {
+                    path: rest.to_buf(),
+                    value: r.value.clone(),
+                }));
+            }
+            _ if path.starts_with(metadata) => {}
+            _ => {
+                return Err((
+                    Unhandled::BadPatch,
+                    format!("no place in an EphemeralContainers for the operation {op:?}"),
+                ));
+            }
+        }
+    }
+    Ok(json_patch::Patch(ops))
 }

@@ -232,6 +232,36 @@ fn cases() -> Vec<Case> {
             warnings: &[],
             patched: true,
         },
+        // Kubernetes 1.16–1.21: the subresource's own kind, with only the pod's identity for
+        // metadata. A strategic merge patch puts the new containers first.
+        Case {
+            fixture: "update_ephemeral_containers_1_20.json",
+            policy: Policy::default,
+            expect: vec![
+                (
+                    "/ephemeralContainers/0/image",
+                    json!("localhost:7439/docker.io/nicolaka/netshoot:v0.2"),
+                ),
+                ("/ephemeralContainers/0/targetContainerName", json!("app")),
+                ("/ephemeralContainers/1/image", json!("Busybox:1.32")),
+                // Already there before: the API server refuses changes to it.
+                ("/ephemeralContainers/2/image", json!("busybox:1.32")),
+                // No label or annotation: the subresource would drop them.
+                (
+                    "/metadata",
+                    json!({
+                        "name": "app-7f9c6b8d4-zx2kq",
+                        "namespace": "shop",
+                        "uid": "4c3b2a19-0f8e-4d7c-b6a5-948372615a0b",
+                        "resourceVersion": "183391",
+                        "creationTimestamp": "2021-02-11T09:14:03Z",
+                    }),
+                ),
+                ("/spec", Value::Null),
+            ],
+            warnings: &["ephemeral container \"debugger-3\""],
+            patched: true,
+        },
         Case {
             fixture: "create_deployment.json",
             policy: Policy::default,
@@ -316,6 +346,105 @@ fn long_container_names_get_packed_keys() {
     );
 }
 
+/// The 1.16–1.21 form of `pods/ephemeralcontainers`: the patch only replaces images of new
+/// ephemeral containers, the pod's opt-out label is honoured when the object carries it, and the
+/// controller still finds the original images (from the rewritten references).
+#[test]
+fn ephemeral_containers_object() {
+    let policy = Policy::default();
+    let body = fixture("update_ephemeral_containers_1_20.json");
+    let reviewed = review(&serde_json::to_vec(&body).unwrap(), &policy).unwrap();
+    assert_eq!(reviewed.rewritten, 1);
+    assert_eq!(
+        reviewed
+            .skipped
+            .iter()
+            .map(|s| (s.kind, s.container.as_str(), s.reason.as_str()))
+            .collect::<Vec<_>>(),
+        [(ContainerKind::Ephemeral, "debugger-3", "unparsable")]
+    );
+    let (response, object) = admit(&body, &policy);
+    let patch: Value = serde_json::from_slice(
+        &STANDARD
+            .decode(response["patch"].as_str().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        patch,
+        json!([{
+            "op": "replace",
+            "path": "/ephemeralContainers/0/image",
+            "value": "localhost:7439/docker.io/nicolaka/netshoot:v0.2",
+        }])
+    );
+
+    // What the pod holds once the API server has stored the list.
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {
+            "name": "app-7f9c6b8d4-zx2kq",
+            "annotations": {"original-image.kache.io/c.app": "acme/app:2.1"},
+        },
+        "spec": {
+            "containers": [{"name": "app", "image": "localhost:7439/docker.io/acme/app:2.1"}],
+            "ephemeralContainers": object["ephemeralContainers"],
+        },
+    }))
+    .unwrap();
+    assert_eq!(
+        kache_webhook::original_images(&pod),
+        vec![
+            (
+                ContainerKind::Container,
+                "app".to_owned(),
+                "acme/app:2.1".to_owned()
+            ),
+            (
+                ContainerKind::Ephemeral,
+                "debugger-2".to_owned(),
+                "docker.io/nicolaka/netshoot:v0.2".to_owned()
+            ),
+        ]
+    );
+
+    // Nothing of the metadata is needed to rewrite.
+    let mut bare = body.clone();
+    bare["request"]["object"]
+        .as_object_mut()
+        .unwrap()
+        .remove("metadata");
+    let (_, object) = admit(&bare, &policy);
+    assert_eq!(
+        object["ephemeralContainers"][0]["image"],
+        "localhost:7439/docker.io/nicolaka/netshoot:v0.2"
+    );
+
+    let mut ignored = body.clone();
+    ignored["request"]["object"]["metadata"]["labels"] =
+        json!({"kache.io/image-caching-policy": "ignore"});
+    let reviewed = review(&serde_json::to_vec(&ignored).unwrap(), &policy).unwrap();
+    assert!(reviewed.opted_out && reviewed.unhandled.is_none());
+    let (response, object) = admit(&ignored, &policy);
+    assert!(response.get("patch").is_none(), "{response}");
+    assert_eq!(object, ignored["request"]["object"]);
+
+    // The same rules as for a Pod: a policy that leaves mutable images alone still takes a
+    // pinned tag.
+    let skip_mutable = Policy {
+        skip_mutable: true,
+        ..Policy::default()
+    };
+    let (_, object) = admit(&body, &skip_mutable);
+    assert_eq!(
+        object["ephemeralContainers"][0]["image"],
+        "localhost:7439/docker.io/nicolaka/netshoot:v0.2"
+    );
+    let mut latest = body.clone();
+    latest["request"]["object"]["ephemeralContainers"][0]["image"] = json!("nicolaka/netshoot");
+    let (response, _) = admit(&latest, &skip_mutable);
+    assert!(response.get("patch").is_none(), "{response}");
+}
+
 #[test]
 fn unexpected_reviews_are_allowed_unchanged() {
     let policy = Policy::default();
@@ -346,6 +475,24 @@ fn unexpected_reviews_are_allowed_unchanged() {
     let mut v = fixture("update_ephemeral_containers.json");
     v["request"]["oldObject"] = Value::Null;
     variants.push(("ephemeral update without oldObject", v, "unparsable_object"));
+    let ec = fixture("update_ephemeral_containers_1_20.json");
+    let mut v = ec.clone();
+    v["request"]["object"] = json!(42);
+    variants.push(("EphemeralContainers not an object", v, "unparsable_object"));
+    let mut v = ec.clone();
+    v["request"]["object"]["ephemeralContainers"] = json!({"name": "debugger-2"});
+    variants.push(("ephemeral containers not a list", v, "unparsable_object"));
+    let mut v = ec.clone();
+    v["request"]["oldObject"] = Value::Null;
+    variants.push((
+        "EphemeralContainers without oldObject",
+        v,
+        "unparsable_object",
+    ));
+    let mut v = ec.clone();
+    v["request"]["operation"] = json!("CREATE");
+    v["request"]["subResource"] = Value::Null;
+    variants.push(("EphemeralContainers create", v, "operation"));
     let mut v = base.clone();
     v["request"]["kind"] = json!({"group": "", "version": "v1", "kind": "Binding"});
     variants.push(("binding", v, "not_pod"));
