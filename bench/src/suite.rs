@@ -64,7 +64,7 @@ pub struct Options {
     /// Rounds of each warm step (servers interleaved in every round); the median is reported.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Only these steps (comma-separated): blob, stream, manifest, cold, memory.
+    /// Only these steps (comma-separated): blob, stream, manifest, cold, memory, webhook.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The whole run is stopped after this long.
@@ -351,7 +351,11 @@ fn kache_command(kache: &Path) -> Command {
 
 /// Polls `url` until it answers anything but a connection error.
 async fn wait_ready(p: &mut Proc, url: &str) -> Result<()> {
-    let url = Url::parse(url, None)?;
+    wait_ready_tls(p, url, None).await
+}
+
+async fn wait_ready_tls(p: &mut Proc, url: &str, cacert: Option<&Path>) -> Result<()> {
+    let url = Url::parse(url, cacert)?;
     let until = Instant::now() + Duration::from_secs(20);
     loop {
         p.check_alive()?;
@@ -366,6 +370,100 @@ async fn wait_ready(p: &mut Proc, url: &str) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+// ---------------------------------------------------------------- webhook
+
+/// A CA and a serving certificate for 127.0.0.1, as the webhook's cert-manager would make:
+/// `(ca.pem, tls.crt, tls.key)` written into `dir`.
+fn webhook_pki(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "kache-bench CA");
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate()?;
+    let mut leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()])?;
+    leaf.distinguished_name
+        .push(DnType::CommonName, "kache-bench webhook");
+    let cert = leaf.signed_by(&key, &issuer)?;
+    let paths = (dir.join("ca.pem"), dir.join("tls.crt"), dir.join("tls.key"));
+    std::fs::write(&paths.0, ca_cert.pem())?;
+    std::fs::write(&paths.1, cert.pem())?;
+    std::fs::write(&paths.2, key.serialize_pem())?;
+    Ok(paths)
+}
+
+/// What the API server sends when a Deployment's pod is created: four images to rewrite
+/// (Docker Hub short name, a nested Docker Hub name, ghcr.io, registry.k8s.io), one of them an
+/// init container.
+fn admission_review() -> Result<Bytes> {
+    let container = |name: &str, image: &str| {
+        serde_json::json!({
+            "name": name,
+            "image": image,
+            "imagePullPolicy": "IfNotPresent",
+            "ports": [{"containerPort": 8080, "protocol": "TCP"}],
+            "env": [{"name": "LOG_LEVEL", "value": "info"}],
+            "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}},
+            "terminationMessagePath": "/dev/termination-log",
+            "terminationMessagePolicy": "File",
+        })
+    };
+    let review = serde_json::json!({
+        "kind": "AdmissionReview",
+        "apiVersion": "admission.k8s.io/v1",
+        "request": {
+            "uid": "0df28fbd-5f5f-11e8-bc74-36e6bb280816",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "shop",
+            "operation": "CREATE",
+            "userInfo": {
+                "username": "system:serviceaccount:kube-system:replicaset-controller",
+                "groups": ["system:serviceaccounts", "system:authenticated"],
+            },
+            "object": {
+                "kind": "Pod",
+                "apiVersion": "v1",
+                "metadata": {
+                    "generateName": "web-7d9c8b6f5-",
+                    "namespace": "shop",
+                    "labels": {"app": "web", "pod-template-hash": "7d9c8b6f5"},
+                    "ownerReferences": [{
+                        "apiVersion": "apps/v1",
+                        "kind": "ReplicaSet",
+                        "name": "web-7d9c8b6f5",
+                        "uid": "6f1e1f57-8c4d-4b8e-9a55-2f1d1f7b9c11",
+                        "controller": true,
+                        "blockOwnerDeletion": true,
+                    }],
+                },
+                "spec": {
+                    "initContainers": [container("migrate", "ghcr.io/shop/migrate:2.3.1")],
+                    "containers": [
+                        container("web", "nginx:1.27"),
+                        container("app", "bitnami/redis:7.2"),
+                        container("pause", "registry.k8s.io/pause:3.9"),
+                    ],
+                    "restartPolicy": "Always",
+                    "dnsPolicy": "ClusterFirst",
+                    "serviceAccountName": "default",
+                    "enableServiceLinks": true,
+                },
+                "status": {},
+            },
+            "oldObject": null,
+            "dryRun": false,
+            "options": {"kind": "CreateOptions", "apiVersion": "meta.k8s.io/v1"},
+        },
+    });
+    Ok(Bytes::from(serde_json::to_vec(&review)?))
 }
 
 // ---------------------------------------------------------------- pushes
@@ -455,6 +553,7 @@ enum Kind {
     KacheRegistry,
     Distribution,
     Nginx,
+    Webhook,
 }
 
 #[derive(Debug, Clone)]
@@ -553,6 +652,68 @@ impl RssSampler {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.task.await.unwrap_or_default()
     }
+}
+
+/// Addresses of the servers under test.
+#[derive(Debug)]
+struct Urls {
+    nginx: String,
+    dist: String,
+    upstream: String,
+    dproxy: String,
+    registry: String,
+    registry_metrics: String,
+    proxy: String,
+    proxy_metrics: String,
+    /// The repository kache caches the upstream's under: `127.0.0.1_<port>/bench/app`.
+    kache_repo: String,
+    /// The upstream distribution's access log, where upstream requests are counted.
+    upstream_log: PathBuf,
+}
+
+impl Urls {
+    fn blob(&self, kind: Kind, blob: &Blob) -> String {
+        let (repo, d) = (&self.kache_repo, &blob.digest);
+        match kind {
+            Kind::KacheProxy => format!("{}/v2/{repo}/blobs/{d}", self.proxy),
+            Kind::KacheRegistry => format!("{}/v2/{repo}/blobs/{d}", self.registry),
+            Kind::Distribution => format!("{}/v2/{REPO}/blobs/{d}", self.dist),
+            // The webhook serves no blobs; it is never asked.
+            Kind::Nginx | Kind::Webhook => format!("{}/{}", self.nginx, blob.file_name()),
+        }
+    }
+
+    fn manifest(&self, kind: Kind, reference: &str) -> String {
+        let repo = &self.kache_repo;
+        match kind {
+            Kind::KacheProxy => format!("{}/v2/{repo}/manifests/{reference}", self.proxy),
+            Kind::KacheRegistry => format!("{}/v2/{repo}/manifests/{reference}", self.registry),
+            Kind::Distribution | Kind::Nginx | Kind::Webhook => {
+                format!("{}/v2/{REPO}/manifests/{reference}", self.dist)
+            }
+        }
+    }
+}
+
+/// What every step shares: options, servers, blobs, and the report being written.
+struct Bench<'a> {
+    o: &'a Options,
+    work: PathBuf,
+    kache: PathBuf,
+    /// Where started processes are noted (for `bench/run` to stop if this one dies).
+    pids: PathBuf,
+    b: Blobs,
+    urls: Urls,
+    meter: Meter,
+    kproxy: Server,
+    kreg: Server,
+    sdist: Server,
+    snginx: Server,
+    md: String,
+    notes: Vec<String>,
+    budgets: Vec<Budget>,
+    /// Each kache process's peak RSS per step, for the memory table.
+    memory_rows: Vec<MemRow>,
 }
 
 /// Counts access-log lines of the upstream distribution; waits until the log stops growing
@@ -770,8 +931,6 @@ async fn suite(o: &Options) -> Result<String> {
     let pids = work.join("pids");
     let blob_dir = work.join("blobs");
     let mut md = String::new();
-    let mut notes: Vec<String> = Vec::new();
-    let mut budgets: Vec<Budget> = Vec::new();
 
     let _ = writeln!(md, "## Results\n");
     let _ = writeln!(md, "Machine: {}.  ", machine());
@@ -929,38 +1088,116 @@ async fn suite(o: &Options) -> Result<String> {
         procs: vec![("nginx", nginx.pid)],
         track_memory: false,
     };
-    let blob_url = |s: &Server, blob: &Blob| -> String {
-        match s.kind {
-            Kind::KacheProxy => format!("{proxy_url}/v2/{kache_repo}/blobs/{}", blob.digest),
-            Kind::KacheRegistry => format!("{registry_url}/v2/{kache_repo}/blobs/{}", blob.digest),
-            Kind::Distribution => format!("{dist_url}/v2/{REPO}/blobs/{}", blob.digest),
-            Kind::Nginx => format!("{nginx_url}/{}", blob.file_name()),
-        }
+
+    let mut bench = Bench {
+        o,
+        work,
+        kache,
+        pids,
+        b,
+        urls: Urls {
+            nginx: nginx_url,
+            dist: dist_url,
+            upstream: upstream_url,
+            dproxy: dproxy_url,
+            registry: registry_url,
+            registry_metrics,
+            proxy: proxy_url,
+            proxy_metrics,
+            kache_repo,
+            upstream_log,
+        },
+        meter,
+        kproxy,
+        kreg,
+        sdist,
+        snginx,
+        md,
+        notes: Vec::new(),
+        budgets: Vec::new(),
+        memory_rows: Vec::new(),
     };
-    let manifest_url = |s: &Server, reference: &str| -> String {
-        match s.kind {
-            Kind::KacheProxy => format!("{proxy_url}/v2/{kache_repo}/manifests/{reference}"),
-            Kind::KacheRegistry => format!("{registry_url}/v2/{kache_repo}/manifests/{reference}"),
-            Kind::Distribution | Kind::Nginx => {
-                format!("{dist_url}/v2/{REPO}/manifests/{reference}")
+    blob_step(&mut bench).await?;
+    stream_step(&mut bench).await?;
+    manifest_step(&mut bench).await?;
+    cold_step(&mut bench).await?;
+    memory_step(&mut bench).await?;
+    webhook_step(&mut bench).await?;
+    let Bench {
+        mut md,
+        mut notes,
+        budgets,
+        ..
+    } = bench;
+    // ---------------------------------------------------------------- summary
+    let mut summary = String::new();
+    let _ = writeln!(summary, "### Budgets (DESIGN.md) in this run\n");
+    let _ = writeln!(summary, "| budget | measured | met |");
+    let _ = writeln!(summary, "| --- | --- | --- |");
+    for bgt in &budgets {
+        let _ = writeln!(
+            summary,
+            "| {} | {} | {} |",
+            bgt.what,
+            bgt.measured,
+            match bgt.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "—",
             }
+        );
+    }
+    let _ = writeln!(summary);
+    md.push_str(&summary);
+    if !notes.is_empty() {
+        let _ = writeln!(md, "Errors:\n");
+        for n in &notes {
+            let _ = writeln!(md, "- {n}");
         }
-    };
-    let mut accept = HeaderMap::new();
-    accept.insert(header::ACCEPT, HeaderValue::from_static(ACCEPT));
+        let _ = writeln!(md);
+    }
 
-    // Each kache process's peak RSS per step, for the memory table.
-    let mut memory_rows: Vec<MemRow> = Vec::new();
+    for p in [
+        &mut nginx,
+        &mut dist,
+        &mut upstream,
+        &mut dproxy,
+        &mut registry,
+        &mut proxy,
+    ] {
+        if let Err(e) = p.check_alive() {
+            notes.push(format!("{e:#}"));
+            let _ = writeln!(md, "- a server died during the run: {e:#}");
+        }
+    }
+    Ok(md)
+}
 
-    // ---------------------------------------------------------------- 1 MiB blob
-    let all_blob_servers = [&kproxy, &kreg, &sdist, &snginx];
+/// Warm 1 MiB blob at N connections on every server: req/s, latency, CPU, peak RSS.
+async fn blob_step(bench: &mut Bench<'_>) -> Result<()> {
+    let Bench {
+        o,
+        b,
+        urls,
+        meter,
+        kproxy,
+        kreg,
+        sdist,
+        snginx,
+        md,
+        notes,
+        budgets,
+        memory_rows,
+        ..
+    } = bench;
+    let all_blob_servers = [&*kproxy, &*kreg, &*sdist, &*snginx];
     let mut blob1m: Vec<(Server, LoadResult, Usage)> = Vec::new();
     if o.wants("blob") {
         eprintln!("warm 1 MiB blob, {} connections", o.connections);
         let mut rounds: Vec<Vec<(LoadResult, Usage)>> = vec![Vec::new(); 4];
         for round in 0..o.rounds {
             for (i, s) in all_blob_servers.iter().enumerate() {
-                let url = Url::parse(&blob_url(s, &b.small), None)?;
+                let url = Url::parse(&urls.blob(s.kind, &b.small), None)?;
                 let spec = LoadSpec {
                     url,
                     method: Method::GET,
@@ -1049,7 +1286,7 @@ async fn suite(o: &Options) -> Result<String> {
                 peak
             );
             note_errors(
-                &mut notes,
+                notes,
                 &format!("1 MiB, {}", s.label),
                 r.errors,
                 &r.first_error,
@@ -1102,7 +1339,27 @@ async fn suite(o: &Options) -> Result<String> {
         });
     }
 
-    // ---------------------------------------------------------------- 512 MiB streams
+    Ok(())
+}
+
+/// Warm large blob, 1 and 4 download streams on every server: MB/s and CPU per GB.
+async fn stream_step(bench: &mut Bench<'_>) -> Result<()> {
+    let Bench {
+        o,
+        b,
+        urls,
+        meter,
+        kproxy,
+        kreg,
+        sdist,
+        snginx,
+        md,
+        notes,
+        budgets,
+        memory_rows,
+        ..
+    } = bench;
+    let all_blob_servers = [&*kproxy, &*kreg, &*sdist, &*snginx];
     if o.wants("stream") {
         let _ = writeln!(
             md,
@@ -1120,7 +1377,7 @@ async fn suite(o: &Options) -> Result<String> {
             let mut rounds: Vec<Vec<(StreamResult, Usage)>> = vec![Vec::new(); 4];
             for round in 0..o.rounds {
                 for (i, s) in all_blob_servers.iter().enumerate() {
-                    let url = Url::parse(&blob_url(s, &b.big), None)?;
+                    let url = Url::parse(&urls.blob(s.kind, &b.big), None)?;
                     if round == 0 && streams == 1 {
                         // Warm-up: the file in the page cache, the connection paths hot.
                         let _ =
@@ -1139,7 +1396,7 @@ async fn suite(o: &Options) -> Result<String> {
                         u.cpu_total()
                     );
                     note_errors(
-                        &mut notes,
+                        notes,
                         &format!("{} MiB ×{streams}, {}", o.big_mib, s.label),
                         r.errors,
                         &r.first_error,
@@ -1217,11 +1474,35 @@ async fn suite(o: &Options) -> Result<String> {
         ));
     }
 
-    // ---------------------------------------------------------------- manifests
+    Ok(())
+}
+
+/// Warm manifest by tag and by digest: req/s, latency, and whether kache asked upstream.
+async fn manifest_step(bench: &mut Bench<'_>) -> Result<()> {
+    let Bench {
+        o,
+        b,
+        urls,
+        meter,
+        kproxy,
+        kreg,
+        sdist,
+        md,
+        notes,
+        budgets,
+        ..
+    } = bench;
+    let (registry_metrics, proxy_metrics, upstream_log) = (
+        &urls.registry_metrics,
+        &urls.proxy_metrics,
+        &urls.upstream_log,
+    );
+    let mut accept = HeaderMap::new();
+    accept.insert(header::ACCEPT, HeaderValue::from_static(ACCEPT));
     if o.wants("manifest") {
-        let servers = [&kproxy, &kreg, &sdist];
-        let up_before = count_log(&upstream_log, "GET", "/manifests/")
-            + count_log(&upstream_log, "HEAD", "/manifests/");
+        let servers = [&*kproxy, &*kreg, &*sdist];
+        let up_before = count_log(upstream_log, "GET", "/manifests/")
+            + count_log(upstream_log, "HEAD", "/manifests/");
         let m = |outcome: &'static str| {
             let url = registry_metrics.clone();
             async move {
@@ -1261,7 +1542,7 @@ async fn suite(o: &Options) -> Result<String> {
             let mut rounds: Vec<Vec<(LoadResult, Usage)>> = vec![Vec::new(); 3];
             for round in 0..o.rounds {
                 for (i, s) in servers.iter().enumerate() {
-                    let url = Url::parse(&manifest_url(s, reference), None)?;
+                    let url = Url::parse(&urls.manifest(s.kind, reference), None)?;
                     let spec = LoadSpec {
                         url,
                         method: Method::GET,
@@ -1292,7 +1573,7 @@ async fn suite(o: &Options) -> Result<String> {
                         u.cpu_total()
                     );
                     note_errors(
-                        &mut notes,
+                        notes,
                         &format!(
                             "manifest by {}, {}",
                             if col == 0 { "tag" } else { "digest" },
@@ -1308,8 +1589,8 @@ async fn suite(o: &Options) -> Result<String> {
                 rows[i].push(median_by(v, |(r, _)| r.rps()));
             }
         }
-        let up_after = count_log(&upstream_log, "GET", "/manifests/")
-            + count_log(&upstream_log, "HEAD", "/manifests/");
+        let up_after = count_log(upstream_log, "GET", "/manifests/")
+            + count_log(upstream_log, "HEAD", "/manifests/");
         let (hit1, miss1, stale1, fb1) = (
             m("hit").await?,
             m("miss").await?,
@@ -1386,11 +1667,45 @@ async fn suite(o: &Options) -> Result<String> {
         ));
     }
 
-    // ---------------------------------------------------------------- cold
+    Ok(())
+}
+
+/// Cold pulls: one client of the large blob, then N clients of one blob at once.
+async fn cold_step(bench: &mut Bench<'_>) -> Result<()> {
+    let Bench {
+        o,
+        work,
+        b,
+        urls,
+        md,
+        notes,
+        budgets,
+        ..
+    } = bench;
+    let (upstream_url, proxy_url, dproxy_url, kache_repo, upstream_log) = (
+        &urls.upstream,
+        &urls.proxy,
+        &urls.dproxy,
+        &urls.kache_repo,
+        &urls.upstream_log,
+    );
     if o.wants("cold") {
+        // The upstream's files into the page cache first: every path then reads them from
+        // memory, and none pays for a disk read the others skip.
+        for blob in [&b.cold, &b.cold_many] {
+            let hex = blob.digest.trim_start_matches("sha256:");
+            let data = work
+                .join("upstream/storage/docker/registry/v2/blobs/sha256")
+                .join(&hex[..2])
+                .join(hex)
+                .join("data");
+            let mut f = std::fs::File::open(&data)
+                .with_context(|| format!("the upstream's copy of {}", blob.digest))?;
+            std::io::copy(&mut f, &mut std::io::sink())?;
+        }
         eprintln!("cold {} MiB blob", o.big_mib);
-        let get_count = |d: &str| count_log(&upstream_log, "GET", &format!("/blobs/{d}"));
-        let head_count = |d: &str| count_log(&upstream_log, "HEAD", &format!("/blobs/{d}"));
+        let get_count = |d: &str| count_log(upstream_log, "GET", &format!("/blobs/{d}"));
+        let head_count = |d: &str| count_log(upstream_log, "HEAD", &format!("/blobs/{d}"));
         let limit = Duration::from_secs(180);
         let cold_paths: [(&str, String); 3] = [
             (
@@ -1418,12 +1733,7 @@ async fn suite(o: &Options) -> Result<String> {
             let (g0, h0) = (get_count(&b.cold.digest), head_count(&b.cold.digest));
             let r = load::cold(&Url::parse(url, None)?, 1, limit).await?;
             let (g1, h1) = (get_count(&b.cold.digest), head_count(&b.cold.digest));
-            note_errors(
-                &mut notes,
-                &format!("cold, {label}"),
-                r.errors,
-                &r.first_error,
-            );
+            note_errors(notes, &format!("cold, {label}"), r.errors, &r.first_error);
             if r.min_bytes() != b.cold.size && r.errors == 0 {
                 notes.push(format!(
                     "cold, {label}: got {} bytes of {}",
@@ -1473,7 +1783,7 @@ async fn suite(o: &Options) -> Result<String> {
             let r = load::cold(&Url::parse(&url, None)?, o.cold_clients, limit).await?;
             let (g1, h1) = (get_count(d), head_count(d));
             note_errors(
-                &mut notes,
+                notes,
                 &format!("cold ×{}, {label}", o.cold_clients),
                 r.errors,
                 &r.first_error,
@@ -1534,16 +1844,32 @@ async fn suite(o: &Options) -> Result<String> {
         ));
     }
 
-    // ---------------------------------------------------------------- memory
+    Ok(())
+}
+
+/// The multi-GiB stream through the proxy, and the memory table of every step.
+async fn memory_step(bench: &mut Bench<'_>) -> Result<()> {
+    let Bench {
+        o,
+        b,
+        urls,
+        meter,
+        kproxy,
+        md,
+        notes,
+        budgets,
+        memory_rows,
+        ..
+    } = bench;
     let mut flat: Option<(Vec<(u64, u64)>, usize)> = None;
     if o.wants("memory") {
         eprintln!("{} MiB blob through the proxy, 1 stream", o.huge_mib);
-        let url = Url::parse(&blob_url(&kproxy, &b.huge), None)?;
-        let before = meter.start(&kproxy);
+        let url = Url::parse(&urls.blob(kproxy.kind, &b.huge), None)?;
+        let before = meter.start(kproxy);
         let sampler = RssSampler::start(kproxy.procs.iter().map(|(_, p)| *p).collect());
         let r = load::stream(&url, 1, Duration::ZERO, Duration::from_secs(180)).await?;
         let samples = sampler.stop().await;
-        let u = meter.end(&kproxy, before);
+        let u = meter.end(kproxy, before);
         // Flat: what the processes hold after the first quarter of the transfer is all they
         // ever hold; a blob buffered whole would grow with every byte.
         let quarter = samples.len() / 4;
@@ -1558,7 +1884,7 @@ async fn suite(o: &Options) -> Result<String> {
             .collect();
         flat = Some((growth, samples.len()));
         note_errors(
-            &mut notes,
+            notes,
             &format!("{} MiB, kache proxy", o.huge_mib),
             r.errors,
             &r.first_error,
@@ -1580,7 +1906,7 @@ async fn suite(o: &Options) -> Result<String> {
         );
         let _ = writeln!(md, "| step | kache proxy | kache registry |");
         let _ = writeln!(md, "| --- | ---: | ---: |");
-        for r in &memory_rows {
+        for r in memory_rows.iter() {
             let _ = writeln!(
                 md,
                 "| {} | {} | {} |",
@@ -1626,61 +1952,140 @@ async fn suite(o: &Options) -> Result<String> {
         }
     }
 
-    // ---------------------------------------------------------------- webhook (later)
-    let _ = writeln!(md, "### Webhook\n");
-    let _ = writeln!(md, "| step | AdmissionReviews/s | p99 ms |");
-    let _ = writeln!(md, "| --- | ---: | ---: |");
-    let _ = writeln!(
+    Ok(())
+}
+
+/// AdmissionReviews over TLS against `kache webhook`.
+async fn webhook_step(bench: &mut Bench<'_>) -> Result<()> {
+    let Bench {
+        o,
+        work,
+        kache,
+        pids,
+        meter,
         md,
-        "| AdmissionReview POST over TLS, {} connections | not measured yet (no `kache webhook` in this build) | — |\n",
-        o.connections
-    );
-    budgets.push(budget(
-        "webhook: ≥ 5,000 AdmissionReviews/s over TLS, p99 < 5 ms",
-        "not measured yet",
-        None,
-    ));
-
-    // ---------------------------------------------------------------- summary
-    let mut summary = String::new();
-    let _ = writeln!(summary, "### Budgets (DESIGN.md) in this run\n");
-    let _ = writeln!(summary, "| budget | measured | met |");
-    let _ = writeln!(summary, "| --- | --- | --- |");
-    for bgt in &budgets {
-        let _ = writeln!(
-            summary,
-            "| {} | {} | {} |",
-            bgt.what,
-            bgt.measured,
-            match bgt.met {
-                Some(true) => "yes",
-                Some(false) => "**no**",
-                None => "—",
-            }
+        notes,
+        budgets,
+        ..
+    } = bench;
+    if o.wants("webhook") {
+        let dir = work.join("kache-webhook");
+        std::fs::create_dir_all(&dir)?;
+        let (ca, cert, key) = webhook_pki(&dir)?;
+        let (port, metrics_port) = (procs::free_port()?, procs::free_port()?);
+        let mut cmd = kache_command(kache);
+        cmd.arg("webhook")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--tls-cert")
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key)
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{metrics_port}"));
+        let mut hook = Proc::spawn("kache-webhook", cmd, &dir, pids)?;
+        let url = format!("https://127.0.0.1:{port}/mutate");
+        wait_ready_tls(&mut hook, &url, Some(&ca)).await?;
+        let body = admission_review()?;
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
         );
-    }
-    let _ = writeln!(summary);
-    md.push_str(&summary);
-    if !notes.is_empty() {
-        let _ = writeln!(md, "Errors:\n");
-        for n in &notes {
-            let _ = writeln!(md, "- {n}");
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        // One answer checked by hand: a patch that points the images at the node proxy.
+        let u = Url::parse(&url, Some(&ca))?;
+        let (status, _, answer) =
+            client::fetch(&u, Method::POST, &headers, client::full(body.clone())).await?;
+        let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap_or_default();
+        let patched = answer
+            .pointer("/response/patch")
+            .and_then(|p| p.as_str())
+            .is_some_and(|p| !p.is_empty());
+        if !status.is_success() || !patched {
+            notes.push(format!(
+                "webhook: the review was answered {status} without a patch: {answer}"
+            ));
         }
-        let _ = writeln!(md);
+        let server = Server {
+            kind: Kind::Webhook,
+            label: "kache webhook",
+            procs: vec![("webhook", hook.pid)],
+            track_memory: true,
+        };
+        eprintln!(
+            "webhook AdmissionReviews over TLS, {} connections",
+            o.connections
+        );
+        let spec = LoadSpec {
+            url: u,
+            method: Method::POST,
+            headers,
+            body: body.clone(),
+            connections: o.connections,
+            duration: o.duration,
+            requests: None,
+        };
+        let _ = load::load(LoadSpec {
+            requests: Some(o.connections as u64 * 4),
+            duration: Duration::from_secs(5),
+            ..spec.clone()
+        })
+        .await?;
+        let mut rounds = Vec::new();
+        for round in 0..o.rounds {
+            let before = meter.start(&server);
+            let r = load::load(spec.clone()).await?;
+            let u = meter.end(&server, before);
+            eprintln!(
+                "  round {}: {:.0} reviews/s, p99 {:.2} ms, cpu {:.2} s",
+                round + 1,
+                r.rps(),
+                r.ms(0.99),
+                u.cpu_total()
+            );
+            rounds.push((r, u));
+        }
+        let (r, u) = median_by(rounds, |(r, _)| r.rps());
+        note_errors(notes, "webhook", r.errors, &r.first_error);
+        let _ = writeln!(
+            md,
+            "### Webhook: AdmissionReview POST /mutate over TLS (kept-alive connections), {} connections, {:?}\n",
+            o.connections, o.duration
+        );
+        let _ = writeln!(
+            md,
+            "| review | reviews/s | p50 ms | p99 ms | max ms | errors | server CPU (cores) | CPU µs/review | peak RSS |"
+        );
+        let _ = writeln!(
+            md,
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        );
+        let _ = writeln!(
+            md,
+            "| pod of a ReplicaSet, 4 images ({} bytes){} | {} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {:.0} | {} |\n",
+            body.len(),
+            if patched {
+                ", answered with a patch"
+            } else {
+                ", **no patch**"
+            },
+            thousands(r.rps()),
+            r.ms(0.5),
+            r.ms(0.99),
+            r.max_ms(),
+            r.errors,
+            u.cpu_total() / r.elapsed.as_secs_f64(),
+            u.cpu_total() * 1e6 / r.ok.max(1) as f64,
+            mib(u.peak.first().copied().unwrap_or(0)),
+        );
+        budgets.push(budget(
+            "webhook: ≥ 5,000 AdmissionReviews/s over TLS, p99 < 5 ms",
+            format!("{} reviews/s, p99 {:.2} ms", thousands(r.rps()), r.ms(0.99)),
+            Some(patched && r.rps() >= 5000.0 && r.ms(0.99) < 5.0),
+        ));
+        hook.stop();
     }
 
-    for p in [
-        &mut nginx,
-        &mut dist,
-        &mut upstream,
-        &mut dproxy,
-        &mut registry,
-        &mut proxy,
-    ] {
-        if let Err(e) = p.check_alive() {
-            notes.push(format!("{e:#}"));
-            let _ = writeln!(md, "- a server died during the run: {e:#}");
-        }
-    }
-    Ok(md)
+    Ok(())
 }
