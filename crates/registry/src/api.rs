@@ -13,7 +13,6 @@ use kache_oci::api::Route;
 use kache_oci::{Descriptor, Digest, ParsedManifest, Reference, RepoName, media_type};
 use kache_store::MAX_MANIFEST_SIZE;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use uuid::Uuid;
 
 use crate::Registry;
@@ -23,9 +22,6 @@ use crate::warm::WarmRequest;
 
 /// How a pull-through request was answered: `hit`, `miss` or `stale` (the node proxy counts it).
 pub const X_KACHE_CACHE: &str = "x-kache-cache";
-
-/// Read size for blob bodies: see DESIGN.md, small reads are what makes a registry slow.
-const READ_BUF: usize = 256 * 1024;
 
 const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
 const DOCKER_UPLOAD_UUID: &str = "docker-upload-uuid";
@@ -248,7 +244,7 @@ impl Registry {
             h.insert(X_KACHE_CACHE, HeaderValue::from_static("hit"));
         }
         h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-        let Some(mut file) = file else {
+        let Some(file) = file else {
             h.insert(header::CONTENT_LENGTH, hv(size.to_string()));
             return Ok((StatusCode::OK, h).into_response());
         };
@@ -273,15 +269,10 @@ impl Registry {
                 }
             },
         };
-        if start > 0 {
-            file.seek(std::io::SeekFrom::Start(start))
-                .await
-                .map_err(Error::internal)?;
-        }
         h.insert(header::CONTENT_LENGTH, hv(len.to_string()));
         let counter = self.inner.metrics.bytes_out.clone();
-        let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), READ_BUF)
-            .inspect_ok(move |b| {
+        let stream =
+            kache_store::read_range(file.into_std().await, start, len).inspect_ok(move |b| {
                 counter.inc_by(b.len() as u64);
             });
         Ok((status, h, Body::from_stream(stream)).into_response())

@@ -11,6 +11,7 @@ mod error;
 mod flight;
 mod fs;
 mod index;
+mod read;
 mod upload;
 
 use std::collections::HashMap;
@@ -26,6 +27,7 @@ pub use error::{Result, StoreError};
 pub use flight::{ByteStream, FetchError, FetchFailure, FlightStream, Source};
 pub use fs::BlobWriter;
 pub use index::{BlobRecord, ManifestRecord, TagRecord};
+pub use read::read_range;
 pub use upload::UploadStatus;
 
 use fs::Layout;
