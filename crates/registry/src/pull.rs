@@ -194,20 +194,30 @@ impl PullThrough {
         reference: &Reference,
         creds: Option<Credentials>,
     ) -> Result<(Manifest, CacheOutcome), Error> {
-        let cached = match store.get_manifest(repo, reference).await {
-            Ok(m) => Some(m),
-            Err(StoreError::ManifestUnknown) => None,
-            Err(e) => return Err(e.into()),
+        // A tag is resolved once: its record says both where it points and how fresh it is
+        // (references by digest never need re-validation).
+        let (digest, fresh) = match reference {
+            Reference::Digest(d) => (Some(d.clone()), false),
+            Reference::Tag(t) => match store.tag(repo, t.as_str())? {
+                Some(rec) => (
+                    Some(rec.digest),
+                    now().saturating_sub(rec.updated) < self.tag_ttl.as_secs(),
+                ),
+                None => (None, false),
+            },
+        };
+        let cached = match digest {
+            Some(d) => match store.get_manifest(repo, &Reference::Digest(d)).await {
+                Ok(m) => Some(m),
+                Err(StoreError::ManifestUnknown) => None,
+                Err(e) => return Err(e.into()),
+            },
+            None => None,
         };
         match (reference, cached) {
             (Reference::Digest(_), Some(m)) => return Ok((m, CacheOutcome::Hit)),
+            (Reference::Tag(_), Some(m)) if fresh => return Ok((m, CacheOutcome::Hit)),
             (Reference::Tag(t), Some(m)) => {
-                let fresh = store
-                    .tag(repo, t.as_str())?
-                    .is_some_and(|rec| now().saturating_sub(rec.updated) < self.tag_ttl.as_secs());
-                if fresh {
-                    return Ok((m, CacheOutcome::Hit));
-                }
                 let key = format!("{repo}:{t}?revalidate");
                 let fut = revalidate(
                     store.clone(),
