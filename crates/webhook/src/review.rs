@@ -9,8 +9,8 @@ use json_patch::jsonptr::Pointer;
 use json_patch::{PatchOperation, ReplaceOperation};
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::DynamicObject;
-use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
-use serde::Deserialize;
+use kube::core::admission::{AdmissionRequest, AdmissionReview, Operation};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::rules::{self, Policy, Scope, Skipped};
@@ -96,7 +96,6 @@ pub fn review(body: &[u8], policy: &Policy) -> Result<Reviewed, BadReview> {
     }
     let request: AdmissionRequest<DynamicObject> =
         review.try_into().map_err(|_| BadReview::NoRequest)?;
-    let mut response = AdmissionResponse::from(&request);
     let mut out = Reviewed {
         body: Vec::new(),
         uid: request.uid.clone(),
@@ -105,37 +104,70 @@ pub fn review(body: &[u8], policy: &Policy) -> Result<Reviewed, BadReview> {
         opted_out: false,
         unhandled: None,
     };
+    let mut answer = Answer {
+        api_version: &request.types.api_version,
+        kind: &request.types.kind,
+        response: AnswerResponse {
+            allowed: true,
+            patch: None,
+            patch_type: None,
+            status: Empty {},
+            uid: &request.uid,
+            warnings: None,
+        },
+    };
     match decide(&request, object, old_object, policy) {
         Ok((rewrite, checked)) => {
             out.rewritten = rewrite.rewritten;
             out.skipped = rewrite.skipped;
             out.opted_out = rewrite.opted_out;
             if !rewrite.warnings.is_empty() {
-                response.warnings = Some(rewrite.warnings);
+                answer.response.warnings = Some(rewrite.warnings);
             }
             if let Some(patch) = checked {
-                response = response
-                    .with_patch(patch)
-                    .expect("a JSON patch of strings always serialises");
+                let json = serde_json::to_vec(&patch).expect("a JSON patch always serialises");
+                answer.response.patch =
+                    Some(base64::engine::general_purpose::STANDARD.encode(json));
+                answer.response.patch_type = Some("JSONPatch");
             }
         }
         Err(unhandled) => out.unhandled = Some(unhandled),
     }
-    out.body = encode(response);
+    out.body = serde_json::to_vec(&answer).expect("an AdmissionReview always serialises");
     Ok(out)
 }
 
-/// The answer as JSON, its patch base64-encoded: the form the API documents for `[]byte`
-/// (kube serialises the bytes as an array of numbers, which Go also decodes, at 3x the size).
-fn encode(response: AdmissionResponse) -> Vec<u8> {
-    let mut v =
-        serde_json::to_value(response.into_review()).expect("an AdmissionReview always serialises");
-    if let Some(patch) = v.pointer_mut("/response/patch") {
-        let bytes: Vec<u8> = serde_json::from_value(patch.take()).unwrap_or_default();
-        *patch = Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
-    }
-    serde_json::to_vec(&v).expect("a JSON value always serialises")
+/// The AdmissionReview sent back. Written directly rather than through kube's
+/// `AdmissionResponse`, which holds the patch as bytes that serde writes as an array of numbers:
+/// turning that into the base64 string the API documents for `[]byte` cost a round trip through
+/// a `Value` per review. Fields are in the order a `Value` (sorted keys) wrote them before.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Answer<'a> {
+    api_version: &'a str,
+    kind: &'a str,
+    response: AnswerResponse<'a>,
 }
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AnswerResponse<'a> {
+    /// The webhook never blocks a pod.
+    allowed: bool,
+    /// The JSON patch, base64.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch_type: Option<&'static str>,
+    /// A metav1.Status with nothing to say: an allowed review has no failure to report.
+    status: Empty,
+    uid: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warnings: Option<Vec<String>>,
+}
+
+#[derive(Debug, Serialize)]
+struct Empty {}
 
 /// What the review's object is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -289,4 +321,94 @@ fn onto_ephemeral_containers(
         }
     }
     Ok(json_patch::Patch(ops))
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::core::admission::AdmissionResponse;
+
+    use super::*;
+
+    /// The answer as kube's `AdmissionResponse` serialises it, its patch bytes (an array of
+    /// numbers) rewritten to base64 through a `Value`: what `review` sent before it wrote the
+    /// answer itself.
+    fn through_kube(body: &[u8], policy: &Policy) -> Vec<u8> {
+        let mut doc: Value = serde_json::from_slice(body).unwrap();
+        let mut take = |p: &str| doc.pointer_mut(p).map(Value::take).filter(|v| !v.is_null());
+        let (object, old_object) = (take("/request/object"), take("/request/oldObject"));
+        let review: AdmissionReview<DynamicObject> = serde_json::from_value(doc).unwrap();
+        let request: AdmissionRequest<DynamicObject> = review.try_into().unwrap();
+        let mut response = AdmissionResponse::from(&request);
+        if let Ok((rewrite, checked)) = decide(&request, object, old_object, policy) {
+            if !rewrite.warnings.is_empty() {
+                response.warnings = Some(rewrite.warnings);
+            }
+            if let Some(patch) = checked {
+                response = response.with_patch(patch).unwrap();
+            }
+        }
+        let mut v = serde_json::to_value(response.into_review()).unwrap();
+        if let Some(patch) = v.pointer_mut("/response/patch") {
+            let bytes: Vec<u8> = serde_json::from_value(patch.take()).unwrap();
+            *patch = Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
+        }
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    fn fixtures() -> Vec<(String, Vec<u8>)> {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+        let mut out: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let p = e.unwrap().path();
+                (p.display().to_string(), std::fs::read(&p).unwrap())
+            })
+            .collect();
+        out.sort();
+        assert!(out.len() >= 5, "fixtures in {dir}");
+        out
+    }
+
+    #[test]
+    fn answers_are_byte_for_byte_what_kube_wrote() {
+        let policies = [
+            Policy::default(),
+            Policy {
+                skip_mutable: true,
+                ..Policy::default()
+            },
+        ];
+        for (name, body) in fixtures() {
+            for policy in &policies {
+                let ours = review(&body, policy).unwrap().body;
+                assert_eq!(
+                    String::from_utf8(ours).unwrap(),
+                    String::from_utf8(through_kube(&body, policy)).unwrap(),
+                    "{name}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_patch_is_base64_of_the_json_patch() {
+        let (_, body) = fixtures()
+            .into_iter()
+            .find(|(n, _)| n.ends_with("create_replicaset_pod.json"))
+            .unwrap();
+        let reviewed = review(&body, &Policy::default()).unwrap();
+        assert!(reviewed.rewritten > 0);
+        let answer: Value = serde_json::from_slice(&reviewed.body).unwrap();
+        assert_eq!(answer["response"]["patchType"], "JSONPatch");
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(answer["response"]["patch"].as_str().unwrap())
+            .unwrap();
+        let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+        let images = patch
+            .0
+            .iter()
+            .filter(|op| op.path().to_string().ends_with("/image"))
+            .count();
+        assert_eq!(images, reviewed.rewritten);
+    }
 }
