@@ -10,12 +10,16 @@ use axum::Router;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
 use kache_oci::upstream::{DockerConfig, Upstream, UpstreamConfig};
 use kache_proxy::{Proxy, ProxyConfig, ProxyMetrics};
 use kache_registry::{Access, Metrics, Registry};
 use kache_store::Store;
 use prometheus_client::registry::Registry as PromRegistry;
 use tokio::task::JoinSet;
+use tower::ServiceExt;
 
 use crate::UpstreamArgs;
 
@@ -142,6 +146,11 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpLis
         .with_context(|| format!("cannot listen on {addr} for {what}"))
 }
 
+/// hyper's HTTP/1 read buffer and write queue, per connection. Its default (~400 KiB) lets a
+/// blob response queue that much per connection: at 32 connections that was most of the RSS
+/// over the memory budget (BENCHMARKS.md, finding 3).
+const MAX_BUF: usize = 128 * 1024;
+
 /// Serves `app` on `listener` until shutdown.
 fn spawn_server(
     set: &mut JoinSet<anyhow::Result<()>>,
@@ -150,11 +159,59 @@ fn spawn_server(
     what: &'static str,
 ) {
     set.spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal())
+        serve(listener, app, shutdown_signal())
             .await
             .with_context(|| format!("{what} failed"))
     });
+}
+
+/// What `axum::serve(..).with_graceful_shutdown(..)` does (HTTP/1.1 and h2c, upgrades; on
+/// shutdown stop accepting, let open connections finish), with hyper's buffers capped.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().max_buf_size(MAX_BUF);
+    builder.http2().enable_connect_protocol();
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    if !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionRefused
+                            | std::io::ErrorKind::ConnectionAborted
+                            | std::io::ErrorKind::ConnectionReset
+                    ) {
+                        // Out of file descriptors and the like: wait for some to close.
+                        tracing::error!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |req| app.clone().oneshot(req));
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::trace!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// Binds the proxy's listeners; an IPv6 address the host lacks is skipped, not fatal.

@@ -16,7 +16,12 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use futures_util::TryStreamExt;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use kache_oci::api::{ErrorCode, Route};
 use kache_oci::upstream::{Upstream, UpstreamError, UpstreamResponse};
 use kache_oci::{RepoName, split_cache_repository};
@@ -40,10 +45,16 @@ const PASSED_HEADERS: [&str; 10] = [
 /// Request headers worth forwarding.
 const FORWARDED_HEADERS: [&str; 4] = ["accept", "range", "if-none-match", "user-agent"];
 
+/// hyper's read buffer per registry connection. Its default (~400 KiB) fills up when the registry
+/// sends faster than the kubelet reads; at 32 connections that was most of the RSS over the
+/// memory budget (BENCHMARKS.md, finding 3). reqwest has no setting for it.
+const MAX_BUF: usize = 128 * 1024;
+
 /// How the proxy reaches the registry.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
-    /// Base URL of the registry Service, e.g. `http://kache-registry.kache:5000`.
+    /// Base URL of the registry Service, e.g. `http://kache-registry.kache:5000`. Plain HTTP:
+    /// the registry is in the cluster.
     pub registry: String,
     /// Longest wait for the registry's response headers before falling back upstream.
     pub registry_timeout: Duration,
@@ -58,7 +69,7 @@ pub struct Proxy {
 #[derive(Debug)]
 struct Inner {
     config: ProxyConfig,
-    client: reqwest::Client,
+    client: Client<HttpConnector, Empty<Bytes>>,
     upstream: Upstream,
     metrics: ProxyMetrics,
 }
@@ -68,14 +79,18 @@ impl Proxy {
         config: ProxyConfig,
         upstream: Upstream,
         metrics: ProxyMetrics,
-    ) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(config.registry_timeout)
+    ) -> Result<Self, BadRegistryUrl> {
+        check_registry_url(&config.registry)?;
+        // No HTTP(S)_PROXY (the registry is in-cluster) and no redirects: a plain connector.
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.registry_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
-            // The registry is in-cluster: an HTTP(S)_PROXY meant for the internet must not apply.
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
+            // Without a timer the idle timeout is never applied.
+            .pool_timer(TokioTimer::new())
+            .http1_max_buf_size(MAX_BUF)
+            .build(connector);
         Ok(Proxy {
             inner: Arc::new(Inner {
                 config,
@@ -88,6 +103,29 @@ impl Proxy {
 
     pub fn router(&self) -> Router {
         Router::new().fallback(handle).with_state(self.clone())
+    }
+}
+
+/// The registry URL is not an `http://` URL with a host.
+#[derive(Debug)]
+pub struct BadRegistryUrl(String);
+
+impl std::fmt::Display for BadRegistryUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the registry URL {:?} is not an http:// URL with a host",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for BadRegistryUrl {}
+
+fn check_registry_url(url: &str) -> Result<(), BadRegistryUrl> {
+    match url.parse::<http::Uri>() {
+        Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() => Ok(()),
+        _ => Err(BadRegistryUrl(url.to_owned())),
     }
 }
 
@@ -180,7 +218,7 @@ async fn handle(State(p): State<Proxy>, req: Request) -> Response {
         .uri()
         .path_and_query()
         .map_or_else(|| path.clone(), |pq| pq.as_str().to_owned());
-    let mut headers = reqwest::header::HeaderMap::new();
+    let mut headers = HeaderMap::new();
     for name in FORWARDED_HEADERS {
         if let Some(v) = req.headers().get(name) {
             headers.insert(name, v.clone());
@@ -269,16 +307,33 @@ async fn forward(
     p: &Proxy,
     method: Method,
     pq: &str,
-    headers: reqwest::header::HeaderMap,
-) -> Result<reqwest::Response, String> {
+    headers: HeaderMap,
+) -> Result<http::Response<hyper::body::Incoming>, String> {
     let cfg = &p.inner.config;
     let url = format!("{}{pq}", cfg.registry.trim_end_matches('/'));
-    let send = p.inner.client.request(method, url).headers(headers).send();
-    match tokio::time::timeout(cfg.registry_timeout, send).await {
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .body(Empty::new())
+        .map_err(|e| e.to_string())?;
+    *req.headers_mut() = headers;
+    match tokio::time::timeout(cfg.registry_timeout, p.inner.client.request(req)).await {
         Ok(Ok(r)) => Ok(r),
-        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Err(e)) => Err(with_sources(&e)),
         Err(_) => Err(format!("no answer within {:?}", cfg.registry_timeout)),
     }
+}
+
+/// An error and its causes on one line: the client's own message is only "client error (Connect)".
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 fn pass_headers(from: &HeaderMap) -> HeaderMap {
@@ -292,14 +347,17 @@ fn pass_headers(from: &HeaderMap) -> HeaderMap {
 }
 
 /// The registry's answer, streamed.
-fn relay(resp: reqwest::Response, m: &ProxyMetrics) -> Response {
+fn relay(resp: http::Response<hyper::body::Incoming>, m: &ProxyMetrics) -> Response {
     let status = resp.status();
     let headers = pass_headers(resp.headers());
     let counter = m.bytes.clone();
-    let body = resp.bytes_stream().inspect_ok(move |b| {
-        counter.inc_by(b.len() as u64);
+    let body = resp.into_body().map_frame(move |f| {
+        if let Some(b) = f.data_ref() {
+            counter.inc_by(b.len() as u64);
+        }
+        f
     });
-    (status, headers, Body::from_stream(body)).into_response()
+    (status, headers, Body::new(body)).into_response()
 }
 
 /// An upstream's answer, streamed.
@@ -314,4 +372,29 @@ fn upstream_response(resp: UpstreamResponse, head: bool, m: &ProxyMetrics) -> Re
         counter.inc_by(b.len() as u64);
     });
     (status, headers, Body::from_stream(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_registry_is_reached_over_plain_http_only() {
+        for ok in [
+            "http://kache-registry:5000",
+            "http://10.0.0.1:5000/",
+            "http://[::1]:5000",
+        ] {
+            check_registry_url(ok).unwrap();
+        }
+        for bad in [
+            "https://kache-registry:5000",
+            "kache-registry:5000",
+            "http://",
+            "",
+        ] {
+            let e = check_registry_url(bad).unwrap_err();
+            assert!(e.to_string().contains("http://"), "{e}");
+        }
+    }
 }
