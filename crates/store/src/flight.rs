@@ -5,21 +5,26 @@
 //! away. It writes to a temporary file in batches and publishes how much is on disk; every
 //! requester follows that file as it grows. Nobody receives the last byte before the whole
 //! blob has been verified against its digest, so a lying source never completes a response.
+//!
+//! Readers get their last byte as soon as the digest matches; the fsync, the rename into
+//! `blobs/` and the index commit come after (an fsync of a large blob takes a noticeable share
+//! of a cold pull). The blob is visible to other requests only once it is renamed and indexed,
+//! so a crash in between leaves a temporary file, as before.
 
 use std::collections::HashMap;
+use std::io::{IoSlice, Write};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::{FutureExt, Stream, StreamExt};
-use kache_oci::{Digest, RepoName};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::watch;
+use kache_oci::{Digest, Hasher, RepoName};
+use tokio::sync::{mpsc, watch};
 
 use crate::error::StoreError;
 use crate::fs::{self, IO_BUF};
-use crate::{Store, blocking};
+use crate::{Store, blocking, read};
 
 /// An error of the source, kept whole so the caller can tell a 404 from a timeout.
 pub type FetchError = Arc<dyn std::error::Error + Send + Sync>;
@@ -62,6 +67,11 @@ enum State {
         size: Option<u64>,
         written: u64,
     },
+    /// Every byte is written and the digest matches: readers may finish; the blob is being
+    /// fsynced, renamed and indexed.
+    Verified {
+        size: u64,
+    },
     Done {
         size: u64,
     },
@@ -83,6 +93,20 @@ struct Flight {
 #[derive(Debug, Default)]
 pub(crate) struct Flights {
     map: Mutex<HashMap<Digest, Arc<Flight>>>,
+}
+
+impl Flights {
+    /// The size and temporary file of `digest` if its fetch for `repo` (among others) is
+    /// verified and being committed.
+    pub(crate) fn verified(&self, repo: &RepoName, digest: &Digest) -> Option<(u64, PathBuf)> {
+        let map = self.map.lock().expect("flights poisoned");
+        let flight = map.get(digest)?;
+        let State::Verified { size } = *flight.state.borrow() else {
+            return None;
+        };
+        let asked = flight.repos.lock().expect("repos poisoned").contains(repo);
+        asked.then(|| (size, flight.tmp.clone()))
+    }
 }
 
 /// A blob to stream to a client: its size when known, and its bytes as they become safe to send.
@@ -138,55 +162,57 @@ impl Store {
             .await
             .map(|s| s.clone())
             .unwrap_or_else(|_| State::Broken("fetch ended without a result".into()));
-        match state {
-            State::Refused(e) => Err(FetchFailure::Source(e)),
-            State::Broken(m) => Err(FetchFailure::Store(StoreError::Io(std::io::Error::other(
-                m.to_string(),
-            )))),
+        let size = match state {
+            State::Refused(e) => return Err(FetchFailure::Source(e)),
+            State::Broken(m) => {
+                return Err(FetchFailure::Store(StoreError::Io(std::io::Error::other(
+                    m.to_string(),
+                ))));
+            }
             State::Done { .. } => {
                 // Finished between our join and now: it is an ordinary stored blob.
                 self.mount_blob(repo, digest, None).await?;
                 let blob = self.open_blob(repo, digest).await?;
-                Ok(FlightStream {
+                return Ok(FlightStream {
                     size: Some(blob.size),
-                    body: Box::pin(follow(blob.file, rx, Some(blob.size))),
-                })
+                    body: Box::pin(follow(blob.file.into_std().await, rx, Some(blob.size))),
+                });
             }
-            State::Running { size, .. } => {
-                let file = match tokio::fs::File::open(&flight.tmp).await {
-                    Ok(f) => f,
-                    // Renamed into place a moment ago.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        tokio::fs::File::open(self.layout.blob(digest))
-                            .await
-                            .map_err(StoreError::from)?
-                    }
-                    Err(e) => return Err(StoreError::from(e).into()),
-                };
-                Ok(FlightStream {
-                    size,
-                    body: Box::pin(follow(file, rx, None)),
-                })
-            }
+            State::Running { size, .. } => size,
+            State::Verified { size } => Some(size),
             State::Starting => unreachable!("waited for a state other than Starting"),
-        }
+        };
+        let file = match tokio::fs::File::open(&flight.tmp).await {
+            Ok(f) => f,
+            // Renamed into place a moment ago.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tokio::fs::File::open(self.layout.blob(digest))
+                    .await
+                    .map_err(StoreError::from)?
+            }
+            Err(e) => return Err(StoreError::from(e).into()),
+        };
+        Ok(FlightStream {
+            size,
+            body: Box::pin(follow(file.into_std().await, rx, None)),
+        })
     }
 }
 
 /// Reads `file` as the flight writes it. With `known_done`, the file is complete already.
 fn follow(
-    file: tokio::fs::File,
+    file: std::fs::File,
     rx: watch::Receiver<State>,
     known_done: Option<u64>,
 ) -> impl Stream<Item = std::io::Result<Bytes>> + Send {
     struct Reader {
-        file: tokio::fs::File,
+        file: Arc<std::fs::File>,
         pos: u64,
         rx: watch::Receiver<State>,
         done: Option<u64>,
     }
     let r = Reader {
-        file,
+        file: Arc::new(file),
         pos: 0,
         rx,
         done: known_done,
@@ -197,7 +223,7 @@ fn follow(
             let (limit, done) = match r.done {
                 Some(size) => (size, true),
                 None => match &*r.rx.borrow_and_update() {
-                    State::Done { size } => (*size, true),
+                    State::Verified { size } | State::Done { size } => (*size, true),
                     // Everything but the last byte may go before verification.
                     State::Running { written, .. } => (written.saturating_sub(1), false),
                     State::Starting => (0, false),
@@ -214,27 +240,25 @@ fn follow(
             }
             if r.pos < limit {
                 let want = (limit - r.pos).min(IO_BUF as u64) as usize;
-                let mut buf = BytesMut::with_capacity(want);
-                while buf.len() < want {
-                    match r.file.read_buf(&mut buf).await {
-                        Ok(0) => {
-                            return Some((
-                                Err(std::io::Error::other("blob file ended early")),
-                                None,
-                            ));
-                        }
-                        Ok(_) => {}
-                        Err(e) => return Some((Err(e), None)),
+                return match read::read_at(&r.file, r.pos, want).await {
+                    Ok(chunk) if chunk.is_empty() => {
+                        Some((Err(std::io::Error::other("blob file ended early")), None))
                     }
-                }
-                r.pos += want as u64;
-                return Some((Ok(buf.freeze()), Some(r)));
+                    Ok(chunk) => {
+                        r.pos += chunk.len() as u64;
+                        Some((Ok(chunk), Some(r)))
+                    }
+                    Err(e) => Some((Err(e), None)),
+                };
             }
             if done {
                 return None;
             }
             if r.rx.changed().await.is_err()
-                && !matches!(&*r.rx.borrow(), State::Done { .. } | State::Broken(_))
+                && !matches!(
+                    &*r.rx.borrow(),
+                    State::Verified { .. } | State::Done { .. } | State::Broken(_)
+                )
             {
                 return Some((
                     Err(std::io::Error::other("fetch ended without a result")),
@@ -245,7 +269,8 @@ fn follow(
     })
 }
 
-/// The fetch task: source → temp file (hashing) → verify → install → index → Done.
+/// The fetch task: source → temp file (hashing) → verify → Verified → fsync, install, index →
+/// Done.
 async fn run<F, Fut>(store: Arc<Store>, flight: Arc<Flight>, digest: Digest, source: F)
 where
     F: FnOnce() -> Fut + Send + 'static,
@@ -293,7 +318,7 @@ enum FetchEnd {
 
 async fn fetch<F, Fut>(
     store: &Arc<Store>,
-    flight: &Flight,
+    flight: &Arc<Flight>,
     digest: &Digest,
     source: F,
 ) -> Result<(u64, Vec<RepoName>), FetchEnd>
@@ -303,57 +328,30 @@ where
 {
     let src = source().await.map_err(FetchEnd::Refused)?;
     let broken = |e: &dyn std::fmt::Display| FetchEnd::Broken(e.to_string());
-    let mut file = tokio::fs::File::create(&flight.tmp)
+    let file = tokio::fs::File::create(&flight.tmp)
         .await
-        .map_err(|e| broken(&e))?;
+        .map_err(|e| broken(&e))?
+        .into_std()
+        .await;
     flight.state.send_replace(State::Running {
         size: src.size,
         written: 0,
     });
-    let mut hasher = digest.algorithm().hasher();
-    let mut body = src.body;
-    let mut written = 0u64;
-    let mut batch = BytesMut::new();
-    let mut ended = false;
-    while !ended {
-        // Wait for one chunk, then take whatever else is ready without waiting, so a fast
-        // source is written in large batches and a slow one is published chunk by chunk.
-        let mut next = Some(body.next().await);
-        loop {
-            match next {
-                Some(Some(Ok(chunk))) => {
-                    hasher.update(&chunk);
-                    batch.extend_from_slice(&chunk);
-                }
-                Some(Some(Err(e))) => return Err(broken(&e)),
-                Some(None) => {
-                    ended = true;
-                    break;
-                }
-                None => break,
-            }
-            if batch.len() >= IO_BUF {
-                break;
-            }
-            next = body.next().now_or_never();
-        }
-        if let Some(size) = src.size
-            && written + batch.len() as u64 > size
-        {
-            return Err(FetchEnd::Broken(format!(
-                "source sent more than the {size} bytes it announced"
-            )));
-        }
-        if !batch.is_empty() {
-            file.write_all(&batch).await.map_err(|e| broken(&e))?;
-            file.flush().await.map_err(|e| broken(&e))?;
-            written += batch.len() as u64;
-            batch.clear();
-            flight.state.send_replace(State::Running {
-                size: src.size,
-                written,
-            });
-        }
+    // One batch queued while one is hashed and written: the next one is received meanwhile.
+    let (tx, rx) = mpsc::channel(1);
+    let writer = {
+        let (flight, size, hasher) = (flight.clone(), src.size, digest.algorithm().hasher());
+        tokio::task::spawn_blocking(move || write_batches(rx, file, hasher, &flight, size))
+    };
+    let received = receive(src.body, src.size, tx).await;
+    // Ended either way: the sender is gone, so the writer stops after what it has.
+    let written = writer.await.map_err(|e| broken(&e))?;
+    let received = received?;
+    let (file, hasher, written) = written.map_err(|e| broken(&e))?;
+    if written != received {
+        return Err(FetchEnd::Broken(format!(
+            "wrote {written} of the {received} bytes received"
+        )));
     }
     if let Some(size) = src.size
         && written != size
@@ -368,8 +366,7 @@ where
             "source sent bytes hashing to {actual}, not {digest}"
         )));
     }
-    file.sync_all().await.map_err(|e| broken(&e))?;
-    drop(file);
+    flight.state.send_replace(State::Verified { size: written });
     let repos = flight.repos.lock().expect("repos poisoned").clone();
     let (layout, index, tmp, d) = (
         store.layout.clone(),
@@ -379,6 +376,8 @@ where
     );
     let linked = repos.clone();
     let new = blocking(move || {
+        file.sync_all()?;
+        drop(file);
         fs::install(&layout, &tmp, &d)?;
         let mut new = false;
         for repo in &repos {
@@ -390,6 +389,91 @@ where
     .map_err(|e| broken(&e))?;
     store.added(new, written);
     Ok((written, linked))
+}
+
+/// Receives the source's body in batches of about [`IO_BUF`] for the writer; the number of bytes
+/// received. Stops early (Ok) if the writer has stopped: its error is the one to report.
+async fn receive(
+    mut body: ByteStream,
+    size: Option<u64>,
+    tx: mpsc::Sender<Vec<Bytes>>,
+) -> Result<u64, FetchEnd> {
+    let mut received = 0u64;
+    let mut ended = false;
+    while !ended {
+        let mut batch = Vec::new();
+        let mut len = 0usize;
+        // Wait for one chunk, then take whatever else is ready without waiting, so a fast
+        // source is written in large batches and a slow one is published chunk by chunk.
+        let mut next = Some(body.next().await);
+        loop {
+            match next {
+                Some(Some(Ok(chunk))) => {
+                    if !chunk.is_empty() {
+                        len += chunk.len();
+                        batch.push(chunk);
+                    }
+                }
+                Some(Some(Err(e))) => return Err(FetchEnd::Broken(e.to_string())),
+                Some(None) => {
+                    ended = true;
+                    break;
+                }
+                None => break,
+            }
+            if len >= IO_BUF {
+                break;
+            }
+            next = body.next().now_or_never();
+        }
+        if let Some(size) = size
+            && received + len as u64 > size
+        {
+            return Err(FetchEnd::Broken(format!(
+                "source sent more than the {size} bytes it announced"
+            )));
+        }
+        if !batch.is_empty() {
+            received += len as u64;
+            if tx.send(batch).await.is_err() {
+                break;
+            }
+        }
+    }
+    Ok(received)
+}
+
+/// The writer, on a blocking thread: hashes and writes each batch, then publishes how much is on
+/// disk. Ends when the receiving side is done (or gone).
+fn write_batches(
+    mut rx: mpsc::Receiver<Vec<Bytes>>,
+    mut file: std::fs::File,
+    mut hasher: Hasher,
+    flight: &Flight,
+    size: Option<u64>,
+) -> std::io::Result<(std::fs::File, Hasher, u64)> {
+    let mut written = 0u64;
+    while let Some(batch) = rx.blocking_recv() {
+        for chunk in &batch {
+            hasher.update(chunk);
+        }
+        // The received buffers as they are: no copy into one.
+        let mut slices: Vec<IoSlice<'_>> = batch.iter().map(|c| IoSlice::new(c)).collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            match file.write_vectored(rest) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    written += n as u64;
+                    IoSlice::advance_slices(&mut rest, n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        flight.state.send_replace(State::Running { size, written });
+    }
+    Ok((file, hasher, written))
 }
 
 #[cfg(test)]

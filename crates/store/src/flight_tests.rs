@@ -55,6 +55,23 @@ async fn collect(s: FlightStream) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Waits until the fetch of `d`, if one still runs, has committed or failed: readers may finish
+/// before the blob is renamed into place and indexed.
+async fn settled(store: &Store, d: &Digest) {
+    let rx = store
+        .flights
+        .map
+        .lock()
+        .unwrap()
+        .get(d)
+        .map(|f| f.state.subscribe());
+    if let Some(mut rx) = rx {
+        let _ = rx
+            .wait_for(|s| matches!(s, State::Done { .. } | State::Broken(_)))
+            .await;
+    }
+}
+
 fn open(dir: &std::path::Path) -> Arc<Store> {
     Arc::new(Store::open(dir).unwrap().0)
 }
@@ -86,6 +103,14 @@ async fn concurrent_requests_make_one_fetch_and_all_get_every_byte() {
         assert_eq!(t.await.unwrap(), bytes);
     }
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // Served (from the verified temporary file) before the commit as after it.
+    for r in ["r0", "r1"] {
+        assert_eq!(
+            store.stat_blob(&repo(r), &d).unwrap(),
+            Some(bytes.len() as u64)
+        );
+    }
+    settled(&store, &d).await;
     for r in ["r0", "r1"] {
         assert_eq!(
             store.stat_blob(&repo(r), &d).unwrap(),
@@ -118,6 +143,8 @@ async fn the_fetch_completes_when_its_first_client_leaves() {
     drop(first);
     assert_eq!(collect(second).await.unwrap(), bytes);
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+    settled(&store, &d).await;
+    assert_eq!(store.verify().await.unwrap().blobs, 1);
     assert_eq!(store.verify().await.unwrap().bad, Vec::<String>::new());
 }
 
@@ -202,4 +229,114 @@ async fn a_refusal_reaches_every_joiner_as_the_source_error() {
         .await
         .unwrap();
     assert_eq!(collect(s).await.unwrap(), bytes);
+}
+
+/// A follower of a blob whose bytes are all on disk: everything but the last byte while the
+/// flight runs, the rest once it reports `verified` (the end of the stream), or an error.
+async fn follow_to_the_last_byte(verified: bool) -> (Vec<u8>, std::io::Result<()>) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("blob");
+    let bytes = data(300 * 1024);
+    std::fs::write(&p, &bytes).unwrap();
+    let len = bytes.len() as u64;
+    let (tx, rx) = watch::channel(State::Running {
+        size: Some(len),
+        written: len,
+    });
+    let s = follow(std::fs::File::open(&p).unwrap(), rx, None);
+    let mut s = std::pin::pin!(s);
+    let mut got = Vec::new();
+    while got.len() < bytes.len() - 1 {
+        got.extend_from_slice(&s.next().await.unwrap().unwrap());
+    }
+    assert_eq!(got, bytes[..bytes.len() - 1]);
+    assert!(
+        s.next().now_or_never().is_none(),
+        "the last byte waits for the digest"
+    );
+    tx.send_replace(if verified {
+        State::Verified { size: len }
+    } else {
+        State::Broken("source sent bytes hashing to something else".into())
+    });
+    while let Some(c) = s.next().await {
+        match c {
+            Ok(c) => got.extend_from_slice(&c),
+            Err(e) => return (got, Err(e)),
+        }
+    }
+    (got, Ok(()))
+}
+
+#[tokio::test]
+async fn followers_finish_once_the_digest_matches_before_the_blob_is_committed() {
+    let (got, end) = follow_to_the_last_byte(true).await;
+    end.unwrap();
+    assert_eq!(got, data(300 * 1024));
+}
+
+#[tokio::test]
+async fn followers_of_a_failed_digest_never_get_the_last_byte() {
+    let (got, end) = follow_to_the_last_byte(false).await;
+    assert!(end.unwrap_err().to_string().contains("hashing to"));
+    assert_eq!(got.len(), 300 * 1024 - 1);
+}
+
+#[tokio::test]
+async fn empty_chunks_from_the_source_are_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let bytes = data(600 * 1024);
+    let d = Digest::sha256(&bytes);
+    let chunks: Vec<Bytes> = bytes
+        .chunks(100 * 1024)
+        .flat_map(|c| [Bytes::new(), Bytes::copy_from_slice(c)])
+        .collect();
+    let s = store
+        .fetch_blob(&repo("r"), &d, move || async move {
+            let body = futures_util::stream::iter(chunks.into_iter().map(Ok::<_, FetchError>));
+            Ok(Source {
+                size: None,
+                body: Box::pin(body),
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(collect(s).await.unwrap(), bytes);
+}
+
+#[tokio::test]
+async fn a_verified_blob_is_served_from_its_temporary_file_until_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let bytes = data(100 * 1024);
+    let d = Digest::sha256(&bytes);
+    let tmp = dir.path().join("tmp").join("verified");
+    std::fs::write(&tmp, &bytes).unwrap();
+    store.flights.map.lock().unwrap().insert(
+        d.clone(),
+        Arc::new(Flight {
+            tmp,
+            state: watch::channel(State::Verified {
+                size: bytes.len() as u64,
+            })
+            .0,
+            repos: Mutex::new(vec![repo("asked")]),
+        }),
+    );
+    assert_eq!(
+        store.stat_blob(&repo("asked"), &d).unwrap(),
+        Some(bytes.len() as u64)
+    );
+    assert_eq!(store.stat_blob(&repo("other"), &d).unwrap(), None);
+    let blob = store.open_blob(&repo("asked"), &d).await.unwrap();
+    assert_eq!(blob.size, bytes.len() as u64);
+    let mut got = Vec::new();
+    let mut file = blob.file.into_std().await;
+    std::io::Read::read_to_end(&mut file, &mut got).unwrap();
+    assert_eq!(got, bytes);
+    assert!(matches!(
+        store.open_blob(&repo("other"), &d).await,
+        Err(StoreError::BlobUnknown)
+    ));
 }

@@ -166,15 +166,47 @@ impl Store {
 
     /// The size of `digest` if `repo` may serve it.
     pub fn stat_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>> {
-        self.index.linked_blob(repo, digest)
+        Ok(self.find_blob(repo, digest)?.map(|(size, _)| size))
+    }
+
+    /// The size of `digest` for `repo` and, for a fetched blob still being committed, the
+    /// temporary file that holds it. Such a blob is verified already and its requester has had
+    /// every byte: the next request is answered as a hit, not a miss (nor a HEAD's 404).
+    fn find_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<(u64, Option<PathBuf>)>> {
+        if let Some(size) = self.index.linked_blob(repo, digest)? {
+            return Ok(Some((size, None)));
+        }
+        if let Some((size, tmp)) = self.flights.verified(repo, digest) {
+            return Ok(Some((size, Some(tmp))));
+        }
+        // Committed between the two lookups (the flight leaves the map after the index commit).
+        Ok(self
+            .index
+            .linked_blob(repo, digest)?
+            .map(|size| (size, None)))
     }
 
     /// Opens `digest` for reading if `repo` may serve it.
     pub async fn open_blob(&self, repo: &RepoName, digest: &Digest) -> Result<BlobFile> {
-        let size = self
-            .stat_blob(repo, digest)?
+        let (size, tmp) = self
+            .find_blob(repo, digest)?
             .ok_or(StoreError::BlobUnknown)?;
-        let file = match tokio::fs::File::open(self.layout.blob(digest)).await {
+        let path = self.layout.blob(digest);
+        let opened = match tmp {
+            // Renamed into place in the meantime: the final path has the same bytes.
+            Some(tmp) => match tokio::fs::File::open(tmp).await {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tokio::fs::File::open(&path).await
+                }
+                r => r,
+            },
+            None => tokio::fs::File::open(&path).await,
+        };
+        let file = match opened {
             Ok(f) => f,
             // Deleted between the lookup and the open (GC): the blob is simply unknown now.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -48,7 +48,7 @@ pub fn read_range(
     })
 }
 
-async fn read_at(file: &Arc<std::fs::File>, pos: u64, want: usize) -> io::Result<Bytes> {
+pub(crate) async fn read_at(file: &Arc<std::fs::File>, pos: u64, want: usize) -> io::Result<Bytes> {
     let mut buf = vec![0u8; want];
     match rustix::io::preadv2(
         &**file,
