@@ -1,0 +1,345 @@
+//! The CachedImage reconcile: usage, caching, expiry, and the finalizer that removes the tag.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kache_api::{
+    CachedImage, CachedImageStatus, Condition, FINALIZER, Phase, UsedBy, cached_image_name,
+};
+use kache_oci::upstream::DockerConfig;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{self, Event as Finalizing};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource, ResourceExt};
+use tracing::{info, warn};
+
+use crate::Context;
+use crate::decide::{self, Expiry};
+
+/// Why a reconcile did not finish; it is retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Registry(String),
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+/// The CachedImages a pod's images are named by.
+pub(crate) fn images_of_pod(pod: Pod) -> Vec<ObjectRef<CachedImage>> {
+    decide::pod_images(&pod)
+        .iter()
+        .map(|i| ObjectRef::new(&cached_image_name(i)))
+        .collect()
+}
+
+pub(crate) async fn reconcile(ci: Arc<CachedImage>, ctx: Arc<Context>) -> Result<Action, Error> {
+    // No decision about usage before the pod cache holds every pod.
+    if ctx.pods.wait_until_ready().await.is_err() {
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
+    let api: Api<CachedImage> = Api::all(ctx.client.clone());
+    let result = finalizer::finalizer(&api, FINALIZER, ci, |event| async {
+        match event {
+            Finalizing::Apply(ci) => apply(&ci, &ctx).await,
+            Finalizing::Cleanup(ci) => cleanup(&ci, &ctx).await,
+        }
+    })
+    .await;
+    ctx.metrics.set_phases(
+        ctx.images
+            .state()
+            .iter()
+            .map(|c| c.status.as_ref().map(|s| s.phase).unwrap_or_default()),
+    );
+    result.map_err(|e| match e {
+        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    })
+}
+
+pub(crate) fn error_policy(ci: Arc<CachedImage>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_error();
+    let name = ci.name_any();
+    // error_policy is synchronous; the count is a best effort when the lock is busy.
+    let failures = match ctx.failures.try_lock() {
+        Ok(mut f) => {
+            let n = f.entry(name.clone()).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        }
+        Err(_) => 1,
+    };
+    let wait = decide::backoff(failures);
+    warn!(%name, error = %error, retry_in = ?wait, "reconcile failed");
+    Action::requeue(wait)
+}
+
+async fn apply(ci: &CachedImage, ctx: &Context) -> Result<Action, Error> {
+    let name = ci.name_any();
+    let api: Api<CachedImage> = Api::all(ctx.client.clone());
+    let image = ci.spec.source_image.clone();
+    let old = ci.status.clone().unwrap_or_default();
+    let now = Timestamp::now();
+
+    if decide::normalise(&image).as_deref() != Some(image.as_str()) {
+        let mut status = old.clone();
+        status.phase = Phase::Failed;
+        status.message = Some(format!(
+            "spec.sourceImage {image:?} is not a normalised image reference (like docker.io/library/nginx:1.27)"
+        ));
+        write_status(&api, &name, &old, status).await?;
+        return Ok(Action::await_change());
+    }
+
+    let users = decide::users(&image, ctx.pods.state().iter().map(|p| p.as_ref()));
+    let used_by = UsedBy::from_pods(users);
+    let expiry = decide::expiry(&ci.spec, used_by.pods.len(), now, ctx.config.expiry_delay);
+    tracing::debug!(%name, pods = used_by.count, ?expiry, "reconcile");
+
+    let expires_at = match expiry {
+        Expiry::Due => {
+            if let Some(action) = expire(ci, ctx, &api).await? {
+                return Ok(action);
+            }
+            None
+        }
+        Expiry::At(t) => Some(t),
+        Expiry::Keep => None,
+    };
+    if ci.spec.expires_at.as_ref().map(|t| t.0) != expires_at {
+        let patch = serde_json::json!({"spec": {"expiresAt": expires_at.map(Time)}});
+        api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        if expires_at.is_some() && ci.spec.expires_at.is_none() {
+            publish(
+                ctx,
+                ci,
+                EventType::Normal,
+                "Expiring",
+                "no pod uses the image",
+            )
+            .await;
+        }
+    }
+
+    let platforms = decide::platforms(ctx.nodes.state().iter().map(|n| n.as_ref()));
+    let mut status = old.clone();
+    status.used_by = used_by;
+    let synced_recently = old
+        .last_sync
+        .as_ref()
+        .is_some_and(|t| t.0.as_second() + ctx.config.resync.as_secs() as i64 > now.as_second());
+    let cached = matches!(old.phase, Phase::Cached | Phase::Expiring) && old.digest.is_some();
+    let platforms_known = platforms.iter().all(|p| old.platforms.contains(p));
+    let mut result = Ok(());
+    if !(cached && synced_recently && platforms_known) {
+        // Caching is shown once; a retry after a failure keeps Failed until it succeeds, so
+        // status writes (each a watch event and a reconcile) cannot chase each other.
+        if old.phase == Phase::Pending {
+            status.phase = Phase::Caching;
+            write_status(&api, &name, &old, status.clone()).await?;
+            publish(
+                ctx,
+                ci,
+                EventType::Normal,
+                "Caching",
+                &format!("caching {image} for {}", platforms.join(", ")),
+            )
+            .await;
+        }
+        match warm(ci, ctx, &platforms).await {
+            Ok(w) => {
+                status.digest = Some(w.digest.clone());
+                status.size = Some(i64::try_from(w.bytes).unwrap_or(i64::MAX));
+                status.platforms = w.cached_platforms(&platforms);
+                status.last_sync = Some(Time(now));
+                status.message = None;
+                status.phase = Phase::Cached;
+                if !cached {
+                    publish(
+                        ctx,
+                        ci,
+                        EventType::Normal,
+                        "Cached",
+                        &format!("{image} is {}", w.digest),
+                    )
+                    .await;
+                }
+                ctx.failures.lock().await.remove(&name);
+            }
+            Err(message) => {
+                status.phase = Phase::Failed;
+                status.message = Some(message.clone());
+                publish(ctx, ci, EventType::Warning, "Failed", &message).await;
+                result = Err(Error::Registry(message));
+            }
+        }
+    }
+    if status.phase == Phase::Cached && expires_at.is_some() {
+        status.phase = Phase::Expiring;
+    } else if status.phase == Phase::Expiring && expires_at.is_none() {
+        status.phase = Phase::Cached;
+    }
+    set_ready(&mut status, &old, now);
+    write_status(&api, &name, &old, status).await?;
+    result?;
+
+    let mut wait = ctx.config.resync;
+    if let Some(t) = expires_at {
+        let left = t.as_second().saturating_sub(now.as_second()).max(1);
+        wait = wait.min(Duration::from_secs(left as u64));
+    }
+    Ok(Action::requeue(wait))
+}
+
+/// Deletes an image whose time has come, after asking the API server itself (not the cache)
+/// that no pod uses it: a missed watch event must not expire an image in use. `Some` when the
+/// reconcile is over.
+async fn expire(
+    ci: &CachedImage,
+    ctx: &Context,
+    api: &Api<CachedImage>,
+) -> Result<Option<Action>, Error> {
+    let pods: Api<Pod> = Api::all(ctx.client.clone());
+    let live = pods
+        .list(&ListParams::default().labels(kache_webhook::rules::MANAGED_LABEL))
+        .await?;
+    if !decide::users(&ci.spec.source_image, &live.items).is_empty() {
+        // The cache was behind: the next pod event reconciles again with the truth.
+        return Ok(None);
+    }
+    info!(name = %ci.name_any(), image = %ci.spec.source_image, "expired: deleting");
+    publish(
+        ctx,
+        ci,
+        EventType::Normal,
+        "Expired",
+        "unused past spec.expiresAt",
+    )
+    .await;
+    match api.delete(&ci.name_any(), &DeleteParams::default()).await {
+        Ok(_) => Ok(Some(Action::await_change())),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(Some(Action::await_change())),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn cleanup(ci: &CachedImage, ctx: &Context) -> Result<Action, Error> {
+    ctx.registry
+        .forget(&ci.spec.source_image)
+        .await
+        .map_err(Error::Registry)?;
+    ctx.failures.lock().await.remove(&ci.name_any());
+    info!(name = %ci.name_any(), image = %ci.spec.source_image, "tag removed from the registry");
+    Ok(Action::await_change())
+}
+
+/// Asks the registry to warm the image with the first credentials the pull secrets hold for its
+/// registry.
+async fn warm(
+    ci: &CachedImage,
+    ctx: &Context,
+    platforms: &[String],
+) -> Result<crate::registry::Warmed, String> {
+    let mut configs = Vec::new();
+    for r in &ci.spec.pull_secrets {
+        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &r.namespace);
+        match api.get_opt(&r.name).await {
+            Ok(Some(secret)) => {
+                let data = secret.data.unwrap_or_default();
+                let bytes = data
+                    .get(".dockerconfigjson")
+                    .or_else(|| data.get(".dockercfg"));
+                match bytes.map(|b| DockerConfig::from_json(&b.0)) {
+                    Some(Ok(c)) => configs.push(c),
+                    Some(Err(e)) => {
+                        warn!(secret = %format!("{}/{}", r.namespace, r.name), error = %e, "pull secret unreadable")
+                    }
+                    None => {}
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(secret = %format!("{}/{}", r.namespace, r.name), error = %e, "cannot read pull secret")
+            }
+        }
+    }
+    let credentials = decide::credentials_for(&ci.spec.source_image, &configs);
+    let warmed = ctx
+        .registry
+        .warm(&ci.spec.source_image, platforms, credentials)
+        .await?;
+    match warmed.failure() {
+        Some(f) => Err(f),
+        None => Ok(warmed),
+    }
+}
+
+fn set_ready(status: &mut CachedImageStatus, old: &CachedImageStatus, now: Timestamp) {
+    let ready = matches!(status.phase, Phase::Cached | Phase::Expiring);
+    let value = if ready { "True" } else { "False" };
+    let previous = old.conditions.iter().find(|c| c.type_ == "Ready");
+    let since = match previous {
+        Some(c) if c.status == value => c.last_transition_time.clone(),
+        _ => Time(now),
+    };
+    status.conditions = vec![Condition {
+        type_: "Ready".into(),
+        status: value.into(),
+        last_transition_time: since,
+        reason: Some(status.phase.as_str().into()),
+        message: status.message.clone(),
+    }];
+}
+
+/// Writes the status, whole, when it changed: a JSON patch `add` replaces it, so a field that
+/// became empty goes without writing nulls (which Kubernetes 1.20 refuses in places).
+async fn write_status(
+    api: &Api<CachedImage>,
+    name: &str,
+    old: &CachedImageStatus,
+    new: CachedImageStatus,
+) -> Result<(), Error> {
+    if *old == new {
+        return Ok(());
+    }
+    let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+        {"op": "add", "path": "/status", "value": new}
+    ]))
+    .expect("a JSON patch");
+    if let Err(e) = api
+        .patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::<()>::Json(patch.clone()),
+        )
+        .await
+    {
+        tracing::debug!(%name, patch = %serde_json::to_string(&patch).unwrap_or_default(), "status write refused");
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+/// Publishes an event about a CachedImage. Kubernetes 1.20 refuses events about cluster-scoped
+/// custom objects; that is logged, never a failed reconcile.
+async fn publish(ctx: &Context, ci: &CachedImage, type_: EventType, reason: &str, note: &str) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: reason.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &ci.object_ref(&())).await {
+        tracing::debug!(error = %e, reason, "event not recorded");
+    }
+}

@@ -1,0 +1,195 @@
+//! The kache controllers (`kache controller`).
+//!
+//! - Pods the webhook rewrote (label `kache.io/managed`) and the pod templates of workloads get
+//!   one CachedImage per original image ([`ensure`]).
+//! - Each CachedImage is reconciled ([`images`]): usage recomputed from the live pods, the
+//!   registry asked to warm it for the nodes' platforms, expiry set, cleared or carried out.
+//! - Only the replica holding the Lease runs them ([`lease`]).
+
+pub mod decide;
+mod ensure;
+mod images;
+pub mod lease;
+mod metrics;
+pub mod registry;
+mod workloads;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kache_api::CachedImage;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Api, Client};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+pub use ensure::Ensurer;
+pub use lease::LeaseConfig;
+pub use metrics::ControllerMetrics;
+pub use registry::RegistryClient;
+pub use workloads::WorkloadKind;
+
+/// How the controllers behave.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Unused images go this long after their last pod.
+    pub expiry_delay: Duration,
+    /// A cached image is re-confirmed with the registry this often.
+    pub resync: Duration,
+    /// Workload kinds whose pod templates are pre-cached.
+    pub workloads: Vec<WorkloadKind>,
+    /// Leader election; `None` runs the controllers at once (a single replica).
+    pub lease: Option<LeaseConfig>,
+    /// The name events are reported under.
+    pub instance: String,
+}
+
+/// What every reconcile shares.
+pub(crate) struct Context {
+    pub client: Client,
+    pub config: Config,
+    pub registry: RegistryClient,
+    pub pods: Store<Pod>,
+    pub nodes: Store<Node>,
+    pub images: Store<CachedImage>,
+    pub recorder: Recorder,
+    pub metrics: ControllerMetrics,
+    /// Consecutive failures per CachedImage, for the backoff.
+    pub failures: Mutex<std::collections::HashMap<String, u32>>,
+}
+
+/// Runs the controllers until `shutdown` resolves: with leader election, only while this replica
+/// holds the Lease.
+pub async fn run(
+    client: Client,
+    config: Config,
+    registry: RegistryClient,
+    metrics: ControllerMetrics,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) {
+    tokio::pin!(shutdown);
+    let Some(lease) = config.lease.clone() else {
+        metrics.set_leader(true);
+        tokio::select! {
+            _ = run_controllers(client, config, registry, metrics.clone()) => {}
+            _ = &mut shutdown => {}
+        }
+        return;
+    };
+    let renew = lease.duration / 3;
+    loop {
+        // Candidate: wait for the Lease.
+        loop {
+            match lease::try_acquire(&client, &lease).await {
+                Ok(lease::Held::Leader) => break,
+                Ok(lease::Held::Follower) => {}
+                Err(e) => warn!(error = %e, "leader election: cannot read or write the Lease"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(renew) => {}
+                _ = &mut shutdown => return,
+            }
+        }
+        info!(identity = %lease.identity, "leader: running the controllers");
+        metrics.set_leader(true);
+        // A task of its own: the controllers keep running while a renewal waits on the API.
+        let mut controllers = tokio::spawn(run_controllers(
+            client.clone(),
+            config.clone(),
+            registry.clone(),
+            metrics.clone(),
+        ));
+        let mut last_renewal = tokio::time::Instant::now();
+        let lost = loop {
+            tokio::select! {
+                _ = &mut controllers => break false,
+                _ = &mut shutdown => {
+                    controllers.abort();
+                    metrics.set_leader(false);
+                    return;
+                }
+                _ = tokio::time::sleep(renew) => {}
+            }
+            match lease::try_acquire(&client, &lease).await {
+                Ok(lease::Held::Leader) => last_renewal = tokio::time::Instant::now(),
+                Ok(lease::Held::Follower) => break true,
+                Err(e) => warn!(error = %e, "leader election: renewal failed"),
+            }
+            // Step down before the lease lapses: another replica may take it after `duration`.
+            if last_renewal.elapsed() + renew >= lease.duration {
+                break true;
+            }
+        };
+        controllers.abort();
+        metrics.set_leader(false);
+        if lost {
+            warn!("leader election: lease lost, controllers stopped");
+        }
+    }
+}
+
+/// The pod, node and CachedImage watches and the controllers on them; never returns unless
+/// every stream ends.
+async fn run_controllers(
+    client: Client,
+    config: Config,
+    registry: RegistryClient,
+    metrics: ControllerMetrics,
+) {
+    let (pod_store, pod_writer) = reflector::store::<Pod>();
+    let (node_store, node_writer) = reflector::store::<Node>();
+    let pods = watcher(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default().labels(kache_webhook::rules::MANAGED_LABEL),
+    )
+    .default_backoff()
+    .reflect(pod_writer)
+    .touched_objects();
+    let nodes = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(node_writer)
+        .touched_objects()
+        .for_each(|_| async {});
+
+    let controller = Controller::new(
+        Api::<CachedImage>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let ensurer = Ensurer::new(client.clone(), controller.store());
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "kache-controller".into(),
+            instance: Some(config.instance.clone()),
+        },
+    );
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        images: controller.store(),
+        config: config.clone(),
+        registry,
+        pods: pod_store,
+        nodes: node_store,
+        recorder,
+        metrics,
+        failures: Mutex::default(),
+    });
+
+    // Every pod event also goes to the ensurer, which creates the CachedImages pods need.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Pod>();
+    let pods = pods.inspect(move |ev| {
+        if let Ok(pod) = ev {
+            let _ = tx.send(pod.clone());
+        }
+    });
+    let image_controller = controller
+        .watches_stream(pods, images::images_of_pod)
+        .run(images::reconcile, images::error_policy, ctx)
+        .for_each(|_| async {});
+    let workloads = workloads::run(client.clone(), config.workloads.clone(), ensurer.clone());
+    tokio::join!(image_controller, nodes, ensurer.run_pods(rx), workloads);
+}

@@ -1,0 +1,66 @@
+//! `kache_controller_*` metrics.
+
+use kache_api::Phase;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabel {
+    phase: &'static str,
+}
+
+/// The controller's metrics; cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct ControllerMetrics {
+    cached_images: Family<PhaseLabel, Gauge>,
+    reconcile_errors: Counter,
+    is_leader: Gauge,
+}
+
+impl ControllerMetrics {
+    /// Registers the metrics under `kache_controller_`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = ControllerMetrics::default();
+        let sub = registry.sub_registry_with_prefix("kache_controller");
+        sub.register(
+            "cached_images",
+            "CachedImages by phase",
+            m.cached_images.clone(),
+        );
+        sub.register(
+            "reconcile_errors",
+            "CachedImage reconciles that failed",
+            m.reconcile_errors.clone(),
+        );
+        sub.register(
+            "is_leader",
+            "1 while this replica holds the lease and runs the controllers",
+            m.is_leader.clone(),
+        );
+        m
+    }
+
+    /// Sets the per-phase counts (every phase, zero included).
+    pub fn set_phases(&self, phases: impl IntoIterator<Item = Phase>) {
+        let mut counts = [0i64; Phase::ALL.len()];
+        for p in phases {
+            counts[Phase::ALL.iter().position(|x| *x == p).unwrap_or(0)] += 1;
+        }
+        for (p, n) in Phase::ALL.iter().zip(counts) {
+            self.cached_images
+                .get_or_create(&PhaseLabel { phase: p.as_str() })
+                .set(n);
+        }
+    }
+
+    pub(crate) fn reconcile_error(&self) {
+        self.reconcile_errors.inc();
+    }
+
+    pub(crate) fn set_leader(&self, leader: bool) {
+        self.is_leader.set(i64::from(leader));
+    }
+}
