@@ -5,75 +5,11 @@
 
 mod support;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use base64::Engine as _;
 use serde_json::{Value, json};
 use support::kube::KubeServer;
-
-/// A test CA and a serving certificate for 127.0.0.1 signed by it (rustls, in the API
-/// server's client too, refuses a self-signed certificate that is its own CA).
-fn certificates(dir: &Path) -> String {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, "kache webhook test CA");
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-    leaf.subject_alt_names
-        .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
-    let issuer = rcgen::Issuer::from_params(&ca, &ca_key);
-    let cert = leaf.signed_by(&key, &issuer).unwrap();
-    std::fs::write(dir.join("tls.crt"), cert.pem()).unwrap();
-    std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
-    ca_cert.pem()
-}
-
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
-
-struct Webhook {
-    child: Child,
-    addr: String,
-}
-
-impl Webhook {
-    fn start(dir: &Path) -> Self {
-        let (addr, metrics) = (free_addr(), free_addr());
-        let child = Command::new(env!("CARGO_BIN_EXE_kache"))
-            .args(["webhook", "--listen", &addr, "--metrics-listen", &metrics])
-            .arg("--tls-cert")
-            .arg(dir.join("tls.crt"))
-            .arg("--tls-key")
-            .arg(dir.join("tls.key"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("webhook.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(&addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the webhook never listened on {addr}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Webhook { child, addr }
-    }
-}
-
-impl Drop for Webhook {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use support::webhook::{Webhook, certificates, register};
 
 fn pod(name: &str, labels: Value) -> Value {
     json!({
@@ -107,33 +43,7 @@ fn pods_are_rewritten_by_a_real_api_server_and_never_blocked() {
     let dir = tempfile::tempdir().unwrap();
     let ca = certificates(dir.path());
     let webhook = Webhook::start(dir.path());
-    kube.ok(
-        "POST",
-        "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
-        Some(&json!({
-            "apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "MutatingWebhookConfiguration",
-            "metadata": {"name": "kache"},
-            "webhooks": [{
-                "name": "pods.kache.io",
-                "clientConfig": {
-                    "url": format!("https://{}/mutate", webhook.addr),
-                    "caBundle": base64::engine::general_purpose::STANDARD.encode(ca),
-                },
-                "rules": [
-                    {"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]},
-                    {"operations": ["UPDATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods/ephemeralcontainers"]},
-                ],
-                "failurePolicy": "Ignore",
-                "sideEffects": "None",
-                "admissionReviewVersions": ["v1"],
-                "timeoutSeconds": 5,
-                "objectSelector": {"matchExpressions": [
-                    {"key": "kache.io/image-caching-policy", "operator": "NotIn", "values": ["ignore"]},
-                ]},
-            }],
-        })),
-    );
+    register(&kube, &webhook, &ca);
     kube.namespace("t");
 
     // A pod: every container and init container rewritten, labelled, originals recorded.

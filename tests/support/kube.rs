@@ -114,6 +114,53 @@ impl KubeServer {
         (status, serde_json::from_str(body).unwrap_or(Value::Null))
     }
 
+    /// `GET path` as a server-side printed Table (what kubectl shows): the column names and
+    /// each row's cells as strings.
+    pub fn table(&self, path: &str) -> (Vec<String>, Vec<Vec<String>>) {
+        let out = Command::new("curl")
+            .args(["-sS", "--fail", "--max-time", "30"])
+            .arg("--cacert")
+            .arg(&self.ca)
+            .arg("-H")
+            .arg(format!("Authorization: Bearer {}", self.token))
+            .arg("-H")
+            .arg("Accept: application/json;as=Table;v=v1;g=meta.k8s.io")
+            .arg(format!("{}{path}", self.api))
+            .output()
+            .expect("run curl");
+        assert!(
+            out.status.success(),
+            "GET {path} as a Table: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).expect("a Table");
+        let columns = v["columnDefinitions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| c["name"].as_str().unwrap_or("").to_owned())
+            .collect();
+        let cell = |c: &Value| match c {
+            Value::String(s) => s.clone(),
+            Value::Null => String::new(),
+            other => other.to_string(),
+        };
+        let rows = v["rows"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                r["cells"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(cell)
+                    .collect()
+            })
+            .collect();
+        (columns, rows)
+    }
+
     /// Like [`request`](Self::request), failing the test unless the status is 2xx.
     pub fn ok(&self, method: &str, path: &str, body: Option<&Value>) -> Value {
         let (status, v) = self.request(method, path, body);

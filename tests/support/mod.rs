@@ -20,6 +20,7 @@ pub mod pull;
 pub mod registry;
 pub mod skopeo;
 pub mod token;
+pub mod webhook;
 
 pub use containerd::Containerd;
 pub use distribution::{Distribution, DistributionKind};

@@ -1,6 +1,7 @@
-//! The one kache binary: `kache registry|proxy|webhook|dev|fsck`. It parses configuration and wires the
+//! The one kache binary: `kache registry|proxy|webhook|controller|dev|fsck|crds`. It parses configuration and wires the
 //! crates together; behaviour lives in the crates.
 
+mod control;
 mod serve;
 
 use std::net::SocketAddr;
@@ -37,6 +38,10 @@ enum Command {
     Proxy(ProxyArgs),
     /// Serve the admission webhook that points pod images at the node proxy (HTTPS).
     Webhook(WebhookArgs),
+    /// Run the controllers: CachedImages for pods and workloads, caching, expiry.
+    Controller(ControllerArgs),
+    /// Print the CustomResourceDefinitions (YAML) of the kache.io API.
+    Crds,
     /// Run registry and proxy on 127.0.0.1, with data in ./kache-data: what a newcomer runs first.
     Dev(DevArgs),
     /// Re-hash every blob in a (stopped) store and report what does not verify.
@@ -150,6 +155,50 @@ struct WebhookArgs {
     #[arg(long, env = "KACHE_SKIP_MUTABLE")]
     skip_mutable: bool,
     /// Address of /metrics, /healthz and /readyz (plain HTTP).
+    #[arg(long, env = "KACHE_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    metrics_listen: SocketAddr,
+}
+
+#[derive(clap::Args, Debug)]
+struct ControllerArgs {
+    /// The registry's internal listener (the one that takes warm calls and deletes).
+    #[arg(
+        long,
+        env = "KACHE_REGISTRY",
+        default_value = "http://kache-registry-internal:5001"
+    )]
+    registry: String,
+    /// A file holding the registry's write token, when its writes need one.
+    #[arg(long, env = "KACHE_REGISTRY_TOKEN_FILE")]
+    registry_token_file: Option<PathBuf>,
+    /// Longest wait for one warm call (a cold multi-GiB image takes a while).
+    #[arg(long, env = "KACHE_REGISTRY_TIMEOUT", value_parser = parse_duration, default_value = "30m")]
+    registry_timeout: Duration,
+    /// An image no pod uses goes this long after its last pod (`30d`, `2h`, `1d12h`).
+    #[arg(long, env = "KACHE_EXPIRY_DELAY", value_parser = kache_controller::decide::parse_duration, default_value = "30d")]
+    expiry_delay: Duration,
+    /// A cached image is confirmed with the registry this often.
+    #[arg(long, env = "KACHE_RESYNC", value_parser = kache_controller::decide::parse_duration, default_value = "6h")]
+    resync: Duration,
+    /// Workload kinds whose pod templates are cached before their pods exist; `none` for none.
+    #[arg(
+        long,
+        env = "KACHE_PRECACHE_KINDS",
+        value_delimiter = ',',
+        default_value = "deployments,statefulsets,daemonsets,replicasets,jobs,cronjobs"
+    )]
+    precache_kinds: Vec<String>,
+    /// Namespace of the leader-election Lease; without it, no election (one replica only).
+    #[arg(long, env = "KACHE_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    #[arg(long, env = "KACHE_LEASE_NAME", default_value = "kache-controller")]
+    lease_name: String,
+    /// How long the Lease holds without renewal.
+    #[arg(long, env = "KACHE_LEASE_DURATION", value_parser = parse_duration, default_value = "15s")]
+    lease_duration: Duration,
+    /// This replica's identity (the pod name, from the downward API).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
     #[arg(long, env = "KACHE_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
     metrics_listen: SocketAddr,
 }
@@ -280,6 +329,11 @@ fn main() -> anyhow::Result<()> {
                     }),
                 })
                 .await
+            }
+            Command::Controller(a) => control::controller(a).await,
+            Command::Crds => {
+                print!("{}", kache_api::crds_yaml());
+                Ok(())
             }
             Command::Fsck { data_dir } => serve::fsck(&data_dir).await,
         }

@@ -95,7 +95,7 @@ pub fn read_token(path: &Path) -> anyhow::Result<String> {
 }
 
 /// Resolves when the process is asked to stop (SIGTERM from the kubelet, or Ctrl-C).
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
@@ -401,4 +401,19 @@ pub async fn fsck(data_dir: &Path) -> anyhow::Result<()> {
     } else {
         anyhow::bail!("{} blobs do not verify", report.bad.len())
     }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` in the background (the controller's only
+/// listener).
+pub async fn spawn_ops(
+    addr: SocketAddr,
+    prom: Arc<PromRegistry>,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let listener = bind(addr, "metrics").await?;
+    let app = ops_router(prom, || {});
+    Ok(tokio::spawn(async move {
+        serve(listener, app, shutdown_signal())
+            .await
+            .context("metrics listener failed")
+    }))
 }
