@@ -278,10 +278,12 @@ fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry()
         "/apis/apps/v1/namespaces/t/deployments/web",
         Some(&json!({"spec": {"replicas": 0}})),
     );
+    // expiresAt (spec) and usedBy (status) are two writes: wait for both.
     let expiring = kube.wait_for(&web_path, WAIT, |code, v| {
-        (code == 200 && v["spec"]["expiresAt"].is_string()).then(|| v.clone())
+        (code == 200 && v["spec"]["expiresAt"].is_string() && v["status"]["usedBy"]["count"] == 0)
+            .then(|| v.clone())
     });
-    assert_eq!(expiring["status"]["usedBy"]["count"], 0, "{expiring}");
+    assert_eq!(expiring["status"]["phase"], "Expiring", "{expiring}");
     kube.wait_for(&web_path, WAIT, |code, _| (code == 404).then_some(()));
     let tags = support::http::get(&tags_url, &[]);
     assert!(

@@ -175,10 +175,10 @@ struct ControllerArgs {
     #[arg(long, env = "KACHE_REGISTRY_TIMEOUT", value_parser = parse_duration, default_value = "30m")]
     registry_timeout: Duration,
     /// An image no pod uses goes this long after its last pod (`30d`, `2h`, `1d12h`).
-    #[arg(long, env = "KACHE_EXPIRY_DELAY", value_parser = kache_controller::decide::parse_duration, default_value = "30d")]
+    #[arg(long, env = "KACHE_EXPIRY_DELAY", value_parser = parse_duration, default_value = "30d")]
     expiry_delay: Duration,
     /// A cached image is confirmed with the registry this often.
-    #[arg(long, env = "KACHE_RESYNC", value_parser = kache_controller::decide::parse_duration, default_value = "6h")]
+    #[arg(long, env = "KACHE_RESYNC", value_parser = parse_duration, default_value = "6h")]
     resync: Duration,
     /// Workload kinds whose pod templates are cached before their pods exist; `none` for none.
     #[arg(
@@ -221,22 +221,16 @@ struct DevArgs {
     upstream: UpstreamArgs,
 }
 
-/// Durations as `30s`, `15m`, `2h`, `30d` (or plain seconds).
+/// Durations as `30s`, `15m`, `2h`, `30d`, `1d12h`, or plain seconds.
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 30s, 15m, 2h or 30d"))?;
-    let mult = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => return Err(format!("unknown unit {unit:?} in {s:?} (use s, m, h or d)")),
-    };
-    Ok(Duration::from_secs(n.saturating_mul(mult)))
+    let t = s.trim();
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        return t
+            .parse()
+            .map(Duration::from_secs)
+            .map_err(|_| format!("{s:?} is too long a duration"));
+    }
+    kache_controller::decide::parse_duration(t)
 }
 
 fn init_tracing(format: LogFormat) {
