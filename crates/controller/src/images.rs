@@ -42,7 +42,13 @@ pub(crate) fn images_of_pod(pod: Pod) -> Vec<ObjectRef<CachedImage>> {
 
 pub(crate) async fn reconcile(ci: Arc<CachedImage>, ctx: Arc<Context>) -> Result<Action, Error> {
     // No decision about usage before the pod cache holds every pod.
-    if ctx.pods.wait_until_ready().await.is_err() {
+    if ctx
+        .pods_ready
+        .clone()
+        .wait_for(|ready| *ready)
+        .await
+        .is_err()
+    {
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
     let api: Api<CachedImage> = Api::all(ctx.client.clone());

@@ -54,6 +54,10 @@ pub(crate) struct Context {
     pub config: Config,
     pub registry: RegistryClient,
     pub pods: Store<Pod>,
+    /// True once the pod cache holds every pod. `Store::wait_until_ready` wakes only the last of
+    /// several concurrent waiters (kube-runtime 5's `DelayedInit` keeps one waker), so reconciles
+    /// wait on this channel instead, which wakes them all.
+    pub pods_ready: tokio::sync::watch::Receiver<bool>,
     pub nodes: Store<Node>,
     pub images: Store<CachedImage>,
     pub recorder: Recorder,
@@ -167,7 +171,17 @@ async fn run_controllers(
             instance: Some(config.instance.clone()),
         },
     );
+    let (ready_tx, pods_ready) = tokio::sync::watch::channel(false);
+    let pods_ready_signal = {
+        let store = pod_store.clone();
+        async move {
+            if store.wait_until_ready().await.is_ok() {
+                ready_tx.send_replace(true);
+            }
+        }
+    };
     let ctx = Arc::new(Context {
+        pods_ready,
         client: client.clone(),
         images: controller.store(),
         config: config.clone(),
@@ -191,5 +205,11 @@ async fn run_controllers(
         .run(images::reconcile, images::error_policy, ctx)
         .for_each(|_| async {});
     let workloads = workloads::run(client.clone(), config.workloads.clone(), ensurer.clone());
-    tokio::join!(image_controller, nodes, ensurer.run_pods(rx), workloads);
+    tokio::join!(
+        pods_ready_signal,
+        image_controller,
+        nodes,
+        ensurer.run_pods(rx),
+        workloads
+    );
 }
