@@ -2,7 +2,8 @@
 //! the real webhook rewriting the pods, and a real `kache registry` pulling through from a real
 //! upstream (CNCF distribution): a Deployment's image becomes a CachedImage that is cached with
 //! the right digest and counts its pods, a Deployment with no pods has its image pre-cached,
-//! a controller restart loses nothing and expires nothing early, scaling to 0 starts the expiry
+//! a controller restart loses nothing and expires nothing early, a CachedImage made by hand with
+//! `retain` is cached and kept, scaling to 0 starts the expiry
 //! clock, and at expiry the CachedImage goes and its tag leaves the registry.
 
 mod support;
@@ -138,12 +139,20 @@ fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry()
         },
     );
 
-    // A real upstream with two images, a real registry in front of it.
+    // A real upstream with three images, a real registry in front of it.
     let upstream = Distribution::start(DistributionKind::Open);
     let host = non_loopback_name(&upstream.host());
-    let (web, idle) = (multi_layer_image(60), multi_layer_image(70));
-    let src = s.layout("src", &[("web", &web), ("idle", &idle)]);
-    for (tag, repo) in [("web", "team/web:v1"), ("idle", "team/idle:v1")] {
+    let (web, idle, kept) = (
+        multi_layer_image(60),
+        multi_layer_image(70),
+        multi_layer_image(80),
+    );
+    let src = s.layout("src", &[("web", &web), ("idle", &idle), ("kept", &kept)]);
+    for (tag, repo) in [
+        ("web", "team/web:v1"),
+        ("idle", "team/idle:v1"),
+        ("kept", "team/kept:v1"),
+    ] {
         s.skopeo.copy(
             &format!("{src}:{tag}"),
             &format!("docker://{host}/{repo}"),
@@ -254,6 +263,24 @@ fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry()
     assert_eq!(after["status"]["usedBy"]["count"], 3, "{after}");
     assert!(after["spec"].get("expiresAt").is_none(), "{after}");
 
+    // A CachedImage made by hand with retain: cached, and kept though no pod uses it.
+    let kept_image = format!("{host}/team/kept:v1");
+    let kept_path = format!("{IMAGES}/warm-kept");
+    kube.ok(
+        "POST",
+        IMAGES,
+        Some(&json!({
+            "apiVersion": "kache.io/v1alpha1", "kind": "CachedImage",
+            "metadata": {"name": "warm-kept"},
+            "spec": {"sourceImage": kept_image, "retain": true},
+        })),
+    );
+    let kept_ci = kube.wait_for(&kept_path, WAIT, |code, v| {
+        (code == 200 && v["status"]["phase"] == "Cached").then(|| v.clone())
+    });
+    assert_eq!(kept_ci["status"]["digest"], kept.digest(), "{kept_ci}");
+    assert!(kept_ci["spec"].get("expiresAt").is_none(), "{kept_ci}");
+
     // What `kubectl get cachedimages` shows.
     let (columns, rows) = kube.table(IMAGES);
     assert_eq!(
@@ -285,6 +312,10 @@ fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry()
     });
     assert_eq!(expiring["status"]["phase"], "Expiring", "{expiring}");
     kube.wait_for(&web_path, WAIT, |code, _| (code == 404).then_some(()));
+    // Long past the expiry delay, the retained image is still there, still Cached.
+    let kept_ci = kube.ok("GET", &kept_path, None);
+    assert_eq!(kept_ci["status"]["phase"], "Cached", "{kept_ci}");
+    assert!(kept_ci["spec"].get("expiresAt").is_none(), "{kept_ci}");
     let tags = support::http::get(&tags_url, &[]);
     assert!(
         !String::from_utf8_lossy(&tags.body).contains("\"v1\""),
