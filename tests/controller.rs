@@ -1,10 +1,15 @@
 //! `kache controller` against a real Kubernetes 1.20 API server with kube-controller-manager,
 //! the real webhook rewriting the pods, and a real `kache registry` pulling through from a real
-//! upstream (CNCF distribution): a Deployment's image becomes a CachedImage that is cached with
-//! the right digest and counts its pods, a Deployment with no pods has its image pre-cached,
-//! a controller restart loses nothing and expires nothing early, a CachedImage made by hand with
-//! `retain` is cached and kept, scaling to 0 starts the expiry
-//! clock, and at expiry the CachedImage goes and its tag leaves the registry.
+//! upstream (CNCF distribution):
+//!
+//! - a Deployment's image becomes a CachedImage that is cached with the right digest, counts its
+//!   pods and has its events; a Deployment with no pods has its image pre-cached; a controller
+//!   restart loses nothing and expires nothing early; a CachedImage deleted by hand while pods
+//!   use it comes back; one made by hand with `retain` is cached and kept; scaling to 0 starts
+//!   the expiry clock, and at expiry the CachedImage goes and its tag leaves the registry;
+//! - an image the upstream lacks is Failed with the upstream's answer and retried until it
+//!   appears; malformed references are Failed, not a crash; a pod's pull secret opens a
+//!   password-protected upstream; the API server killed and restarted loses nothing.
 
 mod support;
 
@@ -116,12 +121,9 @@ fn deployment(name: &str, image: &str, replicas: u32) -> Value {
     })
 }
 
-#[test]
-fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry() {
-    let kube = KubeServer::start();
-    let s = Scratch::new("kache-e2e-controller");
-
-    // The CRD, as generated from the types (api/crds.yaml is checked against them).
+/// Applies the CRD, as generated from the types (api/crds.yaml is checked against them), and
+/// waits until it is served.
+fn install_crd(kube: &KubeServer) {
     kube.ok(
         "POST",
         "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
@@ -138,6 +140,46 @@ fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry()
                 .then_some(())
         },
     );
+}
+
+/// The reasons of the events about a cluster-scoped object, as `kubectl describe` finds them.
+fn event_reasons(kube: &KubeServer, name: &str) -> Vec<String> {
+    let v = kube.ok(
+        "GET",
+        &format!("/api/v1/events?fieldSelector=involvedObject.name={name}"),
+        None,
+    );
+    v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// Polls a controller's `kache_controller_cached_images{phase}` until it equals `want`.
+fn wait_phase_count(c: &Controller, phase: &str, want: f64, log: &dyn Fn() -> String) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let text = metrics::scrape(&format!("http://{}/metrics", c.metrics));
+        let got = metrics::value(&text, "kache_controller_cached_images", &[("phase", phase)]);
+        if got == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{phase} images: {got}, never {want}\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry() {
+    let kube = KubeServer::start();
+    let s = Scratch::new("kache-e2e-controller");
+    install_crd(&kube);
 
     // A real upstream with three images, a real registry in front of it.
     let upstream = Distribution::start(DistributionKind::Open);
@@ -213,6 +255,13 @@ fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry()
     let tags = support::http::get(&tags_url, &[]);
     assert!(String::from_utf8_lossy(&tags.body).contains("\"v1\""));
     assert_eq!(first.is_leader(), Some(1.0), "{}", read_log("first.log"));
+    // What `kubectl describe cachedimage` lists.
+    let reasons = event_reasons(&kube, &web_name);
+    assert!(
+        reasons.contains(&"Caching".to_owned()) && reasons.contains(&"Cached".to_owned()),
+        "{reasons:?}"
+    );
+    wait_phase_count(&first, "Cached", 1.0, &|| read_log("first.log"));
 
     // A second replica waits for the Lease.
     let second = Controller::start(
@@ -231,6 +280,8 @@ fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry()
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(second.is_leader(), Some(0.0));
+    // A follower counts nothing, so a sum over replicas is the cluster's count.
+    wait_phase_count(&second, "Cached", 0.0, &|| read_log("second.log"));
 
     // A Deployment with no pods still gets its image cached, and (unused) it expires.
     let idle_image = format!("{host}/team/idle:v1");
@@ -263,6 +314,18 @@ fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry()
     assert_eq!(after["status"]["usedBy"]["count"], 3, "{after}");
     assert!(after["spec"].get("expiresAt").is_none(), "{after}");
 
+    // Deleted by hand while its pods run: it comes back, cached again, without a pod event.
+    kube.ok("DELETE", &web_path, None);
+    let old_uid = after["metadata"]["uid"].clone();
+    let again = kube.wait_for(&web_path, WAIT, |code, v| {
+        (code == 200
+            && v["metadata"]["uid"] != old_uid
+            && v["status"]["phase"] == "Cached"
+            && v["status"]["usedBy"]["count"] == 3)
+            .then(|| v.clone())
+    });
+    assert_eq!(again["status"]["digest"], web.digest(), "{again}");
+
     // A CachedImage made by hand with retain: cached, and kept though no pod uses it.
     let kept_image = format!("{host}/team/kept:v1");
     let kept_path = format!("{IMAGES}/warm-kept");
@@ -280,6 +343,8 @@ fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry()
     });
     assert_eq!(kept_ci["status"]["digest"], kept.digest(), "{kept_ci}");
     assert!(kept_ci["spec"].get("expiresAt").is_none(), "{kept_ci}");
+    // web and kept; idle is Expiring or already gone.
+    wait_phase_count(&second, "Cached", 2.0, &|| read_log("second.log"));
 
     // What `kubectl get cachedimages` shows.
     let (columns, rows) = kube.table(IMAGES);
@@ -312,6 +377,11 @@ fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry()
     });
     assert_eq!(expiring["status"]["phase"], "Expiring", "{expiring}");
     kube.wait_for(&web_path, WAIT, |code, _| (code == 404).then_some(()));
+    let reasons = event_reasons(&kube, &web_name);
+    assert!(
+        reasons.contains(&"Expiring".to_owned()) && reasons.contains(&"Expired".to_owned()),
+        "{reasons:?}"
+    );
     // Long past the expiry delay, the retained image is still there, still Cached.
     let kept_ci = kube.ok("GET", &kept_path, None);
     assert_eq!(kept_ci["status"]["phase"], "Cached", "{kept_ci}");
@@ -323,5 +393,228 @@ fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry()
         String::from_utf8_lossy(&tags.body),
         read_log("second.log")
     );
+    drop(webhook);
+}
+
+/// A Kubernetes Secret of type dockerconfigjson with Basic credentials for `host`.
+fn pull_secret(name: &str, host: &str, user: &str, password: &str) -> Value {
+    use base64::Engine as _;
+    let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
+    let config = json!({"auths": {host: {"auth": b64(format!("{user}:{password}").as_bytes())}}});
+    json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",
+        "metadata": {"name": name},
+        "data": {".dockerconfigjson": b64(config.to_string().as_bytes())},
+    })
+}
+
+#[test]
+fn failures_are_reported_and_retried_pull_secrets_are_used_and_an_api_server_restart_loses_nothing()
+{
+    let kube = KubeServer::start();
+    let s = Scratch::new("kache-e2e-controller-faults");
+    install_crd(&kube);
+
+    // An open upstream, and one that wants a password.
+    let open = Distribution::start(DistributionKind::Open);
+    let open_host = non_loopback_name(&open.host());
+    let password = "pull-pw-71c2e0";
+    let private = Distribution::start(DistributionKind::htpasswd("puller", password));
+    let private_host = non_loopback_name(&private.host());
+    let (late, app, other, fresh) = (
+        multi_layer_image(90),
+        multi_layer_image(91),
+        multi_layer_image(92),
+        multi_layer_image(93),
+    );
+    let src = s.layout(
+        "src",
+        &[
+            ("late", &late),
+            ("app", &app),
+            ("other", &other),
+            ("fresh", &fresh),
+        ],
+    );
+    let creds = format!("puller:{password}");
+    for (tag, repo) in [("app", "team/app:v1"), ("other", "team/other:v1")] {
+        s.skopeo.copy(
+            &format!("{src}:{tag}"),
+            &format!("docker://{private_host}/{repo}"),
+            &["--dest-creds", &creds],
+        );
+    }
+    // No global credentials: only a pull secret opens the private upstream.
+    let registry = KacheRegistry::start_with_internal(
+        s.path("data"),
+        &[
+            "--insecure-registry",
+            &format!("{open_host},{private_host}"),
+        ],
+    );
+
+    let certs = tempfile::tempdir().unwrap();
+    let ca = certificates(certs.path());
+    let webhook = Webhook::start(certs.path());
+    register(&kube, &webhook, &ca);
+    kube.namespace("t");
+
+    let logs = tempfile::tempdir().unwrap();
+    let _dump = DumpOnPanic(logs.path().to_owned());
+    let log = logs.path().join("first.log");
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let mut controller = Controller::start(&kube, &registry.internal_url(), "only", &log);
+
+    // An image the upstream does not have yet: Failed with the upstream's answer, a Warning
+    // event, and retried with backoff until the image appears.
+    let late_image = format!("{open_host}/team/late:v1");
+    let late_path = format!("{IMAGES}/warm-late");
+    kube.ok(
+        "POST",
+        IMAGES,
+        Some(&json!({
+            "apiVersion": "kache.io/v1alpha1", "kind": "CachedImage",
+            "metadata": {"name": "warm-late"},
+            "spec": {"sourceImage": late_image, "retain": true},
+        })),
+    );
+    let failed = kube.wait_for(&late_path, WAIT, |code, v| {
+        (code == 200 && v["status"]["phase"] == "Failed").then(|| v.clone())
+    });
+    // The upstream's own words, as the registry relayed them.
+    let message = failed["status"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("MANIFEST_UNKNOWN") && message.contains(&open_host),
+        "{failed}"
+    );
+    assert_eq!(
+        failed["status"]["conditions"][0]["status"], "False",
+        "{failed}"
+    );
+    assert!(
+        event_reasons(&kube, "warm-late").contains(&"Failed".to_owned()),
+        "{:?}",
+        event_reasons(&kube, "warm-late")
+    );
+    s.skopeo.copy(
+        &format!("{src}:late"),
+        &format!("docker://{open_host}/team/late:v1"),
+        &[],
+    );
+    let recovered = kube.wait_for(&late_path, WAIT, |code, v| {
+        (code == 200 && v["status"]["phase"] == "Cached").then(|| v.clone())
+    });
+    assert_eq!(recovered["status"]["digest"], late.digest(), "{recovered}");
+    assert!(recovered["status"].get("message").is_none(), "{recovered}");
+
+    // A malformed object gets a clear Failed, and the controller goes on.
+    for (name, image) in [
+        ("bad-case", format!("{open_host}/Team/App:v1")),
+        ("bad-garbage", "not an image reference at all".to_owned()),
+    ] {
+        kube.ok(
+            "POST",
+            IMAGES,
+            Some(&json!({
+                "apiVersion": "kache.io/v1alpha1", "kind": "CachedImage",
+                "metadata": {"name": name},
+                "spec": {"sourceImage": image, "retain": true},
+            })),
+        );
+        let bad = kube.wait_for(&format!("{IMAGES}/{name}"), WAIT, |code, v| {
+            (code == 200 && v["status"]["phase"] == "Failed").then(|| v.clone())
+        });
+        assert!(
+            bad["status"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("not a normalised image reference"),
+            "{bad}"
+        );
+    }
+
+    // A pod's pull secret opens the private upstream; without one the upstream's refusal shows.
+    kube.ok(
+        "POST",
+        "/api/v1/namespaces/t/secrets",
+        Some(&pull_secret("creds", &private_host, "puller", password)),
+    );
+    let mut with_secret = deployment("app", &format!("{private_host}/team/app:v1"), 2);
+    with_secret["spec"]["template"]["spec"]["imagePullSecrets"] = json!([{"name": "creds"}]);
+    kube.ok(
+        "POST",
+        "/apis/apps/v1/namespaces/t/deployments",
+        Some(&with_secret),
+    );
+    let app_path = format!(
+        "{IMAGES}/{}",
+        cached_image_name(&format!("{private_host}/team/app:v1"))
+    );
+    let app_ci = kube.wait_for(&app_path, WAIT, |code, v| {
+        (code == 200 && v["status"]["phase"] == "Cached" && v["status"]["usedBy"]["count"] == 2)
+            .then(|| v.clone())
+    });
+    assert_eq!(app_ci["status"]["digest"], app.digest(), "{app_ci}");
+    assert_eq!(
+        app_ci["spec"]["pullSecrets"],
+        json!([{"namespace": "t", "name": "creds"}])
+    );
+    kube.ok(
+        "POST",
+        "/apis/apps/v1/namespaces/t/deployments",
+        Some(&deployment(
+            "other",
+            &format!("{private_host}/team/other:v1"),
+            1,
+        )),
+    );
+    let other_ci = kube.wait_for(
+        &format!(
+            "{IMAGES}/{}",
+            cached_image_name(&format!("{private_host}/team/other:v1"))
+        ),
+        WAIT,
+        |code, v| (code == 200 && v["status"]["phase"] == "Failed").then(|| v.clone()),
+    );
+    let message = other_ci["status"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("UNAUTHORIZED") && message.contains(&private_host),
+        "{other_ci}"
+    );
+
+    // The API server is killed and comes back: the controller reconnects, takes its Lease
+    // again and goes on; nothing in use expires.
+    kube.restart_apiserver();
+    s.skopeo.copy(
+        &format!("{src}:fresh"),
+        &format!("docker://{open_host}/team/fresh:v1"),
+        &[],
+    );
+    let fresh_image = format!("{open_host}/team/fresh:v1");
+    kube.ok(
+        "POST",
+        "/apis/apps/v1/namespaces/t/deployments",
+        Some(&deployment("fresh", &fresh_image, 1)),
+    );
+    let fresh_ci = kube.wait_for(
+        &format!("{IMAGES}/{}", cached_image_name(&fresh_image)),
+        WAIT,
+        |code, v| {
+            (code == 200 && v["status"]["phase"] == "Cached" && v["status"]["usedBy"]["count"] == 1)
+                .then(|| v.clone())
+        },
+    );
+    assert_eq!(fresh_ci["status"]["digest"], fresh.digest(), "{fresh_ci}");
+    assert!(
+        controller.child.try_wait().unwrap().is_none(),
+        "the controller exited:\n{}",
+        read_log()
+    );
+    assert_eq!(controller.is_leader(), Some(1.0), "{}", read_log());
+    // Well past the expiry delay (8 s) since the restart: the images in use are all there.
+    let app_ci = kube.ok("GET", &app_path, None);
+    assert_eq!(app_ci["status"]["usedBy"]["count"], 2, "{app_ci}");
+    assert!(app_ci["spec"].get("expiresAt").is_none(), "{app_ci}");
+    assert_eq!(app_ci["status"]["phase"], "Cached", "{app_ci}");
     drop(webhook);
 }

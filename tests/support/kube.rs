@@ -205,6 +205,23 @@ impl KubeServer {
         );
     }
 
+    /// Kills the API server (SIGKILL) and starts it again on the same port with the same etcd;
+    /// returns once it is ready.
+    pub fn restart_apiserver(&self) {
+        let out = Command::new("bash")
+            .arg(script())
+            .arg("restart-apiserver")
+            .arg(self.dir.path())
+            .output()
+            .expect("run scripts/kube-test-server");
+        assert!(
+            out.status.success(),
+            "restart-apiserver failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+    }
+
     /// The logs of the control plane, for failure messages.
     pub fn logs(&self) -> String {
         ["apiserver.log", "controller-manager.log"]

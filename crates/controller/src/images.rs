@@ -12,7 +12,6 @@ use kache_api::{
 use kache_oci::upstream::DockerConfig;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{self, Event as Finalizing};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
@@ -20,6 +19,7 @@ use tracing::{info, warn};
 
 use crate::Context;
 use crate::decide::{self, Expiry};
+use crate::events::Kind;
 
 /// Why a reconcile did not finish; it is retried with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -59,12 +59,6 @@ pub(crate) async fn reconcile(ci: Arc<CachedImage>, ctx: Arc<Context>) -> Result
         }
     })
     .await;
-    ctx.metrics.set_phases(
-        ctx.images
-            .state()
-            .iter()
-            .map(|c| c.status.as_ref().map(|s| s.phase).unwrap_or_default()),
-    );
     result.map_err(|e| match e {
         finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
         other => Error::Finalizer(other.to_string()),
@@ -125,14 +119,7 @@ async fn apply(ci: &CachedImage, ctx: &Context) -> Result<Action, Error> {
         api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
         if expires_at.is_some() && ci.spec.expires_at.is_none() {
-            publish(
-                ctx,
-                ci,
-                EventType::Normal,
-                "Expiring",
-                "no pod uses the image",
-            )
-            .await;
+            publish(ctx, ci, Kind::Normal, "Expiring", "no pod uses the image").await;
         }
     }
 
@@ -155,7 +142,7 @@ async fn apply(ci: &CachedImage, ctx: &Context) -> Result<Action, Error> {
             publish(
                 ctx,
                 ci,
-                EventType::Normal,
+                Kind::Normal,
                 "Caching",
                 &format!("caching {image} for {}", platforms.join(", ")),
             )
@@ -173,7 +160,7 @@ async fn apply(ci: &CachedImage, ctx: &Context) -> Result<Action, Error> {
                     publish(
                         ctx,
                         ci,
-                        EventType::Normal,
+                        Kind::Normal,
                         "Cached",
                         &format!("{image} is {}", w.digest),
                     )
@@ -184,7 +171,7 @@ async fn apply(ci: &CachedImage, ctx: &Context) -> Result<Action, Error> {
             Err(message) => {
                 status.phase = Phase::Failed;
                 status.message = Some(message.clone());
-                publish(ctx, ci, EventType::Warning, "Failed", &message).await;
+                publish(ctx, ci, Kind::Warning, "Failed", &message).await;
                 result = Err(Error::Registry(message));
             }
         }
@@ -226,7 +213,7 @@ async fn expire(
     publish(
         ctx,
         ci,
-        EventType::Normal,
+        Kind::Normal,
         "Expired",
         "unused past spec.expiresAt",
     )
@@ -335,17 +322,13 @@ async fn write_status(
     Ok(())
 }
 
-/// Publishes an event about a CachedImage. Kubernetes 1.20 refuses events about cluster-scoped
-/// custom objects; that is logged, never a failed reconcile.
-async fn publish(ctx: &Context, ci: &CachedImage, type_: EventType, reason: &str, note: &str) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: reason.into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &ci.object_ref(&())).await {
-        tracing::debug!(error = %e, reason, "event not recorded");
+/// Publishes an event about a CachedImage; a refusal is logged, never a failed reconcile.
+async fn publish(ctx: &Context, ci: &CachedImage, kind: Kind, reason: &str, note: &str) {
+    if let Err(e) = ctx
+        .events
+        .publish(ci.object_ref(&()), kind, reason, note)
+        .await
+    {
+        warn!(name = %ci.name_any(), error = %e, reason, "event not recorded");
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod decide;
 mod ensure;
+mod events;
 mod images;
 pub mod lease;
 mod metrics;
@@ -20,7 +21,6 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kache_api::CachedImage;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client};
@@ -59,8 +59,7 @@ pub(crate) struct Context {
     /// wait on this channel instead, which wakes them all.
     pub pods_ready: tokio::sync::watch::Receiver<bool>,
     pub nodes: Store<Node>,
-    pub images: Store<CachedImage>,
-    pub recorder: Recorder,
+    pub events: events::Events,
     pub metrics: ControllerMetrics,
     /// Consecutive failures per CachedImage, for the backoff.
     pub failures: Mutex<std::collections::HashMap<String, u32>>,
@@ -114,6 +113,7 @@ pub async fn run(
                 _ = &mut shutdown => {
                     controllers.abort();
                     metrics.set_leader(false);
+                    metrics.count_images(None);
                     return;
                 }
                 _ = tokio::time::sleep(renew) => {}
@@ -130,6 +130,7 @@ pub async fn run(
         };
         controllers.abort();
         metrics.set_leader(false);
+        metrics.count_images(None);
         if lost {
             warn!("leader election: lease lost, controllers stopped");
         }
@@ -159,18 +160,26 @@ async fn run_controllers(
         .touched_objects()
         .for_each(|_| async {});
 
-    let controller = Controller::new(
+    // The CachedImage watch is the controller's trigger; its deletions also go to the ensurer
+    // (below), so an image deleted by hand while pods use it comes back at once.
+    let (image_store, image_writer) = reflector::store::<CachedImage>();
+    let (deleted_tx, mut deleted_rx) = tokio::sync::mpsc::unbounded_channel::<CachedImage>();
+    let images = watcher(
         Api::<CachedImage>::all(client.clone()),
         watcher::Config::default(),
-    );
-    let ensurer = Ensurer::new(client.clone(), controller.store());
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: "kache-controller".into(),
-            instance: Some(config.instance.clone()),
-        },
-    );
+    )
+    .default_backoff()
+    .reflect(image_writer)
+    .inspect(move |ev| {
+        if let Ok(watcher::Event::Delete(ci)) = ev {
+            let _ = deleted_tx.send(ci.clone());
+        }
+    })
+    .touched_objects();
+    let controller = Controller::for_stream(images, image_store.clone());
+    metrics.count_images(Some(image_store.clone()));
+    let ensurer = Ensurer::new(client.clone(), image_store.clone());
+    let events = events::Events::new(client.clone(), "kache-controller", &config.instance);
     let (ready_tx, pods_ready) = tokio::sync::watch::channel(false);
     let pods_ready_signal = {
         let store = pod_store.clone();
@@ -183,23 +192,43 @@ async fn run_controllers(
     let ctx = Arc::new(Context {
         pods_ready,
         client: client.clone(),
-        images: controller.store(),
         config: config.clone(),
         registry,
         pods: pod_store,
         nodes: node_store,
-        recorder,
+        events,
         metrics,
         failures: Mutex::default(),
     });
 
     // Every pod event also goes to the ensurer, which creates the CachedImages pods need.
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Pod>();
+    let pod_tx = tx.clone();
     let pods = pods.inspect(move |ev| {
         if let Ok(pod) = ev {
-            let _ = tx.send(pod.clone());
+            let _ = pod_tx.send(pod.clone());
         }
     });
+    // A deleted CachedImage whose image live pods still run: those pods go to the ensurer again.
+    let recreate = {
+        let pods = ctx.pods.clone();
+        async move {
+            while let Some(ci) = deleted_rx.recv().await {
+                let image = &ci.spec.source_image;
+                let users: Vec<_> = pods
+                    .state()
+                    .into_iter()
+                    .filter(|p| decide::pod_is_live(p) && decide::pod_images(p).contains(image))
+                    .collect();
+                if !users.is_empty() {
+                    info!(%image, pods = users.len(), "CachedImage deleted while pods use it: creating it again");
+                }
+                for pod in users {
+                    let _ = tx.send(pod.as_ref().clone());
+                }
+            }
+        }
+    };
     let image_controller = controller
         .watches_stream(pods, images::images_of_pod)
         .run(images::reconcile, images::error_policy, ctx)
@@ -210,6 +239,7 @@ async fn run_controllers(
         image_controller,
         nodes,
         ensurer.run_pods(rx),
+        recreate,
         workloads
     );
 }

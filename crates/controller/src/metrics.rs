@@ -1,6 +1,9 @@
 //! `kache_controller_*` metrics.
 
-use kache_api::Phase;
+use std::sync::{Arc, Mutex};
+
+use kache_api::{CachedImage, Phase};
+use kube::runtime::reflector::Store;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -18,6 +21,9 @@ pub struct ControllerMetrics {
     cached_images: Family<PhaseLabel, Gauge>,
     reconcile_errors: Counter,
     is_leader: Gauge,
+    /// The leader's CachedImage cache, counted at scrape time (not after every reconcile, which
+    /// would walk every image for each one).
+    images: Arc<Mutex<Option<Store<CachedImage>>>>,
 }
 
 impl ControllerMetrics {
@@ -43,8 +49,25 @@ impl ControllerMetrics {
         m
     }
 
+    /// Updates the per-phase counts from the CachedImage cache; a follower reports zeros, so a
+    /// sum over replicas is the cluster's count.
+    pub fn refresh(&self) {
+        let store = self
+            .images
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let phases = store.map(|s| {
+            s.state()
+                .iter()
+                .map(|c| c.status.as_ref().map(|s| s.phase).unwrap_or_default())
+                .collect::<Vec<_>>()
+        });
+        self.set_phases(phases.unwrap_or_default());
+    }
+
     /// Sets the per-phase counts (every phase, zero included).
-    pub fn set_phases(&self, phases: impl IntoIterator<Item = Phase>) {
+    fn set_phases(&self, phases: impl IntoIterator<Item = Phase>) {
         let mut counts = [0i64; Phase::ALL.len()];
         for p in phases {
             counts[Phase::ALL.iter().position(|x| *x == p).unwrap_or(0)] += 1;
@@ -54,6 +77,11 @@ impl ControllerMetrics {
                 .get_or_create(&PhaseLabel { phase: p.as_str() })
                 .set(n);
         }
+    }
+
+    /// The cache `refresh` counts; `None` when the controllers stop.
+    pub(crate) fn count_images(&self, store: Option<Store<CachedImage>>) {
+        *self.images.lock().unwrap_or_else(|e| e.into_inner()) = store;
     }
 
     pub(crate) fn reconcile_error(&self) {

@@ -40,7 +40,8 @@ pub async fn controller(a: ControllerArgs) -> anyhow::Result<()> {
 
     let mut prom = prometheus_client::registry::Registry::default();
     let metrics = ControllerMetrics::register(&mut prom);
-    let ops = serve::spawn_ops(a.metrics_listen, Arc::new(prom)).await?;
+    let scraped = metrics.clone();
+    let ops = serve::spawn_ops(a.metrics_listen, Arc::new(prom), move || scraped.refresh()).await?;
     tracing::info!(registry = %a.registry, expiry_delay = ?a.expiry_delay, ?workloads, "controller starting");
     kache_controller::run(
         client,

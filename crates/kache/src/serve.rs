@@ -408,9 +408,10 @@ pub async fn fsck(data_dir: &Path) -> anyhow::Result<()> {
 pub async fn spawn_ops(
     addr: SocketAddr,
     prom: Arc<PromRegistry>,
+    before_scrape: impl Fn() + Clone + Send + Sync + 'static,
 ) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
     let listener = bind(addr, "metrics").await?;
-    let app = ops_router(prom, || {});
+    let app = ops_router(prom, before_scrape);
     Ok(tokio::spawn(async move {
         serve(listener, app, shutdown_signal())
             .await
