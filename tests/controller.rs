@@ -9,7 +9,8 @@
 //!   the expiry clock, and at expiry the CachedImage goes and its tag leaves the registry;
 //! - an image the upstream lacks is Failed with the upstream's answer and retried until it
 //!   appears; malformed references are Failed, not a crash; a pod's pull secret opens a
-//!   password-protected upstream; the API server killed and restarted loses nothing.
+//!   password-protected upstream; a leader whose API server hangs stops leading before its Lease
+//!   lapses and leads again later; the API server killed and restarted loses nothing.
 
 mod support;
 
@@ -36,7 +37,7 @@ struct Controller {
 }
 
 impl Controller {
-    fn start(kube: &KubeServer, registry: &str, identity: &str, log: &Path) -> Self {
+    fn start(kubeconfig: &Path, registry: &str, identity: &str, log: &Path) -> Self {
         let metrics = free_local_addr();
         let child = Command::new(env!("CARGO_BIN_EXE_kache"))
             .args(["controller", "--registry", registry, "--expiry-delay", "8s"])
@@ -44,7 +45,7 @@ impl Controller {
             .args(["--identity", identity])
             .arg("--metrics-listen")
             .arg(metrics.to_string())
-            .env("KUBECONFIG", kube.kubeconfig())
+            .env("KUBECONFIG", kubeconfig)
             .env("KACHE_LOG", "info,kache_controller=debug")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log).unwrap())
@@ -214,7 +215,12 @@ fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry()
     let _dump = DumpOnPanic(logs.path().to_owned());
     let log = |n: &str| logs.path().join(n);
     let read_log = |n: &str| std::fs::read_to_string(log(n)).unwrap_or_default();
-    let mut first = Controller::start(&kube, &registry.internal_url(), "first", &log("first.log"));
+    let mut first = Controller::start(
+        &kube.kubeconfig(),
+        &registry.internal_url(),
+        "first",
+        &log("first.log"),
+    );
 
     let web_image = format!("{host}/team/web:v1");
     let web_name = cached_image_name(&web_image);
@@ -265,7 +271,7 @@ fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry()
 
     // A second replica waits for the Lease.
     let second = Controller::start(
-        &kube,
+        &kube.kubeconfig(),
         &registry.internal_url(),
         "second",
         &log("second.log"),
@@ -396,6 +402,75 @@ fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry()
     drop(webhook);
 }
 
+/// Polls a controller's `kache_controller_is_leader` until it equals `want`.
+fn wait_leader(c: &Controller, want: f64, log: &dyn Fn() -> String) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while c.is_leader() != Some(want) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "is_leader never {want}\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A TCP relay to the API server that can be frozen: bytes already in flight and new
+/// connections are held, unanswered, as with an API server that hangs (which a real one does
+/// not do on demand).
+struct Relay {
+    addr: std::net::SocketAddr,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    fn start(target: &str) -> Self {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let target = target.to_owned();
+        let flag = frozen.clone();
+        // The threads end with the test process; each copies until its peer closes.
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let flag = flag.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            while flag.load(Ordering::SeqCst) {
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Relay { addr, frozen }
+    }
+
+    fn freeze(&self, on: bool) {
+        self.frozen.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// A Kubernetes Secret of type dockerconfigjson with Basic credentials for `host`.
 fn pull_secret(name: &str, host: &str, user: &str, password: &str) -> Value {
     use base64::Engine as _;
@@ -463,7 +538,17 @@ fn failures_are_reported_and_retried_pull_secrets_are_used_and_an_api_server_res
     let _dump = DumpOnPanic(logs.path().to_owned());
     let log = logs.path().join("first.log");
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
-    let mut controller = Controller::start(&kube, &registry.internal_url(), "only", &log);
+    // The controller reaches the API server through a relay the test can freeze.
+    let relay = Relay::start(kube.api.trim_start_matches("https://"));
+    let kubeconfig = logs.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        std::fs::read_to_string(kube.kubeconfig())
+            .unwrap()
+            .replace(&kube.api, &format!("https://{}", relay.addr)),
+    )
+    .unwrap();
+    let mut controller = Controller::start(&kubeconfig, &registry.internal_url(), "only", &log);
 
     // An image the upstream does not have yet: Failed with the upstream's answer, a Warning
     // event, and retried with backoff until the image appears.
@@ -581,6 +666,13 @@ fn failures_are_reported_and_retried_pull_secrets_are_used_and_an_api_server_res
         message.contains("UNAUTHORIZED") && message.contains(&private_host),
         "{other_ci}"
     );
+
+    // The API server hangs: the leader cannot renew its Lease, so it stops leading before the
+    // Lease lapses (another replica could take it then), and leads again once it can.
+    relay.freeze(true);
+    wait_leader(&controller, 0.0, &read_log);
+    relay.freeze(false);
+    wait_leader(&controller, 1.0, &read_log);
 
     // The API server is killed and comes back: the controller reconnects, takes its Lease
     // again and goes on; nothing in use expires.

@@ -87,10 +87,11 @@ pub async fn run(
     loop {
         // Candidate: wait for the Lease.
         loop {
-            match lease::try_acquire(&client, &lease).await {
-                Ok(lease::Held::Leader) => break,
-                Ok(lease::Held::Follower) => {}
-                Err(e) => warn!(error = %e, "leader election: cannot read or write the Lease"),
+            match tokio::time::timeout(renew, lease::try_acquire(&client, &lease)).await {
+                Ok(Ok(lease::Held::Leader)) => break,
+                Ok(Ok(lease::Held::Follower)) => {}
+                Ok(Err(e)) => warn!(error = %e, "leader election: cannot read or write the Lease"),
+                Err(_) => warn!(timeout = ?renew, "leader election: no answer from the API server"),
             }
             tokio::select! {
                 _ = tokio::time::sleep(renew) => {}
@@ -118,10 +119,14 @@ pub async fn run(
                 }
                 _ = tokio::time::sleep(renew) => {}
             }
-            match lease::try_acquire(&client, &lease).await {
-                Ok(lease::Held::Leader) => last_renewal = tokio::time::Instant::now(),
-                Ok(lease::Held::Follower) => break true,
-                Err(e) => warn!(error = %e, "leader election: renewal failed"),
+            // Bounded, and counted from when it was sent (the renewTime it writes): an API
+            // server that hangs must not keep this replica leading past the lease.
+            let sent = tokio::time::Instant::now();
+            match tokio::time::timeout(renew, lease::try_acquire(&client, &lease)).await {
+                Ok(Ok(lease::Held::Leader)) => last_renewal = sent,
+                Ok(Ok(lease::Held::Follower)) => break true,
+                Ok(Err(e)) => warn!(error = %e, "leader election: renewal failed"),
+                Err(_) => warn!(timeout = ?renew, "leader election: renewal timed out"),
             }
             // Step down before the lease lapses: another replica may take it after `duration`.
             if last_renewal.elapsed() + renew >= lease.duration {
