@@ -29,6 +29,10 @@ pub struct LoadSpec {
     pub duration: Duration,
     /// Stop after this many requests (across connections), if sooner than `duration`.
     pub requests: Option<u64>,
+    /// Open loop: this many requests per second in all, spread evenly over the connections,
+    /// instead of back to back. A latency then runs from the request's scheduled time, so a
+    /// request that waits for a slow one before it is counted for that wait too.
+    pub rate: Option<f64>,
 }
 
 /// Latencies in microseconds, 1 µs to 10 minutes, 3 significant digits.
@@ -91,16 +95,46 @@ fn take(budget: &Option<Arc<AtomicU64>>) -> bool {
     })
 }
 
+/// When a paced connection sends its requests: from `first`, every `interval`.
+#[derive(Clone, Copy, Debug)]
+struct Pace {
+    first: Instant,
+    interval: Duration,
+}
+
+/// Each connection's schedule for `rate` requests/s in all (`None`: back to back), staggered so
+/// that requests arrive evenly rather than in bursts of `connections`.
+fn paces(connections: usize, rate: Option<f64>, started: Instant) -> Result<Vec<Option<Pace>>> {
+    let interval = match rate {
+        Some(r) if !(r.is_finite() && r > 0.0) => bail!("the rate must be a positive number"),
+        Some(r) => Some(Duration::from_secs_f64(connections as f64 / r)),
+        None => None,
+    };
+    Ok((0..connections)
+        .map(|i| {
+            interval.map(|interval| Pace {
+                first: started + interval.mul_f64(i as f64 / connections as f64),
+                interval,
+            })
+        })
+        .collect())
+}
+
 async fn connection(
     spec: Arc<LoadSpec>,
     deadline: Instant,
     budget: Option<Arc<AtomicU64>>,
+    pace: Option<Pace>,
 ) -> (Tally, Histogram<u64>) {
     let mut tally = Tally::default();
     let mut hist = histogram();
     let mut conn: Option<Conn> = None;
     let hard = tokio::time::Instant::from_std(deadline + GRACE);
-    while Instant::now() < deadline && take(&budget) {
+    let mut next = pace.map(|p| p.first);
+    while next.unwrap_or_else(Instant::now) < deadline && take(&budget) {
+        if let Some(at) = next {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+        }
         if conn.as_ref().is_none_or(Conn::is_closed) {
             conn = None;
             match spec.url.endpoint.connect().await {
@@ -125,7 +159,10 @@ async fn connection(
                 break;
             }
         };
-        let started = Instant::now();
+        let started = next.unwrap_or_else(Instant::now);
+        if let (Some(at), Some(p)) = (next.as_mut(), pace) {
+            *at += p.interval;
+        }
         let answer = tokio::time::timeout_at(hard, async {
             let resp = c.send(req).await?;
             let status = resp.status();
@@ -164,9 +201,10 @@ pub async fn load(spec: LoadSpec) -> Result<LoadResult> {
     let budget = spec.requests.map(|n| Arc::new(AtomicU64::new(n)));
     let started = Instant::now();
     let deadline = started + spec.duration;
+    let paces = paces(spec.connections, spec.rate, started)?;
     let mut set = JoinSet::new();
-    for _ in 0..spec.connections {
-        set.spawn(connection(spec.clone(), deadline, budget.clone()));
+    for pace in paces {
+        set.spawn(connection(spec.clone(), deadline, budget.clone(), pace));
     }
     let mut out = LoadResult {
         ok: 0,
@@ -376,4 +414,28 @@ pub async fn cold(url: &Url, clients: usize, limit: Duration) -> Result<ColdResu
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_is_spread_evenly_over_the_connections() {
+        let t0 = Instant::now();
+        let p = paces(4, Some(1000.0), t0).unwrap();
+        // 4 connections at 1,000/s in all: each sends every 4 ms, 1 ms after the previous one.
+        let p: Vec<_> = p.into_iter().map(Option::unwrap).collect();
+        assert!(p.iter().all(|p| p.interval == Duration::from_millis(4)));
+        let offsets: Vec<_> = p.iter().map(|p| p.first - t0).collect();
+        assert_eq!(
+            offsets,
+            [0, 1, 2, 3].map(Duration::from_millis).to_vec(),
+            "{offsets:?}"
+        );
+        assert!(paces(3, None, t0).unwrap().iter().all(Option::is_none));
+        for bad in [0.0, -5.0, f64::NAN, f64::INFINITY] {
+            assert!(paces(3, Some(bad), t0).is_err(), "{bad}");
+        }
+    }
 }

@@ -52,6 +52,10 @@ struct LoadArgs {
     /// Stop after this many requests (still bounded by --duration).
     #[arg(short = 'n', long)]
     requests: Option<u64>,
+    /// Open loop: send this many requests per second in all (latency from each request's
+    /// scheduled time) instead of back to back.
+    #[arg(long)]
+    rate: Option<f64>,
     #[arg(short = 'X', long, default_value = "GET")]
     method: Method,
     /// A request header, `name: value`; repeatable.
@@ -141,6 +145,7 @@ async fn run(cmd: Cmd) -> Result<()> {
                 connections: a.connections,
                 duration: a.duration,
                 requests: a.requests,
+                rate: a.rate,
             })
             .await?;
             println!("| requests | errors | req/s | MB/s | p50 ms | p99 ms | max ms |");
