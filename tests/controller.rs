@@ -41,7 +41,7 @@ impl Controller {
         let metrics = free_local_addr();
         let child = Command::new(env!("CARGO_BIN_EXE_kache"))
             .args(["controller", "--registry", registry, "--expiry-delay", "8s"])
-            .args(["--lease-namespace", "default", "--lease-duration", "6s"])
+            .args(["--lease-namespace", "kache", "--lease-duration", "6s"])
             .args(["--identity", identity])
             .arg("--metrics-listen")
             .arg(metrics.to_string())
@@ -143,6 +143,14 @@ fn install_crd(kube: &KubeServer) {
     );
 }
 
+/// A kubeconfig with only the rights deploy/controller-rbac.yaml gives the controller, so that
+/// every test also checks that file.
+fn least_privilege(kube: &KubeServer, dir: &Path) -> std::path::PathBuf {
+    kube.namespace("kache");
+    kube.apply_yaml(include_str!("../deploy/controller-rbac.yaml"));
+    kube.service_account_kubeconfig("kache", "kache-controller", &dir.join("kubeconfig"))
+}
+
 /// The reasons of the events about a cluster-scoped object, as `kubectl describe` finds them.
 fn event_reasons(kube: &KubeServer, name: &str) -> Vec<String> {
     let v = kube.ok(
@@ -215,8 +223,9 @@ fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry()
     let _dump = DumpOnPanic(logs.path().to_owned());
     let log = |n: &str| logs.path().join(n);
     let read_log = |n: &str| std::fs::read_to_string(log(n)).unwrap_or_default();
+    let kubeconfig = least_privilege(&kube, logs.path());
     let mut first = Controller::start(
-        &kube.kubeconfig(),
+        &kubeconfig,
         &registry.internal_url(),
         "first",
         &log("first.log"),
@@ -271,7 +280,7 @@ fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry()
 
     // A second replica waits for the Lease.
     let second = Controller::start(
-        &kube.kubeconfig(),
+        &kubeconfig,
         &registry.internal_url(),
         "second",
         &log("second.log"),
@@ -540,10 +549,10 @@ fn failures_are_reported_and_retried_pull_secrets_are_used_and_an_api_server_res
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
     // The controller reaches the API server through a relay the test can freeze.
     let relay = Relay::start(kube.api.trim_start_matches("https://"));
-    let kubeconfig = logs.path().join("kubeconfig");
+    let kubeconfig = least_privilege(&kube, logs.path());
     std::fs::write(
         &kubeconfig,
-        std::fs::read_to_string(kube.kubeconfig())
+        std::fs::read_to_string(&kubeconfig)
             .unwrap()
             .replace(&kube.api, &format!("https://{}", relay.addr)),
     )

@@ -205,6 +205,59 @@ impl KubeServer {
         );
     }
 
+    /// Creates every object of a multi-document YAML file (resource = lowercased kind + "s",
+    /// true of every kind applied here).
+    pub fn apply_yaml(&self, text: &str) {
+        for doc in text.split("\n---\n") {
+            let v: Value = serde_yaml::from_str(doc).expect("YAML");
+            if v.is_null() {
+                continue;
+            }
+            let api = match v["apiVersion"].as_str().expect("apiVersion") {
+                "v1" => "/api/v1".to_owned(),
+                gv => format!("/apis/{gv}"),
+            };
+            let plural = format!("{}s", v["kind"].as_str().expect("kind").to_lowercase());
+            let path = match v["metadata"]["namespace"].as_str() {
+                Some(ns) => format!("{api}/namespaces/{ns}/{plural}"),
+                None => format!("{api}/{plural}"),
+            };
+            self.ok("POST", &path, Some(&v));
+        }
+    }
+
+    /// A kubeconfig at `out` that authenticates as the ServiceAccount `ns/name`, with its
+    /// token (1.20 puts it in a Secret); waits for that Secret.
+    pub fn service_account_kubeconfig(&self, ns: &str, name: &str, out: &Path) -> PathBuf {
+        use base64::Engine as _;
+        let secret = self.wait_for(
+            &format!("/api/v1/namespaces/{ns}/serviceaccounts/{name}"),
+            Duration::from_secs(60),
+            |s, v| {
+                (s == 200)
+                    .then(|| v["secrets"][0]["name"].as_str().map(str::to_owned))
+                    .flatten()
+            },
+        );
+        let token = self.wait_for(
+            &format!("/api/v1/namespaces/{ns}/secrets/{secret}"),
+            Duration::from_secs(60),
+            |s, v| {
+                (s == 200)
+                    .then(|| v["data"]["token"].as_str().map(str::to_owned))
+                    .flatten()
+            },
+        );
+        let token = base64::engine::general_purpose::STANDARD
+            .decode(token)
+            .expect("base64 token");
+        let token = String::from_utf8(token).expect("UTF-8 token");
+        let admin = std::fs::read_to_string(self.kubeconfig()).expect("kubeconfig");
+        assert!(admin.contains(&self.token));
+        std::fs::write(out, admin.replace(&self.token, &token)).expect("write kubeconfig");
+        out.to_owned()
+    }
+
     /// Kills the API server (SIGKILL) and starts it again on the same port with the same etcd;
     /// returns once it is ready.
     pub fn restart_apiserver(&self) {
