@@ -30,8 +30,9 @@ pub struct LoadSpec {
     /// Stop after this many requests (across connections), if sooner than `duration`.
     pub requests: Option<u64>,
     /// Open loop: this many requests per second in all, spread evenly over the connections,
-    /// instead of back to back. A latency then runs from the request's scheduled time, so a
-    /// request that waits for a slow one before it is counted for that wait too.
+    /// instead of back to back. A request that could not be sent on time because the previous
+    /// answer was late has its latency counted from its scheduled time, so it counts that wait
+    /// too.
     pub rate: Option<f64>,
 }
 
@@ -132,8 +133,16 @@ async fn connection(
     let hard = tokio::time::Instant::from_std(deadline + GRACE);
     let mut next = pace.map(|p| p.first);
     while next.unwrap_or_else(Instant::now) < deadline && take(&budget) {
+        // Behind schedule (the previous answer came late): the wait counts, from the scheduled
+        // time. Ahead: the timer wakes up to a millisecond late, which is the client's doing,
+        // so the latency runs from the actual send.
+        let mut late_since = None;
         if let Some(at) = next {
-            tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+            if Instant::now() >= at {
+                late_since = Some(at);
+            } else {
+                tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+            }
         }
         if conn.as_ref().is_none_or(Conn::is_closed) {
             conn = None;
@@ -159,7 +168,7 @@ async fn connection(
                 break;
             }
         };
-        let started = next.unwrap_or_else(Instant::now);
+        let started = late_since.unwrap_or_else(Instant::now);
         if let (Some(at), Some(p)) = (next.as_mut(), pace) {
             *at += p.interval;
         }

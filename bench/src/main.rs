@@ -53,7 +53,7 @@ struct LoadArgs {
     #[arg(short = 'n', long)]
     requests: Option<u64>,
     /// Open loop: send this many requests per second in all (latency from each request's
-    /// scheduled time) instead of back to back.
+    /// scheduled time when it could not be sent on time) instead of back to back.
     #[arg(long)]
     rate: Option<f64>,
     #[arg(short = 'X', long, default_value = "GET")]
