@@ -194,6 +194,9 @@ impl Conn {
                     }
                 } else {
                     match parse_head(&self.buf) {
+                        Ok(Some((_, used))) if used > MAX_HEAD => {
+                            return Ok(Next::Bad(too_large()));
+                        }
                         Ok(Some((head, used))) => {
                             self.buf.advance(used);
                             return Ok(Next::Request(Box::new(head)));

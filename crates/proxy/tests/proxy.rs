@@ -947,3 +947,70 @@ async fn ranges_and_h2c_still_work() {
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
     assert!(r.bytes().await.unwrap() == layer);
 }
+
+#[tokio::test]
+async fn shutdown_closes_idle_connections_and_finishes_the_answer_in_flight() {
+    // A registry that answers a blob's head and half its body, then waits for the test.
+    let body = pattern(512 * 1024);
+    let d = Digest::sha256(&body);
+    let half = body.len() / 2;
+    let b = body.clone();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let reg = format!("http://{}", l.local_addr().unwrap());
+    let (rest_tx, rest_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (mut tcp, _) = l.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = tcp.read(&mut buf).await.unwrap();
+        tcp.write_all(&blob_answer(&b[..half], b.len()))
+            .await
+            .unwrap();
+        let _ = rest_rx.await;
+        tcp.write_all(&b[half..]).await.unwrap();
+        let _ = tcp.read(&mut buf).await;
+    });
+
+    let mut prom = prometheus_client::registry::Registry::default();
+    let p = Proxy::new(
+        ProxyConfig {
+            registry: reg,
+            registry_timeout: Duration::from_secs(5),
+        },
+        upstream_client("127.0.0.1:1"),
+        ProxyMetrics::new(&mut prom),
+    )
+    .unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(p.serve(l, async {
+        let _ = stop_rx.await;
+    }));
+
+    let mut idle = Raw::connect(addr).await;
+    idle.send(b"GET /v2/ HTTP/1.1\r\n\r\n").await;
+    assert_eq!(idle.answer(false).await.status, 200);
+    let mut busy = Raw::connect(addr).await;
+    busy.send(format!("GET /v2/docker.io/library/app/blobs/{d} HTTP/1.1\r\n\r\n").as_bytes())
+        .await;
+    // The head and the first half are through: the request is in flight.
+    while busy.buf.len() < half {
+        assert!(busy.fill().await > 0);
+    }
+    stop_tx.send(()).unwrap();
+    assert!(
+        idle.closed().await,
+        "an idle connection is closed at shutdown"
+    );
+    assert!(!server.is_finished());
+    rest_tx.send(()).unwrap();
+    let a = busy.answer(false).await;
+    assert!(a.complete && a.body == body);
+    // Its head left before the shutdown; the connection closes after the answer.
+    assert!(busy.closed().await);
+    tokio::time::timeout(WAIT, server)
+        .await
+        .expect("the server returns once its connections are done")
+        .unwrap()
+        .unwrap();
+}
