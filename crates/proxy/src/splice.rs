@@ -364,6 +364,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_registry_url_gives_the_address_host_and_base_path() {
+        let r = RawRegistry::new("http://[::1]:5000/", Duration::from_secs(1)).unwrap();
+        assert_eq!(
+            (r.addr.as_str(), r.host.as_str(), r.base.as_str()),
+            ("[::1]:5000", "[::1]:5000", "")
+        );
+        let r = RawRegistry::new("http://kache-registry/base/", Duration::from_secs(1)).unwrap();
+        assert_eq!(
+            (r.addr.as_str(), r.host.as_str(), r.base.as_str()),
+            ("kache-registry:80", "kache-registry", "/base")
+        );
+    }
+
+    #[test]
     fn only_a_single_plain_length_is_relayed_as_it_is() {
         let h = |pairs: &[(&str, &str)]| {
             let mut m = HeaderMap::new();

@@ -883,6 +883,24 @@ async fn blobs_the_registry_fails_or_sends_chunked_still_arrive() {
         1.0
     );
 
+    // A registry that accepts and never answers: the timeout sends the blob upstream.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            held.push(tcp);
+        }
+    });
+    let p = proxy(&silent_url, &uh, Duration::from_millis(300)).await;
+    let r = c
+        .get(format!("{}/v2/{repo}/blobs/{ld}", p.base()))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.bytes().await.unwrap() == layer);
+    assert_eq!(upstream_blob_gets(), 2.0);
+
     // A chunked answer (no length to splice by) is relayed the general way, whole.
     let chunked = layer.clone();
     let (reg, _) = fake_registry(move |_| {
@@ -907,7 +925,7 @@ async fn blobs_the_registry_fails_or_sends_chunked_still_arrive() {
         assert_eq!(a.status, 200);
         assert!(a.complete && a.body == layer);
     }
-    assert_eq!(upstream_blob_gets(), 1.0);
+    assert_eq!(upstream_blob_gets(), 2.0);
     assert_eq!(
         p.count(&format!(
             r#"kache_proxy_requests_total{{upstream="{uh}",result="miss"}}"#
