@@ -77,6 +77,9 @@ pub struct Options {
     /// Also write the report here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// The kache proxy's `--relay` (`splice` or `hyper`); its own default when not given.
+    #[arg(long)]
+    proxy_relay: Option<String>,
 }
 
 impl Options {
@@ -1008,6 +1011,9 @@ async fn suite(o: &Options) -> Result<String> {
         .arg(format!("127.0.0.1:{px_metrics}"))
         .arg("--insecure-registry")
         .arg(&upstream_host);
+    if let Some(relay) = &o.proxy_relay {
+        cmd.arg("--relay").arg(relay);
+    }
     let mut proxy = Proc::spawn("kache-proxy", cmd, &px_dir, &pids)?;
     let proxy_url = format!("http://127.0.0.1:{px_port}");
     let proxy_metrics = format!("http://127.0.0.1:{px_metrics}/metrics");

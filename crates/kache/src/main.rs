@@ -120,6 +120,10 @@ struct ProxyArgs {
     registry_timeout: Duration,
     #[arg(long, env = "KACHE_METRICS_LISTEN", default_value = "127.0.0.1:9091")]
     metrics_listen: SocketAddr,
+    /// How blob bodies reach the client: `splice` (zero copy, the proxy's own HTTP/1.1 server)
+    /// or `hyper` (copied through user space).
+    #[arg(long, env = "KACHE_RELAY", value_enum, default_value = "splice")]
+    relay: serve::Relay,
     #[command(flatten)]
     upstream: UpstreamArgs,
 }
@@ -281,6 +285,7 @@ fn main() -> anyhow::Result<()> {
                     registry_timeout: a.registry_timeout,
                     metrics_listen: a.metrics_listen,
                     upstream: serve::upstream_config(&a.upstream)?,
+                    relay: a.relay,
                 })
                 .await
             }
@@ -320,6 +325,7 @@ fn main() -> anyhow::Result<()> {
                         registry_timeout: Duration::from_secs(5),
                         metrics_listen: a.metrics_listen,
                         upstream,
+                        relay: serve::Relay::Splice,
                     }),
                 })
                 .await

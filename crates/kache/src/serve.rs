@@ -46,6 +46,17 @@ pub struct ProxyOptions {
     pub registry_timeout: Duration,
     pub metrics_listen: SocketAddr,
     pub upstream: UpstreamConfig,
+    pub relay: Relay,
+}
+
+/// How the proxy serves its clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Relay {
+    /// Its own HTTP/1.1 server: warm blob bodies go registry socket → pipe → client socket with
+    /// splice(2), never through user space (h2c is still served by hyper).
+    Splice,
+    /// hyper for everything; every body byte is copied through user space.
+    Hyper,
 }
 
 #[derive(Debug)]
@@ -214,6 +225,27 @@ async fn serve(
     Ok(())
 }
 
+/// Serves the proxy on `listener` until shutdown, with the relay asked for.
+fn spawn_proxy(
+    set: &mut JoinSet<anyhow::Result<()>>,
+    listener: tokio::net::TcpListener,
+    proxy: &Proxy,
+    relay: Relay,
+) {
+    match relay {
+        Relay::Hyper => spawn_server(set, listener, proxy.router(), "proxy"),
+        Relay::Splice => {
+            let proxy = proxy.clone();
+            set.spawn(async move {
+                proxy
+                    .serve(listener, shutdown_signal())
+                    .await
+                    .context("proxy failed")
+            });
+        }
+    }
+}
+
 /// Binds the proxy's listeners; an IPv6 address the host lacks is skipped, not fatal.
 async fn bind_proxy(addrs: &[SocketAddr]) -> anyhow::Result<Vec<tokio::net::TcpListener>> {
     let mut out = Vec::new();
@@ -277,9 +309,9 @@ pub async fn registry(o: RegistryOptions) -> anyhow::Result<()> {
             ProxyMetrics::new(&mut prom),
         )?;
         for l in bind_proxy(&p.listen).await? {
-            spawn_server(&mut servers, l, proxy.router(), "proxy");
+            spawn_proxy(&mut servers, l, &proxy, p.relay);
         }
-        tracing::info!(listen = ?p.listen, "proxy serving");
+        tracing::info!(listen = ?p.listen, relay = ?p.relay, "proxy serving");
     }
     let ops = bind(o.metrics_listen, "metrics").await?;
     tracing::info!(listen = %o.listen, internal = ?o.internal_listen, metrics = %o.metrics_listen, data_dir = %o.data_dir.display(), "registry serving");
@@ -315,7 +347,7 @@ pub async fn proxy(o: ProxyOptions) -> anyhow::Result<()> {
     )?;
     let mut servers = JoinSet::new();
     for l in bind_proxy(&o.listen).await? {
-        spawn_server(&mut servers, l, proxy.router(), "proxy");
+        spawn_proxy(&mut servers, l, &proxy, o.relay);
     }
     spawn_server(
         &mut servers,
@@ -323,7 +355,7 @@ pub async fn proxy(o: ProxyOptions) -> anyhow::Result<()> {
         ops_router(Arc::new(prom), || {}),
         "metrics listener",
     );
-    tracing::info!(listen = ?o.listen, registry = %o.registry, metrics = %o.metrics_listen, "proxy serving");
+    tracing::info!(listen = ?o.listen, registry = %o.registry, relay = ?o.relay, metrics = %o.metrics_listen, "proxy serving");
     match servers.join_next().await {
         Some(r) => r?,
         None => Ok(()),

@@ -7,6 +7,9 @@
 //! ways, never buffered; nothing on the request path calls the Kubernetes API.
 
 mod metrics;
+mod server;
+#[cfg(target_os = "linux")]
+mod splice;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,6 +75,9 @@ struct Inner {
     client: Client<HttpConnector, Empty<Bytes>>,
     upstream: Upstream,
     metrics: ProxyMetrics,
+    /// The registry for blob bodies spliced by the proxy's own server.
+    #[cfg(target_os = "linux")]
+    raw: splice::RawRegistry,
 }
 
 impl Proxy {
@@ -91,18 +97,37 @@ impl Proxy {
             .pool_timer(TokioTimer::new())
             .http1_max_buf_size(MAX_BUF)
             .build(connector);
+        #[cfg(target_os = "linux")]
+        let raw = splice::RawRegistry::new(&config.registry, config.registry_timeout)
+            .ok_or_else(|| BadRegistryUrl(config.registry.clone()))?;
         Ok(Proxy {
             inner: Arc::new(Inner {
                 config,
                 client,
                 upstream,
                 metrics,
+                #[cfg(target_os = "linux")]
+                raw,
             }),
         })
     }
 
+    /// The proxy as an axum router, for any server (hyper's relays every body through user
+    /// space).
     pub fn router(&self) -> Router {
         Router::new().fallback(handle).with_state(self.clone())
+    }
+
+    /// Serves the proxy on `listener` with its own HTTP/1.1 server (h2c goes to hyper), which
+    /// splices warm blob bodies from the registry's socket to the client's without copying
+    /// them through user space (on Linux). When `shutdown` resolves it stops accepting, closes
+    /// idle connections and returns once the requests in progress are answered.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        server::serve(self, listener, shutdown).await
     }
 }
 
@@ -130,7 +155,11 @@ fn check_registry_url(url: &str) -> Result<(), BadRegistryUrl> {
 }
 
 /// An OCI error answer.
-fn error(status: StatusCode, code: ErrorCode, message: impl std::fmt::Display) -> Response {
+pub(crate) fn error(
+    status: StatusCode,
+    code: ErrorCode,
+    message: impl std::fmt::Display,
+) -> Response {
     let body =
         serde_json::json!({"errors": [{"code": code.as_str(), "message": message.to_string()}]});
     (
@@ -184,103 +213,145 @@ fn cache_repository(route: &Route, uri: &http::Uri) -> Option<RepoName> {
     }
 }
 
-async fn handle(State(p): State<Proxy>, req: Request) -> Response {
-    let method = req.method().clone();
-    if method != Method::GET && method != Method::HEAD {
-        return error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            ErrorCode::Unsupported,
-            "the node proxy only serves pulls",
-        );
-    }
-    let path = req.uri().path().to_owned();
-    if path == "/v2/" || path == "/v2" {
-        // The kubelet's ping: answered here, so it never depends on the registry.
-        return (
-            StatusCode::OK,
-            [("docker-distribution-api-version", "registry/2.0")],
-        )
-            .into_response();
-    }
-    let route = match Route::parse(&path) {
-        Ok(r) => r,
-        Err(e) => {
-            return error(
-                StatusCode::from_u16(e.status()).unwrap_or(StatusCode::NOT_FOUND),
-                e.code(),
-                e,
-            );
-        }
-    };
-    let repo = cache_repository(&route, req.uri());
-    // Only what the registry needs; the request (and its body) is not held across awaits.
-    let pq = req
-        .uri()
-        .path_and_query()
-        .map_or_else(|| path.clone(), |pq| pq.as_str().to_owned());
-    let mut headers = HeaderMap::new();
-    for name in FORWARDED_HEADERS {
-        if let Some(v) = req.headers().get(name) {
-            headers.insert(name, v.clone());
-        }
-    }
-    drop(req);
-    let origin = repo.as_ref().and_then(split_cache_repository);
-    let host = origin
-        .as_ref()
-        .map_or("none", |(h, _)| h.as_str())
-        .to_owned();
-    let m = &p.inner.metrics;
+/// What a pull asks for, once checked: everything the registry and the fallback need, with
+/// nothing of the client's request held across awaits.
+#[derive(Debug)]
+pub(crate) struct Pull {
+    pub(crate) method: Method,
+    pub(crate) path: String,
+    /// Path and query, as forwarded to the registry.
+    pub(crate) pq: String,
+    pub(crate) route: Route,
+    /// The forwarded request headers.
+    pub(crate) headers: HeaderMap,
+    /// The upstream registry and path the repository names, if any.
+    pub(crate) origin: Option<(String, String)>,
+    /// The upstream label of the metrics.
+    pub(crate) host: String,
+}
 
-    match forward(&p, method.clone(), &pq, headers).await {
+impl Pull {
+    /// Checks a request; Err is the answer when it is not a pull to pass on (other methods,
+    /// the `/v2/` ping, bad paths).
+    pub(crate) fn from_parts(
+        method: &Method,
+        uri: &http::Uri,
+        from: &HeaderMap,
+    ) -> Result<Pull, Box<Response>> {
+        if method != Method::GET && method != Method::HEAD {
+            return Err(Box::new(error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                ErrorCode::Unsupported,
+                "the node proxy only serves pulls",
+            )));
+        }
+        let path = uri.path().to_owned();
+        if path == "/v2/" || path == "/v2" {
+            // The kubelet's ping: answered here, so it never depends on the registry.
+            return Err(Box::new(
+                (
+                    StatusCode::OK,
+                    [("docker-distribution-api-version", "registry/2.0")],
+                )
+                    .into_response(),
+            ));
+        }
+        let route = match Route::parse(&path) {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(Box::new(error(
+                    StatusCode::from_u16(e.status()).unwrap_or(StatusCode::NOT_FOUND),
+                    e.code(),
+                    e,
+                )));
+            }
+        };
+        let repo = cache_repository(&route, uri);
+        let pq = uri
+            .path_and_query()
+            .map_or_else(|| path.clone(), |pq| pq.as_str().to_owned());
+        let mut headers = HeaderMap::new();
+        for name in FORWARDED_HEADERS {
+            if let Some(v) = from.get(name) {
+                headers.insert(name, v.clone());
+            }
+        }
+        let origin = repo.as_ref().and_then(split_cache_repository);
+        let host = origin
+            .as_ref()
+            .map_or("none", |(h, _)| h.as_str())
+            .to_owned();
+        Ok(Pull {
+            method: method.clone(),
+            path,
+            pq,
+            route,
+            headers,
+            origin,
+            host,
+        })
+    }
+}
+
+/// The metrics' name for how the registry served an answer, from its `x-kache-cache`.
+pub(crate) fn cache_result(headers: &HeaderMap) -> &'static str {
+    match headers.get("x-kache-cache").and_then(|v| v.to_str().ok()) {
+        Some("hit") => "hit",
+        Some("miss") => "miss",
+        Some("stale") => "stale",
+        _ => "registry",
+    }
+}
+
+async fn handle(State(p): State<Proxy>, req: Request) -> Response {
+    let pull = match Pull::from_parts(req.method(), req.uri(), req.headers()) {
+        Ok(pull) => pull,
+        Err(answer) => return *answer,
+    };
+    drop(req);
+    let m = &p.inner.metrics;
+    match forward(&p, pull.method.clone(), &pull.pq, pull.headers.clone()).await {
         Ok(resp) if !resp.status().is_server_error() => {
-            let result = match resp
-                .headers()
-                .get("x-kache-cache")
-                .and_then(|v| v.to_str().ok())
-            {
-                Some("hit") => "hit",
-                Some("miss") => "miss",
-                Some("stale") => "stale",
-                _ => "registry",
-            };
-            m.count(&host, result);
+            m.count(&pull.host, cache_result(resp.headers()));
             return relay(resp, m);
         }
         Ok(resp) => {
-            tracing::warn!(%path, status = resp.status().as_u16(), "registry failed; going upstream")
+            tracing::warn!(path = %pull.path, status = resp.status().as_u16(), "registry failed; going upstream")
         }
-        Err(e) => tracing::warn!(%path, error = %e, "registry unreachable; going upstream"),
+        Err(e) => {
+            tracing::warn!(path = %pull.path, error = %e, "registry unreachable; going upstream")
+        }
     }
+    fallback(&p, &pull).await
+}
 
-    let Some((registry, upstream_path)) = origin else {
-        m.count(&host, "error");
+/// The registry could not answer: the upstream the repository names, straight.
+pub(crate) async fn fallback(p: &Proxy, pull: &Pull) -> Response {
+    let m = &p.inner.metrics;
+    let host = &pull.host;
+    let path = &pull.path;
+    let Some((registry, upstream_path)) = &pull.origin else {
+        m.count(host, "error");
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Unavailable,
             "the kache registry is unavailable and this repository names no upstream registry",
         );
     };
-    let head = method == Method::HEAD;
+    let head = pull.method == Method::HEAD;
     let up = &p.inner.upstream;
-    let (answer, unknown) = match &route {
+    let (answer, unknown) = match &pull.route {
         Route::Manifest(_, reference) => (
-            up.manifest(
-                &registry,
-                &upstream_path,
-                &reference.to_string(),
-                head,
-                None,
-            )
-            .await,
+            up.manifest(registry, upstream_path, &reference.to_string(), head, None)
+                .await,
             ErrorCode::ManifestUnknown,
         ),
         Route::Blob(_, digest) => (
-            up.blob(&registry, &upstream_path, digest, None).await,
+            up.blob(registry, upstream_path, digest, None).await,
             ErrorCode::BlobUnknown,
         ),
         _ => {
-            m.count(&host, "error");
+            m.count(host, "error");
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::Unavailable,
@@ -290,12 +361,12 @@ async fn handle(State(p): State<Proxy>, req: Request) -> Response {
     };
     match answer {
         Ok(resp) => {
-            m.count(&host, "fallback");
+            m.count(host, "fallback");
             upstream_response(resp, head, m)
         }
         Err(e) => {
-            m.count(&host, "error");
-            m.upstream_error(&host);
+            m.count(host, "error");
+            m.upstream_error(host);
             tracing::warn!(%path, upstream = %registry, error = %e, "upstream failed too");
             upstream_error(&e, unknown)
         }
@@ -336,7 +407,7 @@ fn with_sources(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn pass_headers(from: &HeaderMap) -> HeaderMap {
+pub(crate) fn pass_headers(from: &HeaderMap) -> HeaderMap {
     let mut h = HeaderMap::new();
     for name in PASSED_HEADERS {
         if let Some(v) = from.get(name) {

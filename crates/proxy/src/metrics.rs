@@ -24,6 +24,9 @@ pub struct UpstreamLabel {
 pub struct ProxyMetrics {
     pub requests: Family<RequestLabels, Counter>,
     pub bytes: Counter,
+    /// The part of `bytes` that went from the registry's socket to the client's with
+    /// splice(2), never through user space.
+    pub spliced: Counter,
     pub upstream_errors: Family<UpstreamLabel, Counter>,
 }
 
@@ -32,6 +35,7 @@ impl ProxyMetrics {
         let m = ProxyMetrics {
             requests: Family::default(),
             bytes: Counter::default(),
+            spliced: Counter::default(),
             upstream_errors: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("kache_proxy");
@@ -41,6 +45,11 @@ impl ProxyMetrics {
             m.requests.clone(),
         );
         r.register("sent_bytes", "Bytes sent to clients", m.bytes.clone());
+        r.register(
+            "spliced_bytes",
+            "Blob bytes sent to clients with splice(2), without a copy through the proxy",
+            m.spliced.clone(),
+        );
         r.register(
             "upstream_errors",
             "Fallback fetches the upstream failed",

@@ -1,0 +1,413 @@
+//! Blob bodies without a user-space copy: the registry's answer is read on a plain TCP
+//! connection of our own, and its body moves registry socket → pipe → client socket with
+//! splice(2). A user-space relay copies every byte twice (socket → buffer → socket), which was
+//! most of the proxy's CPU (BENCHMARKS.md, "Where the time goes", finding 2).
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use prometheus_client::metrics::counter::Counter;
+use rustix::pipe::{PipeFlags, SpliceFlags};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::TcpStream;
+
+use crate::Pull;
+use crate::server::has_token;
+
+/// The pipe's capacity: each round moves up to this much from one socket to the other.
+/// Linux's default is 64 KiB; 1 MiB (the default `pipe-max-size`) means fewer system calls.
+/// A pipe that cannot grow (a lower limit, the per-user budget) keeps what it has.
+const PIPE_SIZE: usize = 1024 * 1024;
+
+/// Idle registry connections kept for the next request.
+const POOL_MAX_IDLE: usize = 32;
+
+/// An idle registry connection older than this is closed, not reused.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Longest registry response head accepted.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// A pipe for splice(2), reused by the requests of one client connection.
+#[derive(Debug)]
+pub(crate) struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    capacity: usize,
+}
+
+impl Pipe {
+    pub(crate) fn new() -> io::Result<Pipe> {
+        let (read, write) = rustix::pipe::pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
+        let capacity = rustix::pipe::fcntl_setpipe_size(&write, PIPE_SIZE)
+            .or_else(|_| rustix::pipe::fcntl_getpipe_size(&write))?;
+        Ok(Pipe {
+            read,
+            write,
+            capacity,
+        })
+    }
+}
+
+/// Why a body relay stopped short.
+#[derive(Debug)]
+pub(crate) enum Broken {
+    /// The registry's side: it closed or failed before the last byte.
+    Registry(io::Error),
+    /// The client's side: it went away.
+    Client(io::Error),
+}
+
+impl std::fmt::Display for Broken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Broken::Registry(e) => write!(f, "registry: {e}"),
+            Broken::Client(e) => write!(f, "client: {e}"),
+        }
+    }
+}
+
+/// Moves exactly `len` bytes from `src` to `dst` through `pipe`, counting what reaches `dst`
+/// into every counter of `sent`.
+///
+/// The pipe is empty whenever bytes are spliced into it, so an `EAGAIN` there can only come from
+/// the source socket, never from a full pipe: a full pipe mistaken for an empty socket would
+/// clear the socket's readiness and wait forever. The pipe is empty again when this returns Ok.
+pub(crate) async fn relay(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipe: &Pipe,
+    len: u64,
+    sent: &[&Counter],
+) -> Result<(), Broken> {
+    let mut remaining = len;
+    while remaining > 0 {
+        let want = usize::try_from(remaining)
+            .unwrap_or(usize::MAX)
+            .min(pipe.capacity);
+        let n = loop {
+            src.readable().await.map_err(Broken::Registry)?;
+            let moved = src.try_io(Interest::READABLE, || {
+                rustix::pipe::splice(
+                    src,
+                    None,
+                    &pipe.write,
+                    None,
+                    want,
+                    SpliceFlags::NONBLOCK | SpliceFlags::MOVE,
+                )
+                .map_err(io::Error::from)
+            });
+            match moved {
+                Ok(0) => {
+                    return Err(Broken::Registry(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("closed with {remaining} of {len} body bytes to go"),
+                    )));
+                }
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(Broken::Registry(e)),
+            }
+        };
+        remaining -= n as u64;
+        let mut in_pipe = n;
+        let flags = if remaining > 0 {
+            SpliceFlags::NONBLOCK | SpliceFlags::MOVE | SpliceFlags::MORE
+        } else {
+            SpliceFlags::NONBLOCK | SpliceFlags::MOVE
+        };
+        while in_pipe > 0 {
+            dst.writable().await.map_err(Broken::Client)?;
+            let moved = dst.try_io(Interest::WRITABLE, || {
+                rustix::pipe::splice(&pipe.read, None, dst, None, in_pipe, flags)
+                    .map_err(io::Error::from)
+            });
+            match moved {
+                Ok(0) => {
+                    return Err(Broken::Client(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "the client socket took nothing",
+                    )));
+                }
+                Ok(k) => {
+                    in_pipe -= k;
+                    for c in sent {
+                        c.inc_by(k as u64);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(Broken::Client(e)),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Plain HTTP/1.1 connections to the registry, and a small pool of idle ones.
+#[derive(Debug)]
+pub(crate) struct RawRegistry {
+    /// `host:port` to connect to.
+    addr: String,
+    /// The `Host` header.
+    host: String,
+    /// The registry URL's path, without its trailing `/`; requests append theirs.
+    base: String,
+    timeout: Duration,
+    idle: Mutex<Vec<(TcpStream, Instant)>>,
+}
+
+/// The registry's answer: its head, parsed, and the connection its body follows on.
+#[derive(Debug)]
+pub(crate) struct Answer {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    /// The body's length when the answer has one that can be relayed as it is: a
+    /// `Content-Length` and no `Transfer-Encoding` (0 for statuses without a body).
+    pub(crate) length: Option<u64>,
+    /// Body bytes read along with the head.
+    pub(crate) early: Bytes,
+    /// The connection may serve another request once the body has been read.
+    pub(crate) reusable: bool,
+    pub(crate) tcp: TcpStream,
+}
+
+impl RawRegistry {
+    /// From the registry URL (already checked to be `http://` with a host).
+    pub(crate) fn new(url: &str, timeout: Duration) -> Option<RawRegistry> {
+        let uri: http::Uri = url.parse().ok()?;
+        let authority = uri.authority()?;
+        let port = authority.port_u16().unwrap_or(80);
+        let host = authority.host();
+        Some(RawRegistry {
+            addr: format!("{host}:{port}"),
+            host: authority.as_str().to_owned(),
+            base: uri.path().trim_end_matches('/').to_owned(),
+            timeout,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// An idle connection that is still open, if any.
+    fn checkout(&self) -> Option<TcpStream> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((tcp, since)) = idle.pop() {
+            if since.elapsed() > POOL_IDLE_TIMEOUT {
+                continue;
+            }
+            // An idle connection has nothing to read: anything there (its end, an error, stray
+            // bytes) means it cannot carry a request.
+            let mut probe = [0u8; 1];
+            match tcp.try_read(&mut probe) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(tcp),
+                _ => continue,
+            }
+        }
+        None
+    }
+
+    /// Back into the pool, after a body was read to its end.
+    pub(crate) fn checkin(&self, tcp: TcpStream) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|(_, since)| since.elapsed() <= POOL_IDLE_TIMEOUT);
+        if idle.len() < POOL_MAX_IDLE {
+            idle.push((tcp, Instant::now()));
+        }
+    }
+
+    async fn connect(&self) -> io::Result<TcpStream> {
+        let tcp = TcpStream::connect(&self.addr).await?;
+        tcp.set_nodelay(true)?;
+        Ok(tcp)
+    }
+
+    /// Sends `pull` as a GET and reads the answer's head, all within the registry timeout. A
+    /// pooled connection that turns out closed before any answer byte is retried once on a
+    /// new one (the registry may have closed it while idle).
+    pub(crate) async fn get(&self, pull: &Pull) -> Result<Answer, String> {
+        let mut request = Vec::with_capacity(256);
+        request.extend_from_slice(b"GET ");
+        request.extend_from_slice(self.base.as_bytes());
+        request.extend_from_slice(pull.pq.as_bytes());
+        request.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+        request.extend_from_slice(self.host.as_bytes());
+        request.extend_from_slice(b"\r\n");
+        for (name, value) in &pull.headers {
+            request.extend_from_slice(name.as_str().as_bytes());
+            request.extend_from_slice(b": ");
+            request.extend_from_slice(value.as_bytes());
+            request.extend_from_slice(b"\r\n");
+        }
+        request.extend_from_slice(b"\r\n");
+        let attempt = async {
+            if let Some(tcp) = self.checkout() {
+                match exchange(tcp, &request).await {
+                    Ok(answer) => return Ok(answer),
+                    Err(Exchange::Unanswered(e)) => {
+                        tracing::debug!(error = %e, "idle registry connection was closed; reconnecting");
+                    }
+                    Err(Exchange::Failed(e)) => return Err(e),
+                }
+            }
+            let tcp = self
+                .connect()
+                .await
+                .map_err(|e| format!("connecting to {}: {e}", self.addr))?;
+            match exchange(tcp, &request).await {
+                Ok(answer) => Ok(answer),
+                Err(Exchange::Unanswered(e) | Exchange::Failed(e)) => Err(e),
+            }
+        };
+        match tokio::time::timeout(self.timeout, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer within {:?}", self.timeout)),
+        }
+    }
+}
+
+enum Exchange {
+    /// The connection ended (or failed) before the first byte of an answer.
+    Unanswered(String),
+    Failed(String),
+}
+
+async fn exchange(mut tcp: TcpStream, request: &[u8]) -> Result<Answer, Exchange> {
+    if let Err(e) = tcp.write_all(request).await {
+        return Err(Exchange::Unanswered(e.to_string()));
+    }
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    loop {
+        match tcp.read_buf(&mut buf).await {
+            Ok(0) if buf.is_empty() => {
+                return Err(Exchange::Unanswered("closed before answering".into()));
+            }
+            Ok(0) => {
+                return Err(Exchange::Failed(
+                    "closed in the middle of its answer".into(),
+                ));
+            }
+            Ok(_) => {}
+            Err(e) if buf.is_empty() => return Err(Exchange::Unanswered(e.to_string())),
+            Err(e) => return Err(Exchange::Failed(e.to_string())),
+        }
+        let mut slots = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut slots);
+        let used = match resp.parse(&buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => {
+                buf.reserve(8 * 1024);
+                continue;
+            }
+            Ok(httparse::Status::Partial) => {
+                return Err(Exchange::Failed("answer head too large".into()));
+            }
+            Err(e) => return Err(Exchange::Failed(format!("bad answer: {e}"))),
+        };
+        let status = resp
+            .code
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .ok_or_else(|| Exchange::Failed("bad status".into()))?;
+        let mut headers = HeaderMap::new();
+        for h in resp.headers.iter() {
+            let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(h.name.as_bytes()),
+                HeaderValue::from_bytes(h.value),
+            ) else {
+                return Err(Exchange::Failed(format!("bad header {:?}", h.name)));
+            };
+            headers.append(name, value);
+        }
+        let close = resp.version == Some(0) || has_token(&headers, "connection", "close");
+        buf.advance(used);
+        let length = body_length(status, &headers);
+        let reusable = !close && length.is_some_and(|n| buf.len() as u64 <= n);
+        return Ok(Answer {
+            status,
+            headers,
+            length,
+            early: buf.freeze(),
+            reusable,
+            tcp,
+        });
+    }
+}
+
+/// A body length that can be relayed byte for byte.
+fn body_length(status: StatusCode, headers: &HeaderMap) -> Option<u64> {
+    if status.is_informational() {
+        return None;
+    }
+    if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Some(0);
+    }
+    if headers.contains_key(http::header::TRANSFER_ENCODING) {
+        return None;
+    }
+    let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let first = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    let s = first.to_str().ok()?;
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_registry_url_gives_the_address_host_and_base_path() {
+        let r = RawRegistry::new("http://[::1]:5000/", Duration::from_secs(1)).unwrap();
+        assert_eq!(
+            (r.addr.as_str(), r.host.as_str(), r.base.as_str()),
+            ("[::1]:5000", "[::1]:5000", "")
+        );
+        let r = RawRegistry::new("http://kache-registry/base/", Duration::from_secs(1)).unwrap();
+        assert_eq!(
+            (r.addr.as_str(), r.host.as_str(), r.base.as_str()),
+            ("kache-registry:80", "kache-registry", "/base")
+        );
+    }
+
+    #[test]
+    fn only_a_single_plain_length_is_relayed_as_it_is() {
+        let h = |pairs: &[(&str, &str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.append(
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            m
+        };
+        let ok = StatusCode::OK;
+        assert_eq!(body_length(ok, &h(&[("content-length", "12")])), Some(12));
+        assert_eq!(body_length(ok, &h(&[])), None);
+        assert_eq!(body_length(ok, &h(&[("content-length", "+12")])), None);
+        assert_eq!(
+            body_length(ok, &h(&[("content-length", "1"), ("content-length", "1")])),
+            None
+        );
+        assert_eq!(
+            body_length(
+                ok,
+                &h(&[("content-length", "5"), ("transfer-encoding", "chunked")])
+            ),
+            None
+        );
+        assert_eq!(
+            body_length(StatusCode::NOT_MODIFIED, &h(&[("content-length", "5")])),
+            Some(0)
+        );
+        assert_eq!(body_length(StatusCode::CONTINUE, &h(&[])), None);
+    }
+}
