@@ -151,6 +151,19 @@ fn least_privilege(kube: &KubeServer, dir: &Path) -> std::path::PathBuf {
     kube.service_account_kubeconfig("kache", "kache-controller", &dir.join("kubeconfig"))
 }
 
+/// Creates a CachedImage by hand, with `retain`: how a user warms an image.
+fn retained(kube: &KubeServer, name: &str, image: &str) {
+    kube.ok(
+        "POST",
+        IMAGES,
+        Some(&json!({
+            "apiVersion": "kache.io/v1alpha1", "kind": "CachedImage",
+            "metadata": {"name": name},
+            "spec": {"sourceImage": image, "retain": true},
+        })),
+    );
+}
+
 /// The reasons of the events about a cluster-scoped object, as `kubectl describe` finds them.
 fn event_reasons(kube: &KubeServer, name: &str) -> Vec<String> {
     let v = kube.ok(
@@ -344,15 +357,7 @@ fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry()
     // A CachedImage made by hand with retain: cached, and kept though no pod uses it.
     let kept_image = format!("{host}/team/kept:v1");
     let kept_path = format!("{IMAGES}/warm-kept");
-    kube.ok(
-        "POST",
-        IMAGES,
-        Some(&json!({
-            "apiVersion": "kache.io/v1alpha1", "kind": "CachedImage",
-            "metadata": {"name": "warm-kept"},
-            "spec": {"sourceImage": kept_image, "retain": true},
-        })),
-    );
+    retained(&kube, "warm-kept", &kept_image);
     let kept_ci = kube.wait_for(&kept_path, WAIT, |code, v| {
         (code == 200 && v["status"]["phase"] == "Cached").then(|| v.clone())
     });
@@ -563,15 +568,7 @@ fn failures_are_reported_and_retried_pull_secrets_are_used_and_an_api_server_res
     // event, and retried with backoff until the image appears.
     let late_image = format!("{open_host}/team/late:v1");
     let late_path = format!("{IMAGES}/warm-late");
-    kube.ok(
-        "POST",
-        IMAGES,
-        Some(&json!({
-            "apiVersion": "kache.io/v1alpha1", "kind": "CachedImage",
-            "metadata": {"name": "warm-late"},
-            "spec": {"sourceImage": late_image, "retain": true},
-        })),
-    );
+    retained(&kube, "warm-late", &late_image);
     let failed = kube.wait_for(&late_path, WAIT, |code, v| {
         (code == 200 && v["status"]["phase"] == "Failed").then(|| v.clone())
     });
@@ -606,15 +603,7 @@ fn failures_are_reported_and_retried_pull_secrets_are_used_and_an_api_server_res
         ("bad-case", format!("{open_host}/Team/App:v1")),
         ("bad-garbage", "not an image reference at all".to_owned()),
     ] {
-        kube.ok(
-            "POST",
-            IMAGES,
-            Some(&json!({
-                "apiVersion": "kache.io/v1alpha1", "kind": "CachedImage",
-                "metadata": {"name": name},
-                "spec": {"sourceImage": image, "retain": true},
-            })),
-        );
+        retained(&kube, name, &image);
         let bad = kube.wait_for(&format!("{IMAGES}/{name}"), WAIT, |code, v| {
             (code == 200 && v["status"]["phase"] == "Failed").then(|| v.clone())
         });
