@@ -607,6 +607,7 @@ fn failures_are_reported_and_retried_pull_secrets_are_used_and_an_api_server_res
         let bad = kube.wait_for(&format!("{IMAGES}/{name}"), WAIT, |code, v| {
             (code == 200 && v["status"]["phase"] == "Failed").then(|| v.clone())
         });
+        assert_eq!(event_reasons(&kube, name), ["Failed"]);
         assert!(
             bad["status"]["message"]
                 .as_str()
@@ -663,6 +664,16 @@ fn failures_are_reported_and_retried_pull_secrets_are_used_and_an_api_server_res
     assert!(
         message.contains("UNAUTHORIZED") && message.contains(&private_host),
         "{other_ci}"
+    );
+    // Retried with backoff: the repeats are one event with a count, not an event each.
+    let other_name = other_ci["metadata"]["name"].as_str().unwrap();
+    kube.wait_for(
+        &format!("/apis/events.k8s.io/v1/namespaces/kube-system/events?fieldSelector=regarding.name={other_name}"),
+        WAIT,
+        |_, v| {
+            let failed: Vec<_> = v["items"].as_array()?.iter().filter(|e| e["reason"] == "Failed").collect();
+            (failed.len() == 1 && failed[0]["series"]["count"].as_i64() >= Some(2)).then_some(())
+        },
     );
 
     // The API server hangs: the leader cannot renew its Lease, so it stops leading before the

@@ -90,11 +90,15 @@ async fn apply(ci: &CachedImage, ctx: &Context) -> Result<Action, Error> {
     let now = Timestamp::now();
 
     if decide::normalise(&image).as_deref() != Some(image.as_str()) {
+        let message = format!(
+            "spec.sourceImage {image:?} is not a normalised image reference (like docker.io/library/nginx:1.27)"
+        );
         let mut status = old.clone();
         status.phase = Phase::Failed;
-        status.message = Some(format!(
-            "spec.sourceImage {image:?} is not a normalised image reference (like docker.io/library/nginx:1.27)"
-        ));
+        status.message = Some(message.clone());
+        if old != status {
+            publish(ctx, ci, Kind::Warning, "Failed", &message).await;
+        }
         write_status(&api, &name, &old, status).await?;
         return Ok(Action::await_change());
     }
