@@ -179,22 +179,39 @@ fn event_reasons(kube: &KubeServer, name: &str) -> Vec<String> {
         .collect()
 }
 
+/// Polls `check` until it returns None, for at most WAIT; its last Some is the failure message.
+fn eventually(mut check: impl FnMut() -> Option<String>) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while let Some(why) = check() {
+        assert!(std::time::Instant::now() < deadline, "{why}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Polls a controller's `kache_controller_cached_images{phase}` until it equals `want`.
 fn wait_phase_count(c: &Controller, phase: &str, want: f64, log: &dyn Fn() -> String) {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
+    eventually(|| {
         let text = metrics::scrape(&format!("http://{}/metrics", c.metrics));
         let got = metrics::value(&text, "kache_controller_cached_images", &[("phase", phase)]);
-        if got == want {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{phase} images: {got}, never {want}\n{}",
-            log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        (got != want).then(|| format!("{phase} images: {got}, never {want}\n{}", log()))
+    });
+}
+
+/// Polls a controller's `kache_controller_is_leader` until it equals `want` (the metrics
+/// listener may not be up yet).
+fn wait_leader(c: &Controller, want: f64, log: &dyn Fn() -> String) {
+    eventually(|| {
+        (c.is_leader() != Some(want)).then(|| format!("is_leader never {want}\n{}", log()))
+    });
+}
+
+/// Creates a Deployment in the namespace `t`.
+fn create_deployment(kube: &KubeServer, deployment: &Value) {
+    kube.ok(
+        "POST",
+        "/apis/apps/v1/namespaces/t/deployments",
+        Some(deployment),
+    );
 }
 
 #[test]
@@ -247,11 +264,7 @@ fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry()
     let web_image = format!("{host}/team/web:v1");
     let web_name = cached_image_name(&web_image);
     let web_path = format!("{IMAGES}/{web_name}");
-    kube.ok(
-        "POST",
-        "/apis/apps/v1/namespaces/t/deployments",
-        Some(&deployment("web", &format!("{host}/team/web:v1"), 3)),
-    );
+    create_deployment(&kube, &deployment("web", &format!("{host}/team/web:v1"), 3));
     let cached = kube.wait_for(&web_path, WAIT, |code, v| {
         (code == 200 && v["status"]["phase"] == "Cached" && v["status"]["usedBy"]["count"] == 3)
             .then(|| v.clone())
@@ -298,26 +311,15 @@ fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry()
         "second",
         &log("second.log"),
     );
-    let deadline = std::time::Instant::now() + WAIT;
-    while second.is_leader().is_none() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}",
-            read_log("second.log")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    // Up, and a follower from the start: it never held the Lease the first one holds.
+    eventually(|| second.is_leader().is_none().then(|| read_log("second.log")));
     assert_eq!(second.is_leader(), Some(0.0));
     // A follower counts nothing, so a sum over replicas is the cluster's count.
     wait_phase_count(&second, "Cached", 0.0, &|| read_log("second.log"));
 
     // A Deployment with no pods still gets its image cached, and (unused) it expires.
     let idle_image = format!("{host}/team/idle:v1");
-    kube.ok(
-        "POST",
-        "/apis/apps/v1/namespaces/t/deployments",
-        Some(&deployment("idle", &idle_image, 0)),
-    );
+    create_deployment(&kube, &deployment("idle", &idle_image, 0));
     let idle_ci = kube.wait_for(
         &format!("{IMAGES}/{}", cached_image_name(&idle_image)),
         WAIT,
@@ -329,15 +331,7 @@ fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry()
     // no expiry.
     let _ = first.child.kill();
     let _ = first.child.wait();
-    let deadline = std::time::Instant::now() + WAIT;
-    while second.is_leader() != Some(1.0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}",
-            read_log("second.log")
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_leader(&second, 1.0, &|| read_log("second.log"));
     let after = kube.ok("GET", &web_path, None);
     assert_eq!(after["status"]["usedBy"]["count"], 3, "{after}");
     assert!(after["spec"].get("expiresAt").is_none(), "{after}");
@@ -414,19 +408,6 @@ fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry()
         read_log("second.log")
     );
     drop(webhook);
-}
-
-/// Polls a controller's `kache_controller_is_leader` until it equals `want`.
-fn wait_leader(c: &Controller, want: f64, log: &dyn Fn() -> String) {
-    let deadline = std::time::Instant::now() + WAIT;
-    while c.is_leader() != Some(want) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "is_leader never {want}\n{}",
-            log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// A TCP relay to the API server that can be frozen: bytes already in flight and new
@@ -625,11 +606,7 @@ fn failures_are_reported_and_retried_pull_secrets_are_used_and_an_api_server_res
     );
     let mut with_secret = deployment("app", &format!("{private_host}/team/app:v1"), 2);
     with_secret["spec"]["template"]["spec"]["imagePullSecrets"] = json!([{"name": "creds"}]);
-    kube.ok(
-        "POST",
-        "/apis/apps/v1/namespaces/t/deployments",
-        Some(&with_secret),
-    );
+    create_deployment(&kube, &with_secret);
     let app_path = format!(
         "{IMAGES}/{}",
         cached_image_name(&format!("{private_host}/team/app:v1"))
@@ -643,14 +620,9 @@ fn failures_are_reported_and_retried_pull_secrets_are_used_and_an_api_server_res
         app_ci["spec"]["pullSecrets"],
         json!([{"namespace": "t", "name": "creds"}])
     );
-    kube.ok(
-        "POST",
-        "/apis/apps/v1/namespaces/t/deployments",
-        Some(&deployment(
-            "other",
-            &format!("{private_host}/team/other:v1"),
-            1,
-        )),
+    create_deployment(
+        &kube,
+        &deployment("other", &format!("{private_host}/team/other:v1"), 1),
     );
     let other_ci = kube.wait_for(
         &format!(
@@ -692,11 +664,7 @@ fn failures_are_reported_and_retried_pull_secrets_are_used_and_an_api_server_res
         &[],
     );
     let fresh_image = format!("{open_host}/team/fresh:v1");
-    kube.ok(
-        "POST",
-        "/apis/apps/v1/namespaces/t/deployments",
-        Some(&deployment("fresh", &fresh_image, 1)),
-    );
+    create_deployment(&kube, &deployment("fresh", &fresh_image, 1));
     let fresh_ci = kube.wait_for(
         &format!("{IMAGES}/{}", cached_image_name(&fresh_image)),
         WAIT,

@@ -75,10 +75,15 @@ pub fn key(namespace: Option<&str>, name: Option<&str>) -> String {
     format!("{}/{}", namespace.unwrap_or(""), name.unwrap_or(""))
 }
 
+/// Whether `pod` is live and runs `image` (an original image, before the rewrite).
+pub fn uses(pod: &Pod, image: &str) -> bool {
+    pod_is_live(pod) && pod_images(pod).contains(image)
+}
+
 /// The live pods (as `namespace/name`) among `pods` whose original images include `image`.
 pub fn users<'a>(image: &str, pods: impl IntoIterator<Item = &'a Pod>) -> Vec<String> {
     pods.into_iter()
-        .filter(|p| pod_is_live(p) && pod_images(p).contains(image))
+        .filter(|p| uses(p, image))
         .map(|p| key(p.metadata.namespace.as_deref(), p.metadata.name.as_deref()))
         .collect()
 }

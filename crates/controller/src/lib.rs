@@ -223,7 +223,7 @@ async fn run_controllers(
                 let users: Vec<_> = pods
                     .state()
                     .into_iter()
-                    .filter(|p| decide::pod_is_live(p) && decide::pod_images(p).contains(image))
+                    .filter(|p| decide::uses(p, image))
                     .collect();
                 if !users.is_empty() {
                     info!(%image, pods = users.len(), "CachedImage deleted while pods use it: creating it again");
