@@ -80,6 +80,9 @@ pub struct Options {
     /// The kache proxy's `--relay` (`splice` or `hyper`); its own default when not given.
     #[arg(long)]
     proxy_relay: Option<String>,
+    /// The kache registry's `--server` (`kache` or `hyper`); its own default when not given.
+    #[arg(long)]
+    registry_server: Option<String>,
 }
 
 impl Options {
@@ -993,6 +996,9 @@ async fn suite(o: &Options) -> Result<String> {
         // Longer than the run: a warm tag is never re-validated in the middle of it.
         .arg("--tag-ttl")
         .arg("1h");
+    if let Some(server) = &o.registry_server {
+        cmd.arg("--server").arg(server);
+    }
     let mut registry = Proc::spawn("kache-registry", cmd, &reg_dir, &pids)?;
     let registry_url = format!("http://127.0.0.1:{reg_port}");
     let registry_internal = format!("http://127.0.0.1:{reg_internal}");

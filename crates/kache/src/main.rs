@@ -96,6 +96,10 @@ struct RegistryArgs {
     /// A cached tag older than this is re-validated upstream (served from cache if that fails).
     #[arg(long, env = "KACHE_TAG_TTL", value_parser = parse_duration, default_value = "5m")]
     tag_ttl: Duration,
+    /// Which HTTP server answers: `kache` (its own HTTP/1.1 server for pulls, blob bodies sent
+    /// with sendfile; pushes and HTTP/2 go to hyper) or `hyper` (every body through user space).
+    #[arg(long, env = "KACHE_SERVER", value_enum, default_value = "kache")]
+    server: serve::RegistryServer,
     #[command(flatten)]
     upstream: UpstreamArgs,
 }
@@ -273,6 +277,7 @@ fn main() -> anyhow::Result<()> {
                     data_dir: a.data_dir,
                     upload_timeout: a.upload_timeout,
                     tag_ttl: a.tag_ttl,
+                    server: a.server,
                     upstream: serve::upstream_config(&a.upstream)?,
                     proxy: None,
                 })
@@ -318,6 +323,7 @@ fn main() -> anyhow::Result<()> {
                     data_dir: a.data_dir,
                     upload_timeout: Duration::from_secs(3600),
                     tag_ttl: a.tag_ttl,
+                    server: serve::RegistryServer::Kache,
                     upstream: upstream.clone(),
                     proxy: Some(serve::ProxyOptions {
                         listen: vec![a.proxy_listen],

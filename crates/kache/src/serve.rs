@@ -34,9 +34,21 @@ pub struct RegistryOptions {
     pub data_dir: PathBuf,
     pub upload_timeout: Duration,
     pub tag_ttl: Duration,
+    pub server: RegistryServer,
     pub upstream: UpstreamConfig,
     /// A node proxy in the same process (`kache dev`).
     pub proxy: Option<ProxyOptions>,
+}
+
+/// Which HTTP server answers the registry's clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RegistryServer {
+    /// kache's own HTTP/1.1 server: blob bodies go page cache → socket with sendfile(2), never
+    /// through user space. A connection that sends a request body (a push), or speaks HTTP/2,
+    /// is handed to hyper.
+    Kache,
+    /// hyper for everything; every body byte is copied through user space.
+    Hyper,
 }
 
 #[derive(Debug)]
@@ -157,11 +169,6 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpLis
         .with_context(|| format!("cannot listen on {addr} for {what}"))
 }
 
-/// hyper's HTTP/1 read buffer and write queue, per connection. Its default (~400 KiB) lets a
-/// blob response queue that much per connection: at 32 connections that was most of the RSS
-/// over the memory budget (BENCHMARKS.md, finding 3).
-const MAX_BUF: usize = 128 * 1024;
-
 /// Serves `app` on `listener` until shutdown.
 fn spawn_server(
     set: &mut JoinSet<anyhow::Result<()>>,
@@ -184,7 +191,7 @@ async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().max_buf_size(MAX_BUF);
+    builder.http1().max_buf_size(kache_http::MAX_BUF);
     builder.http2().enable_connect_protocol();
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -208,6 +215,26 @@ async fn serve(
     drop(listener);
     graceful.shutdown().await;
     Ok(())
+}
+
+/// Serves the registry's `app` on `listener` until shutdown, with the server asked for.
+fn spawn_registry(
+    set: &mut JoinSet<anyhow::Result<()>>,
+    listener: tokio::net::TcpListener,
+    app: Router,
+    server: RegistryServer,
+    what: &'static str,
+) {
+    match server {
+        RegistryServer::Hyper => spawn_server(set, listener, app, what),
+        RegistryServer::Kache => {
+            set.spawn(async move {
+                kache_registry::serve(app, listener, shutdown_signal())
+                    .await
+                    .with_context(|| format!("{what} failed"))
+            });
+        }
+    }
 }
 
 /// Serves the proxy on `listener` until shutdown, with the relay asked for.
@@ -270,17 +297,19 @@ pub async fn registry(o: RegistryOptions) -> anyhow::Result<()> {
         );
     }
     let mut servers = JoinSet::new();
-    spawn_server(
+    spawn_registry(
         &mut servers,
         bind(o.listen, "the registry").await?,
         registry.router_for(access),
+        o.server,
         "registry",
     );
     if let Some(addr) = o.internal_listen {
-        spawn_server(
+        spawn_registry(
             &mut servers,
             bind(addr, "the internal registry listener").await?,
             registry.router_for(Access::ReadWrite),
+            o.server,
             "internal registry listener",
         );
     }

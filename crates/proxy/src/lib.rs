@@ -7,7 +7,6 @@
 //! ways, never buffered; nothing on the request path calls the Kubernetes API.
 
 mod metrics;
-mod server;
 #[cfg(target_os = "linux")]
 mod splice;
 
@@ -127,7 +126,10 @@ impl Proxy {
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> std::io::Result<()> {
-        server::serve(self, listener, shutdown).await
+        let server = kache_http::Server::new(self.router());
+        #[cfg(target_os = "linux")]
+        let server = server.intercept(self.clone());
+        server.serve(listener, shutdown).await
     }
 }
 

@@ -1,27 +1,23 @@
-//! Blob bodies without a user-space copy: the registry's answer is read on a plain TCP
-//! connection of our own, and its body moves registry socket → pipe → client socket with
-//! splice(2). A user-space relay copies every byte twice (socket → buffer → socket), which was
-//! most of the proxy's CPU (BENCHMARKS.md, "Where the time goes", finding 2).
+//! The registry, reached on plain TCP connections of our own, so that a blob body can move
+//! registry socket → pipe → client socket with splice(2) ([`kache_http::Conn::splice_from`]). A
+//! user-space relay copies every byte twice (socket → buffer → socket), which was most of the
+//! proxy's CPU (BENCHMARKS.md, "Where the time goes", finding 2).
 
 use std::io;
-use std::os::fd::OwnedFd;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
-use prometheus_client::metrics::counter::Counter;
-use rustix::pipe::{PipeFlags, SpliceFlags};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::Pull;
-use crate::server::has_token;
+use axum::body::Body;
+use http::header::CONTENT_LENGTH;
+use http::{Method, Version};
+use kache_http::{Conn, Head, Intercept};
 
-/// The pipe's capacity: each round moves up to this much from one socket to the other.
-/// Linux's default is 64 KiB; 1 MiB (the default `pipe-max-size`) means fewer system calls.
-/// A pipe that cannot grow (a lower limit, the per-user budget) keeps what it has.
-const PIPE_SIZE: usize = 1024 * 1024;
+use crate::{Proxy, Pull};
 
 /// Idle registry connections kept for the next request.
 const POOL_MAX_IDLE: usize = 32;
@@ -32,120 +28,88 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Longest registry response head accepted.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
-/// A pipe for splice(2), reused by the requests of one client connection.
-#[derive(Debug)]
-pub(crate) struct Pipe {
-    read: OwnedFd,
-    write: OwnedFd,
-    capacity: usize,
-}
-
-impl Pipe {
-    pub(crate) fn new() -> io::Result<Pipe> {
-        let (read, write) = rustix::pipe::pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
-        let capacity = rustix::pipe::fcntl_setpipe_size(&write, PIPE_SIZE)
-            .or_else(|_| rustix::pipe::fcntl_getpipe_size(&write))?;
-        Ok(Pipe {
-            read,
-            write,
-            capacity,
-        })
-    }
-}
-
-/// Why a body relay stopped short.
-#[derive(Debug)]
-pub(crate) enum Broken {
-    /// The registry's side: it closed or failed before the last byte.
-    Registry(io::Error),
-    /// The client's side: it went away.
-    Client(io::Error),
-}
-
-impl std::fmt::Display for Broken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Broken::Registry(e) => write!(f, "registry: {e}"),
-            Broken::Client(e) => write!(f, "client: {e}"),
+/// A warm blob GET: the registry's body spliced to the client. Anything else the registry
+/// answers goes the way the router would send it.
+impl Intercept for Proxy {
+    async fn intercept(
+        &self,
+        conn: &mut Conn,
+        head: &Head,
+        keep: bool,
+    ) -> Option<io::Result<bool>> {
+        if head.method != Method::GET
+            || !head.uri.path().contains("/blobs/")
+            || head.headers.contains_key(http::header::RANGE)
+        {
+            return None;
         }
+        let pull = Pull::from_parts(&head.method, &head.uri, &head.headers).ok()?;
+        if !matches!(pull.route, kache_oci::api::Route::Blob(..)) {
+            return None;
+        }
+        Some(self.splice_blob(conn, pull, head.version, keep).await)
     }
 }
 
-/// Moves exactly `len` bytes from `src` to `dst` through `pipe`, counting what reaches `dst`
-/// into every counter of `sent`.
-///
-/// The pipe is empty whenever bytes are spliced into it, so an `EAGAIN` there can only come from
-/// the source socket, never from a full pipe: a full pipe mistaken for an empty socket would
-/// clear the socket's readiness and wait forever. The pipe is empty again when this returns Ok.
-pub(crate) async fn relay(
-    src: &TcpStream,
-    dst: &TcpStream,
-    pipe: &Pipe,
-    len: u64,
-    sent: &[&Counter],
-) -> Result<(), Broken> {
-    let mut remaining = len;
-    while remaining > 0 {
-        let want = usize::try_from(remaining)
-            .unwrap_or(usize::MAX)
-            .min(pipe.capacity);
-        let n = loop {
-            src.readable().await.map_err(Broken::Registry)?;
-            let moved = src.try_io(Interest::READABLE, || {
-                rustix::pipe::splice(
-                    src,
-                    None,
-                    &pipe.write,
-                    None,
-                    want,
-                    SpliceFlags::NONBLOCK | SpliceFlags::MOVE,
-                )
-                .map_err(io::Error::from)
-            });
-            match moved {
-                Ok(0) => {
-                    return Err(Broken::Registry(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("closed with {remaining} of {len} body bytes to go"),
-                    )));
-                }
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(Broken::Registry(e)),
+impl Proxy {
+    async fn splice_blob(
+        &self,
+        conn: &mut Conn,
+        pull: Pull,
+        version: Version,
+        keep: bool,
+    ) -> io::Result<bool> {
+        let m = &self.inner.metrics;
+        let answer = match self.inner.raw.get(&pull).await {
+            Ok(a) if a.status.is_server_error() => {
+                tracing::warn!(path = %pull.path, status = a.status.as_u16(), "registry failed; going upstream");
+                None
+            }
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::warn!(path = %pull.path, error = %e, "registry unreachable; going upstream");
+                None
             }
         };
-        remaining -= n as u64;
-        let mut in_pipe = n;
-        let flags = if remaining > 0 {
-            SpliceFlags::NONBLOCK | SpliceFlags::MOVE | SpliceFlags::MORE
-        } else {
-            SpliceFlags::NONBLOCK | SpliceFlags::MOVE
+        let Some(answer) = answer else {
+            let resp = crate::fallback(self, &pull).await;
+            return conn.respond(resp, false, version, keep).await;
         };
-        while in_pipe > 0 {
-            dst.writable().await.map_err(Broken::Client)?;
-            let moved = dst.try_io(Interest::WRITABLE, || {
-                rustix::pipe::splice(&pipe.read, None, dst, None, in_pipe, flags)
-                    .map_err(io::Error::from)
-            });
-            match moved {
-                Ok(0) => {
-                    return Err(Broken::Client(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "the client socket took nothing",
-                    )));
-                }
-                Ok(k) => {
-                    in_pipe -= k;
-                    for c in sent {
-                        c.inc_by(k as u64);
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(Broken::Client(e)),
-            }
+        let Some(length) = answer.length else {
+            // No plain length (chunked, or delimited by the close): rare enough to go the
+            // general way, with a connection of the router's client.
+            drop(answer);
+            let mut req = http::Request::new(Body::empty());
+            *req.uri_mut() = pull.pq.parse().unwrap_or_default();
+            *req.headers_mut() = pull.headers.clone();
+            let resp = conn.route(req).await;
+            return conn.respond(resp, false, version, keep).await;
+        };
+        m.count(&pull.host, crate::cache_result(&answer.headers));
+        let mut headers = crate::pass_headers(&answer.headers);
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
+        let mut out = Vec::with_capacity(512 + answer.early.len());
+        kache_http::write_head(&mut out, answer.status, &headers, version, keep);
+        let early = &answer.early[..answer.early.len().min(length as usize)];
+        out.extend_from_slice(early);
+        conn.write_all(&out).await?;
+        m.bytes.inc_by(early.len() as u64);
+        let rest = length - early.len() as u64;
+        if rest > 0
+            && let Err(e) = conn
+                .splice_from(&answer.tcp, rest, &[&m.bytes, &m.spliced])
+                .await
+        {
+            // The client has fewer bytes than the length it was promised, and the
+            // connection closes: a short body, never one that looks complete.
+            tracing::warn!(path = %pull.path, error = %e, "blob relay broken");
+            return Err(io::Error::other(e.to_string()));
         }
+        if answer.reusable {
+            self.inner.raw.checkin(answer.tcp);
+        }
+        Ok(keep)
     }
-    Ok(())
 }
 
 /// Plain HTTP/1.1 connections to the registry, and a small pool of idle ones.
@@ -321,7 +285,8 @@ async fn exchange(mut tcp: TcpStream, request: &[u8]) -> Result<Answer, Exchange
             };
             headers.append(name, value);
         }
-        let close = resp.version == Some(0) || has_token(&headers, "connection", "close");
+        let close =
+            resp.version == Some(0) || kache_http::has_token(&headers, "connection", "close");
         buf.advance(used);
         let length = body_length(status, &headers);
         let reusable = !close && length.is_some_and(|n| buf.len() as u64 <= n);

@@ -73,7 +73,10 @@ async fn registry(pull_from: Option<&str>) -> Served {
         ),
         None => Registry::new(store, metrics),
     };
-    let addr = serve(reg.router_for(Access::ReadWrite)).await;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let app = reg.router_for(Access::ReadWrite);
+    tokio::spawn(kache_registry::serve(app, l, std::future::pending()));
     Served {
         addr,
         prom: Arc::new(prom),

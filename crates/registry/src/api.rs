@@ -1,6 +1,7 @@
 //! Handlers of the Distribution API: thin translations between HTTP and the store.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Query, Request};
@@ -9,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::{Stream, TryStreamExt};
 use http_body_util::BodyExt;
+use kache_http::SendFile;
 use kache_oci::api::Route;
 use kache_oci::{Descriptor, Digest, ParsedManifest, Reference, RepoName, media_type};
 use kache_store::MAX_MANIFEST_SIZE;
@@ -271,11 +273,16 @@ impl Registry {
         };
         h.insert(header::CONTENT_LENGTH, hv(len.to_string()));
         let counter = self.inner.metrics.bytes_out.clone();
-        let stream =
-            kache_store::read_range(file.into_std().await, start, len).inspect_ok(move |b| {
-                counter.inc_by(b.len() as u64);
-            });
-        Ok((status, h, Body::from_stream(stream)).into_response())
+        let file = Arc::new(file.into_std().await);
+        // kache's own server sends the file with sendfile(2) and drops the stream unread;
+        // hyper (HTTP/2, or a connection that pushed) streams it.
+        let send = SendFile::new(file.clone(), start, len).counting(counter.clone());
+        let stream = kache_store::read_range(file, start, len).inspect_ok(move |b| {
+            counter.inc_by(b.len() as u64);
+        });
+        let mut resp = (status, h, Body::from_stream(stream)).into_response();
+        resp.extensions_mut().insert(send);
+        Ok(resp)
     }
 
     async fn start_upload(&self, repo: &RepoName, req: Request) -> Result<Response> {

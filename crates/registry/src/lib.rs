@@ -26,6 +26,21 @@ pub use pull::PullThrough;
 
 use error::{Code, Error};
 
+/// Serves a registry router (from [`Registry::router_for`]) on `listener` with kache's own
+/// HTTP/1.1 server: blob bodies go page cache → socket with sendfile(2); a connection that
+/// pushes (sends a request body) or speaks HTTP/2 is handed to hyper. Returns after `shutdown`
+/// resolves and the requests in progress are answered.
+pub async fn serve(
+    app: Router,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    kache_http::Server::new(app)
+        .bodies(kache_http::Bodies::Hyper)
+        .serve(listener, shutdown)
+        .await
+}
+
 /// Path of the warm call (outside `/v2/`: it is not part of the Distribution API).
 pub const WARM_PATH: &str = "/kache/v1/warm";
 

@@ -19,7 +19,48 @@ struct Server {
     store: Arc<Store>,
 }
 
-async fn serve() -> Server {
+/// Which HTTP server answers: kache's own (the registry's default) or hyper (`--server hyper`).
+#[derive(Clone, Copy, Debug)]
+enum Which {
+    Kache,
+    Hyper,
+}
+
+/// Every scenario runs on both servers: they must answer the same.
+macro_rules! on_both_servers {
+    ($($name:ident),* $(,)?) => {
+        mod kache_server {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::serve(super::Which::Kache).await).await
+            })*
+        }
+        mod hyper_server {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::serve(super::Which::Hyper).await).await
+            })*
+        }
+    };
+}
+
+on_both_servers!(
+    base_endpoint,
+    monolithic_push_get_head_and_ranges,
+    sha512_blobs,
+    post_then_put_with_the_whole_body,
+    chunked_upload_with_ranges_status_and_out_of_order_chunk,
+    cancelled_upload_is_gone,
+    cross_repository_mount,
+    manifests_by_tag_and_digest_with_blob_checks,
+    tag_listing_paginates_with_link,
+    referrers_api_and_subject_header,
+    deletes_of_tags_manifests_and_blobs,
+    bad_input_gets_the_spec_error_and_changes_nothing,
+    wrong_digest_on_chunked_upload_keeps_nothing,
+);
+
+async fn serve(which: Which) -> Server {
     // The one TLS provider of the project (DESIGN.md); reqwest is built without a default.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
@@ -29,7 +70,11 @@ async fn serve() -> Server {
     let reg = Registry::new(store.clone(), Metrics::new(&mut prom));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, reg.router()).await });
+    let app = reg.router();
+    match which {
+        Which::Kache => tokio::spawn(kache_registry::serve(app, listener, std::future::pending())),
+        Which::Hyper => tokio::spawn(async move { axum::serve(listener, app).await }),
+    };
     let client = Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -152,9 +197,7 @@ fn image_manifest(
     serde_json::to_vec(&m).unwrap()
 }
 
-#[tokio::test]
-async fn base_endpoint() {
-    let s = serve().await;
+async fn base_endpoint(s: Server) {
     let r = s.req(Method::GET, "/v2/").await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(
@@ -167,9 +210,7 @@ async fn base_endpoint() {
     assert_eq!(error_code(r).await, "UNSUPPORTED");
 }
 
-#[tokio::test]
-async fn monolithic_push_get_head_and_ranges() {
-    let s = serve().await;
+async fn monolithic_push_get_head_and_ranges(s: Server) {
     let bytes: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
     let d = s.push_blob("a/b", &bytes).await;
     let path = format!("/v2/a/b/blobs/{d}");
@@ -203,9 +244,7 @@ async fn monolithic_push_get_head_and_ranges() {
     assert_eq!(error_code(r).await, "BLOB_UNKNOWN");
 }
 
-#[tokio::test]
-async fn sha512_blobs() {
-    let s = serve().await;
+async fn sha512_blobs(s: Server) {
     let d = Digest::compute(kache_oci::Algorithm::Sha512, b"five hundred and twelve");
     let r = s
         .client
@@ -229,9 +268,7 @@ async fn sha512_blobs() {
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
 }
 
-#[tokio::test]
-async fn post_then_put_with_the_whole_body() {
-    let s = serve().await;
+async fn post_then_put_with_the_whole_body(s: Server) {
     let r = s.req(Method::POST, "/v2/r/blobs/uploads/").await;
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     let loc = r.headers()["location"].to_str().unwrap().to_owned();
@@ -256,9 +293,7 @@ async fn post_then_put_with_the_whole_body() {
     );
 }
 
-#[tokio::test]
-async fn chunked_upload_with_ranges_status_and_out_of_order_chunk() {
-    let s = serve().await;
+async fn chunked_upload_with_ranges_status_and_out_of_order_chunk(s: Server) {
     let r = s.req(Method::POST, "/v2/r/blobs/uploads/").await;
     let loc = r.headers()["location"].to_str().unwrap().to_owned();
     assert_eq!(r.headers()["range"], "0-0");
@@ -314,9 +349,7 @@ async fn chunked_upload_with_ranges_status_and_out_of_order_chunk() {
     assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
 }
 
-#[tokio::test]
-async fn cancelled_upload_is_gone() {
-    let s = serve().await;
+async fn cancelled_upload_is_gone(s: Server) {
     let loc = s.req(Method::POST, "/v2/r/blobs/uploads/").await.headers()["location"]
         .to_str()
         .unwrap()
@@ -343,9 +376,7 @@ async fn cancelled_upload_is_gone() {
     );
 }
 
-#[tokio::test]
-async fn cross_repository_mount() {
-    let s = serve().await;
+async fn cross_repository_mount(s: Server) {
     let d = s.push_blob("src/repo", b"shared layer").await;
     let r = s
         .req(
@@ -388,9 +419,7 @@ async fn cross_repository_mount() {
     );
 }
 
-#[tokio::test]
-async fn manifests_by_tag_and_digest_with_blob_checks() {
-    let s = serve().await;
+async fn manifests_by_tag_and_digest_with_blob_checks(s: Server) {
     let config = s.push_blob("app", b"{}").await;
     let missing = Digest::sha256(b"never pushed");
     let m = image_manifest(&config, 2, &[(&missing, 12)], json!({}));
@@ -473,9 +502,7 @@ async fn manifests_by_tag_and_digest_with_blob_checks() {
     assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
 }
 
-#[tokio::test]
-async fn tag_listing_paginates_with_link() {
-    let s = serve().await;
+async fn tag_listing_paginates_with_link(s: Server) {
     let config = s.push_blob("p", b"{}").await;
     let m = image_manifest(&config, 2, &[], json!({}));
     for t in ["c", "a", "e", "b", "d"] {
@@ -525,9 +552,7 @@ async fn tag_listing_paginates_with_link() {
     assert_eq!(error_code(r).await, "NAME_UNKNOWN");
 }
 
-#[tokio::test]
-async fn referrers_api_and_subject_header() {
-    let s = serve().await;
+async fn referrers_api_and_subject_header(s: Server) {
     let config = s.push_blob("r", b"{}").await;
     let subject = image_manifest(&config, 2, &[], json!({}));
     s.put_manifest("r", "v1", media_type::OCI_MANIFEST, &subject)
@@ -635,9 +660,7 @@ async fn referrers_api_and_subject_header() {
     assert_eq!(v["manifests"].as_array().unwrap().len(), 1);
 }
 
-#[tokio::test]
-async fn deletes_of_tags_manifests_and_blobs() {
-    let s = serve().await;
+async fn deletes_of_tags_manifests_and_blobs(s: Server) {
     let config = s.push_blob("d", b"{}").await;
     let m = image_manifest(&config, 2, &[], json!({}));
     let md = Digest::sha256(&m);
@@ -700,9 +723,7 @@ async fn deletes_of_tags_manifests_and_blobs() {
     assert_eq!(error_code(r).await, "BLOB_UNKNOWN");
 }
 
-#[tokio::test]
-async fn bad_input_gets_the_spec_error_and_changes_nothing() {
-    let s = serve().await;
+async fn bad_input_gets_the_spec_error_and_changes_nothing(s: Server) {
     let config = s.push_blob("ok", b"{}").await;
     let good = image_manifest(&config, 2, &[], json!({}));
     s.put_manifest("ok", "v1", media_type::OCI_MANIFEST, &good)
@@ -915,9 +936,7 @@ fn uuid_nil() -> &'static str {
     "00000000-0000-0000-0000-000000000000"
 }
 
-#[tokio::test]
-async fn wrong_digest_on_chunked_upload_keeps_nothing() {
-    let s = serve().await;
+async fn wrong_digest_on_chunked_upload_keeps_nothing(s: Server) {
     let before = s.snapshot();
     let loc = s.req(Method::POST, "/v2/r/blobs/uploads/").await.headers()["location"]
         .to_str()

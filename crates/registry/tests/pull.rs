@@ -59,7 +59,7 @@ async fn start(upstream_of: Option<&str>, ttl: Duration, access: Access) -> Node
     let addr = listener.local_addr().unwrap();
     let app = reg.router_for(access);
     let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
+        let _ = kache_registry::serve(app, listener, std::future::pending()).await;
     });
     Node {
         base: format!("http://{addr}"),

@@ -20,12 +20,12 @@ const CHUNK: u64 = 256 * 1024;
 
 /// The bytes `[start, start + len)` of `file`, in chunks.
 pub fn read_range(
-    file: std::fs::File,
+    file: Arc<std::fs::File>,
     start: u64,
     len: u64,
 ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
     let end = start.saturating_add(len);
-    futures_util::stream::unfold(Some((Arc::new(file), start)), move |state| async move {
+    futures_util::stream::unfold(Some((file, start)), move |state| async move {
         let (file, pos) = state?;
         if pos >= end {
             return None;
@@ -87,7 +87,7 @@ mod tests {
 
     async fn collect(file: std::fs::File, start: u64, len: u64) -> io::Result<Vec<u8>> {
         let mut out = Vec::new();
-        let s = read_range(file, start, len);
+        let s = read_range(Arc::new(file), start, len);
         let mut s = std::pin::pin!(s);
         while let Some(c) = s.next().await {
             out.extend_from_slice(&c?);

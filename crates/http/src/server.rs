@@ -1,11 +1,6 @@
-//! The proxy's own HTTP/1.1 server, for the subset a node proxy serves: GET and HEAD, keep-alive
-//! and pipelining, HTTP/1.0, no request bodies.
-//!
-//! It exists so that a blob body can go from the registry's socket to the client's with
-//! splice(2) (see `splice.rs`), which needs both raw sockets; hyper owns its sockets. Every
-//! other request (manifests, HEAD, ranges, the ping, fallbacks, errors) is answered by the same
-//! axum router as before and written out here. A connection that opens with the HTTP/2 preface
-//! (h2c with prior knowledge) is handed to hyper whole.
+//! The server: requests on the raw socket, keep-alive and pipelining, HTTP/1.0, graceful
+//! shutdown. Bodies of answers are written here: with sendfile(2) when the answer carries a
+//! [`SendFile`], from the body's frames otherwise.
 
 use std::future::Future;
 use std::io;
@@ -15,23 +10,24 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Body as _;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulConnection;
 use kache_oci::api::ErrorCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tower::ServiceExt;
 
-use crate::{Proxy, error};
+use crate::SendFile;
 
 /// Longest request head; a longer one is answered 431 and the connection closed.
-pub(crate) const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEAD: usize = 64 * 1024;
 
 /// Most header lines in a request head (431 beyond).
 const MAX_HEADERS: usize = 100;
@@ -52,45 +48,119 @@ const COALESCE: usize = 16 * 1024;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Serves `proxy` on `listener` until `shutdown` resolves; then stops accepting, closes idle
-/// connections, and returns once every open request has been answered.
-pub(crate) async fn serve(
-    proxy: Proxy,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> io::Result<()> {
-    let app = proxy.router();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    // Every connection holds a sender; recv() ends when the last one is gone.
-    let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            a = kache_oci::net::accept(&listener) => a,
-            () = &mut shutdown => break,
-        };
-        let conn = Conn {
-            proxy: proxy.clone(),
-            app: app.clone(),
-            tcp,
-            buf: BytesMut::new(),
-            #[cfg(target_os = "linux")]
-            pipe: None,
-        };
-        let stop = Stop(stop_rx.clone());
-        let alive = alive_tx.clone();
-        tokio::spawn(async move {
-            if let Err(e) = conn.run(stop).await {
-                tracing::trace!(%peer, error = %e, "connection ended with an error");
-            }
-            drop(alive);
-        });
+/// What the server does with a request that has a body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bodies {
+    /// Refused without being read (a node proxy only pulls): a GET or HEAD with a body is
+    /// answered 400; anything else is answered by the router, and the connection closes.
+    Refuse,
+    /// The connection goes to hyper, that request first, for the rest of its life (a registry
+    /// takes pushes; pulling clients never send a body, so they stay here).
+    Hyper,
+}
+
+/// Answers some requests before the router sees them, on the raw connection (the proxy's
+/// spliced blobs).
+pub trait Intercept: Clone + Send + Sync + 'static {
+    /// `Some(Ok(keep))` when `head` was answered on `conn`, `None` to leave it to the router.
+    /// `keep` says whether the client wants the connection kept open.
+    fn intercept(
+        &self,
+        conn: &mut Conn,
+        head: &Head,
+        keep: bool,
+    ) -> impl Future<Output = Option<io::Result<bool>>> + Send;
+}
+
+/// Leaves every request to the router.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoIntercept;
+
+impl Intercept for NoIntercept {
+    fn intercept(
+        &self,
+        _: &mut Conn,
+        _: &Head,
+        _: bool,
+    ) -> impl Future<Output = Option<io::Result<bool>>> + Send {
+        std::future::ready(None)
     }
-    drop(listener);
-    let _ = stop_tx.send(true);
-    drop(alive_tx);
-    let _ = alive_rx.recv().await;
-    Ok(())
+}
+
+/// The server for one router.
+#[derive(Debug, Clone)]
+pub struct Server<I = NoIntercept> {
+    app: Router,
+    intercept: I,
+    bodies: Bodies,
+}
+
+impl Server {
+    /// Serves `app`, request bodies refused.
+    pub fn new(app: Router) -> Server {
+        Server {
+            app,
+            intercept: NoIntercept,
+            bodies: Bodies::Refuse,
+        }
+    }
+}
+
+impl<I: Intercept> Server<I> {
+    /// Lets `intercept` answer requests first.
+    pub fn intercept<J: Intercept>(self, intercept: J) -> Server<J> {
+        Server {
+            app: self.app,
+            intercept,
+            bodies: self.bodies,
+        }
+    }
+
+    pub fn bodies(mut self, bodies: Bodies) -> Self {
+        self.bodies = bodies;
+        self
+    }
+
+    /// Serves on `listener` until `shutdown` resolves; then stops accepting, closes idle
+    /// connections, and returns once every open request has been answered.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> io::Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        // Every connection holds a sender; recv() ends when the last one is gone.
+        let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
+        tokio::pin!(shutdown);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                a = kache_oci::net::accept(&listener) => a,
+                () = &mut shutdown => break,
+            };
+            let conn = Conn {
+                app: self.app.clone(),
+                bodies: self.bodies,
+                tcp,
+                buf: BytesMut::new(),
+                #[cfg(target_os = "linux")]
+                pipe: None,
+            };
+            let intercept = self.intercept.clone();
+            let stop = Stop(stop_rx.clone());
+            let alive = alive_tx.clone();
+            tokio::spawn(async move {
+                if let Err(e) = conn.run(intercept, stop).await {
+                    tracing::trace!(%peer, error = %e, "connection ended with an error");
+                }
+                drop(alive);
+            });
+        }
+        drop(listener);
+        let _ = stop_tx.send(true);
+        drop(alive_tx);
+        let _ = alive_rx.recv().await;
+        Ok(())
+    }
 }
 
 /// The server's stop signal, as seen by a connection.
@@ -115,15 +185,16 @@ impl Stop {
 
 /// A parsed request head.
 #[derive(Debug)]
-struct Head {
-    method: Method,
-    uri: http::Uri,
-    version: Version,
-    headers: HeaderMap,
+pub struct Head {
+    pub method: Method,
+    pub uri: http::Uri,
+    pub version: Version,
+    pub headers: HeaderMap,
 }
 
 enum Next {
-    Request(Box<Head>),
+    /// A head, and how many buffered bytes it took.
+    Request(Box<Head>, usize),
     /// The client speaks HTTP/2 (prior knowledge).
     H2,
     /// Closed, idle for too long, or the server is stopping.
@@ -132,9 +203,11 @@ enum Next {
     Bad(Box<Response>),
 }
 
-struct Conn {
-    proxy: Proxy,
+/// One client connection.
+#[derive(Debug)]
+pub struct Conn {
     app: Router,
+    bodies: Bodies,
     tcp: TcpStream,
     /// Read but not yet parsed: the rest of a head, or the next pipelined request.
     buf: BytesMut,
@@ -143,22 +216,43 @@ struct Conn {
 }
 
 impl Conn {
-    async fn run(mut self, mut stop: Stop) -> io::Result<()> {
+    async fn run<I: Intercept>(mut self, intercept: I, mut stop: Stop) -> io::Result<()> {
         let mut first = true;
         loop {
             let next = self.next_head(&mut stop, first).await?;
             first = false;
-            let head = match next {
-                Next::Request(head) => *head,
-                Next::H2 => return self.serve_h2(stop).await,
+            let (head, used) = match next {
+                Next::Request(head, used) => (*head, used),
+                Next::H2 => {
+                    let (io, service) = self.into_hyper();
+                    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, service);
+                    return drive(conn, stop).await;
+                }
                 Next::Done => return Ok(()),
                 Next::Bad(answer) => {
-                    self.write_response(*answer, false, Version::HTTP_11, false)
+                    self.respond(*answer, false, Version::HTTP_11, false)
                         .await?;
                     return self.close().await;
                 }
             };
-            let keep = self.answer(head).await?;
+            let has_body = match request_body(&head.headers) {
+                Ok(b) => b,
+                Err(answer) => {
+                    self.respond(*answer, false, head.version, false).await?;
+                    return self.close().await;
+                }
+            };
+            if has_body && self.bodies == Bodies::Hyper {
+                // The head is still in the buffer: hyper reads the request from its start.
+                let (io, service) = self.into_hyper();
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .max_buf_size(crate::MAX_BUF)
+                    .serve_connection(io, service);
+                return drive(conn, stop).await;
+            }
+            self.buf.advance(used);
+            let keep = self.answer(&intercept, head, has_body).await?;
             if !keep || stop.is_set() {
                 return self.close().await;
             }
@@ -182,8 +276,7 @@ impl Conn {
                             return Ok(Next::Bad(too_large()));
                         }
                         Ok(Some((head, used))) => {
-                            self.buf.advance(used);
-                            return Ok(Next::Request(Box::new(head)));
+                            return Ok(Next::Request(Box::new(head), used));
                         }
                         Ok(None) if self.buf.len() >= MAX_HEAD => {
                             return Ok(Next::Bad(too_large()));
@@ -216,135 +309,82 @@ impl Conn {
         }
     }
 
-    /// Answers one request; Ok(true) when the connection stays open for the next one.
-    async fn answer(&mut self, head: Head) -> io::Result<bool> {
+    /// Answers one request whose body (if any) is not read; Ok(true) when the connection stays
+    /// open for the next one.
+    async fn answer<I: Intercept>(
+        &mut self,
+        intercept: &I,
+        head: Head,
+        has_body: bool,
+    ) -> io::Result<bool> {
+        let mut keep = wants_keep_alive(head.version, &head.headers);
+        let is_head = head.method == Method::HEAD;
+        if has_body {
+            // The body is not read: the connection cannot carry another request.
+            keep = false;
+            if head.method == Method::GET || is_head {
+                let answer = oci_error(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::Unsupported,
+                    "a pull carries no request body",
+                );
+                self.respond(answer, is_head, head.version, false).await?;
+                return Ok(false);
+            }
+        } else if let Some(done) = intercept.intercept(self, &head, keep).await {
+            return done;
+        }
         let Head {
             method,
             uri,
             version,
             headers,
         } = head;
-        let mut keep = wants_keep_alive(version, &headers);
-        let has_body = match request_body(&headers) {
-            Ok(b) => b,
-            Err(answer) => {
-                self.write_response(*answer, false, version, false).await?;
-                return Ok(false);
-            }
-        };
-        let is_head = method == Method::HEAD;
-        if has_body {
-            // The body is not read: the connection cannot carry another request.
-            keep = false;
-            if method == Method::GET || is_head {
-                let answer = error(
-                    StatusCode::BAD_REQUEST,
-                    ErrorCode::Unsupported,
-                    "a pull carries no request body",
-                );
-                self.write_response(answer, is_head, version, false).await?;
-                return Ok(false);
-            }
-        }
-
-        #[cfg(target_os = "linux")]
-        if method == Method::GET
-            && uri.path().contains("/blobs/")
-            && !headers.contains_key(http::header::RANGE)
-            && let Ok(pull) = crate::Pull::from_parts(&method, &uri, &headers)
-            && matches!(pull.route, kache_oci::api::Route::Blob(..))
-        {
-            return self.splice_blob(pull, version, keep).await;
-        }
-
         let mut req = http::Request::new(Body::empty());
         *req.method_mut() = method;
         *req.uri_mut() = uri;
         *req.version_mut() = version;
         *req.headers_mut() = headers;
-        let answer = match self.app.clone().oneshot(req).await {
+        let answer = self.route(req).await;
+        self.respond(answer, is_head, version, keep).await
+    }
+
+    /// The router's answer to `req`.
+    pub async fn route(&self, req: http::Request<Body>) -> Response {
+        match self.app.clone().oneshot(req).await {
             Ok(a) => a,
             Err(never) => match never {},
-        };
-        self.write_response(answer, is_head, version, keep).await
+        }
     }
 
-    /// A blob GET: the registry's body spliced to the client; anything else the registry
-    /// answers goes the way `handle` would send it.
+    /// Writes bytes as they are (a head from [`write_head`], a body's first bytes).
+    pub async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.tcp.write_all(bytes).await
+    }
+
+    /// Moves exactly `len` bytes from `src` to the client with splice(2), counting what the
+    /// client gets into each of `sent`. After an error the client has a short body: the caller
+    /// must end the connection.
     #[cfg(target_os = "linux")]
-    async fn splice_blob(
+    pub async fn splice_from(
         &mut self,
-        pull: crate::Pull,
-        version: Version,
-        keep: bool,
-    ) -> io::Result<bool> {
-        use crate::splice;
-
-        let p = self.proxy.clone();
-        let m = &p.inner.metrics;
-        let answer = match p.inner.raw.get(&pull).await {
-            Ok(a) if a.status.is_server_error() => {
-                tracing::warn!(path = %pull.path, status = a.status.as_u16(), "registry failed; going upstream");
-                None
-            }
-            Ok(a) => Some(a),
-            Err(e) => {
-                tracing::warn!(path = %pull.path, error = %e, "registry unreachable; going upstream");
-                None
-            }
-        };
-        let Some(answer) = answer else {
-            let resp = crate::fallback(&p, &pull).await;
-            return self.write_response(resp, false, version, keep).await;
-        };
-        let Some(length) = answer.length else {
-            // No plain length (chunked, or delimited by the close): rare enough to go the
-            // general way, with a connection of the router's client.
-            drop(answer);
-            let mut req = http::Request::new(Body::empty());
-            *req.uri_mut() = pull.pq.parse().unwrap_or_default();
-            *req.headers_mut() = pull.headers.clone();
-            let resp = match self.app.clone().oneshot(req).await {
-                Ok(a) => a,
-                Err(never) => match never {},
-            };
-            return self.write_response(resp, false, version, keep).await;
-        };
-        m.count(&pull.host, crate::cache_result(&answer.headers));
-        let mut headers = crate::pass_headers(&answer.headers);
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
-        let mut out = Vec::with_capacity(512 + answer.early.len());
-        write_head(&mut out, answer.status, &headers, version, keep);
-        let early = &answer.early[..answer.early.len().min(length as usize)];
-        out.extend_from_slice(early);
-        self.tcp.write_all(&out).await?;
-        m.bytes.inc_by(early.len() as u64);
-        let rest = length - early.len() as u64;
-        if rest > 0 {
-            if self.pipe.is_none() {
-                self.pipe = Some(splice::Pipe::new()?);
-            }
-            let Some(pipe) = self.pipe.as_ref() else {
-                unreachable!("made above")
-            };
-            if let Err(e) =
-                splice::relay(&answer.tcp, &self.tcp, pipe, rest, &[&m.bytes, &m.spliced]).await
-            {
-                // The client has fewer bytes than the length it was promised, and the
-                // connection closes: a short body, never one that looks complete.
-                tracing::warn!(path = %pull.path, error = %e, "blob relay broken");
-                return Err(io::Error::other(e.to_string()));
-            }
+        src: &TcpStream,
+        len: u64,
+        sent: &[&prometheus_client::metrics::counter::Counter],
+    ) -> Result<(), crate::Broken> {
+        if self.pipe.is_none() {
+            self.pipe = Some(crate::splice::Pipe::new().map_err(crate::Broken::Client)?);
         }
-        if answer.reusable {
-            p.inner.raw.checkin(answer.tcp);
-        }
-        Ok(keep)
+        let Some(pipe) = self.pipe.as_ref() else {
+            unreachable!("made above")
+        };
+        crate::splice::relay(src, &self.tcp, pipe, len, sent).await
     }
 
-    /// Writes `answer`: the length when it is known, chunked otherwise (HTTP/1.1), or delimited
-    /// by closing the connection (HTTP/1.0). Ok(true) when the connection can stay open.
-    async fn write_response(
+    /// Writes `answer`: with sendfile(2) when it carries a [`SendFile`] for its whole body,
+    /// with its length when that is known, chunked otherwise (HTTP/1.1), or delimited by
+    /// closing the connection (HTTP/1.0). Ok(true) when the connection can stay open.
+    pub async fn respond(
         &mut self,
         answer: Response,
         is_head: bool,
@@ -396,6 +436,16 @@ impl Conn {
         write_head(&mut out, status, &headers, version, keep);
         if matches!(framing, Framing::None) || matches!(framing, Framing::Length(0)) {
             self.tcp.write_all(&out).await?;
+            return Ok(keep);
+        }
+        #[cfg(target_os = "linux")]
+        if let Framing::Length(n) = framing
+            && let Some(file) = parts.extensions.get::<SendFile>()
+            && file.len() == n
+        {
+            drop(body);
+            self.tcp.write_all(&out).await?;
+            file.send(&self.tcp).await?;
             return Ok(keep);
         }
         let mut sent: u64 = 0;
@@ -453,29 +503,27 @@ impl Conn {
         }
     }
 
-    /// HTTP/2 with prior knowledge: hyper serves the connection, the preface replayed.
-    async fn serve_h2(self, mut stop: Stop) -> io::Result<()> {
-        let app = self.app;
+    /// The connection for hyper: the socket, with what was read from it and not yet used read
+    /// again first, and the router as a service.
+    fn into_hyper(
+        self,
+    ) -> (
+        TokioIo<Rewind>,
+        impl hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = Response,
+            Error = std::convert::Infallible,
+            Future: Send,
+        > + Clone
+        + use<>,
+    ) {
         let io = Rewind {
             early: self.buf.freeze(),
             io: self.tcp,
         };
+        let app = self.app;
         let service = hyper::service::service_fn(move |req| app.clone().oneshot(req));
-        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .serve_connection(TokioIo::new(io), service);
-        tokio::pin!(conn);
-        let done = tokio::select! {
-            r = conn.as_mut() => Some(r),
-            () = stop.wait() => None,
-        };
-        let r = match done {
-            Some(r) => r,
-            None => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        };
-        r.map_err(io::Error::other)
+        (TokioIo::new(io), service)
     }
 
     /// Ends the connection: FIN first, then what the client still sends is read away (for a
@@ -495,6 +543,40 @@ impl Conn {
         let _ = tokio::time::timeout(LINGER, drain).await;
         Ok(())
     }
+}
+
+/// Runs a connection hyper serves until it ends, or the server stops and it has finished what
+/// it was doing.
+async fn drive<C>(conn: C, mut stop: Stop) -> io::Result<()>
+where
+    C: GracefulConnection,
+    C::Error: std::error::Error + Send + Sync + 'static,
+{
+    tokio::pin!(conn);
+    let done = tokio::select! {
+        r = conn.as_mut() => Some(r),
+        () = stop.wait() => None,
+    };
+    let r = match done {
+        Some(r) => r,
+        None => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    r.map_err(io::Error::other)
+}
+
+/// An OCI error answer.
+fn oci_error(status: StatusCode, code: ErrorCode, message: impl std::fmt::Display) -> Response {
+    let body =
+        serde_json::json!({"errors": [{"code": code.as_str(), "message": message.to_string()}]});
+    (
+        status,
+        [(CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 /// Parses a request head; Ok(None) while it is incomplete, Err with the answer when it cannot
@@ -563,14 +645,15 @@ fn wants_keep_alive(version: Version, headers: &HeaderMap) -> bool {
 }
 
 /// Whether a comma-separated header (`Connection`) lists `token`.
-pub(crate) fn has_token(headers: &HeaderMap, name: &str, token: &str) -> bool {
+pub fn has_token(headers: &HeaderMap, name: &str, token: &str) -> bool {
     headers.get_all(name).iter().any(|v| {
         v.to_str()
             .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     })
 }
 
-fn write_head(
+/// Writes a response head; `keep` says whether the connection stays open after the answer.
+pub fn write_head(
     out: &mut Vec<u8>,
     status: StatusCode,
     headers: &HeaderMap,
@@ -597,7 +680,7 @@ fn write_head(
 }
 
 fn bad_request(message: impl std::fmt::Display) -> Box<Response> {
-    Box::new(error(
+    Box::new(oci_error(
         StatusCode::BAD_REQUEST,
         ErrorCode::Unsupported,
         message,
@@ -605,7 +688,7 @@ fn bad_request(message: impl std::fmt::Display) -> Box<Response> {
 }
 
 fn too_large() -> Box<Response> {
-    Box::new(error(
+    Box::new(oci_error(
         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         ErrorCode::Unsupported,
         format!(

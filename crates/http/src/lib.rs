@@ -1,0 +1,25 @@
+//! kache's HTTP/1.1 server for the pull path.
+//!
+//! hyper owns its sockets, so every body byte it sends is copied through user space: from a
+//! file or a socket into a buffer, then into the client's socket. On the pull path that copy is
+//! most of the CPU (BENCHMARKS.md, "Where the time goes"). This server answers requests on the
+//! raw socket instead, so that a blob body can leave with sendfile(2) (a file the handler names
+//! with a [`SendFile`] response extension) or splice(2) (a socket an [`Intercept`] relays with
+//! [`Conn::splice_from`]). Everything else about a request is the axum router's business, so
+//! routing, headers and errors are the same whichever server runs it; a connection that speaks
+//! HTTP/2, or sends a request body to a server that takes them, is handed to hyper whole.
+
+mod send_file;
+mod server;
+#[cfg(target_os = "linux")]
+mod splice;
+
+pub use send_file::SendFile;
+pub use server::{Bodies, Conn, Head, Intercept, NoIntercept, Server, has_token, write_head};
+#[cfg(target_os = "linux")]
+pub use splice::Broken;
+
+/// hyper's HTTP/1 read buffer and write queue, per connection. Its default (~400 KiB) lets a
+/// blob response queue that much per connection: at 32 connections that was most of the RSS
+/// over the memory budget (BENCHMARKS.md, finding 3).
+pub const MAX_BUF: usize = 128 * 1024;

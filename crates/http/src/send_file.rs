@@ -1,0 +1,202 @@
+//! File bodies with sendfile(2): page cache → socket, no copy through user space.
+
+use std::sync::Arc;
+
+use prometheus_client::metrics::counter::Counter;
+
+/// A response extension: the body is `len` bytes of `file` from `start`. kache's server sends
+/// them with sendfile(2) and drops the response's body unread; another server (hyper, for
+/// HTTP/2) streams the body instead, so the body must be those same bytes.
+#[derive(Clone, Debug)]
+pub struct SendFile {
+    file: Arc<std::fs::File>,
+    start: u64,
+    len: u64,
+    sent: Option<Counter>,
+}
+
+impl SendFile {
+    pub fn new(file: Arc<std::fs::File>, start: u64, len: u64) -> SendFile {
+        SendFile {
+            file,
+            start,
+            len,
+            sent: None,
+        }
+    }
+
+    /// Counts the bytes sent into `counter`, as the body's stream would have.
+    pub fn counting(mut self, counter: Counter) -> SendFile {
+        self.sent = Some(counter);
+        self
+    }
+
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+#[cfg(target_os = "linux")]
+mod linux {
+    use std::io;
+    use std::os::unix::fs::FileExt;
+
+    use rustix::io::{IoSliceMut, ReadWriteFlags};
+    use tokio::io::Interest;
+    use tokio::net::TcpStream;
+
+    use super::SendFile;
+
+    /// Bytes looked up in the page cache at a time. sendfile(2) blocks its thread while it
+    /// reads what the cache lacks, which must not happen on a runtime worker: such a stretch is
+    /// read on the blocking pool instead (and written the ordinary way).
+    const STRETCH: u64 = 1024 * 1024;
+
+    impl SendFile {
+        /// Writes the bytes to `dst`. An error after some of them leaves the client with a
+        /// short body: the caller closes the connection.
+        pub(crate) async fn send(&self, dst: &TcpStream) -> io::Result<()> {
+            let end = self.start + self.len;
+            let mut pos = self.start;
+            while pos < end {
+                let want = (end - pos).min(STRETCH);
+                let n = if cached(&self.file, pos, want) {
+                    self.sendfile(dst, pos, want).await?
+                } else {
+                    self.read_and_write(dst, pos, want).await?
+                };
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("the file ended {} bytes short", end - pos),
+                    ));
+                }
+                pos += n;
+                if let Some(c) = &self.sent {
+                    c.inc_by(n);
+                }
+            }
+            Ok(())
+        }
+
+        /// One sendfile(2) once the socket takes bytes; what it sent (0: the file ended).
+        async fn sendfile(&self, dst: &TcpStream, pos: u64, want: u64) -> io::Result<u64> {
+            loop {
+                dst.writable().await?;
+                let mut offset = pos;
+                let sent = dst.try_io(Interest::WRITABLE, || {
+                    rustix::fs::sendfile(dst, &*self.file, Some(&mut offset), want as usize)
+                        .map_err(io::Error::from)
+                });
+                match sent {
+                    Ok(n) => return Ok(n as u64),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+
+        /// A stretch the page cache lacks: read on the blocking pool, then written.
+        async fn read_and_write(&self, dst: &TcpStream, pos: u64, want: u64) -> io::Result<u64> {
+            let file = self.file.clone();
+            let buf = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; want as usize];
+                let n = file.read_at(&mut buf, pos)?;
+                buf.truncate(n);
+                Ok::<_, io::Error>(buf)
+            })
+            .await
+            .map_err(io::Error::other)??;
+            let mut rest = &buf[..];
+            while !rest.is_empty() {
+                dst.writable().await?;
+                match dst.try_write(rest) {
+                    Ok(n) => rest = &rest[n..],
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(buf.len() as u64)
+        }
+    }
+
+    /// Whether the first and last byte of `[pos, pos + len)` are in the page cache (read
+    /// ahead fills what lies between). A filesystem that cannot tell says no.
+    pub(super) fn cached(file: &std::fs::File, pos: u64, len: u64) -> bool {
+        let probe = |at: u64| {
+            let mut byte = [0u8; 1];
+            matches!(
+                rustix::io::preadv2(
+                    file,
+                    &mut [IoSliceMut::new(&mut byte)],
+                    at,
+                    ReadWriteFlags::NOWAIT,
+                ),
+                Ok(1)
+            )
+        };
+        probe(pos) && probe(pos + len - 1)
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use std::io::Write as _;
+    use std::sync::Arc;
+
+    use prometheus_client::metrics::counter::Counter;
+    use tokio::io::AsyncReadExt;
+
+    use super::SendFile;
+
+    /// A file of `len` bytes (a multiple of 4 KiB) that is not in the page cache: written with
+    /// O_DIRECT, which bypasses it. (Dropping pages with fadvise is not reliable while other
+    /// CPUs hold them in their LRU batches.)
+    fn uncached(dir: &std::path::Path, len: usize) -> (Arc<std::fs::File>, Vec<u8>) {
+        const ALIGN: usize = 4096;
+        assert_eq!(len % ALIGN, 0);
+        let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+        let mut buf = vec![0u8; len + ALIGN];
+        let off = buf.as_ptr().align_offset(ALIGN);
+        let aligned = &mut buf[off..off + len];
+        aligned.copy_from_slice(&data);
+        let path = dir.join("blob");
+        let fd = rustix::fs::open(
+            &path,
+            rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CREATE | rustix::fs::OFlags::DIRECT,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
+        let mut f = std::fs::File::from(fd);
+        f.write_all(aligned).unwrap();
+        f.sync_all().unwrap();
+        (Arc::new(std::fs::File::open(&path).unwrap()), data)
+    }
+
+    #[tokio::test]
+    async fn stretches_the_page_cache_lacks_are_read_on_the_pool_and_sent_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, data) = uncached(dir.path(), 3 * 1024 * 1024 + 4096);
+        // The case under test: sendfile(2) would block its thread on the disk here.
+        assert!(
+            !super::linux::cached(&file, 0, 1),
+            "the file is still cached"
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(l.local_addr().unwrap());
+        let (client, server) = tokio::join!(client, l.accept());
+        let (mut client, (server, _)) = (client.unwrap(), server.unwrap());
+        let counter = Counter::default();
+        let send = SendFile::new(file, 7, data.len() as u64 - 7).counting(counter.clone());
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        send.send(&server).await.unwrap();
+        drop(server);
+        let got = reader.await.unwrap();
+        assert!(got == data[7..], "{} bytes, not the file's", got.len());
+        assert_eq!(counter.get(), data.len() as u64 - 7);
+    }
+}
