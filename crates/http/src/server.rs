@@ -12,7 +12,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, DATE, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Body as _;
@@ -652,6 +652,27 @@ pub fn has_token(headers: &HeaderMap, name: &str, token: &str) -> bool {
     })
 }
 
+/// Appends the current time as an HTTP date, formatted once per second and thread.
+fn http_date(out: &mut Vec<u8>) {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static CACHED: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = SystemTime::now();
+    let second = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    CACHED.with_borrow_mut(|(at, text)| {
+        if *at != second {
+            *at = second;
+            *text = httpdate::fmt_http_date(now);
+        }
+        out.extend_from_slice(text.as_bytes());
+    });
+}
+
 /// Writes a response head; `keep` says whether the connection stays open after the answer.
 pub fn write_head(
     out: &mut Vec<u8>,
@@ -669,6 +690,12 @@ pub fn write_head(
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !headers.contains_key(DATE) {
+        // RFC 9110 §6.6.1: a server with a clock sends one.
+        out.extend_from_slice(b"date: ");
+        http_date(out);
         out.extend_from_slice(b"\r\n");
     }
     if !keep {
@@ -775,6 +802,37 @@ mod tests {
         many.extend_from_slice(b"\r\n");
         let bad = parse_head(&many).unwrap_err();
         assert_eq!(bad.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    }
+
+    #[test]
+    fn every_head_has_a_date() {
+        let mut out = Vec::new();
+        write_head(
+            &mut out,
+            StatusCode::OK,
+            &HeaderMap::new(),
+            Version::HTTP_11,
+            true,
+        );
+        let text = String::from_utf8(out).unwrap();
+        let date = text
+            .lines()
+            .find_map(|l| l.strip_prefix("date: "))
+            .expect("a date");
+        let when = httpdate::parse_http_date(date).unwrap();
+        let age = std::time::SystemTime::now().duration_since(when).unwrap();
+        assert!(age.as_secs() < 60, "{date}");
+        // One the handler set is kept, and not repeated.
+        let mut h = HeaderMap::new();
+        h.insert(
+            DATE,
+            HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT"),
+        );
+        let mut out = Vec::new();
+        write_head(&mut out, StatusCode::OK, &h, Version::HTTP_11, true);
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.matches("date: ").count(), 1, "{text}");
+        assert!(text.contains("date: Sun, 06 Nov 1994 08:49:37 GMT\r\n"));
     }
 
     #[test]
