@@ -19,6 +19,28 @@ pub use server::{Bodies, Conn, Head, Intercept, NoIntercept, Server, has_token, 
 #[cfg(target_os = "linux")]
 pub use splice::Broken;
 
+/// A body that moves no byte for this long is abandoned, and its connection closed: a client
+/// that stopped reading, or a source that stopped sending, must not hold a connection, a file
+/// and a pipe forever.
+#[cfg(target_os = "linux")]
+const STALL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Waits for a socket to be ready (`ready` is its `readable()` or `writable()`), for at most
+/// [`STALL`].
+#[cfg(target_os = "linux")]
+async fn unless_stalled(
+    ready: impl std::future::Future<Output = std::io::Result<()>>,
+    side: &str,
+) -> std::io::Result<()> {
+    match tokio::time::timeout(STALL, ready).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("{side} moved no byte for {STALL:?}"),
+        )),
+    }
+}
+
 /// hyper's HTTP/1 read buffer and write queue, per connection. Its default (~400 KiB) lets a
 /// blob response queue that much per connection: at 32 connections that was most of the RSS
 /// over the memory budget (BENCHMARKS.md, finding 3).

@@ -82,7 +82,7 @@ mod linux {
         /// One sendfile(2) once the socket takes bytes; what it sent (0: the file ended).
         async fn sendfile(&self, dst: &TcpStream, pos: u64, want: u64) -> io::Result<u64> {
             loop {
-                dst.writable().await?;
+                crate::unless_stalled(dst.writable(), "the client").await?;
                 let mut offset = pos;
                 let sent = dst.try_io(Interest::WRITABLE, || {
                     rustix::fs::sendfile(dst, &*self.file, Some(&mut offset), want as usize)
@@ -109,7 +109,7 @@ mod linux {
             .map_err(io::Error::other)??;
             let mut rest = &buf[..];
             while !rest.is_empty() {
-                dst.writable().await?;
+                crate::unless_stalled(dst.writable(), "the client").await?;
                 match dst.try_write(rest) {
                     Ok(n) => rest = &rest[n..],
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -198,5 +198,29 @@ mod tests {
         let got = reader.await.unwrap();
         assert!(got == data[7..], "{} bytes, not the file's", got.len());
         assert_eq!(counter.get(), data.len() as u64 - 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_is_given_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        let len = 64 * 1024 * 1024;
+        // Sparse: all of it reads from the page cache without touching the disk.
+        std::fs::File::create(&path).unwrap().set_len(len).unwrap();
+        let file = Arc::new(std::fs::File::open(&path).unwrap());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(l.local_addr().unwrap());
+        let (client, server) = tokio::join!(client, l.accept());
+        let (_client, (server, _)) = (client.unwrap(), server.unwrap());
+        let counter = Counter::default();
+        let send = SendFile::new(file, 0, len).counting(counter.clone());
+        // Time is paused and jumps ahead whenever everything waits: without a limit of its
+        // own, the send would hang the test.
+        let err = tokio::time::timeout(std::time::Duration::from_secs(600), send.send(&server))
+            .await
+            .expect("given up within 10 minutes")
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+        assert!(counter.get() < len);
     }
 }

@@ -38,8 +38,8 @@ impl Pipe {
 /// Why a body relay stopped short.
 #[derive(Debug)]
 pub enum Broken {
-    /// The registry's side: it closed or failed before the last byte.
-    Registry(io::Error),
+    /// The source side: it closed or failed before the last byte.
+    Source(io::Error),
     /// The client's side: it went away.
     Client(io::Error),
 }
@@ -47,7 +47,7 @@ pub enum Broken {
 impl std::fmt::Display for Broken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Broken::Registry(e) => write!(f, "registry: {e}"),
+            Broken::Source(e) => write!(f, "source: {e}"),
             Broken::Client(e) => write!(f, "client: {e}"),
         }
     }
@@ -72,7 +72,9 @@ pub(crate) async fn relay(
             .unwrap_or(usize::MAX)
             .min(pipe.capacity);
         let n = loop {
-            src.readable().await.map_err(Broken::Registry)?;
+            crate::unless_stalled(src.readable(), "the source")
+                .await
+                .map_err(Broken::Source)?;
             let moved = src.try_io(Interest::READABLE, || {
                 rustix::pipe::splice(
                     src,
@@ -86,14 +88,14 @@ pub(crate) async fn relay(
             });
             match moved {
                 Ok(0) => {
-                    return Err(Broken::Registry(io::Error::new(
+                    return Err(Broken::Source(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         format!("closed with {remaining} of {len} body bytes to go"),
                     )));
                 }
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(Broken::Registry(e)),
+                Err(e) => return Err(Broken::Source(e)),
             }
         };
         remaining -= n as u64;
@@ -104,7 +106,9 @@ pub(crate) async fn relay(
             SpliceFlags::NONBLOCK | SpliceFlags::MOVE
         };
         while in_pipe > 0 {
-            dst.writable().await.map_err(Broken::Client)?;
+            crate::unless_stalled(dst.writable(), "the client")
+                .await
+                .map_err(Broken::Client)?;
             let moved = dst.try_io(Interest::WRITABLE, || {
                 rustix::pipe::splice(&pipe.read, None, dst, None, in_pipe, flags)
                     .map_err(io::Error::from)
@@ -128,4 +132,70 @@ pub(crate) async fn relay(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    /// Time is paused and jumps ahead whenever everything waits, so a wait without a limit
+    /// would hang the test: this makes it fail instead.
+    async fn within_10_minutes<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(std::time::Duration::from_secs(600), f)
+            .await
+            .expect("given up within 10 minutes")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_source_that_stops_sending_is_given_up() {
+        let (mut src_far, src) = pair().await;
+        let (_dst_far, dst) = pair().await;
+        src_far.write_all(b"12345").await.unwrap();
+        let pipe = Pipe::new().unwrap();
+        let counter = Counter::default();
+        let err = within_10_minutes(relay(&src, &dst, &pipe, 10, &[&counter]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Broken::Source(e) if e.kind() == io::ErrorKind::TimedOut),
+            "{err}"
+        );
+        assert_eq!(counter.get(), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_is_given_up() {
+        let (mut src_far, src) = pair().await;
+        let (_dst_far, dst) = pair().await;
+        let len = 64 * 1024 * 1024;
+        let feed = tokio::spawn(async move {
+            let chunk = vec![7u8; 1024 * 1024];
+            for _ in 0..64 {
+                if src_far.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let pipe = Pipe::new().unwrap();
+        let counter = Counter::default();
+        let err = within_10_minutes(relay(&src, &dst, &pipe, len, &[&counter]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Broken::Client(e) if e.kind() == io::ErrorKind::TimedOut),
+            "{err}"
+        );
+        assert!(counter.get() < len);
+        drop(src);
+        feed.await.unwrap();
+    }
 }

@@ -252,3 +252,45 @@ async fn without_hyper_a_request_body_is_not_read_and_the_connection_closes() {
     assert!(text.contains("connection: close\r\n"), "{text}");
     assert_eq!(*seen.lock().unwrap(), vec![Vec::<u8>::new()]);
 }
+
+/// Reads until the server closes; how long that took (paused time: jumps ahead whenever
+/// everything waits, so the server's timeouts pass at once and exactly).
+async fn closed_after(tcp: &mut TcpStream) -> std::time::Duration {
+    let start = tokio::time::Instant::now();
+    let mut sink = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(600),
+        tcp.read_to_end(&mut sink),
+    )
+    .await
+    .expect("closed within 10 minutes")
+    .unwrap();
+    start.elapsed()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_head_that_never_completes_is_closed_after_30_s() {
+    let addr = spawn(Server::new(push_app(Default::default()))).await;
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let waited = closed_after(&mut tcp).await;
+    assert!(waited.as_secs() == 30, "{waited:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_connection_is_closed_after_90_s() {
+    let addr = spawn(Server::new(push_app(Default::default()))).await;
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        read_response(&mut tcp, &mut buf).await,
+        (200, Some(b"root".to_vec()))
+    );
+    let waited = closed_after(&mut tcp).await;
+    assert!(waited.as_secs() == 90, "{waited:?}");
+}
