@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::rules::{self, ContainerKind, Policy, Skipped};
-use crate::view::{PodView, Text};
+use crate::view::{EitherForm, Form, Object, PodView, Text};
 
 /// Why a body is not an AdmissionReview the webhook can answer.
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +78,24 @@ pub struct Reviewed {
 
 /// Answers one AdmissionReview body under `policy`.
 pub fn review(body: &[u8], policy: &Policy) -> Result<Reviewed, BadReview> {
-    let review: Envelope<'_> = serde_json::from_str(utf8(body)?)?;
+    let text = utf8(body)?;
+    // The objects are read in the same pass as the envelope, as either form: what the API server
+    // sends always reads so. A body that does not is read again with its objects left in place,
+    // which tells a bad object from a bad review.
+    match serde_json::from_str::<Envelope<'_, EitherForm<'_>>>(text) {
+        Ok(review) => answer(review, policy),
+        Err(_) => answer(
+            serde_json::from_str::<Envelope<'_, &RawValue>>(text)?,
+            policy,
+        ),
+    }
+}
+
+/// The answer to a review whose objects are read as `O`.
+fn answer<'a, O: Object<'a>>(
+    review: Envelope<'a, O>,
+    policy: &Policy,
+) -> Result<Reviewed, BadReview> {
     if review.kind.as_str() != "AdmissionReview"
         || !review.api_version.as_str().starts_with("admission.k8s.io/")
     {
@@ -87,7 +104,8 @@ pub fn review(body: &[u8], policy: &Policy) -> Result<Reviewed, BadReview> {
             api_version: review.api_version.as_str().to_owned(),
         });
     }
-    let request = review.request.ok_or(BadReview::NoRequest)?;
+    let mut request = review.request.ok_or(BadReview::NoRequest)?;
+    let decided = decide(&mut request, policy);
     let mut out = Reviewed {
         body: Vec::new(),
         uid: String::new(),
@@ -108,7 +126,7 @@ pub fn review(body: &[u8], policy: &Policy) -> Result<Reviewed, BadReview> {
             warnings: None,
         },
     };
-    match decide(&request, policy) {
+    match decided {
         Ok((rewrite, checked)) => {
             out.rewritten = rewrite.rewritten;
             out.skipped = rewrite.skipped;
@@ -146,18 +164,18 @@ fn utf8(body: &[u8]) -> Result<&str, BadReview> {
     })
 }
 
-/// An AdmissionReview as kube's `AdmissionReview` reads it, keeping only what the webhook uses.
-/// The fields it does not use have kube's types still, so that what kube refused is still
-/// refused; the objects stay where they are in the body until the request says what they are.
+/// An AdmissionReview as kube's `AdmissionReview` reads it, keeping only what the webhook uses,
+/// its objects read as `O`. The fields it does not use have kube's types still, so that what kube
+/// refused is still refused.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Envelope<'a> {
+struct Envelope<'a, O> {
     #[serde(borrow)]
     api_version: Text<'a>,
     #[serde(borrow)]
     kind: Text<'a>,
-    #[serde(default, borrow)]
-    request: Option<Request<'a>>,
+    #[serde(borrow)]
+    request: Option<Request<'a, O>>,
     /// Never sent to a webhook; read as kube reads it.
     #[serde(default)]
     #[expect(dead_code, reason = "read only to refuse what kube refused")]
@@ -168,7 +186,7 @@ struct Envelope<'a> {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 #[expect(dead_code, reason = "fields read only to refuse what kube refused")]
-struct Request<'a> {
+struct Request<'a, O> {
     uid: String,
     #[serde(borrow)]
     kind: Gvk<'a>,
@@ -187,10 +205,8 @@ struct Request<'a> {
     namespace: Option<String>,
     operation: Operation,
     user_info: UserInfo,
-    #[serde(default, borrow)]
-    object: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    old_object: Option<&'a RawValue>,
+    object: Option<O>,
+    old_object: Option<O>,
     #[serde(default)]
     dry_run: bool,
     /// Any JSON value (kube's `RawExtension`).
@@ -240,20 +256,10 @@ struct AnswerResponse<'a> {
 #[derive(Debug, Serialize)]
 struct Empty {}
 
-/// What the review's object is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Form {
-    /// A core/v1 Pod: creates, and updates of `pods/ephemeralcontainers` from Kubernetes 1.22.
-    Pod,
-    /// A core/v1 EphemeralContainers (`metadata` and `ephemeralContainers`): what an update of
-    /// `pods/ephemeralcontainers` carries on Kubernetes 1.16–1.21.
-    EphemeralContainers,
-}
-
 /// The rules' verdict and the patch to send (checked against the object as sent), or why the
 /// rules were not applied.
-fn decide(
-    request: &Request<'_>,
+fn decide<'a, O: Object<'a>>(
+    request: &mut Request<'a, O>,
     policy: &Policy,
 ) -> Result<(rules::Rewrite, Option<json_patch::Patch>), (Unhandled, String)> {
     let kind = &request.kind;
@@ -291,11 +297,13 @@ fn decide(
     }
     let object = request
         .object
+        .take()
         .ok_or_else(|| (Unhandled::BadObject, "no object".to_owned()))?;
     let pod = read(object, form, "object")?;
     let old = if ephemeral_update {
         let old = request
             .old_object
+            .take()
             .ok_or_else(|| (Unhandled::BadObject, "no oldObject".to_owned()))?;
         Some(read(old, form, "oldObject")?)
     } else {
@@ -326,20 +334,17 @@ fn decide(
 /// The API server gives an EphemeralContainers only the pod's identity for metadata, and clients
 /// send back what they read, so the pod's opt-out label is seen only when a client adds it.
 fn read<'a>(
-    object: &'a RawValue,
+    object: impl Object<'a>,
     form: Form,
     field: &str,
 ) -> Result<PodView<'a>, (Unhandled, String)> {
-    match form {
-        Form::Pod => PodView::pod(object.get())
-            .map_err(|e| (Unhandled::BadObject, format!("{field} is not a Pod: {e}"))),
-        Form::EphemeralContainers => PodView::ephemeral_containers(object.get()).map_err(|e| {
-            (
-                Unhandled::BadObject,
-                format!("{field} is not an EphemeralContainers: {e}"),
-            )
-        }),
-    }
+    object.read(form).map_err(|e| {
+        let what = match form {
+            Form::Pod => "a Pod",
+            Form::EphemeralContainers => "an EphemeralContainers",
+        };
+        (Unhandled::BadObject, format!("{field} is not {what}: {e}"))
+    })
 }
 
 /// Whether `op` finds its target in the object as sent, read as `pod`: a patch that does not
@@ -486,7 +491,19 @@ mod tests {
     }
 
     fn ours(body: &[u8], policy: &Policy) -> Result<Reference, &'static str> {
-        match review(body, policy) {
+        outcome(review(body, policy))
+    }
+
+    /// `review` with the objects left in place until the request says what they are: the path
+    /// of a body whose objects do not read as either form.
+    fn in_two_passes(body: &[u8], policy: &Policy) -> Result<Reference, &'static str> {
+        let envelope =
+            utf8(body).and_then(|text| Ok(serde_json::from_str::<Envelope<'_, &RawValue>>(text)?));
+        outcome(envelope.and_then(|e| answer(e, policy)))
+    }
+
+    fn outcome(reviewed: Result<Reviewed, BadReview>) -> Result<Reference, &'static str> {
+        match reviewed {
             Ok(r) => Ok(Reference {
                 body: String::from_utf8(r.body).unwrap(),
                 rewritten: r.rewritten,
@@ -595,6 +612,7 @@ mod tests {
             for policy in &policies() {
                 let ours = ours(&body, policy).unwrap();
                 assert_eq!(ours, through_kube(&body, policy).unwrap(), "{name}");
+                assert_eq!(Ok(ours), in_two_passes(&body, policy), "{name}");
             }
         }
     }
@@ -820,7 +838,9 @@ mod tests {
 
         for (what, body) in &bodies {
             for policy in &policies() {
-                assert_eq!(ours(body, policy), through_kube(body, policy), "{what}");
+                let ours = ours(body, policy);
+                assert_eq!(ours, through_kube(body, policy), "{what}");
+                assert_eq!(ours, in_two_passes(body, policy), "{what}");
             }
         }
     }

@@ -539,11 +539,12 @@ fn is_mutable(reference: &ImageReference, pull_policy: Option<&str>) -> bool {
 
 /// Whether `image` already points at the proxy on `port` (written either way the node reaches it).
 fn on_proxy(image: &str, port: u16) -> bool {
+    let port = port.to_string();
     ["localhost", "127.0.0.1", "[::1]"].iter().any(|host| {
         image
             .strip_prefix(host)
             .and_then(|r| r.strip_prefix(':'))
-            .and_then(|r| r.strip_prefix(port.to_string().as_str()))
+            .and_then(|r| r.strip_prefix(port.as_str()))
             .is_some_and(|r| r.starts_with('/'))
     })
 }

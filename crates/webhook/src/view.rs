@@ -14,7 +14,8 @@ use std::marker::PhantomData;
 
 use k8s_openapi::api::core::v1::Pod;
 use serde::Deserialize;
-use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
 
 use crate::rules::{ContainerKind, MANAGED_LABEL, ORIGINAL_IMAGE_PREFIX, POLICY_LABEL};
 
@@ -102,47 +103,6 @@ impl<'a> PodView<'a> {
         }
     }
 
-    /// A core/v1 Pod object. Its `apiVersion` and `kind`, when present, must say so.
-    pub fn pod(json: &'a str) -> Result<Self, serde_json::Error> {
-        let Obj(o) = serde_json::from_str::<Obj<PodObject<'a>>>(json)?;
-        for (field, want) in [(&o.api_version, "v1"), (&o.kind, "Pod")] {
-            if let Some(got) = field.as_ref().filter(|v| v.as_str() != want) {
-                return Err(de::Error::invalid_value(
-                    de::Unexpected::Str(got.as_str()),
-                    &want,
-                ));
-            }
-        }
-        let spec = o.spec.map(|Obj(s)| s);
-        let (containers, init_containers, ephemeral_containers) = match spec {
-            Some(s) => (
-                unwrap(s.containers),
-                unwrap(s.init_containers),
-                unwrap(s.ephemeral_containers),
-            ),
-            None => Default::default(),
-        };
-        Ok(PodView {
-            metadata: o.metadata.map(|Obj(m)| m),
-            containers,
-            init_containers,
-            ephemeral_containers,
-        })
-    }
-
-    /// A core/v1 EphemeralContainers object (`metadata` and `ephemeralContainers`), as a pod
-    /// with those ephemeral containers and no other container.
-    pub fn ephemeral_containers(json: &'a str) -> Result<Self, serde_json::Error> {
-        let Obj(o) = serde_json::from_str::<Obj<EphemeralContainersObject<'a>>>(json)?;
-        Ok(PodView {
-            // Patch operations under the metadata are dropped for this form: its absence only
-            // hides the opt-out label, as an empty one would.
-            metadata: o.metadata.map(|Obj(m)| m),
-            ephemeral_containers: unwrap(o.ephemeral_containers),
-            ..PodView::default()
-        })
-    }
-
     /// The containers of one kind, in spec order.
     pub fn list(&self, kind: ContainerKind) -> &[ContainerView<'a>] {
         match kind {
@@ -181,42 +141,132 @@ fn unwrap<T>(list: Option<Vec<Obj<T>>>) -> Vec<T> {
         .collect()
 }
 
+/// What a review's object is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Form {
+    /// A core/v1 Pod: creates, and updates of `pods/ephemeralcontainers` from Kubernetes 1.22.
+    Pod,
+    /// A core/v1 EphemeralContainers (`metadata` and `ephemeralContainers`): what an update of
+    /// `pods/ephemeralcontainers` carries on Kubernetes 1.16–1.21.
+    EphemeralContainers,
+}
+
+/// A review's object, read as the rules read the form the request names.
+pub(crate) trait Object<'a> {
+    fn read(self, form: Form) -> Result<PodView<'a>, serde_json::Error>;
+}
+
+/// The object still as it is in the body.
+impl<'a> Object<'a> for &'a RawValue {
+    fn read(self, form: Form) -> Result<PodView<'a>, serde_json::Error> {
+        match form {
+            Form::Pod => serde_json::from_str::<Obj<PodFields<'a>>>(self.get())?
+                .0
+                .pod(),
+            Form::EphemeralContainers => {
+                let Obj(o) =
+                    serde_json::from_str::<Obj<EphemeralContainersFields<'a>>>(self.get())?;
+                Ok(o.ephemeral_containers())
+            }
+        }
+    }
+}
+
+/// The object read as either form, before the request says which: its fields of both forms read
+/// as each form reads them, so that either reads as it would have on its own.
+pub(crate) type EitherForm<'a> = Obj<Fields<'a, Text<'a>, Obj<Spec<'a>>, Containers<'a>>>;
+
+impl<'a> Object<'a> for EitherForm<'a> {
+    fn read(self, form: Form) -> Result<PodView<'a>, serde_json::Error> {
+        match form {
+            Form::Pod => self.0.pod(),
+            Form::EphemeralContainers => Ok(self.0.ephemeral_containers()),
+        }
+    }
+}
+
+/// A Pod, as the rules read it. Its `apiVersion` and `kind`, when present, must say so.
+type PodFields<'a> = Fields<'a, Text<'a>, Obj<Spec<'a>>, IgnoredAny>;
+
+/// An EphemeralContainers, as the rules read it: the pod's metadata and ephemeral containers.
+type EphemeralContainersFields<'a> = Fields<'a, IgnoredAny, IgnoredAny, Containers<'a>>;
+
+type Containers<'a> = Vec<Obj<ContainerView<'a>>>;
+
+/// The fields of an object either form reads; each form reads the other's as `IgnoredAny`. The
+/// Pod form reads `apiVersion` and `kind` as `T` and `spec` as `S`, the EphemeralContainers form
+/// `ephemeralContainers` as `E`.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct PodObject<'a> {
-    #[serde(default, borrow, deserialize_with = "some")]
-    api_version: Option<Text<'a>>,
-    #[serde(default, borrow, deserialize_with = "some")]
-    kind: Option<Text<'a>>,
+#[serde(bound(deserialize = "T: Deserialize<'de>, S: Deserialize<'de>, E: Deserialize<'de>"))]
+pub(crate) struct Fields<'a, T, S, E> {
+    /// A Pod holds these as plain strings: present means a string, never `null`.
+    #[serde(default, deserialize_with = "some")]
+    api_version: Option<T>,
+    #[serde(default, deserialize_with = "some")]
+    kind: Option<T>,
     #[serde(default, borrow)]
     metadata: Option<Obj<Meta<'a>>>,
-    #[serde(default, borrow)]
-    spec: Option<Obj<SpecObject<'a>>>,
+    #[serde(default)]
+    spec: Option<S>,
+    #[serde(default)]
+    ephemeral_containers: Option<E>,
+}
+
+impl<'a, E> Fields<'a, Text<'a>, Obj<Spec<'a>>, E> {
+    fn pod(self) -> Result<PodView<'a>, serde_json::Error> {
+        for (field, want) in [(&self.api_version, "v1"), (&self.kind, "Pod")] {
+            if let Some(got) = field.as_ref().filter(|v| v.as_str() != want) {
+                return Err(de::Error::invalid_value(
+                    de::Unexpected::Str(got.as_str()),
+                    &want,
+                ));
+            }
+        }
+        let spec = self.spec.map(|Obj(s)| s);
+        let (containers, init_containers, ephemeral_containers) = match spec {
+            Some(s) => (
+                unwrap(s.containers),
+                unwrap(s.init_containers),
+                unwrap(s.ephemeral_containers),
+            ),
+            None => Default::default(),
+        };
+        Ok(PodView {
+            metadata: self.metadata.map(|Obj(m)| m),
+            containers,
+            init_containers,
+            ephemeral_containers,
+        })
+    }
+}
+
+impl<'a, T, S> Fields<'a, T, S, Containers<'a>> {
+    /// A pod with the object's ephemeral containers and no other container.
+    fn ephemeral_containers(self) -> PodView<'a> {
+        PodView {
+            // Patch operations under the metadata are dropped for this form: its absence only
+            // hides the opt-out label, as an empty one would.
+            metadata: self.metadata.map(|Obj(m)| m),
+            ephemeral_containers: unwrap(self.ephemeral_containers),
+            ..PodView::default()
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct SpecObject<'a> {
+pub(crate) struct Spec<'a> {
     #[serde(default, borrow)]
-    containers: Option<Vec<Obj<ContainerView<'a>>>>,
+    containers: Option<Containers<'a>>,
     #[serde(default, borrow)]
-    init_containers: Option<Vec<Obj<ContainerView<'a>>>>,
+    init_containers: Option<Containers<'a>>,
     #[serde(default, borrow)]
-    ephemeral_containers: Option<Vec<Obj<ContainerView<'a>>>>,
+    ephemeral_containers: Option<Containers<'a>>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct EphemeralContainersObject<'a> {
-    #[serde(default, borrow)]
-    metadata: Option<Obj<Meta<'a>>>,
-    #[serde(default, borrow)]
-    ephemeral_containers: Option<Vec<Obj<ContainerView<'a>>>>,
-}
-
-/// A field a `Pod` holds as a plain `String`: present means a string, never `null`.
-fn some<'de: 'a, 'a, D: Deserializer<'de>>(d: D) -> Result<Option<Text<'a>>, D::Error> {
-    Text::deserialize(d).map(Some)
+fn some<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 /// A string of the body: borrowed, unless it holds escapes.
@@ -279,7 +329,7 @@ impl<'de> Deserialize<'de> for AnyText {
 /// `T` read from a JSON object only. Derived structs also read arrays (field by field), which a
 /// `Pod` never accepts and a patch path could not go through.
 #[derive(Debug)]
-struct Obj<T>(T);
+pub(crate) struct Obj<T>(T);
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
