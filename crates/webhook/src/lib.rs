@@ -11,6 +11,7 @@ pub mod rules;
 pub mod server;
 #[cfg(feature = "server")]
 pub mod tls;
+mod view;
 
 pub use review::{BadReview, Reviewed, Unhandled, review};
 pub use rules::{

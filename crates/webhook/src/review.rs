@@ -6,14 +6,17 @@
 
 use base64::Engine as _;
 use json_patch::jsonptr::Pointer;
+use json_patch::jsonptr::index::Index;
 use json_patch::{PatchOperation, ReplaceOperation};
-use k8s_openapi::api::core::v1::Pod;
-use kube::core::DynamicObject;
-use kube::core::admission::{AdmissionRequest, AdmissionReview, Operation};
+use k8s_openapi::api::authentication::v1::UserInfo;
+use kube::core::admission::{AdmissionResponse, Operation};
+use kube::core::{GroupVersionKind, GroupVersionResource};
+use serde::de::{self, IgnoredAny};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::value::RawValue;
 
-use crate::rules::{self, Policy, Scope, Skipped};
+use crate::rules::{self, ContainerKind, Policy, Skipped};
+use crate::view::{EitherForm, Form, Object, PodView, Text};
 
 /// Why a body is not an AdmissionReview the webhook can answer.
 #[derive(Debug, thiserror::Error)]
@@ -75,38 +78,45 @@ pub struct Reviewed {
 
 /// Answers one AdmissionReview body under `policy`.
 pub fn review(body: &[u8], policy: &Policy) -> Result<Reviewed, BadReview> {
-    let mut doc: Value = serde_json::from_slice(body)?;
-    // The objects stay as sent: the patch is checked against exactly what the API server will
-    // apply it to, and an object that is not a Pod is no reason to refuse the review.
-    let mut take = |pointer: &str| {
-        doc.pointer_mut(pointer)
-            .map(Value::take)
-            .filter(|v| !v.is_null())
-    };
-    let object = take("/request/object");
-    let old_object = take("/request/oldObject");
-    let review: AdmissionReview<DynamicObject> = serde_json::from_value(doc)?;
-    if review.types.kind != "AdmissionReview"
-        || !review.types.api_version.starts_with("admission.k8s.io/")
+    let text = utf8(body)?;
+    // The objects are read in the same pass as the envelope, as either form: what the API server
+    // sends always reads so. A body that does not is read again with its objects left in place,
+    // which tells a bad object from a bad review.
+    match serde_json::from_str::<Envelope<'_, EitherForm<'_>>>(text) {
+        Ok(review) => answer(review, policy),
+        Err(_) => answer(
+            serde_json::from_str::<Envelope<'_, &RawValue>>(text)?,
+            policy,
+        ),
+    }
+}
+
+/// The answer to a review whose objects are read as `O`.
+fn answer<'a, O: Object<'a>>(
+    review: Envelope<'a, O>,
+    policy: &Policy,
+) -> Result<Reviewed, BadReview> {
+    if review.kind.as_str() != "AdmissionReview"
+        || !review.api_version.as_str().starts_with("admission.k8s.io/")
     {
         return Err(BadReview::NotAReview {
-            kind: review.types.kind,
-            api_version: review.types.api_version,
+            kind: review.kind.as_str().to_owned(),
+            api_version: review.api_version.as_str().to_owned(),
         });
     }
-    let request: AdmissionRequest<DynamicObject> =
-        review.try_into().map_err(|_| BadReview::NoRequest)?;
+    let mut request = review.request.ok_or(BadReview::NoRequest)?;
+    let decided = decide(&mut request, policy);
     let mut out = Reviewed {
         body: Vec::new(),
-        uid: request.uid.clone(),
+        uid: String::new(),
         rewritten: 0,
         skipped: Vec::new(),
         opted_out: false,
         unhandled: None,
     };
     let mut answer = Answer {
-        api_version: &request.types.api_version,
-        kind: &request.types.kind,
+        api_version: review.api_version.as_str(),
+        kind: review.kind.as_str(),
         response: AnswerResponse {
             allowed: true,
             patch: None,
@@ -116,7 +126,7 @@ pub fn review(body: &[u8], policy: &Policy) -> Result<Reviewed, BadReview> {
             warnings: None,
         },
     };
-    match decide(&request, object, old_object, policy) {
+    match decided {
         Ok((rewrite, checked)) => {
             out.rewritten = rewrite.rewritten;
             out.skipped = rewrite.skipped;
@@ -133,8 +143,85 @@ pub fn review(body: &[u8], policy: &Policy) -> Result<Reviewed, BadReview> {
         }
         Err(unhandled) => out.unhandled = Some(unhandled),
     }
-    out.body = serde_json::to_vec(&answer).expect("an AdmissionReview always serialises");
+    // Room for the envelope, so that the answer is written without growing the buffer.
+    let room = 256 + answer.response.patch.as_ref().map_or(0, String::len);
+    out.body = Vec::with_capacity(room);
+    serde_json::to_writer(&mut out.body, &answer).expect("an AdmissionReview always serialises");
+    out.uid = request.uid;
     Ok(out)
+}
+
+/// The body as text. JSON is UTF-8; checked once for the whole body, the parser then skips what
+/// the webhook does not read without looking into it.
+fn utf8(body: &[u8]) -> Result<&str, BadReview> {
+    std::str::from_utf8(body).map_err(|_| {
+        // The error a full parse gives, which says where; bytes that are not UTF-8 are never
+        // valid JSON, so there is one.
+        let e = serde_json::from_slice::<serde_json::Value>(body)
+            .err()
+            .unwrap_or_else(|| de::Error::custom("the body is not UTF-8"));
+        BadReview::Json(e)
+    })
+}
+
+/// An AdmissionReview as kube's `AdmissionReview` reads it, keeping only what the webhook uses,
+/// its objects read as `O`. The fields it does not use have kube's types still, so that what kube
+/// refused is still refused.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Envelope<'a, O> {
+    #[serde(borrow)]
+    api_version: Text<'a>,
+    #[serde(borrow)]
+    kind: Text<'a>,
+    #[serde(borrow)]
+    request: Option<Request<'a, O>>,
+    /// Never sent to a webhook; read as kube reads it.
+    #[serde(default)]
+    #[expect(dead_code, reason = "read only to refuse what kube refused")]
+    response: Option<AdmissionResponse>,
+}
+
+/// kube's `AdmissionRequest`, as above.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[expect(dead_code, reason = "fields read only to refuse what kube refused")]
+struct Request<'a, O> {
+    uid: String,
+    #[serde(borrow)]
+    kind: Gvk<'a>,
+    resource: GroupVersionResource,
+    #[serde(default, borrow)]
+    sub_resource: Option<Text<'a>>,
+    #[serde(default)]
+    request_kind: Option<GroupVersionKind>,
+    #[serde(default)]
+    request_resource: Option<GroupVersionResource>,
+    #[serde(default)]
+    request_sub_resource: Option<String>,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    operation: Operation,
+    user_info: UserInfo,
+    object: Option<O>,
+    old_object: Option<O>,
+    #[serde(default)]
+    dry_run: bool,
+    /// Any JSON value (kube's `RawExtension`).
+    #[serde(default)]
+    options: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Gvk<'a> {
+    #[serde(borrow)]
+    group: Text<'a>,
+    #[serde(borrow)]
+    version: Text<'a>,
+    #[serde(borrow)]
+    kind: Text<'a>,
 }
 
 /// The AdmissionReview sent back. Written directly rather than through kube's
@@ -169,22 +256,10 @@ struct AnswerResponse<'a> {
 #[derive(Debug, Serialize)]
 struct Empty {}
 
-/// What the review's object is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Form {
-    /// A core/v1 Pod: creates, and updates of `pods/ephemeralcontainers` from Kubernetes 1.22.
-    Pod,
-    /// A core/v1 EphemeralContainers (`metadata` and `ephemeralContainers`): what an update of
-    /// `pods/ephemeralcontainers` carries on Kubernetes 1.16–1.21.
-    EphemeralContainers,
-}
-
 /// The rules' verdict and the patch to send (checked against the object as sent), or why the
 /// rules were not applied.
-fn decide(
-    request: &AdmissionRequest<DynamicObject>,
-    object: Option<Value>,
-    old_object: Option<Value>,
+fn decide<'a, O: Object<'a>>(
+    request: &mut Request<'a, O>,
     policy: &Policy,
 ) -> Result<(rules::Rewrite, Option<json_patch::Patch>), (Unhandled, String)> {
     let kind = &request.kind;
@@ -195,48 +270,46 @@ fn decide(
     ) {
         ("", "v1", "Pod") => Form::Pod,
         ("", "v1", "EphemeralContainers") => Form::EphemeralContainers,
-        _ => {
+        (group, version, kind) => {
             return Err((
                 Unhandled::NotPod,
                 format!(
-                    "object is {}/{} {}, neither a Pod nor an EphemeralContainers",
-                    kind.group, kind.version, kind.kind
+                    "object is {group}/{version} {kind}, neither a Pod nor an EphemeralContainers"
                 ),
             ));
         }
     };
-    let ephemeral_update = request.operation == Operation::Update
-        && request.sub_resource.as_deref() == Some("ephemeralcontainers");
-    let create = form == Form::Pod
-        && request.operation == Operation::Create
-        && request.sub_resource.is_none();
+    let sub_resource = request.sub_resource.as_ref().map(Text::as_str);
+    let ephemeral_update =
+        request.operation == Operation::Update && sub_resource == Some("ephemeralcontainers");
+    let create =
+        form == Form::Pod && request.operation == Operation::Create && sub_resource.is_none();
     if !create && !ephemeral_update {
         return Err((
             Unhandled::Operation,
             format!(
                 "{:?} of pods{} ({}) is not rewritten",
                 request.operation,
-                request
-                    .sub_resource
-                    .as_deref()
-                    .map(|s| format!("/{s}"))
-                    .unwrap_or_default(),
-                kind.kind
+                sub_resource.map(|s| format!("/{s}")).unwrap_or_default(),
+                kind.kind.as_str()
             ),
         ));
     }
-    let mut doc = object.ok_or_else(|| (Unhandled::BadObject, "no object".to_owned()))?;
-    let pod = as_pod(&doc, form, "object")?;
-    let old;
-    let scope = if ephemeral_update {
-        let old_doc =
-            old_object.ok_or_else(|| (Unhandled::BadObject, "no oldObject".to_owned()))?;
-        old = as_pod(&old_doc, form, "oldObject")?;
-        Scope::EphemeralUpdate { old: &old }
+    let object = request
+        .object
+        .take()
+        .ok_or_else(|| (Unhandled::BadObject, "no object".to_owned()))?;
+    let pod = read(object, form, "object")?;
+    let old = if ephemeral_update {
+        let old = request
+            .old_object
+            .take()
+            .ok_or_else(|| (Unhandled::BadObject, "no oldObject".to_owned()))?;
+        Some(read(old, form, "oldObject")?)
     } else {
-        Scope::Create
+        None
     };
-    let mut rewrite = rules::rewrite(&pod, policy, scope);
+    let mut rewrite = rules::rewrite_view(&pod, policy, old.as_ref());
     let patch = std::mem::take(&mut rewrite.patch);
     let patch = match form {
         Form::Pod => patch,
@@ -245,50 +318,82 @@ fn decide(
     if patch.0.is_empty() {
         return Ok((rewrite, None));
     }
-    json_patch::patch(&mut doc, &patch).map_err(|e| {
-        (
+    if let Some(op) = patch.0.iter().find(|op| !applies(op, &pod, form)) {
+        return Err((
             Unhandled::BadPatch,
-            format!("the patch does not apply: {e}"),
-        )
-    })?;
+            format!("the patch does not apply: no target in the object for {op:?}"),
+        ));
+    }
     Ok((rewrite, Some(patch)))
 }
 
-/// The object as a Pod, for the rules. An EphemeralContainers object becomes a Pod with its
+/// The object as the rules read it. An EphemeralContainers object reads as a pod with its
 /// metadata and its ephemeral containers (and no other container), so that the rules, their skip
 /// reasons and warnings are the same for both forms.
 ///
 /// The API server gives an EphemeralContainers only the pod's identity for metadata, and clients
 /// send back what they read, so the pod's opt-out label is seen only when a client adds it.
-fn as_pod(doc: &Value, form: Form, field: &str) -> Result<Pod, (Unhandled, String)> {
-    match form {
-        Form::Pod => Pod::deserialize(doc)
-            .map_err(|e| (Unhandled::BadObject, format!("{field} is not a Pod: {e}"))),
-        Form::EphemeralContainers => {
-            let not_it = |e: &dyn std::fmt::Display| {
-                (
-                    Unhandled::BadObject,
-                    format!("{field} is not an EphemeralContainers: {e}"),
-                )
+fn read<'a>(
+    object: impl Object<'a>,
+    form: Form,
+    field: &str,
+) -> Result<PodView<'a>, (Unhandled, String)> {
+    object.read(form).map_err(|e| {
+        let what = match form {
+            Form::Pod => "a Pod",
+            Form::EphemeralContainers => "an EphemeralContainers",
+        };
+        (Unhandled::BadObject, format!("{field} is not {what}: {e}"))
+    })
+}
+
+/// Whether `op` finds its target in the object as sent, read as `pod`: a patch that does not
+/// apply would make the API server fail the request. A bug guard, in place of applying the patch
+/// to a copy of the object: the rules only replace the image of a container that has one and add
+/// labels and annotations, so nothing else is accepted. The view reads every level of these paths
+/// as a JSON object or array, as they must be for the patch to apply.
+fn applies(op: &PatchOperation, pod: &PodView<'_>, form: Form) -> bool {
+    let mut path = op.path().tokens();
+    let mut next = || path.next();
+    match op {
+        PatchOperation::Replace(_) => {
+            if form == Form::Pod && next().is_none_or(|t| t.decoded() != "spec") {
+                return false;
+            }
+            let (Some(list), Some(index), Some(field), None) = (next(), next(), next(), next())
+            else {
+                return false;
             };
-            let o = doc
-                .as_object()
-                .ok_or_else(|| not_it(&"not a JSON object"))?;
-            let field = |name: &str| o.get(name).cloned().unwrap_or(Value::Null);
-            let view = serde_json::json!({
-                "metadata": field("metadata"),
-                "spec": {
-                    // Required in a PodSpec; the rules look at none but new ephemeral containers.
-                    "containers": [],
-                    "ephemeralContainers": field("ephemeralContainers"),
-                },
-            });
-            Pod::deserialize(&view).map_err(|e| not_it(&e))
+            let Some(kind) = ContainerKind::ALL
+                .into_iter()
+                .find(|k| list.decoded() == k.spec_field())
+            else {
+                return false;
+            };
+            field.decoded() == "image"
+                && matches!(index.to_index(), Ok(Index::Num(i))
+                    if pod.list(kind).get(i).is_some_and(|c| c.image.is_some()))
         }
+        PatchOperation::Add(_) => {
+            let Some(metadata) = &pod.metadata else {
+                return false;
+            };
+            let (Some(top), Some(map), key, None) = (next(), next(), next(), next()) else {
+                return false;
+            };
+            // A whole map may be added where there is none; a key only into a map.
+            let exists = match &*map.decoded() {
+                "labels" => metadata.labels.is_some(),
+                "annotations" => metadata.annotations.is_some(),
+                _ => return false,
+            };
+            top.decoded() == "metadata" && (key.is_none() || exists)
+        }
+        _ => false,
     }
 }
 
-/// The patch of an EphemeralContainers object's Pod view (see [`as_pod`]), made to apply to the
+/// The patch of an EphemeralContainers object's Pod view (see [`read`]), made to apply to the
 /// object itself: `/spec/ephemeralContainers/<i>/image` becomes `/ephemeralContainers/<i>/image`.
 ///
 /// The label and annotation operations are left out: the subresource stores nothing of the
@@ -325,34 +430,156 @@ fn onto_ephemeral_containers(
 
 #[cfg(test)]
 mod tests {
-    use kube::core::admission::AdmissionResponse;
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::core::DynamicObject;
+    use kube::core::admission::{AdmissionRequest, AdmissionReview};
+    use serde_json::{Value, json};
 
     use super::*;
+    use crate::rules::Scope;
 
-    /// The answer as kube's `AdmissionResponse` serialises it, its patch bytes (an array of
-    /// numbers) rewritten to base64 through a `Value`: what `review` sent before it wrote the
-    /// answer itself.
-    fn through_kube(body: &[u8], policy: &Policy) -> Vec<u8> {
-        let mut doc: Value = serde_json::from_slice(body).unwrap();
+    /// What `review` did before it read the body in one pass, and the reference for its answers:
+    /// the body as a `Value`, the envelope through kube's `AdmissionReview`, the object as a
+    /// k8s-openapi `Pod`, the patch checked by applying it to the object, and the answer as kube's
+    /// `AdmissionResponse` serialises it (its patch bytes, an array of numbers, rewritten to
+    /// base64 through a `Value`).
+    fn through_kube(body: &[u8], policy: &Policy) -> Result<Reference, &'static str> {
+        let mut doc: Value = serde_json::from_slice(body).map_err(|_| "json")?;
         let mut take = |p: &str| doc.pointer_mut(p).map(Value::take).filter(|v| !v.is_null());
         let (object, old_object) = (take("/request/object"), take("/request/oldObject"));
-        let review: AdmissionReview<DynamicObject> = serde_json::from_value(doc).unwrap();
-        let request: AdmissionRequest<DynamicObject> = review.try_into().unwrap();
+        let review: AdmissionReview<DynamicObject> =
+            serde_json::from_value(doc).map_err(|_| "json")?;
+        if review.types.kind != "AdmissionReview"
+            || !review.types.api_version.starts_with("admission.k8s.io/")
+        {
+            return Err("not a review");
+        }
+        let request: AdmissionRequest<DynamicObject> =
+            review.try_into().map_err(|_| "no request")?;
         let mut response = AdmissionResponse::from(&request);
-        if let Ok((rewrite, checked)) = decide(&request, object, old_object, policy) {
-            if !rewrite.warnings.is_empty() {
-                response.warnings = Some(rewrite.warnings);
+        let mut out = Reference::default();
+        match reference_decide(&request, object, old_object, policy) {
+            Ok((rewrite, checked)) => {
+                out.rewritten = rewrite.rewritten;
+                out.skipped = rewrite.skipped;
+                out.opted_out = rewrite.opted_out;
+                if !rewrite.warnings.is_empty() {
+                    response.warnings = Some(rewrite.warnings);
+                }
+                if let Some(patch) = checked {
+                    response = response.with_patch(patch).unwrap();
+                }
             }
-            if let Some(patch) = checked {
-                response = response.with_patch(patch).unwrap();
-            }
+            Err((reason, _)) => out.unhandled = Some(reason),
         }
         let mut v = serde_json::to_value(response.into_review()).unwrap();
         if let Some(patch) = v.pointer_mut("/response/patch") {
             let bytes: Vec<u8> = serde_json::from_value(patch.take()).unwrap();
             *patch = Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
         }
-        serde_json::to_vec(&v).unwrap()
+        out.body = String::from_utf8(serde_json::to_vec(&v).unwrap()).unwrap();
+        Ok(out)
+    }
+
+    #[derive(Debug, Default, PartialEq)]
+    struct Reference {
+        body: String,
+        rewritten: usize,
+        skipped: Vec<Skipped>,
+        opted_out: bool,
+        unhandled: Option<Unhandled>,
+    }
+
+    fn ours(body: &[u8], policy: &Policy) -> Result<Reference, &'static str> {
+        outcome(review(body, policy))
+    }
+
+    /// `review` with the objects left in place until the request says what they are: the path
+    /// of a body whose objects do not read as either form.
+    fn in_two_passes(body: &[u8], policy: &Policy) -> Result<Reference, &'static str> {
+        let envelope =
+            utf8(body).and_then(|text| Ok(serde_json::from_str::<Envelope<'_, &RawValue>>(text)?));
+        outcome(envelope.and_then(|e| answer(e, policy)))
+    }
+
+    fn outcome(reviewed: Result<Reviewed, BadReview>) -> Result<Reference, &'static str> {
+        match reviewed {
+            Ok(r) => Ok(Reference {
+                body: String::from_utf8(r.body).unwrap(),
+                rewritten: r.rewritten,
+                skipped: r.skipped,
+                opted_out: r.opted_out,
+                unhandled: r.unhandled.map(|(reason, _)| reason),
+            }),
+            Err(BadReview::Json(_)) => Err("json"),
+            Err(BadReview::NotAReview { .. }) => Err("not a review"),
+            Err(BadReview::NoRequest) => Err("no request"),
+        }
+    }
+
+    fn reference_decide(
+        request: &AdmissionRequest<DynamicObject>,
+        object: Option<Value>,
+        old_object: Option<Value>,
+        policy: &Policy,
+    ) -> Result<(rules::Rewrite, Option<json_patch::Patch>), (Unhandled, String)> {
+        let kind = &request.kind;
+        let form = match (
+            kind.group.as_str(),
+            kind.version.as_str(),
+            kind.kind.as_str(),
+        ) {
+            ("", "v1", "Pod") => Form::Pod,
+            ("", "v1", "EphemeralContainers") => Form::EphemeralContainers,
+            _ => return Err((Unhandled::NotPod, String::new())),
+        };
+        let ephemeral_update = request.operation == Operation::Update
+            && request.sub_resource.as_deref() == Some("ephemeralcontainers");
+        let create = form == Form::Pod
+            && request.operation == Operation::Create
+            && request.sub_resource.is_none();
+        if !create && !ephemeral_update {
+            return Err((Unhandled::Operation, String::new()));
+        }
+        let mut doc = object.ok_or_else(|| (Unhandled::BadObject, String::new()))?;
+        let pod = reference_pod(&doc, form)?;
+        let old;
+        let scope = if ephemeral_update {
+            let old_doc = old_object.ok_or_else(|| (Unhandled::BadObject, String::new()))?;
+            old = reference_pod(&old_doc, form)?;
+            Scope::EphemeralUpdate { old: &old }
+        } else {
+            Scope::Create
+        };
+        let mut rewrite = rules::rewrite(&pod, policy, scope);
+        let patch = std::mem::take(&mut rewrite.patch);
+        let patch = match form {
+            Form::Pod => patch,
+            Form::EphemeralContainers => onto_ephemeral_containers(patch)?,
+        };
+        if patch.0.is_empty() {
+            return Ok((rewrite, None));
+        }
+        json_patch::patch(&mut doc, &patch).map_err(|e| (Unhandled::BadPatch, e.to_string()))?;
+        Ok((rewrite, Some(patch)))
+    }
+
+    fn reference_pod(doc: &Value, form: Form) -> Result<Pod, (Unhandled, String)> {
+        let bad = |e: serde_json::Error| (Unhandled::BadObject, e.to_string());
+        match form {
+            Form::Pod => Pod::deserialize(doc).map_err(bad),
+            Form::EphemeralContainers => {
+                let o = doc
+                    .as_object()
+                    .ok_or_else(|| (Unhandled::BadObject, String::new()))?;
+                let field = |name: &str| o.get(name).cloned().unwrap_or(Value::Null);
+                let view = json!({
+                    "metadata": field("metadata"),
+                    "spec": {"containers": [], "ephemeralContainers": field("ephemeralContainers")},
+                });
+                Pod::deserialize(&view).map_err(bad)
+            }
+        }
     }
 
     fn fixtures() -> Vec<(String, Vec<u8>)> {
@@ -369,25 +596,283 @@ mod tests {
         out
     }
 
-    #[test]
-    fn answers_are_byte_for_byte_what_kube_wrote() {
-        let policies = [
+    fn policies() -> [Policy; 2] {
+        [
             Policy::default(),
             Policy {
                 skip_mutable: true,
                 ..Policy::default()
             },
-        ];
+        ]
+    }
+
+    #[test]
+    fn answers_are_byte_for_byte_what_kube_wrote() {
         for (name, body) in fixtures() {
-            for policy in &policies {
-                let ours = review(&body, policy).unwrap().body;
-                assert_eq!(
-                    String::from_utf8(ours).unwrap(),
-                    String::from_utf8(through_kube(&body, policy)).unwrap(),
-                    "{name}"
-                );
+            for policy in &policies() {
+                let ours = ours(&body, policy).unwrap();
+                assert_eq!(ours, through_kube(&body, policy).unwrap(), "{name}");
+                assert_eq!(Ok(ours), in_two_passes(&body, policy), "{name}");
             }
         }
+    }
+
+    /// Bodies off the beaten path, each answered (or refused) as the reference does.
+    #[test]
+    fn variants_are_answered_as_kube_answered_them() {
+        let fixture = |name: &str| -> Value {
+            let (_, body) = fixtures()
+                .into_iter()
+                .find(|(n, _)| n.ends_with(name))
+                .unwrap();
+            serde_json::from_slice(&body).unwrap()
+        };
+        let pod = fixture("create_replicaset_pod.json");
+        let bare = fixture("create_bare_pod.json");
+        let ephemeral = fixture("update_ephemeral_containers.json");
+        let old_form = fixture("update_ephemeral_containers_1_20.json");
+        let mut bodies: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut edit = |what: &str, base: &Value, pointer: &str, value: Option<Value>| {
+            let mut v = base.clone();
+            let (parent, key) = pointer.rsplit_once('/').unwrap();
+            let parent = v.pointer_mut(parent).unwrap_or_else(|| panic!("{pointer}"));
+            match (value, parent) {
+                (Some(value), Value::Array(a)) => a[key.parse::<usize>().unwrap()] = value,
+                (Some(value), p) => p[key] = value,
+                (None, p) => {
+                    p.as_object_mut().unwrap().remove(key);
+                }
+            }
+            bodies.push((format!("{what} {pointer}"), serde_json::to_vec(&v).unwrap()));
+        };
+        for base in [&pod, &bare] {
+            for (pointer, value) in [
+                ("/kind", Some(json!("AdmissionRequest"))),
+                ("/kind", None),
+                ("/apiVersion", Some(json!("v1"))),
+                ("/apiVersion", Some(json!(1))),
+                ("/request", None),
+                ("/request", Some(Value::Null)),
+                ("/request", Some(json!(42))),
+                ("/response", Some(json!({"uid": "x"}))),
+                ("/request/uid", None),
+                ("/request/uid", Some(json!(7))),
+                ("/request/kind", Some(json!({"group": "", "version": "v1"}))),
+                ("/request/kind/kind", Some(json!("Binding"))),
+                ("/request/kind/group", Some(json!("apps"))),
+                ("/request/resource", None),
+                ("/request/resource/group", Some(json!(1))),
+                ("/request/requestKind", Some(json!([]))),
+                ("/request/name", Some(Value::Null)),
+                ("/request/namespace", Some(Value::Null)),
+                ("/request/namespace", Some(json!({}))),
+                ("/request/operation", Some(json!("PATCH"))),
+                ("/request/operation", Some(json!("DELETE"))),
+                ("/request/operation", Some(json!("UPDATE"))),
+                ("/request/subResource", Some(json!("status"))),
+                ("/request/userInfo", None),
+                ("/request/userInfo/groups", Some(json!("system:masters"))),
+                ("/request/dryRun", Some(json!("yes"))),
+                ("/request/dryRun", Some(Value::Null)),
+                ("/request/options", Some(json!([1, {"a": null}]))),
+                ("/request/object", None),
+                ("/request/object", Some(json!(42))),
+                ("/request/object", Some(json!([]))),
+                ("/request/object", Some(json!({}))),
+                ("/request/object/kind", Some(json!("Deployment"))),
+                ("/request/object/kind", Some(Value::Null)),
+                ("/request/object/kind", None),
+                ("/request/object/apiVersion", Some(json!("apps/v1"))),
+                ("/request/object/apiVersion", None),
+                ("/request/object/metadata", None),
+                ("/request/object/metadata", Some(Value::Null)),
+                ("/request/object/metadata", Some(json!([]))),
+                ("/request/object/metadata", Some(json!({}))),
+                ("/request/object/metadata/labels", Some(Value::Null)),
+                ("/request/object/metadata/labels", Some(json!({}))),
+                ("/request/object/metadata/labels", Some(json!([]))),
+                ("/request/object/metadata/labels", Some(json!({"a": 1}))),
+                (
+                    "/request/object/metadata/labels",
+                    Some(json!({"kache.io/managed": "true", "x": "\u{e9}\""})),
+                ),
+                (
+                    "/request/object/metadata/labels",
+                    Some(json!({"kache.io/image-caching-policy": "ignore"})),
+                ),
+                (
+                    "/request/object/metadata/labels",
+                    Some(json!({"kache.io/image-caching-policy": null})),
+                ),
+                ("/request/object/metadata/annotations", Some(Value::Null)),
+                ("/request/object/metadata/annotations", Some(json!({}))),
+                ("/request/object/metadata/annotations", Some(json!("x"))),
+                (
+                    "/request/object/metadata/annotations",
+                    Some(json!({"original-image.kache.io/c.web": "nginx:1.19"})),
+                ),
+                (
+                    "/request/object/metadata/annotations",
+                    Some(json!({"original-image.kache.io/c.web": 1})),
+                ),
+                ("/request/object/spec", None),
+                ("/request/object/spec", Some(Value::Null)),
+                ("/request/object/spec", Some(json!([]))),
+                ("/request/object/spec/containers", Some(Value::Null)),
+                ("/request/object/spec/containers", Some(json!("not a list"))),
+                ("/request/object/spec/containers", Some(json!({}))),
+                (
+                    "/request/object/spec/containers/0",
+                    Some(json!(["web", "nginx"])),
+                ),
+                ("/request/object/spec/containers/0", Some(Value::Null)),
+                ("/request/object/spec/containers/0/image", None),
+                ("/request/object/spec/containers/0/image", Some(Value::Null)),
+                ("/request/object/spec/containers/0/image", Some(json!(""))),
+                ("/request/object/spec/containers/0/image", Some(json!(5))),
+                (
+                    "/request/object/spec/containers/0/image",
+                    Some(json!("ngin\"x")),
+                ),
+                ("/request/object/spec/containers/0/name", None),
+                (
+                    "/request/object/spec/containers/0/name",
+                    Some(json!(["web"])),
+                ),
+                (
+                    "/request/object/spec/containers/0/imagePullPolicy",
+                    Some(json!("Never")),
+                ),
+                (
+                    "/request/object/spec/containers/0/imagePullPolicy",
+                    Some(json!(true)),
+                ),
+                (
+                    "/request/object/spec/initContainers",
+                    Some(json!([{"name": "i", "image": "busybox"}])),
+                ),
+            ] {
+                edit("pod", base, pointer, value);
+            }
+        }
+        for (pointer, value) in [
+            ("/request/oldObject", None),
+            ("/request/oldObject", Some(json!("x"))),
+            (
+                "/request/oldObject/spec/ephemeralContainers",
+                Some(Value::Null),
+            ),
+            (
+                "/request/oldObject/spec/ephemeralContainers",
+                Some(json!({})),
+            ),
+            (
+                "/request/object/spec/ephemeralContainers/1/image",
+                Some(json!(1)),
+            ),
+            (
+                "/request/object/spec/ephemeralContainers",
+                Some(Value::Null),
+            ),
+            ("/request/subResource", None),
+            ("/request/operation", Some(json!("CREATE"))),
+            ("/request/object/metadata", None),
+            ("/request/object/metadata/annotations", Some(Value::Null)),
+        ] {
+            edit("ephemeral", &ephemeral, pointer, value);
+        }
+        for (pointer, value) in [
+            ("/request/object", Some(json!(42))),
+            ("/request/object", Some(json!([]))),
+            ("/request/object", Some(json!({}))),
+            ("/request/object/metadata", None),
+            ("/request/object/metadata", Some(json!([]))),
+            (
+                "/request/object/metadata/labels",
+                Some(json!({"kache.io/image-caching-policy": "ignore"})),
+            ),
+            (
+                "/request/object/ephemeralContainers",
+                Some(json!({"name": "debugger-2"})),
+            ),
+            ("/request/object/ephemeralContainers", Some(Value::Null)),
+            (
+                "/request/object/ephemeralContainers/0",
+                Some(json!(["debugger-2"])),
+            ),
+            (
+                "/request/object/ephemeralContainers/0/image",
+                Some(json!(null)),
+            ),
+            ("/request/object/kind", Some(json!("Pod"))),
+            ("/request/object/spec", Some(json!("not read"))),
+            ("/request/oldObject", Some(Value::Null)),
+            ("/request/oldObject/ephemeralContainers", Some(json!([]))),
+            ("/request/operation", Some(json!("CREATE"))),
+        ] {
+            edit("1.20", &old_form, pointer, value);
+        }
+        for raw in [
+            &b""[..],
+            b"{",
+            b"null",
+            b"[]",
+            b"{}",
+            b"{\"kind\":\"AdmissionReview\",\"apiVersion\":\"admission.k8s.io/v1\"}",
+            b"{\"kind\":\"AdmissionReview\",\"apiVersion\":\"admission.k8s.io/v1\",\"request\":null}",
+            b"{\"kind\":\"Pod\",\"apiVersion\":\"v1\",\"request\":{}}",
+            b"\xff\xfe",
+            b"{\"kind\":\"AdmissionReview\",\"apiVersion\":\"admission.k8s.io/v1\",\"x\":\"\xff\"}",
+        ] {
+            bodies.push((String::from_utf8_lossy(raw).into_owned(), raw.to_vec()));
+        }
+        // Not UTF-8, deep in a string the webhook does not read.
+        let mut v = serde_json::to_vec(&pod).unwrap();
+        let at = v.windows(8).position(|w| w == b"\"system:").unwrap();
+        v[at + 1] = 0xff;
+        bodies.push(("a byte that is not UTF-8".to_owned(), v));
+        // Trailing garbage.
+        let mut v = serde_json::to_vec(&pod).unwrap();
+        v.extend_from_slice(b" x");
+        bodies.push(("trailing garbage".to_owned(), v));
+
+        for (what, body) in &bodies {
+            for policy in &policies() {
+                let ours = ours(body, policy);
+                assert_eq!(ours, through_kube(body, policy), "{what}");
+                assert_eq!(ours, in_two_passes(body, policy), "{what}");
+            }
+        }
+    }
+
+    /// What the webhook does not read is skipped, not checked: an object the API server sent has
+    /// the types of a Pod, and reading all of it cost more than the rest of the review. Before,
+    /// such an object was answered without a patch, and JSON a `Value` cannot hold (a number
+    /// beyond `f64`, a lone surrogate) refused wherever it was.
+    #[test]
+    fn what_the_webhook_does_not_read_is_not_checked() {
+        let (_, body) = fixtures()
+            .into_iter()
+            .find(|(n, _)| n.ends_with("create_replicaset_pod.json"))
+            .unwrap();
+        let mut v: Value = serde_json::from_slice(&body).unwrap();
+        v["request"]["object"]["spec"]["volumes"] = json!("not a list");
+        let body = serde_json::to_vec(&v).unwrap();
+        let policy = Policy::default();
+        assert_eq!(
+            through_kube(&body, &policy).unwrap().unhandled,
+            Some(Unhandled::BadObject)
+        );
+        let reviewed = review(&body, &policy).unwrap();
+        assert!(reviewed.unhandled.is_none() && reviewed.rewritten == 3);
+
+        let body =
+            String::from_utf8(body)
+                .unwrap()
+                .replacen('{', r#"{"x": [1e400, "\ud800"], "#, 1);
+        assert_eq!(through_kube(body.as_bytes(), &policy), Err("json"));
+        let reviewed = review(body.as_bytes(), &policy).unwrap();
+        assert!(reviewed.unhandled.is_none() && reviewed.rewritten == 3);
     }
 
     #[test]

@@ -28,6 +28,8 @@ use kache_oci::{ImageReference, RepoName, split_cache_repository};
 use regex::Regex;
 use serde_json::Value;
 
+use crate::view::PodView;
+
 /// The port the node proxy listens on, on every node.
 pub const DEFAULT_PROXY_PORT: u16 = 7439;
 
@@ -55,7 +57,7 @@ pub enum ContainerKind {
 }
 
 impl ContainerKind {
-    const ALL: [ContainerKind; 3] = [Self::Container, Self::Init, Self::Ephemeral];
+    pub(crate) const ALL: [ContainerKind; 3] = [Self::Container, Self::Init, Self::Ephemeral];
 
     /// The field of the pod spec holding this kind (`initContainers`).
     pub fn spec_field(self) -> &'static str {
@@ -309,15 +311,28 @@ pub struct Rewrite {
 ///
 /// Applying the patch and rewriting the result again yields an empty patch.
 pub fn rewrite(pod: &Pod, policy: &Policy, scope: Scope<'_>) -> Rewrite {
+    let old = match scope {
+        Scope::Create => None,
+        Scope::EphemeralUpdate { old } => Some(PodView::of(old)),
+    };
+    rewrite_view(&PodView::of(pod), policy, old.as_ref())
+}
+
+/// [`rewrite`] of a pod as the review holds it; `old` is the pod before an update through
+/// `pods/ephemeralcontainers` ([`Scope::EphemeralUpdate`]), `None` for a create.
+pub(crate) fn rewrite_view(
+    pod: &PodView<'_>,
+    policy: &Policy,
+    old: Option<&PodView<'_>>,
+) -> Rewrite {
     let mut out = Rewrite::default();
-    let labels = pod.metadata.labels.as_ref();
-    if labels.and_then(|l| l.get(POLICY_LABEL)).map(String::as_str) == Some(POLICY_IGNORE) {
+    if pod.label(POLICY_LABEL) == Some(POLICY_IGNORE) {
         out.opted_out = true;
         return out;
     }
-    let existing_ephemeral: Vec<&str> = match scope {
-        Scope::Create => Vec::new(),
-        Scope::EphemeralUpdate { old } => containers(old)
+    let existing_ephemeral: Vec<&str> = match old {
+        None => Vec::new(),
+        Some(old) => containers(old)
             .filter(|c| c.kind == ContainerKind::Ephemeral)
             .map(|c| c.name)
             .collect(),
@@ -325,13 +340,10 @@ pub fn rewrite(pod: &Pod, policy: &Policy, scope: Scope<'_>) -> Rewrite {
     let mut ops = Vec::new();
     let mut originals = BTreeMap::new();
     for c in containers(pod) {
-        match scope {
-            Scope::Create => {}
-            Scope::EphemeralUpdate { .. } => {
-                if c.kind != ContainerKind::Ephemeral || existing_ephemeral.contains(&c.name) {
-                    continue;
-                }
-            }
+        if old.is_some()
+            && (c.kind != ContainerKind::Ephemeral || existing_ephemeral.contains(&c.name))
+        {
+            continue;
         }
         match decide(&c, policy) {
             Ok(new_image) => {
@@ -363,17 +375,17 @@ pub fn rewrite(pod: &Pod, policy: &Policy, scope: Scope<'_>) -> Rewrite {
         return out;
     }
     let mut managed = BTreeMap::new();
-    if labels
-        .and_then(|l| l.get(MANAGED_LABEL))
-        .map(String::as_str)
-        != Some("true")
-    {
+    if pod.label(MANAGED_LABEL) != Some("true") {
         managed.insert(MANAGED_LABEL.to_owned(), "true".to_owned());
     }
-    add_to_map(&mut ops, "labels", labels.is_some(), managed);
-    let annotations = pod.metadata.annotations.as_ref();
-    originals.retain(|k, v| annotations.and_then(|a| a.get(k)) != Some(v));
-    add_to_map(&mut ops, "annotations", annotations.is_some(), originals);
+    add_to_map(&mut ops, "labels", pod.labels().is_some(), managed);
+    originals.retain(|k, v| pod.annotation(k) != Some(v.as_str()));
+    add_to_map(
+        &mut ops,
+        "annotations",
+        pod.annotations().is_some(),
+        originals,
+    );
     out.patch = Patch(ops);
     out
 }
@@ -417,41 +429,19 @@ struct ContainerRef<'a> {
     pull_policy: Option<&'a str>,
 }
 
-fn containers(pod: &Pod) -> impl Iterator<Item = ContainerRef<'_>> {
-    let spec = pod.spec.as_ref();
-    let regular = spec
-        .into_iter()
-        .flat_map(|s| s.containers.iter().enumerate())
-        .map(|(index, c)| ContainerRef {
-            kind: ContainerKind::Container,
-            index,
-            name: &c.name,
-            image: c.image.as_deref(),
-            pull_policy: c.image_pull_policy.as_deref(),
-        });
-    let init = spec
-        .and_then(|s| s.init_containers.as_ref())
-        .into_iter()
-        .flat_map(|v| v.iter().enumerate())
-        .map(|(index, c)| ContainerRef {
-            kind: ContainerKind::Init,
-            index,
-            name: &c.name,
-            image: c.image.as_deref(),
-            pull_policy: c.image_pull_policy.as_deref(),
-        });
-    let ephemeral = spec
-        .and_then(|s| s.ephemeral_containers.as_ref())
-        .into_iter()
-        .flat_map(|v| v.iter().enumerate())
-        .map(|(index, c)| ContainerRef {
-            kind: ContainerKind::Ephemeral,
-            index,
-            name: &c.name,
-            image: c.image.as_deref(),
-            pull_policy: c.image_pull_policy.as_deref(),
-        });
-    regular.chain(init).chain(ephemeral)
+fn containers<'v>(pod: &'v PodView<'_>) -> impl Iterator<Item = ContainerRef<'v>> {
+    ContainerKind::ALL.into_iter().flat_map(move |kind| {
+        pod.list(kind)
+            .iter()
+            .enumerate()
+            .map(move |(index, c)| ContainerRef {
+                kind,
+                index,
+                name: c.name.as_ref().map_or("", |n| n.as_str()),
+                image: c.image.as_ref().map(|i| i.as_str()),
+                pull_policy: c.image_pull_policy.as_ref().map(|p| p.as_str()),
+            })
+    })
 }
 
 /// The rewritten image, or why not (with a warning when the user should hear about it).
@@ -549,11 +539,12 @@ fn is_mutable(reference: &ImageReference, pull_policy: Option<&str>) -> bool {
 
 /// Whether `image` already points at the proxy on `port` (written either way the node reaches it).
 fn on_proxy(image: &str, port: u16) -> bool {
+    let port = port.to_string();
     ["localhost", "127.0.0.1", "[::1]"].iter().any(|host| {
         image
             .strip_prefix(host)
             .and_then(|r| r.strip_prefix(':'))
-            .and_then(|r| r.strip_prefix(port.to_string().as_str()))
+            .and_then(|r| r.strip_prefix(port.as_str()))
             .is_some_and(|r| r.starts_with('/'))
     })
 }
@@ -671,14 +662,16 @@ fn unpack(packed: &str) -> Option<String> {
 /// not on a proxy (`localhost:<port>/<cache repository>`, or `127.0.0.1:<port>/...`) are not
 /// listed, whatever the annotations say.
 pub fn original_images(pod: &Pod) -> Vec<(ContainerKind, String, String)> {
-    let annotations = pod.metadata.annotations.as_ref();
-    containers(pod)
+    let view = PodView::of(pod);
+    containers(&view)
         .filter_map(|c| {
             let upstream = upstream_of_proxied(c.image?)?;
-            let recorded = annotation_key(c.kind, c.name)
-                .and_then(|k| annotations.and_then(|a| a.get(&k)))
-                .cloned();
-            Some((c.kind, c.name.to_owned(), recorded.unwrap_or(upstream)))
+            let recorded = annotation_key(c.kind, c.name).and_then(|k| view.annotation(&k));
+            Some((
+                c.kind,
+                c.name.to_owned(),
+                recorded.map_or(upstream, str::to_owned),
+            ))
         })
         .collect()
 }
