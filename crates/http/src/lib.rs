@@ -15,7 +15,9 @@ mod server;
 mod splice;
 
 pub use send_file::SendFile;
-pub use server::{Bodies, Conn, Head, Intercept, NoIntercept, Server, has_token, write_head};
+pub use server::{
+    Bodies, Conn, Head, Intercept, NoIntercept, Server, has_token, oci_error, write_head,
+};
 #[cfg(target_os = "linux")]
 pub use splice::Broken;
 

@@ -567,8 +567,8 @@ where
     r.map_err(io::Error::other)
 }
 
-/// An OCI error answer.
-fn oci_error(status: StatusCode, code: ErrorCode, message: impl std::fmt::Display) -> Response {
+/// An OCI error answer: `{"errors": [{"code", "message"}]}` as JSON.
+pub fn oci_error(status: StatusCode, code: ErrorCode, message: impl std::fmt::Display) -> Response {
     let body =
         serde_json::json!({"errors": [{"code": code.as_str(), "message": message.to_string()}]});
     (

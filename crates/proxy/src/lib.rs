@@ -156,21 +156,8 @@ fn check_registry_url(url: &str) -> Result<(), BadRegistryUrl> {
     }
 }
 
-/// An OCI error answer.
-pub(crate) fn error(
-    status: StatusCode,
-    code: ErrorCode,
-    message: impl std::fmt::Display,
-) -> Response {
-    let body =
-        serde_json::json!({"errors": [{"code": code.as_str(), "message": message.to_string()}]});
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response()
-}
+/// An OCI error answer (the one kache's server writes for a bad request head).
+pub(crate) use kache_http::oci_error as error;
 
 /// The client's answer for an upstream failure; `unknown` is the code of a 404.
 fn upstream_error(e: &UpstreamError, unknown: ErrorCode) -> Response {
