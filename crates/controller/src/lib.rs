@@ -4,12 +4,14 @@
 //!   one CachedImage per original image ([`ensure`]).
 //! - Each CachedImage is reconciled ([`images`]): usage recomputed from the live pods, the
 //!   registry asked to warm it for the nodes' platforms, expiry set, cleared or carried out.
+//! - The registry is told which images the cluster keeps, and which are pinned ([`kept`]).
 //! - Only the replica holding the Lease runs them ([`lease`]).
 
 pub mod decide;
 mod ensure;
 mod events;
 mod images;
+mod kept;
 pub mod lease;
 mod metrics;
 pub mod registry;
@@ -194,6 +196,12 @@ async fn run_controllers(
             }
         }
     };
+    let kept = kept::run(
+        image_store.clone(),
+        pod_store.clone(),
+        pods_ready.clone(),
+        registry.clone(),
+    );
     let ctx = Arc::new(Context {
         pods_ready,
         client: client.clone(),
@@ -245,6 +253,7 @@ async fn run_controllers(
         nodes,
         ensurer.run_pods(rx),
         recreate,
-        workloads
+        workloads,
+        kept
     );
 }

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use kache_oci::ImageReference;
+use kache_wire::{GC_PATH, GcReport, IMAGES_PATH, KeptImage, KeptImages};
 use serde::Deserialize;
 
 /// The registry's answer to a warm call (the fields the controller uses).
@@ -99,6 +100,20 @@ impl RegistryClient {
             .http
             .post(format!("{}/kache/v1/warm", self.base))
             .json(&body);
+        self.json(req).await
+    }
+
+    /// Runs one garbage collection now (`kache gc`).
+    pub async fn collect(&self, dry_run: bool) -> Result<GcReport, String> {
+        let url = format!("{}{GC_PATH}?dryRun={dry_run}", self.base);
+        self.json(self.http.post(url)).await
+    }
+
+    /// Sends `req` with the write token; the JSON answer, or the registry's error in one line.
+    async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<T, String> {
         let resp = self
             .authorized(req)
             .send()
@@ -113,6 +128,22 @@ impl RegistryClient {
             return Err(error_message(status.as_u16(), &text));
         }
         serde_json::from_str(&text).map_err(|e| format!("registry answer unreadable: {e}"))
+    }
+
+    /// Tells the registry which images the cluster keeps: the whole list, replacing the last.
+    pub async fn set_kept(&self, images: Vec<KeptImage>) -> Result<(), String> {
+        let url = format!("{}{IMAGES_PATH}", self.base);
+        let resp = self
+            .authorized(self.http.put(url).json(&KeptImages { images }))
+            .send()
+            .await
+            .map_err(|e| format!("registry unreachable: {e}"))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let text = resp.text().await.unwrap_or_default();
+        Err(error_message(status.as_u16(), &text))
     }
 
     /// Removes the tag of `image` from the registry (its blobs go at the next garbage

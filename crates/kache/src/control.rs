@@ -28,11 +28,8 @@ pub async fn controller(a: ControllerArgs) -> anyhow::Result<()> {
         identity: identity.clone(),
         duration: a.lease_duration.max(Duration::from_secs(3)),
     });
-    let token = match &a.registry_token_file {
-        Some(p) => Some(serve::read_token(p)?),
-        None => None,
-    };
-    let registry = RegistryClient::new(&a.registry, token, a.registry_timeout)
+    let token = a.registry.token()?;
+    let registry = RegistryClient::new(&a.registry.registry, token, a.registry_timeout)
         .context("building the registry client")?;
     let client = kube::Client::try_default()
         .await
@@ -42,7 +39,7 @@ pub async fn controller(a: ControllerArgs) -> anyhow::Result<()> {
     let metrics = ControllerMetrics::register(&mut prom);
     let scraped = metrics.clone();
     let ops = serve::spawn_ops(a.metrics_listen, Arc::new(prom), move || scraped.refresh()).await?;
-    tracing::info!(registry = %a.registry, expiry_delay = ?a.expiry_delay, ?workloads, "controller starting");
+    tracing::info!(registry = %a.registry.registry, expiry_delay = ?a.expiry_delay, ?workloads, "controller starting");
     kache_controller::run(
         client,
         Config {
@@ -59,4 +56,70 @@ pub async fn controller(a: ControllerArgs) -> anyhow::Result<()> {
     .await;
     ops.abort();
     Ok(())
+}
+
+/// `kache gc`: one collection through the registry's admin route, its report printed.
+pub async fn gc(
+    registry: &str,
+    token: Option<String>,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let client = RegistryClient::new(registry, token, Duration::from_secs(24 * 3600))
+        .context("building the registry client")?;
+    let report = client.collect(dry_run).await.map_err(anyhow::Error::msg)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let verb = if report.dry_run {
+        "would remove"
+    } else {
+        "removed"
+    };
+    println!(
+        "{verb} {} blobs ({} manifests), {} in {:.2}s",
+        report.removed_blobs,
+        report.removed_manifests,
+        bytes(report.removed_bytes),
+        report.duration_seconds
+    );
+    println!(
+        "marked {} manifests and {} blobs; {} candidates kept because they were in use; {} abandoned uploads removed",
+        report.marked_manifests, report.marked_blobs, report.kept_in_use, report.expired_uploads
+    );
+    if let Some(p) = &report.pressure {
+        println!(
+            "over {}: {} to free, {} could not be freed",
+            p.reason,
+            bytes(p.needed_bytes),
+            bytes(p.unmet_bytes)
+        );
+    }
+    let verb = if report.dry_run {
+        "would evict"
+    } else {
+        "evicted"
+    };
+    for i in &report.evicted_images {
+        println!("{verb} {i}");
+    }
+    println!("the store holds {}", bytes(report.store_bytes));
+    Ok(())
+}
+
+/// `1234567` → `1.2 MiB`.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }

@@ -44,6 +44,8 @@ enum Command {
     Crds,
     /// Run registry and proxy on 127.0.0.1, with data in ./kache-data: what a newcomer runs first.
     Dev(DevArgs),
+    /// Run one garbage collection now on a running registry, and print what it removed.
+    Gc(GcArgs),
     /// Re-hash every blob in a (stopped) store and report what does not verify.
     Fsck {
         #[arg(long, env = "KACHE_DATA_DIR")]
@@ -73,6 +75,66 @@ pub struct UpstreamArgs {
     upstream_timeout: Duration,
 }
 
+/// When and how the registry collects garbage (registry and dev alike).
+#[derive(clap::Args, Debug, Clone)]
+pub struct GcFlags {
+    /// When garbage collection runs: a five-field cron expression in UTC (minute hour
+    /// day-of-month month day-of-week; a leading seconds field is allowed), or `off`.
+    #[arg(long, env = "KACHE_GC_SCHEDULE", default_value = "0 3 * * *")]
+    gc_schedule: kache_registry::Schedule,
+    /// Blobs and manifests written or used more recently than this are never collected: longer
+    /// than any client takes between uploading layers and pushing their manifest.
+    #[arg(long, env = "KACHE_GC_GRACE", value_parser = parse_duration, default_value = "1h")]
+    gc_grace: Duration,
+    /// The most the store may hold (`200GiB`, `500MB`, `200Gi`); above it, whole images go,
+    /// least recently pulled first, never one a CachedImage retains or a live pod uses.
+    #[arg(long, env = "KACHE_MAX_SIZE", value_parser = parse_size)]
+    max_size: Option<u64>,
+    /// Free space kept on the data directory's filesystem (`5%` or a size): below it, images
+    /// are evicted the same way, before writes start failing.
+    #[arg(long, env = "KACHE_MIN_FREE", default_value = "5%")]
+    min_free: kache_store::MinFree,
+    /// Blobs removed per index transaction during a sweep.
+    #[arg(long, env = "KACHE_GC_BATCH", hide = true)]
+    gc_batch: Option<usize>,
+}
+
+/// Where the registry's writes go (the controller and `kache gc`).
+#[derive(clap::Args, Debug)]
+struct WriteRegistryArgs {
+    /// The registry's internal listener (the one that takes warm calls, deletes and admin calls).
+    #[arg(
+        long,
+        env = "KACHE_REGISTRY",
+        default_value = "http://kache-registry-internal:5001"
+    )]
+    registry: String,
+    /// A file holding the registry's write token, when its writes need one.
+    #[arg(long, env = "KACHE_REGISTRY_TOKEN_FILE")]
+    registry_token_file: Option<PathBuf>,
+}
+
+impl WriteRegistryArgs {
+    fn token(&self) -> anyhow::Result<Option<String>> {
+        self.registry_token_file
+            .as_deref()
+            .map(serve::read_token)
+            .transpose()
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct GcArgs {
+    #[command(flatten)]
+    registry: WriteRegistryArgs,
+    /// Decide and report, remove nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(clap::Args, Debug)]
 struct RegistryArgs {
     /// Address of the Distribution API the proxies read from. Writes here need --write-token-file.
@@ -100,6 +162,8 @@ struct RegistryArgs {
     /// with sendfile; pushes and HTTP/2 go to hyper) or `hyper` (every body through user space).
     #[arg(long, env = "KACHE_SERVER", value_enum, default_value = "kache")]
     server: serve::RegistryServer,
+    #[command(flatten)]
+    gc: GcFlags,
     #[command(flatten)]
     upstream: UpstreamArgs,
 }
@@ -169,16 +233,8 @@ struct WebhookArgs {
 
 #[derive(clap::Args, Debug)]
 struct ControllerArgs {
-    /// The registry's internal listener (the one that takes warm calls and deletes).
-    #[arg(
-        long,
-        env = "KACHE_REGISTRY",
-        default_value = "http://kache-registry-internal:5001"
-    )]
-    registry: String,
-    /// A file holding the registry's write token, when its writes need one.
-    #[arg(long, env = "KACHE_REGISTRY_TOKEN_FILE")]
-    registry_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    registry: WriteRegistryArgs,
     /// Longest wait for one warm call (a cold multi-GiB image takes a while).
     #[arg(long, env = "KACHE_REGISTRY_TIMEOUT", value_parser = parse_duration, default_value = "30m")]
     registry_timeout: Duration,
@@ -226,7 +282,35 @@ struct DevArgs {
     #[arg(long, env = "KACHE_TAG_TTL", value_parser = parse_duration, default_value = "5m")]
     tag_ttl: Duration,
     #[command(flatten)]
+    gc: GcFlags,
+    #[command(flatten)]
     upstream: UpstreamArgs,
+}
+
+/// Sizes as `200GiB`, `500MB`, `200Gi`, or plain bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    kache_store::parse_size(s).map_err(|e| e.to_string())
+}
+
+impl GcFlags {
+    fn config(&self, upload_timeout: Duration) -> kache_registry::GcConfig {
+        if self.gc_grace < Duration::from_secs(60) {
+            tracing::warn!(
+                grace = ?self.gc_grace,
+                "a garbage-collection grace period under a minute can remove the layers of a push in progress"
+            );
+        }
+        kache_registry::GcConfig {
+            schedule: self.gc_schedule.clone(),
+            grace: self.gc_grace,
+            upload_timeout,
+            limits: kache_store::Limits {
+                max_size: self.max_size,
+                min_free: self.min_free,
+            },
+            batch: self.gc_batch,
+        }
+    }
 }
 
 /// Durations as `30s`, `15m`, `2h`, `30d`, `1d12h`, or plain seconds.
@@ -278,6 +362,7 @@ fn main() -> anyhow::Result<()> {
                     upload_timeout: a.upload_timeout,
                     tag_ttl: a.tag_ttl,
                     server: a.server,
+                    gc: a.gc.config(a.upload_timeout),
                     upstream: serve::upstream_config(&a.upstream)?,
                     proxy: None,
                 })
@@ -324,6 +409,7 @@ fn main() -> anyhow::Result<()> {
                     upload_timeout: Duration::from_secs(3600),
                     tag_ttl: a.tag_ttl,
                     server: serve::RegistryServer::Kache,
+                    gc: a.gc.config(Duration::from_secs(3600)),
                     upstream: upstream.clone(),
                     proxy: Some(serve::ProxyOptions {
                         listen: vec![a.proxy_listen],
@@ -340,6 +426,10 @@ fn main() -> anyhow::Result<()> {
             Command::Crds => {
                 print!("{}", kache_api::crds_yaml());
                 Ok(())
+            }
+            Command::Gc(a) => {
+                let token = a.registry.token()?;
+                control::gc(&a.registry.registry, token, a.dry_run, a.json).await
             }
             Command::Fsck { data_dir } => serve::fsck(&data_dir).await,
         }

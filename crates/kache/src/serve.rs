@@ -35,6 +35,7 @@ pub struct RegistryOptions {
     pub upload_timeout: Duration,
     pub tag_ttl: Duration,
     pub server: RegistryServer,
+    pub gc: kache_registry::GcConfig,
     pub upstream: UpstreamConfig,
     /// A node proxy in the same process (`kache dev`).
     pub proxy: Option<ProxyOptions>,
@@ -285,6 +286,8 @@ pub async fn registry(o: RegistryOptions) -> anyhow::Result<()> {
     let metrics = Metrics::new(&mut prom);
     let upstream = Upstream::new(o.upstream.clone()).context("configuring the upstream client")?;
     let registry = Registry::with_pull_through(store.clone(), metrics.clone(), upstream, o.tag_ttl);
+    tracing::info!(schedule = %o.gc.schedule, grace = ?o.gc.grace, max_size = ?o.gc.limits.max_size, min_free = ?o.gc.limits.min_free, "garbage collection");
+    registry.configure_gc(o.gc);
 
     let access = match (&o.write_token, o.open_writes) {
         (_, true) => Access::ReadWrite,
@@ -330,10 +333,8 @@ pub async fn registry(o: RegistryOptions) -> anyhow::Result<()> {
     let ops = bind(o.metrics_listen, "metrics").await?;
     tracing::info!(listen = %o.listen, internal = ?o.internal_listen, metrics = %o.metrics_listen, data_dir = %o.data_dir.display(), "registry serving");
 
-    let gauge_store = store.clone();
-    let ops_app = ops_router(Arc::new(prom), move || {
-        metrics.store_bytes.set(gauge_store.total_bytes() as i64);
-    });
+    let gauges = registry.clone();
+    let ops_app = ops_router(Arc::new(prom), move || gauges.refresh_gauges());
     spawn_server(&mut servers, ops, ops_app, "metrics listener");
     let maintain = tokio::spawn(registry.clone().maintain(o.upload_timeout));
     // The first server to end (shutdown or failure) ends the process.

@@ -91,6 +91,12 @@ impl From<StoreError> for Error {
             }
             StoreError::SizeMismatch { .. } => Error::new(Code::SizeInvalid, msg),
             StoreError::Body(_) => Error::new(Code::BlobUploadInvalid, msg),
+            StoreError::NoSpace(_) => Error::new(
+                Code::Unavailable,
+                "the registry's storage is full; it is evicting unused images to make room, try again later",
+            )
+            .status(StatusCode::INSUFFICIENT_STORAGE),
+            StoreError::Busy => Error::new(Code::Unavailable, msg).status(StatusCode::CONFLICT),
             StoreError::Io(_) | StoreError::Index(_) => Error::internal(msg),
         }
     }

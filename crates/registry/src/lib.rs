@@ -4,8 +4,10 @@
 //! Every request is routed by [`Route::parse`] from its raw path, then handled in
 //! [`api`]; every failure is an [`error::Error`] with the spec's code and JSON body.
 
+mod admin;
 mod api;
 pub mod error;
+pub mod gc;
 pub mod metrics;
 pub mod pull;
 pub mod warm;
@@ -20,7 +22,9 @@ use axum::response::{IntoResponse, Response};
 use kache_oci::api::Route;
 use kache_oci::upstream::Upstream;
 use kache_store::Store;
+use kache_wire::{GC_PATH, IMAGES_PATH};
 
+pub use gc::{Collector, GcConfig, Schedule};
 pub use metrics::Metrics;
 pub use pull::PullThrough;
 
@@ -55,6 +59,7 @@ struct Inner {
     store: Arc<Store>,
     metrics: Metrics,
     pull: Option<PullThrough>,
+    gc: Arc<Collector>,
 }
 
 /// Who may change the cache through a listener. Whatever is cached runs on every node and any
@@ -79,6 +84,7 @@ impl Registry {
     pub fn new(store: Arc<Store>, metrics: Metrics) -> Self {
         Registry {
             inner: Arc::new(Inner {
+                gc: Collector::new(store.clone(), metrics.clone()),
                 store,
                 metrics,
                 pull: None,
@@ -97,6 +103,7 @@ impl Registry {
         let pull = PullThrough::new(upstream, tag_ttl, metrics.clone());
         Registry {
             inner: Arc::new(Inner {
+                gc: Collector::new(store.clone(), metrics.clone()),
                 store,
                 metrics,
                 pull: Some(pull),
@@ -106,6 +113,25 @@ impl Registry {
 
     pub fn store(&self) -> &Arc<Store> {
         &self.inner.store
+    }
+
+    /// The garbage collector of this registry's store.
+    pub fn collector(&self) -> &Arc<Collector> {
+        &self.inner.gc
+    }
+
+    /// Sets how the registry collects (schedule, grace, limits). Call before [`Self::maintain`].
+    pub fn configure_gc(&self, config: GcConfig) {
+        self.inner.gc.configure(config);
+    }
+
+    /// Brings the store gauges up to date (before a scrape).
+    pub fn refresh_gauges(&self) {
+        let m = &self.inner.metrics;
+        m.store_bytes.set(self.inner.store.total_bytes() as i64);
+        if let Ok(free) = self.inner.store.free_bytes() {
+            m.store_free_bytes.set(free as i64);
+        }
     }
 
     /// The API with reads and writes, as `kache dev` and tests serve it.
@@ -122,8 +148,11 @@ impl Registry {
     }
 
     /// Background upkeep: flushes access times, expires abandoned uploads, refreshes the
-    /// store-size gauge. Runs until the task is dropped.
+    /// store gauges, and collects garbage on the schedule and under pressure. Runs until the
+    /// task is dropped.
     pub async fn maintain(self, upload_timeout: Duration) {
+        let collector = tokio::spawn(self.inner.gc.clone().run());
+        let _stop = AbortOnDrop(collector);
         let mut tick = tokio::time::interval(Duration::from_secs(15));
         loop {
             tick.tick().await;
@@ -136,11 +165,17 @@ impl Registry {
                 Ok(n) => tracing::info!(expired = n, "removed abandoned uploads"),
                 Err(e) => tracing::warn!(error = %e, "expiring uploads failed"),
             }
-            self.inner
-                .metrics
-                .store_bytes
-                .set(store.total_bytes() as i64);
+            self.refresh_gauges();
         }
+    }
+}
+
+/// Stops a background task when its owner goes.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -196,6 +231,18 @@ async fn handle(State(ep): State<Endpoint>, req: Request) -> Response {
         Ok(()) if path == WARM_PATH => (
             "warm",
             reg.warm_endpoint(req)
+                .await
+                .unwrap_or_else(IntoResponse::into_response),
+        ),
+        Ok(()) if path == GC_PATH => (
+            "gc",
+            reg.gc_endpoint(req)
+                .await
+                .unwrap_or_else(IntoResponse::into_response),
+        ),
+        Ok(()) if path == IMAGES_PATH => (
+            "images",
+            reg.images_endpoint(req)
                 .await
                 .unwrap_or_else(IntoResponse::into_response),
         ),

@@ -23,6 +23,12 @@ pub struct CacheLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `success`, `failure` or `dry_run`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabel {
     pub route: &'static str,
 }
@@ -37,6 +43,14 @@ pub struct Metrics {
     pub store_bytes: Gauge,
     pub cache: Family<CacheLabels, Counter>,
     pub upstream_errors: Counter,
+    pub blobs_not_stored: Counter,
+    pub store_free_bytes: Gauge,
+    pub gc_runs: Family<ResultLabel, Counter>,
+    pub gc_duration: Histogram,
+    pub gc_freed_bytes: Counter,
+    pub gc_freed_blobs: Counter,
+    pub gc_evicted_images: Counter,
+    pub gc_last_success: Gauge,
 }
 
 impl Metrics {
@@ -52,6 +66,14 @@ impl Metrics {
             store_bytes: Gauge::default(),
             cache: Family::default(),
             upstream_errors: Counter::default(),
+            blobs_not_stored: Counter::default(),
+            store_free_bytes: Gauge::default(),
+            gc_runs: Family::default(),
+            gc_duration: Histogram::new(exponential_buckets(0.01, 4.0, 10)),
+            gc_freed_bytes: Counter::default(),
+            gc_freed_blobs: Counter::default(),
+            gc_evicted_images: Counter::default(),
+            gc_last_success: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("kache_registry");
         r.register(
@@ -88,6 +110,46 @@ impl Metrics {
             "upstream_errors",
             "Upstream fetches that failed",
             m.upstream_errors.clone(),
+        );
+        r.register(
+            "blobs_not_stored",
+            "Fetched blobs served to their clients but not kept (disk full or I/O error)",
+            m.blobs_not_stored.clone(),
+        );
+        r.register(
+            "store_free_bytes",
+            "Bytes free on the data directory's filesystem",
+            m.store_free_bytes.clone(),
+        );
+        r.register(
+            "gc_runs",
+            "Garbage collections by result (success, failure, dry_run)",
+            m.gc_runs.clone(),
+        );
+        r.register(
+            "gc_duration_seconds",
+            "Time a garbage collection took",
+            m.gc_duration.clone(),
+        );
+        r.register(
+            "gc_freed_bytes",
+            "Bytes of blobs and manifests garbage collection removed",
+            m.gc_freed_bytes.clone(),
+        );
+        r.register(
+            "gc_freed_blobs",
+            "Blobs and manifests garbage collection removed",
+            m.gc_freed_blobs.clone(),
+        );
+        r.register(
+            "gc_evicted_images",
+            "Images evicted to keep the store under --max-size and the disk over --min-free",
+            m.gc_evicted_images.clone(),
+        );
+        r.register(
+            "gc_last_success_timestamp_seconds",
+            "When the last successful garbage collection started (unix seconds)",
+            m.gc_last_success.clone(),
         );
         m
     }

@@ -263,17 +263,21 @@ impl PullThrough {
         creds: Option<Credentials>,
     ) -> Result<FlightStream, Error> {
         let (up, origin_c, d) = (self.upstream.clone(), origin.clone(), digest.clone());
-        let source = move || async move {
-            let r = up
-                .blob(&origin_c.registry, &origin_c.path, &d, creds.as_ref())
-                .await
-                .map_err(|e| Arc::new(e) as FetchError)?;
-            let size = r.content_length();
-            let body = r.into_stream().map_err(|e| Arc::new(e) as FetchError);
-            Ok(Source {
-                size,
-                body: Box::pin(body),
-            })
+        // Called once per flight, and once per reader if the store cannot keep the blob.
+        let source = move || {
+            let (up, origin_c, d, creds) = (up.clone(), origin_c.clone(), d.clone(), creds.clone());
+            async move {
+                let r = up
+                    .blob(&origin_c.registry, &origin_c.path, &d, creds.as_ref())
+                    .await
+                    .map_err(|e| Arc::new(e) as FetchError)?;
+                let size = r.content_length();
+                let body = r.into_stream().map_err(|e| Arc::new(e) as FetchError);
+                Ok(Source {
+                    size,
+                    body: Box::pin(body),
+                })
+            }
         };
         match store.fetch_blob(repo, digest, source).await {
             Ok(s) => Ok(s),

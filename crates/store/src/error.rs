@@ -25,13 +25,39 @@ pub enum StoreError {
     /// The client's body stream failed (disconnect, reset): nothing was stored.
     #[error("reading the request body failed: {0}")]
     Body(std::io::Error),
+    /// The disk is full: nothing was kept, and the registry is evicting to make room.
+    #[error("no space left in the store: {0}")]
+    NoSpace(std::io::Error),
     #[error("storage I/O failed: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+    /// A garbage collection is already running; one runs at a time.
+    #[error("a garbage collection is already running")]
+    Busy,
     #[error("index failed: {0}")]
     Index(String),
 }
 
+impl From<std::io::Error> for StoreError {
+    fn from(e: std::io::Error) -> Self {
+        if is_no_space(&e) {
+            StoreError::NoSpace(e)
+        } else {
+            StoreError::Io(e)
+        }
+    }
+}
+
+/// ENOSPC, and EDQUOT (a quota is a full disk to whoever hits it).
+pub(crate) fn is_no_space(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull || e.kind() == std::io::ErrorKind::QuotaExceeded
+}
+
 impl StoreError {
+    /// The disk is full.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, StoreError::NoSpace(_))
+    }
+
     pub(crate) fn index(e: impl std::fmt::Display) -> Self {
         StoreError::Index(e.to_string())
     }

@@ -10,6 +10,12 @@
 //! `blobs/` and the index commit come after (an fsync of a large blob takes a noticeable share
 //! of a cold pull). The blob is visible to other requests only once it is renamed and indexed,
 //! so a crash in between leaves a temporary file, as before.
+//!
+//! A cache that cannot keep a blob degrades to a proxy, never to a failed pull: when the blob
+//! does not fit (its announced size is larger than the free space) or writing it fails (disk
+//! full, an I/O error), every reader goes on with a stream of its own from the source, whose
+//! bytes it hashes together with those it already had, so its last byte still waits for the
+//! digest to match. Nothing is kept; the [`Observer`](crate::Observer) hears of it.
 
 use std::collections::HashMap;
 use std::io::{IoSlice, Write};
@@ -18,11 +24,12 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, Stream, StreamExt};
 use kache_oci::{Digest, Hasher, RepoName};
 use tokio::sync::{mpsc, watch};
 
-use crate::error::StoreError;
+use crate::error::{StoreError, is_no_space};
 use crate::fs::{self, IO_BUF};
 use crate::{Store, blocking, read};
 
@@ -31,6 +38,10 @@ pub type FetchError = Arc<dyn std::error::Error + Send + Sync>;
 
 /// A byte stream from the source.
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, FetchError>> + Send>>;
+
+/// Asks the source for the whole blob: once per flight, and once more per reader if the store
+/// cannot keep it.
+pub type SourceFn = Arc<dyn Fn() -> BoxFuture<'static, Result<Source, FetchError>> + Send + Sync>;
 
 /// What a source hands back once it answers: the size it announced, if any, and the bytes.
 pub struct Source {
@@ -72,21 +83,36 @@ enum State {
     Verified {
         size: u64,
     },
+    /// Finished; `stored` is false when it was verified and served but could not be kept
+    /// (readers holding the file read it to the end all the same).
     Done {
         size: u64,
+        stored: bool,
     },
     /// Failed before the source answered: joiners get the source's error.
     Refused(FetchError),
     /// Failed mid-stream (truncated, reset, wrong digest): readers' streams end in an error.
     Broken(Arc<str>),
+    /// The store could not keep what the source sends: readers switch to a source stream of
+    /// their own.
+    Unstored,
 }
 
-#[derive(Debug)]
 struct Flight {
     tmp: PathBuf,
+    source: SourceFn,
     state: watch::Sender<State>,
     /// Repositories that asked for the blob: all of them may serve it once it is stored.
     repos: Mutex<Vec<RepoName>>,
+}
+
+impl std::fmt::Debug for Flight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Flight")
+            .field("tmp", &self.tmp)
+            .field("state", &*self.state.borrow())
+            .finish_non_exhaustive()
+    }
 }
 
 /// In-progress fetches by digest.
@@ -125,8 +151,8 @@ impl std::fmt::Debug for FlightStream {
 
 impl Store {
     /// Streams `digest` for `repo`, fetching it from `source` unless a fetch of it already runs.
-    /// `source` is called at most once per flight; whatever arrives is verified before it is
-    /// stored and before any reader sees its end.
+    /// `source` is called once per flight (and once per reader if the store cannot keep the
+    /// blob); whatever arrives is verified before it is stored and before any reader sees its end.
     pub async fn fetch_blob<F, Fut>(
         self: &Arc<Self>,
         repo: &RepoName,
@@ -134,9 +160,10 @@ impl Store {
         source: F,
     ) -> Result<FlightStream, FetchFailure>
     where
-        F: FnOnce() -> Fut + Send + 'static,
+        F: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Source, FetchError>> + Send + 'static,
     {
+        let source: SourceFn = Arc::new(move || source().boxed());
         let flight = {
             let mut map = self.flights.map.lock().expect("flights poisoned");
             match map.get(digest) {
@@ -147,11 +174,12 @@ impl Store {
                 None => {
                     let f = Arc::new(Flight {
                         tmp: self.layout.tmp().join(uuid::Uuid::new_v4().to_string()),
+                        source,
                         state: watch::channel(State::Starting).0,
                         repos: Mutex::new(vec![repo.clone()]),
                     });
                     map.insert(digest.clone(), f.clone());
-                    tokio::spawn(run(self.clone(), f.clone(), digest.clone(), source));
+                    tokio::spawn(run(self.clone(), f.clone(), digest.clone()));
                     f
                 }
             }
@@ -162,6 +190,10 @@ impl Store {
             .await
             .map(|s| s.clone())
             .unwrap_or_else(|_| State::Broken("fetch ended without a result".into()));
+        let relay = |size| FlightStream {
+            size,
+            body: Box::pin(relay(None, flight.source.clone(), digest.clone(), size)),
+        };
         let size = match state {
             State::Refused(e) => return Err(FetchFailure::Source(e)),
             State::Broken(m) => {
@@ -169,13 +201,19 @@ impl Store {
                     m.to_string(),
                 ))));
             }
-            State::Done { .. } => {
+            State::Unstored => return Ok(relay(None)),
+            State::Done {
+                size,
+                stored: false,
+            } => return Ok(relay(Some(size))),
+            State::Done { stored: true, .. } => {
                 // Finished between our join and now: it is an ordinary stored blob.
                 self.mount_blob(repo, digest, None).await?;
                 let blob = self.open_blob(repo, digest).await?;
+                let reader = Reader::new(blob.file.into_std().await, rx, &flight, digest);
                 return Ok(FlightStream {
                     size: Some(blob.size),
-                    body: Box::pin(follow(blob.file.into_std().await, rx, Some(blob.size))),
+                    body: Box::pin(reader.done_at(blob.size).stream()),
                 });
             }
             State::Running { size, .. } => size,
@@ -184,56 +222,115 @@ impl Store {
         };
         let file = match tokio::fs::File::open(&flight.tmp).await {
             Ok(f) => f,
-            // Renamed into place a moment ago.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                tokio::fs::File::open(self.layout.blob(digest))
-                    .await
-                    .map_err(StoreError::from)?
+                match tokio::fs::File::open(self.layout.blob(digest)).await {
+                    // Renamed into place a moment ago.
+                    Ok(f) => f,
+                    // Given up on in the meantime: nothing on disk to follow.
+                    Err(_) => return Ok(relay(size)),
+                }
             }
             Err(e) => return Err(StoreError::from(e).into()),
         };
+        let reader = Reader::new(file.into_std().await, rx, &flight, digest);
         Ok(FlightStream {
             size,
-            body: Box::pin(follow(file.into_std().await, rx, None)),
+            body: Box::pin(reader.stream()),
         })
     }
 }
 
-/// Reads `file` as the flight writes it. With `known_done`, the file is complete already.
-fn follow(
-    file: std::fs::File,
+/// A reader following the flight's file as it grows.
+struct Reader {
+    file: Arc<std::fs::File>,
+    pos: u64,
     rx: watch::Receiver<State>,
-    known_done: Option<u64>,
-) -> impl Stream<Item = std::io::Result<Bytes>> + Send {
-    struct Reader {
-        file: Arc<std::fs::File>,
-        pos: u64,
-        rx: watch::Receiver<State>,
-        done: Option<u64>,
+    done: Option<u64>,
+    size: Option<u64>,
+    source: SourceFn,
+    digest: Digest,
+}
+
+impl Reader {
+    fn new(file: std::fs::File, rx: watch::Receiver<State>, f: &Flight, digest: &Digest) -> Self {
+        Reader {
+            file: Arc::new(file),
+            pos: 0,
+            rx,
+            done: None,
+            size: None,
+            source: f.source.clone(),
+            digest: digest.clone(),
+        }
     }
-    let r = Reader {
-        file: Arc::new(file),
-        pos: 0,
-        rx,
-        done: known_done,
-    };
-    futures_util::stream::unfold(Some(r), |r| async move {
-        let mut r = r?;
+
+    /// The file is complete already, with `size` bytes.
+    fn done_at(mut self, size: u64) -> Self {
+        self.done = Some(size);
+        self
+    }
+
+    fn stream(self) -> impl Stream<Item = std::io::Result<Bytes>> + Send {
+        enum Step {
+            Follow(Reader),
+            Relay(Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>),
+        }
+        futures_util::stream::unfold(Some(Step::Follow(self)), |step| async move {
+            match step? {
+                Step::Relay(mut s) => s.next().await.map(|item| (item, Some(Step::Relay(s)))),
+                Step::Follow(r) => match r.next().await {
+                    Next::Item(item, r) => Some((item, Some(Step::Follow(r)))),
+                    Next::End => None,
+                    Next::Fail(e) => Some((Err(e), None)),
+                    Next::Switch(r) => {
+                        // The store gave up: the rest comes from the source, hashed together
+                        // with what this reader already sent.
+                        let mut s = Box::pin(relay(
+                            Some((r.file.clone(), r.pos)),
+                            r.source.clone(),
+                            r.digest.clone(),
+                            r.size,
+                        ));
+                        s.next().await.map(|item| (item, Some(Step::Relay(s))))
+                    }
+                },
+            }
+        })
+    }
+}
+
+enum Next {
+    Item(std::io::Result<Bytes>, Reader),
+    End,
+    Fail(std::io::Error),
+    Switch(Reader),
+}
+
+impl Reader {
+    async fn next(self) -> Next {
+        let mut r = self;
         loop {
             let (limit, done) = match r.done {
                 Some(size) => (size, true),
-                None => match &*r.rx.borrow_and_update() {
-                    State::Verified { size } | State::Done { size } => (*size, true),
-                    // Everything but the last byte may go before verification.
-                    State::Running { written, .. } => (written.saturating_sub(1), false),
-                    State::Starting => (0, false),
-                    State::Refused(e) => {
-                        return Some((Err(std::io::Error::other(e.to_string())), None));
+                None => {
+                    let state = r.rx.borrow_and_update().clone();
+                    match state {
+                        State::Verified { size } | State::Done { size, .. } => (size, true),
+                        // Everything but the last byte may go before verification.
+                        State::Running { written, size } => {
+                            r.size = size;
+                            (written.saturating_sub(1), false)
+                        }
+                        State::Starting => (0, false),
+                        State::Refused(e) => {
+                            return Next::Fail(std::io::Error::other(e.to_string()));
+                        }
+                        State::Broken(m) => {
+                            return Next::Fail(std::io::Error::other(m.to_string()));
+                        }
+                        State::Unstored => return Next::Switch(r),
                     }
-                    State::Broken(m) => {
-                        return Some((Err(std::io::Error::other(m.to_string())), None));
-                    }
-                },
+                }
             };
             if done {
                 r.done = Some(limit);
@@ -242,65 +339,151 @@ fn follow(
                 let want = (limit - r.pos).min(IO_BUF as u64) as usize;
                 return match read::read_at(&r.file, r.pos, want).await {
                     Ok(chunk) if chunk.is_empty() => {
-                        Some((Err(std::io::Error::other("blob file ended early")), None))
+                        Next::Fail(std::io::Error::other("blob file ended early"))
                     }
                     Ok(chunk) => {
                         r.pos += chunk.len() as u64;
-                        Some((Ok(chunk), Some(r)))
+                        Next::Item(Ok(chunk), r)
                     }
-                    Err(e) => Some((Err(e), None)),
+                    Err(e) => Next::Fail(e),
                 };
             }
             if done {
-                return None;
+                return Next::End;
             }
             if r.rx.changed().await.is_err()
                 && !matches!(
                     &*r.rx.borrow(),
-                    State::Verified { .. } | State::Done { .. } | State::Broken(_)
+                    State::Verified { .. }
+                        | State::Done { .. }
+                        | State::Broken(_)
+                        | State::Unstored
                 )
             {
-                return Some((
-                    Err(std::io::Error::other("fetch ended without a result")),
-                    None,
-                ));
+                return Next::Fail(std::io::Error::other("fetch ended without a result"));
             }
         }
-    })
+    }
+}
+
+/// A reader's own stream from the source, for a blob the store could not keep: `prefix` is the
+/// file and the number of its bytes the reader already sent. Those are hashed from the file, the
+/// source's first bytes up to there are skipped, and the last byte goes only once the whole
+/// hashes to `digest` (and matches `size`, when known).
+fn relay(
+    prefix: Option<(Arc<std::fs::File>, u64)>,
+    source: SourceFn,
+    digest: Digest,
+    size: Option<u64>,
+) -> impl Stream<Item = std::io::Result<Bytes>> + Send {
+    let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(2);
+    tokio::spawn(async move {
+        if let Err(e) = relay_into(prefix, source, &digest, size, &tx).await {
+            let _ = tx.send(Err(e)).await;
+        }
+    });
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|i| (i, rx)) })
+}
+
+async fn relay_into(
+    prefix: Option<(Arc<std::fs::File>, u64)>,
+    source: SourceFn,
+    digest: &Digest,
+    size: Option<u64>,
+    tx: &mpsc::Sender<std::io::Result<Bytes>>,
+) -> std::io::Result<()> {
+    let mut hasher = digest.algorithm().hasher();
+    let mut skip = 0u64;
+    if let Some((file, sent)) = prefix {
+        while skip < sent {
+            let want = (sent - skip).min(IO_BUF as u64) as usize;
+            let chunk = read::read_at(&file, skip, want).await?;
+            if chunk.is_empty() {
+                return Err(std::io::Error::other("blob file ended early"));
+            }
+            hasher.update(&chunk);
+            skip += chunk.len() as u64;
+        }
+    }
+    let src = source()
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let mut body = src.body;
+    let expected = size.or(src.size);
+    let mut pos = 0u64;
+    // The last chunk waits for the next one (or the end, and the digest's verdict).
+    let mut held: Option<Bytes> = None;
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk.map_err(|e| std::io::Error::other(e.to_string()))?;
+        let start = pos;
+        pos += chunk.len() as u64;
+        if pos <= skip {
+            continue;
+        }
+        if start < skip {
+            chunk = chunk.slice((skip - start) as usize..);
+        }
+        hasher.update(&chunk);
+        if let Some(prev) = held.replace(chunk)
+            && tx.send(Ok(prev)).await.is_err()
+        {
+            return Ok(());
+        }
+    }
+    if let Some(n) = expected
+        && pos != n
+    {
+        return Err(std::io::Error::other(format!(
+            "source sent {pos} of the {n} bytes of the blob"
+        )));
+    }
+    let actual = hasher.finish();
+    if actual != *digest {
+        return Err(std::io::Error::other(format!(
+            "source sent bytes hashing to {actual}, not {digest}"
+        )));
+    }
+    if let Some(last) = held {
+        let _ = tx.send(Ok(last)).await;
+    }
+    Ok(())
 }
 
 /// The fetch task: source → temp file (hashing) → verify → Verified → fsync, install, index →
 /// Done.
-async fn run<F, Fut>(store: Arc<Store>, flight: Arc<Flight>, digest: Digest, source: F)
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: Future<Output = Result<Source, FetchError>> + Send + 'static,
-{
-    let outcome = fetch(&store, &flight, &digest, source).await;
-    let linked = match &outcome {
-        Ok((_, linked)) => linked.len(),
-        Err(_) => 0,
-    };
+async fn run(store: Arc<Store>, flight: Arc<Flight>, digest: Digest) {
+    let outcome = fetch(&store, &flight, &digest).await;
+    let mut linked = None;
     let final_state = match outcome {
-        Ok((size, _)) => State::Done { size },
+        Ok(f) => {
+            linked = f.linked;
+            State::Done {
+                size: f.size,
+                stored: f.linked.is_some(),
+            }
+        }
         Err(FetchEnd::Refused(e)) => State::Refused(e),
         Err(FetchEnd::Broken(m)) => {
             tracing::warn!(%digest, error = %m, "pull-through fetch failed; nothing kept");
             let _ = tokio::fs::remove_file(&flight.tmp).await;
             State::Broken(m.into())
         }
+        Err(FetchEnd::Unstored(m)) => {
+            tracing::warn!(%digest, reason = %m, "the store cannot keep this blob: its readers get it from the source, uncached");
+            let _ = tokio::fs::remove_file(&flight.tmp).await;
+            store.observer().blob_not_stored(&digest, &m);
+            State::Unstored
+        }
     };
     // Publish under the map lock, so nobody joins a flight that has already ended.
     let late: Vec<RepoName> = {
         let mut map = store.flights.map.lock().expect("flights poisoned");
-        let done = matches!(final_state, State::Done { .. });
         flight.state.send_replace(final_state);
         map.remove(&digest);
         let repos = flight.repos.lock().expect("repos poisoned");
-        if done {
-            repos[linked..].to_vec()
-        } else {
-            Vec::new()
+        match linked {
+            Some(n) => repos[n..].to_vec(),
+            None => Vec::new(),
         }
     };
     // Repositories that joined while the blob was being committed.
@@ -313,24 +496,44 @@ where
 
 enum FetchEnd {
     Refused(FetchError),
+    /// The source failed or lied.
     Broken(String),
+    /// The store failed: the source may be fine.
+    Unstored(String),
 }
 
-async fn fetch<F, Fut>(
+struct Fetched {
+    size: u64,
+    /// `None` when the blob was verified and served but could not be kept.
+    linked: Option<usize>,
+}
+
+async fn fetch(
     store: &Arc<Store>,
     flight: &Arc<Flight>,
     digest: &Digest,
-    source: F,
-) -> Result<(u64, Vec<RepoName>), FetchEnd>
-where
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = Result<Source, FetchError>>,
-{
-    let src = source().await.map_err(FetchEnd::Refused)?;
-    let broken = |e: &dyn std::fmt::Display| FetchEnd::Broken(e.to_string());
+) -> Result<Fetched, FetchEnd> {
+    let src = (flight.source)().await.map_err(FetchEnd::Refused)?;
+    let unstored = |e: &dyn std::fmt::Display| FetchEnd::Unstored(e.to_string());
+    // Room for what the source announced, before a byte is written.
+    let mut claim = match src.size {
+        Some(size) => match store.space.claim(size) {
+            Ok((claim, low)) => {
+                if low {
+                    store.observer().pressure();
+                }
+                Some(claim)
+            }
+            Err(why) => {
+                store.observer().pressure();
+                return Err(FetchEnd::Unstored(why));
+            }
+        },
+        None => None,
+    };
     let file = tokio::fs::File::create(&flight.tmp)
         .await
-        .map_err(|e| broken(&e))?
+        .map_err(|e| unstored(&e))?
         .into_std()
         .await;
     flight.state.send_replace(State::Running {
@@ -345,11 +548,22 @@ where
     };
     let received = receive(src.body, src.size, tx).await;
     // Ended either way: the sender is gone, so the writer stops after what it has.
-    let written = writer.await.map_err(|e| broken(&e))?;
+    let written = writer.await.map_err(|e| unstored(&e))?;
     let received = received?;
-    let (file, hasher, written) = written.map_err(|e| broken(&e))?;
+    let (file, hasher, written) = match written {
+        Ok(w) => w,
+        Err(e) => {
+            if is_no_space(&e) {
+                store.observer().pressure();
+            }
+            return Err(FetchEnd::Unstored(format!("writing the blob failed: {e}")));
+        }
+    };
+    if let Some(c) = claim.as_mut() {
+        c.written(written);
+    }
     if written != received {
-        return Err(FetchEnd::Broken(format!(
+        return Err(FetchEnd::Unstored(format!(
             "wrote {written} of the {received} bytes received"
         )));
     }
@@ -367,6 +581,9 @@ where
         )));
     }
     flight.state.send_replace(State::Verified { size: written });
+    drop(claim);
+    // Every reader may finish now; what follows only decides whether the blob is kept.
+    let _hold = store.gate.write(digest).await;
     let repos = flight.repos.lock().expect("repos poisoned").clone();
     let (layout, index, tmp, d) = (
         store.layout.clone(),
@@ -374,8 +591,8 @@ where
         flight.tmp.clone(),
         digest.clone(),
     );
-    let linked = repos.clone();
-    let new = blocking(move || {
+    let count = repos.len();
+    let committed = blocking(move || {
         file.sync_all()?;
         drop(file);
         fs::install(&layout, &tmp, &d)?;
@@ -385,10 +602,28 @@ where
         }
         Ok(new)
     })
-    .await
-    .map_err(|e| broken(&e))?;
-    store.added(new, written);
-    Ok((written, linked))
+    .await;
+    match committed {
+        Ok(new) => {
+            store.added(new, written);
+            Ok(Fetched {
+                size: written,
+                linked: Some(count),
+            })
+        }
+        Err(e) => {
+            tracing::warn!(%digest, error = %e, "a verified blob was served but could not be kept");
+            if e.is_no_space() {
+                store.observer().pressure();
+            }
+            store.observer().blob_not_stored(digest, &e.to_string());
+            let _ = tokio::fs::remove_file(&flight.tmp).await;
+            Ok(Fetched {
+                size: written,
+                linked: None,
+            })
+        }
+    }
 }
 
 /// Receives the source's body in batches of about [`IO_BUF`] for the writer; the number of bytes

@@ -25,10 +25,13 @@ fn dripping(
     bytes: Bytes,
     size: Option<u64>,
     calls: Arc<AtomicUsize>,
-) -> impl FnOnce() -> futures_util::future::BoxFuture<'static, Result<Source, FetchError>> + Send + 'static
-{
+) -> impl Fn() -> futures_util::future::BoxFuture<'static, Result<Source, FetchError>>
++ Send
++ Sync
++ 'static {
     move || {
         calls.fetch_add(1, Ordering::SeqCst);
+        let bytes = bytes.clone();
         Box::pin(async move {
             let chunks: Vec<Bytes> = bytes
                 .chunks(10 * 1024)
@@ -44,6 +47,26 @@ fn dripping(
             })
         })
     }
+}
+
+/// A reader of `file` driven by `rx` by hand, whose source (if the store gives up) is `source`.
+fn reader(
+    file: std::fs::File,
+    rx: watch::Receiver<State>,
+    digest: &Digest,
+    source: SourceFn,
+) -> impl Stream<Item = std::io::Result<Bytes>> + Send {
+    let flight = Flight {
+        tmp: PathBuf::new(),
+        source,
+        state: watch::channel(State::Starting).0,
+        repos: Mutex::new(Vec::new()),
+    };
+    Reader::new(file, rx, &flight, digest).stream()
+}
+
+fn never_called() -> SourceFn {
+    Arc::new(|| Box::pin(async { panic!("the source is not asked again") }))
 }
 
 async fn collect(s: FlightStream) -> std::io::Result<Vec<u8>> {
@@ -243,7 +266,8 @@ async fn follow_to_the_last_byte(verified: bool) -> (Vec<u8>, std::io::Result<()
         size: Some(len),
         written: len,
     });
-    let s = follow(std::fs::File::open(&p).unwrap(), rx, None);
+    let d = Digest::sha256(&bytes);
+    let s = reader(std::fs::File::open(&p).unwrap(), rx, &d, never_called());
     let mut s = std::pin::pin!(s);
     let mut got = Vec::new();
     while got.len() < bytes.len() - 1 {
@@ -293,50 +317,77 @@ async fn empty_chunks_from_the_source_are_skipped() {
         .flat_map(|c| [Bytes::new(), Bytes::copy_from_slice(c)])
         .collect();
     let s = store
-        .fetch_blob(&repo("r"), &d, move || async move {
-            let body = futures_util::stream::iter(chunks.into_iter().map(Ok::<_, FetchError>));
-            Ok(Source {
-                size: None,
-                body: Box::pin(body),
-            })
+        .fetch_blob(&repo("r"), &d, move || {
+            let chunks = chunks.clone();
+            async move {
+                let body = futures_util::stream::iter(chunks.into_iter().map(Ok::<_, FetchError>));
+                Ok(Source {
+                    size: None,
+                    body: Box::pin(body),
+                })
+            }
         })
         .await
         .unwrap();
     assert_eq!(collect(s).await.unwrap(), bytes);
 }
 
-#[tokio::test]
-async fn a_verified_blob_is_served_from_its_temporary_file_until_committed() {
+/// A reader part-way through a blob the store gives up on goes on from the source: `source_bytes`
+/// are what the source sends when asked again.
+async fn switch_to_the_source(source_bytes: Bytes) -> (Vec<u8>, std::io::Result<()>) {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path());
-    let bytes = data(100 * 1024);
+    let p = dir.path().join("blob");
+    let bytes = data(300 * 1024);
     let d = Digest::sha256(&bytes);
-    let tmp = dir.path().join("tmp").join("verified");
-    std::fs::write(&tmp, &bytes).unwrap();
-    store.flights.map.lock().unwrap().insert(
-        d.clone(),
-        Arc::new(Flight {
-            tmp,
-            state: watch::channel(State::Verified {
-                size: bytes.len() as u64,
-            })
-            .0,
-            repos: Mutex::new(vec![repo("asked")]),
-        }),
+    std::fs::write(&p, &bytes[..100 * 1024]).unwrap();
+    let (tx, rx) = watch::channel(State::Running {
+        size: Some(bytes.len() as u64),
+        written: 100 * 1024,
+    });
+    let calls = Arc::new(AtomicUsize::new(0));
+    let source = dripping(source_bytes, None, calls.clone());
+    let s = reader(
+        std::fs::File::open(&p).unwrap(),
+        rx,
+        &d,
+        Arc::new(move || source()),
     );
-    assert_eq!(
-        store.stat_blob(&repo("asked"), &d).unwrap(),
-        Some(bytes.len() as u64)
-    );
-    assert_eq!(store.stat_blob(&repo("other"), &d).unwrap(), None);
-    let blob = store.open_blob(&repo("asked"), &d).await.unwrap();
-    assert_eq!(blob.size, bytes.len() as u64);
+    let mut s = std::pin::pin!(s);
     let mut got = Vec::new();
-    let mut file = blob.file.into_std().await;
-    std::io::Read::read_to_end(&mut file, &mut got).unwrap();
-    assert_eq!(got, bytes);
-    assert!(matches!(
-        store.open_blob(&repo("other"), &d).await,
-        Err(StoreError::BlobUnknown)
-    ));
+    while got.len() < 100 * 1024 - 1 {
+        got.extend_from_slice(&s.next().await.unwrap().unwrap());
+    }
+    tx.send_replace(State::Unstored);
+    while let Some(c) = s.next().await {
+        match c {
+            Ok(c) => got.extend_from_slice(&c),
+            Err(e) => return (got, Err(e)),
+        }
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    (got, Ok(()))
+}
+
+#[tokio::test]
+async fn a_reader_the_store_gives_up_on_gets_the_rest_from_the_source() {
+    let (got, end) = switch_to_the_source(data(300 * 1024)).await;
+    end.unwrap();
+    assert_eq!(got, data(300 * 1024));
+}
+
+#[tokio::test]
+async fn the_whole_a_switched_reader_sends_is_what_gets_verified() {
+    // What the reader already sent came from the file: the source's first bytes are skipped,
+    // so a difference there changes nothing the reader sends.
+    let mut early = data(300 * 1024).to_vec();
+    early[10] ^= 0xFF;
+    let (got, end) = switch_to_the_source(Bytes::from(early)).await;
+    end.unwrap();
+    assert_eq!(got, data(300 * 1024));
+    // A difference in what the source sends next: no last byte, an error.
+    let mut late = data(300 * 1024).to_vec();
+    late[200 * 1024] ^= 0xFF;
+    let (got, end) = switch_to_the_source(Bytes::from(late)).await;
+    assert!(end.unwrap_err().to_string().contains("hashing to"));
+    assert!(got.len() < 300 * 1024);
 }

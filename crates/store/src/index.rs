@@ -16,6 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, StoreError};
 
+mod gc;
+pub(crate) use gc::{BlobId, Doomed, Eviction, KeptRef, View};
+
 /// digest -> [`BlobRecord`]: every blob file the store holds.
 const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
 /// `repo\0digest` -> link time: blobs a repository may serve (pushed, mounted or pulled there).
@@ -32,6 +35,10 @@ const REFERRERS: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::
 const UPLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("uploads");
 /// digest -> when it was last served (unix seconds), flushed in batches: what expiry and GC read.
 const ACCESS: TableDefinition<&str, u64> = TableDefinition::new("access");
+/// `repo\0tag` or `repo\0digest` -> 1 if pinned, else 0: the images the cluster keeps (its
+/// CachedImages, as the controller last reported them). Roots of the mark; pinned ones are never
+/// evicted.
+const KEPT: TableDefinition<&str, u8> = TableDefinition::new("kept");
 
 /// A blob file the store holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -133,6 +140,7 @@ impl Index {
         tx.open_multimap_table(REFERRERS)?;
         tx.open_table(UPLOADS)?;
         tx.open_table(ACCESS)?;
+        tx.open_table(KEPT)?;
         tx.commit()?;
         Ok(Index { db })
     }
@@ -509,6 +517,65 @@ impl Index {
             .get(manifest.to_string().as_str())?
         {
             out.push(parse_digest(item?.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Makes every blob and manifest look written and last used `age_secs` ago (tests of the
+    /// grace period).
+    #[cfg(test)]
+    pub(crate) fn backdate_all(&self, age_secs: u64) -> Result<()> {
+        fn backdate<T: Serialize + for<'de> Deserialize<'de>>(
+            table: &mut redb::Table<&str, &[u8]>,
+            set: impl Fn(&mut T),
+        ) -> Result<()> {
+            let all: Vec<(String, T)> = table
+                .iter()?
+                .map(|i| {
+                    let (k, v) = i?;
+                    Ok((k.value().to_owned(), dec(v.value())?))
+                })
+                .collect::<Result<_>>()?;
+            for (k, mut rec) in all {
+                set(&mut rec);
+                table.insert(k.as_str(), enc(&rec).as_slice())?;
+            }
+            Ok(())
+        }
+        let then = now().saturating_sub(age_secs);
+        self.write(|tx| {
+            backdate(&mut tx.open_table(BLOBS)?, |r: &mut BlobRecord| {
+                r.created = then
+            })?;
+            backdate(&mut tx.open_table(MANIFESTS)?, |r: &mut ManifestRecord| {
+                r.created = then
+            })?;
+            tx.open_table(ACCESS)?.retain(|_, _| false)?;
+            Ok(())
+        })
+    }
+
+    // ---- images the cluster keeps ----
+
+    /// Replaces the kept list: `(repo, tag or digest, pinned)`.
+    pub(crate) fn set_kept(&self, kept: &[(RepoName, String, bool)]) -> Result<()> {
+        self.write(|tx| {
+            let mut t = tx.open_table(KEPT)?;
+            t.retain(|_, _| false)?;
+            for (repo, reference, pinned) in kept {
+                t.insert(key(repo, reference).as_str(), u8::from(*pinned))?;
+            }
+            Ok(())
+        })
+    }
+
+    pub(crate) fn kept(&self) -> Result<Vec<(String, String, bool)>> {
+        let tx = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for item in tx.open_table(KEPT)?.iter()? {
+            let (k, v) = item?;
+            let (repo, reference) = k.value().split_once('\0').unwrap_or((k.value(), ""));
+            out.push((repo.to_owned(), reference.to_owned(), v.value() != 0));
         }
         Ok(out)
     }

@@ -5,16 +5,28 @@
 //!   written to `tmp/`, verified, fsynced and only then renamed into `blobs/`;
 //! - the index only names blobs whose file is in place (the file is installed first, the
 //!   index transaction commits second; [`Store::open`] repairs what a crash left in between);
-//! - nothing here knows HTTP, so the registry, the pull-through path and GC share it.
+//! - nothing here knows HTTP, so the registry, the pull-through path and GC share it;
+//! - garbage collection runs while everything else goes on: gate.rs says how.
+//!
+//! On disk, under the data directory:
+//!
+//! ```text
+//! blobs/<alg>/<first two hex>/<hex>   every blob and manifest, named by its digest
+//! tmp/<uuid>                          writes in progress (removed at open: they never finished)
+//! uploads/<uuid>                      upload sessions; the file's length is the offset
+//! index.redb                          the index (index.rs lists its tables)
+//! ```
 
 mod error;
 mod flight;
 mod fs;
+mod gate;
+mod gc;
 mod index;
 mod read;
+mod space;
 mod upload;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,13 +36,16 @@ use futures_util::{Stream, StreamExt};
 use kache_oci::{Algorithm, Digest, ParsedManifest, Reference, RepoName};
 
 pub use error::{Result, StoreError};
-pub use flight::{ByteStream, FetchError, FetchFailure, FlightStream, Source};
+pub use flight::{ByteStream, FetchError, FetchFailure, FlightStream, Source, SourceFn};
 pub use fs::BlobWriter;
+pub use gc::{GcOptions, GcReport, KeptImage, Pressure};
 pub use index::{BlobRecord, ManifestRecord, TagRecord};
 pub use read::read_range;
+pub use space::{Limits, MinFree, SpaceError, parse_size};
 pub use upload::UploadStatus;
 
 use fs::Layout;
+use gate::Gate;
 use index::{Index, NewManifest};
 
 /// Largest manifest accepted: the limit distribution and most clients use.
@@ -76,6 +91,18 @@ pub struct VerifyReport {
     pub bad: Vec<String>,
 }
 
+/// Told what the store does on its own that an operator should see.
+pub trait Observer: Send + Sync + std::fmt::Debug {
+    /// A fetched blob was served to its clients but could not be kept (disk full, I/O error).
+    fn blob_not_stored(&self, _digest: &Digest, _reason: &str) {}
+    /// A write found the disk full, or nearly: eviction should run now.
+    fn pressure(&self) {}
+}
+
+#[derive(Debug)]
+struct NoObserver;
+impl Observer for NoObserver {}
+
 /// The content store. Cheap to share: wrap it in an `Arc`.
 #[derive(Debug)]
 pub struct Store {
@@ -83,8 +110,13 @@ pub struct Store {
     index: Arc<Index>,
     total_bytes: AtomicU64,
     uploads: upload::Uploads,
-    access: std::sync::Mutex<HashMap<Digest, u64>>,
+    gate: Gate,
+    /// Held while access times are moved from the gate into the index, so a collection never
+    /// looks at the index while some of them are in neither place.
+    flush_lock: tokio::sync::Mutex<()>,
     flights: flight::Flights,
+    space: space::Space,
+    observer: std::sync::OnceLock<Arc<dyn Observer>>,
 }
 
 /// Runs blocking index work off the async threads.
@@ -144,8 +176,11 @@ impl Store {
                 index: Arc::new(index),
                 total_bytes: AtomicU64::new(total),
                 uploads: upload::Uploads::default(),
-                access: Default::default(),
+                gate: Gate::default(),
+                flush_lock: tokio::sync::Mutex::new(()),
                 flights: Default::default(),
+                space: space::Space::new(root),
+                observer: std::sync::OnceLock::new(),
             },
             rec,
         ))
@@ -159,6 +194,26 @@ impl Store {
     fn added(&self, new: bool, size: u64) {
         if new {
             self.total_bytes.fetch_add(size, Ordering::Relaxed);
+        }
+    }
+
+    fn removed(&self, size: u64) {
+        let _ = self
+            .total_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some(t.saturating_sub(size))
+            });
+    }
+
+    /// Sets who hears about blobs served but not kept and about disk pressure (once).
+    pub fn set_observer(&self, observer: Arc<dyn Observer>) {
+        let _ = self.observer.set(observer);
+    }
+
+    fn observer(&self) -> &dyn Observer {
+        match self.observer.get() {
+            Some(o) => o.as_ref(),
+            None => &NoObserver,
         }
     }
 
@@ -177,6 +232,21 @@ impl Store {
         repo: &RepoName,
         digest: &Digest,
     ) -> Result<Option<(u64, Option<PathBuf>)>> {
+        let found = self.find_blob_unheld(repo, digest)?;
+        if found.is_some() {
+            self.gate.touch(digest);
+        }
+        Ok(found)
+    }
+
+    fn find_blob_unheld(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<(u64, Option<PathBuf>)>> {
+        if !self.gate.read(digest) {
+            return Ok(None);
+        }
         if let Some(size) = self.index.linked_blob(repo, digest)? {
             return Ok(Some((size, None)));
         }
@@ -214,7 +284,6 @@ impl Store {
             }
             Err(e) => return Err(e.into()),
         };
-        self.touch(digest);
         Ok(BlobFile { file, size })
     }
 
@@ -249,6 +318,7 @@ impl Store {
                 actual,
             });
         }
+        let _hold = self.gate.write(&actual).await;
         let (layout, index, repo, d) = (
             self.layout.clone(),
             self.index.clone(),
@@ -287,6 +357,10 @@ impl Store {
         digest: &Digest,
         from: Option<&RepoName>,
     ) -> Result<Option<u64>> {
+        // A blob being swept has nothing to mount: the client uploads it instead.
+        let Some(_hold) = self.gate.try_write(digest) else {
+            return Ok(None);
+        };
         let (index, repo, digest, from) = (
             self.index.clone(),
             repo.clone(),
@@ -306,23 +380,26 @@ impl Store {
         }
     }
 
-    /// Notes that a blob was served; flushed to the index by [`Store::flush_access`].
-    fn touch(&self, digest: &Digest) {
-        let now = index::now();
-        let mut map = self.access.lock().expect("access map poisoned");
-        map.insert(digest.clone(), now);
-    }
-
     /// Writes the access times gathered since the last flush. Called periodically.
     pub async fn flush_access(&self) -> Result<usize> {
-        let batch: Vec<(Digest, u64)> = {
-            let mut map = self.access.lock().expect("access map poisoned");
-            map.drain().collect()
-        };
+        let _flushing = self.flush_lock.lock().await;
+        self.flush_access_locked().await
+    }
+
+    async fn flush_access_locked(&self) -> Result<usize> {
+        let batch = self.gate.take_access();
         let n = batch.len();
         if n > 0 {
             let index = self.index.clone();
-            blocking(move || index.record_access(&batch)).await?;
+            let written = blocking({
+                let batch = batch.clone();
+                move || index.record_access(&batch)
+            })
+            .await;
+            if let Err(e) = written {
+                self.gate.restore_access(batch);
+                return Err(e);
+            }
         }
         Ok(n)
     }
@@ -407,6 +484,17 @@ impl Store {
             Reference::Digest(_) => None,
         };
 
+        // Everything it references is held until the index commits (gate.rs): a pushed manifest
+        // is refused if the sweep is removing one of its blobs, a pulled one only refers to
+        // blobs fetched on demand (again, if swept).
+        let mut holds = Vec::with_capacity(references.len() + 1);
+        for d in references.iter().chain(&required) {
+            match self.gate.try_write(d) {
+                Some(h) => holds.push(h),
+                None if require_blobs => return Err(StoreError::ManifestBlobUnknown(d.clone())),
+                None => {}
+            }
+        }
         // Refuse early, before any byte is written, so a rejected manifest leaves nothing. The
         // check inside the index transaction below stays the authoritative one (a concurrent
         // delete may land in between; its file is then an orphan for GC).
@@ -415,6 +503,7 @@ impl Store {
                 return Err(StoreError::ManifestBlobUnknown(d.clone()));
             }
         }
+        holds.push(self.gate.write(&digest).await);
         let mut w = self.blob_writer(digest.algorithm(), None).await?;
         w.write(&bytes).await?;
         let (tmp, _, _) = w.finish().await?;
@@ -437,12 +526,19 @@ impl Store {
             Ok(!had_file)
         })
         .await?;
+        drop(holds);
         self.added(new, size);
         Ok(digest)
     }
 
     /// Resolves a tag or digest of `repo` to its manifest.
     pub async fn get_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<Manifest> {
+        let manifest = self.find_manifest(repo, reference).await?;
+        self.gate.touch(&manifest.digest);
+        Ok(manifest)
+    }
+
+    async fn find_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<Manifest> {
         let digest = match reference {
             Reference::Digest(d) => d.clone(),
             Reference::Tag(t) => {
@@ -452,6 +548,9 @@ impl Store {
                     .digest
             }
         };
+        if !self.gate.read(&digest) {
+            return Err(StoreError::ManifestUnknown);
+        }
         let record = self
             .index
             .manifest(repo, &digest)?
@@ -463,7 +562,6 @@ impl Store {
             }
             Err(e) => return Err(e.into()),
         };
-        self.touch(&digest);
         Ok(Manifest {
             digest,
             media_type: record.media_type,

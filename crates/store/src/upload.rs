@@ -258,7 +258,8 @@ impl Store {
                 actual,
             });
         }
-        let (repo, d) = (repo.clone(), actual);
+        let _hold = self.gate.write(&actual).await;
+        let (repo, d) = (repo.clone(), actual.clone());
         let new = blocking(move || {
             std::fs::File::open(&path)?.sync_all()?;
             fs::install(&layout, &path, &d)?;
