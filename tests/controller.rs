@@ -360,6 +360,28 @@ fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry()
     // web and kept; idle is Expiring or already gone.
     wait_phase_count(&second, "Cached", 2.0, &|| read_log("second.log"));
 
+    // The registry knows which images the cluster keeps: the ones in use or retained are
+    // pinned (never evicted), the idle one is not.
+    let kept_list = || {
+        let r = support::http::get(&format!("{}/kache/v1/images", registry.internal_url()), &[]);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let list = r.json();
+        list["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| (i["image"].as_str().unwrap().to_owned(), i["pinned"] == true))
+            .collect::<std::collections::BTreeMap<String, bool>>()
+    };
+    let in_cache = |repo: &str| format!("{}:v1", cache_repo(&host, repo));
+    eventually(|| {
+        let list = kept_list();
+        (list.get(&in_cache("team/web")) != Some(&true)
+            || list.get(&in_cache("team/kept")) != Some(&true)
+            || list.get(&in_cache("team/idle")).is_some_and(|p| *p))
+        .then(|| format!("{list:?}\n{}", read_log("second.log")))
+    });
+
     // What `kubectl get cachedimages` shows.
     let (columns, rows) = kube.table(IMAGES);
     assert_eq!(
@@ -400,6 +422,11 @@ fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry()
     let kept_ci = kube.ok("GET", &kept_path, None);
     assert_eq!(kept_ci["status"]["phase"], "Cached", "{kept_ci}");
     assert!(kept_ci["spec"].get("expiresAt").is_none(), "{kept_ci}");
+    eventually(|| {
+        let list = kept_list();
+        list.contains_key(&in_cache("team/web"))
+            .then(|| format!("web is still kept: {list:?}"))
+    });
     let tags = support::http::get(&tags_url, &[]);
     assert!(
         !String::from_utf8_lossy(&tags.body).contains("\"v1\""),

@@ -37,6 +37,9 @@ pub enum Fault {
     Status(u16),
     /// 429 with `Retry-After: 7` and a TOOMANYREQUESTS error, like Docker Hub's rate limit.
     TooManyRequests,
+    /// The right bytes without a Content-Length, in chunked encoding, as registries behind
+    /// some proxies and CDNs send them: nobody knows the size before the end.
+    Chunked,
 }
 
 impl Fault {
@@ -400,6 +403,13 @@ fn serve_blob(kind: &str, blob: &Blob, fault: Option<&Fault>, headers: &HeaderMa
     let body = match fault {
         Some(Fault::Reset { after }) => reset_body(bytes, *after),
         Some(Fault::SlowDrip { chunk, every }) => drip_body(bytes, *chunk, *every),
+        Some(Fault::Chunked) => {
+            let chunks: Vec<Result<Bytes, std::convert::Infallible>> = bytes
+                .chunks(256 * 1024)
+                .map(|c| Ok(Bytes::copy_from_slice(c)))
+                .collect();
+            Body::from_stream(futures_util::stream::iter(chunks))
+        }
         _ => Body::from(bytes),
     };
     let mut r = Response::new(body);
@@ -411,7 +421,9 @@ fn serve_blob(kind: &str, blob: &Blob, fault: Option<&Fault>, headers: &HeaderMa
         "application/octet-stream"
     };
     set(&mut r, header::CONTENT_TYPE, content_type);
-    set(&mut r, header::CONTENT_LENGTH, &length.to_string());
+    if fault != Some(&Fault::Chunked) {
+        set(&mut r, header::CONTENT_LENGTH, &length.to_string());
+    }
     set(&mut r, "docker-content-digest", &blob.digest);
     set(&mut r, header::ETAG, &format!("\"{}\"", blob.digest));
     if kind == "blobs" {

@@ -11,6 +11,7 @@ pub mod background;
 pub mod containerd;
 pub mod distribution;
 pub mod faulty;
+pub mod gc;
 pub mod http;
 pub mod image;
 pub mod kube;

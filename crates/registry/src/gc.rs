@@ -103,8 +103,9 @@ pub struct Collector {
     pressure: Arc<Notify>,
 }
 
-/// Between two collections triggered by pressure: a store that cannot get under its limits
-/// (everything left is pinned) must not be marked over and over.
+/// After a collection that could not get the store within its limits (everything left is
+/// pinned, in use or within the grace period), the next one pressure triggers waits this long:
+/// the store must not be marked over and over.
 const PRESSURE_PAUSE: Duration = Duration::from_secs(60);
 /// How often the limits are checked when nothing signals pressure.
 const PRESSURE_CHECK: Duration = Duration::from_secs(15);
@@ -238,8 +239,13 @@ impl Collector {
                     next = self.config().schedule.next_after(Timestamp::now());
                 }
                 _ = pressure => {
-                    let _ = self.run_once(false, "pressure").await;
-                    quiet_until = tokio::time::Instant::now() + PRESSURE_PAUSE;
+                    let met = match self.run_once(false, "pressure").await {
+                        Ok(r) => r.pressure.is_none_or(|p| p.unmet_bytes == 0),
+                        Err(_) => false,
+                    };
+                    if !met {
+                        quiet_until = tokio::time::Instant::now() + PRESSURE_PAUSE;
+                    }
                 }
             }
         }

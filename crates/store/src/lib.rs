@@ -193,7 +193,10 @@ impl Store {
 
     fn added(&self, new: bool, size: u64) {
         if new {
-            self.total_bytes.fetch_add(size, Ordering::Relaxed);
+            let total = self.total_bytes.fetch_add(size, Ordering::Relaxed) + size;
+            if self.space.limits().max_size.is_some_and(|max| total > max) {
+                self.observer().pressure();
+            }
         }
     }
 
