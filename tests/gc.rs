@@ -58,7 +58,14 @@ fn deleting_a_tag_and_collecting_frees_exactly_the_blobs_only_it_held() {
     let s = Scratch::new("kache-e2e-gc");
     let registry = KacheRegistry::start_with_internal(
         s.path("data"),
-        &["--gc-grace", "0s", "--gc-schedule", "off"],
+        &[
+            "--gc-grace",
+            "0s",
+            "--gc-cpu",
+            "100%",
+            "--gc-schedule",
+            "off",
+        ],
     );
     let internal = registry.internal_url();
     // One layer in common.
@@ -169,6 +176,8 @@ fn collections_in_a_loop_under_32_clients_fail_no_request() {
             &host,
             "--gc-grace",
             "3s",
+            "--gc-cpu",
+            "100%",
             "--gc-schedule",
             "off",
         ],
@@ -339,6 +348,8 @@ fn a_large_blob_pulled_through_during_sweeps_is_served_whole_and_stays() {
             &upstream.host(),
             "--gc-grace",
             "0s",
+            "--gc-cpu",
+            "100%",
             "--gc-schedule",
             "off",
             "--gc-batch",
@@ -395,6 +406,8 @@ fn sigkill_in_the_middle_of_a_sweep_leaves_a_consistent_store() {
         &[
             "--gc-grace",
             "0s",
+            "--gc-cpu",
+            "100%",
             "--gc-schedule",
             "off",
             "--gc-batch",
@@ -487,6 +500,8 @@ fn over_the_cap_least_recently_pulled_images_go_first_and_pinned_ones_never() {
             &host,
             "--max-size",
             &cap.to_string(),
+            "--gc-cpu",
+            "100%",
             "--gc-schedule",
             "off",
         ],
@@ -553,6 +568,8 @@ fn under_the_free_space_floor_images_are_evicted() {
             &host,
             "--min-free",
             "10MiB",
+            "--gc-cpu",
+            "100%",
             "--gc-schedule",
             "off",
         ],
@@ -613,6 +630,8 @@ fn a_blob_larger_than_the_free_space_is_served_whole_uncached() {
             &chunked.host(),
             "--min-free",
             "0",
+            "--gc-cpu",
+            "100%",
             "--gc-schedule",
             "off",
         ],
@@ -648,6 +667,45 @@ fn a_blob_larger_than_the_free_space_is_served_whole_uncached() {
             .logs()
             .contains("served from the upstream without caching it")
     );
+    assert_nothing_half_written(registry.data_dir());
+
+    // A push that cannot fit is refused with a clear error, with a length or without one, and
+    // leaves nothing behind.
+    drop((proxy, registry));
+    let registry = KacheRegistry::start_with_internal(
+        disk.path().join("data"),
+        &[
+            "--min-free",
+            "0",
+            "--gc-cpu",
+            "100%",
+            "--gc-schedule",
+            "off",
+        ],
+    );
+    let url = format!(
+        "{}/v2/team/big/blobs/uploads/?digest={}",
+        registry.internal_url(),
+        layer.digest
+    );
+    for chunked in [false, true] {
+        let (status, body) = support::http::post_unread(&url, &layer.bytes, chunked);
+        assert_eq!(status, 507, "{body}");
+        assert!(body.contains("storage is full"), "{body}");
+    }
+    assert_nothing_half_written(registry.data_dir());
+    let head = support::head(
+        &format!("{}/v2/team/big/blobs/{}", registry.base_url(), layer.digest),
+        &[],
+    );
+    assert_eq!(head.status, 404);
+}
+
+/// No temporary file is left, and every blob file is whole.
+fn assert_nothing_half_written(data: &std::path::Path) {
+    let tmp: Vec<_> = std::fs::read_dir(data.join("tmp")).unwrap().collect();
+    assert!(tmp.is_empty(), "left in tmp/: {tmp:?}");
+    stored_blobs(data);
 }
 
 #[test]
@@ -656,7 +714,14 @@ fn the_schedule_fires_and_a_bad_one_is_refused_at_start() {
     // Six fields: every second (the seconds field is optional; five fields are minutes).
     let registry = KacheRegistry::start_with_internal(
         s.path("data"),
-        &["--gc-schedule", "* * * * * *", "--gc-grace", "0s"],
+        &[
+            "--gc-cpu",
+            "100%",
+            "--gc-schedule",
+            "* * * * * *",
+            "--gc-grace",
+            "0s",
+        ],
     );
     push_garbage(&registry.internal_url(), 1, 1, 100);
     eventually(
@@ -678,7 +743,14 @@ fn the_schedule_fires_and_a_bad_one_is_refused_at_start() {
     );
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kache"))
-        .args(["registry", "--gc-schedule", "61 * * * *", "--data-dir"])
+        .args([
+            "registry",
+            "--gc-cpu",
+            "100%",
+            "--gc-schedule",
+            "61 * * * *",
+            "--data-dir",
+        ])
         .arg(s.path("never"))
         .output()
         .unwrap();

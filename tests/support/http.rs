@@ -195,3 +195,50 @@ pub fn get_streamed(url: &str, timeout: Duration) -> Result<Streamed, ureq::Erro
         error,
     })
 }
+
+/// `POST url` with `body` over a plain socket, announced with Content-Length or in chunked
+/// encoding (no length); the status and body of the answer. The server may answer before it has
+/// read everything (a refused upload): a write that fails then is not an error.
+pub fn post_unread(url: &str, body: &[u8], chunked: bool) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let rest = url.strip_prefix("http://").expect("an http:// URL");
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut s = std::net::TcpStream::connect(host).expect("connect");
+    s.set_read_timeout(Some(DEFAULT_TIMEOUT)).expect("timeout");
+    let framing = if chunked {
+        "Transfer-Encoding: chunked".to_owned()
+    } else {
+        format!("Content-Length: {}", body.len())
+    };
+    let head =
+        format!("POST {path} HTTP/1.1\r\nHost: {host}\r\n{framing}\r\nConnection: close\r\n\r\n");
+    let mut sent = s.write_all(head.as_bytes());
+    for chunk in body.chunks(256 * 1024) {
+        if sent.is_err() {
+            break;
+        }
+        sent = if chunked {
+            s.write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+                .and_then(|()| s.write_all(chunk))
+                .and_then(|()| s.write_all(b"\r\n"))
+        } else {
+            s.write_all(chunk)
+        };
+    }
+    if sent.is_ok() && chunked {
+        let _ = s.write_all(b"0\r\n\r\n");
+    }
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP answer to POST {url}: {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
+}

@@ -78,11 +78,12 @@ pub async fn gc(
         "removed"
     };
     println!(
-        "{verb} {} blobs ({} manifests), {} in {:.2}s",
+        "{verb} {} blobs ({} manifests), {} in {:.2}s ({:.2}s of work)",
         report.removed_blobs,
         report.removed_manifests,
         bytes(report.removed_bytes),
-        report.duration_seconds
+        report.duration_seconds,
+        report.worked_seconds
     );
     println!(
         "marked {} manifests and {} blobs; {} candidates kept because they were in use; {} abandoned uploads removed",

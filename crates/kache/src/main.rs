@@ -94,6 +94,11 @@ pub struct GcFlags {
     /// are evicted the same way, before writes start failing.
     #[arg(long, env = "KACHE_MIN_FREE", default_value = "5%")]
     min_free: kache_store::MinFree,
+    /// The share of one core a scheduled or requested collection may take (`10%`); it works
+    /// in slices and rests between them, so pulls keep their latency. A collection that the
+    /// limits start takes what it needs.
+    #[arg(long, env = "KACHE_GC_CPU", value_parser = parse_share, default_value = "10%")]
+    gc_cpu: f64,
     /// Blobs removed per index transaction during a sweep.
     #[arg(long, env = "KACHE_GC_BATCH", hide = true)]
     gc_batch: Option<usize>,
@@ -287,6 +292,19 @@ struct DevArgs {
     upstream: UpstreamArgs,
 }
 
+/// A share of one core: `10%` (1% to 100%).
+fn parse_share(s: &str) -> Result<f64, String> {
+    let p: f64 = s
+        .trim()
+        .strip_suffix('%')
+        .and_then(|p| p.trim().parse().ok())
+        .ok_or_else(|| format!("{s:?} is not a percentage like 10%"))?;
+    if !(1.0..=100.0).contains(&p) {
+        return Err(format!("{s:?} is not between 1% and 100%"));
+    }
+    Ok(p / 100.0)
+}
+
 /// Sizes as `200GiB`, `500MB`, `200Gi`, or plain bytes.
 fn parse_size(s: &str) -> Result<u64, String> {
     kache_store::parse_size(s).map_err(|e| e.to_string())
@@ -309,6 +327,7 @@ impl GcFlags {
                 min_free: self.min_free,
             },
             batch: self.gc_batch,
+            duty: self.gc_cpu,
         }
     }
 }
@@ -448,6 +467,15 @@ mod tests {
         assert!(parse_duration("2w").is_err());
         assert!(parse_duration("h").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn shares() {
+        assert_eq!(parse_share("10%"), Ok(0.1));
+        assert_eq!(parse_share(" 100% "), Ok(1.0));
+        assert!(parse_share("0%").is_err());
+        assert!(parse_share("150%").is_err());
+        assert!(parse_share("0.5").is_err());
     }
 
     #[test]

@@ -47,7 +47,10 @@ impl Registry {
                     Some(d) => d,
                     None => query_flag(&req, "dry-run")?.unwrap_or(false),
                 };
-                let report = self.collector().run_once(dry_run, "admin route").await?;
+                let report = self
+                    .collector()
+                    .run_once(dry_run, crate::gc::Trigger::Request)
+                    .await?;
                 Ok(axum::Json(report).into_response())
             }
             ref m => Err(method_not_allowed(m, "GET, POST")),

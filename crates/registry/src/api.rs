@@ -74,6 +74,13 @@ fn blob_created(repo: &RepoName, digest: &Digest) -> Response {
     (StatusCode::CREATED, h).into_response()
 }
 
+/// The request's `Content-Length`, when it sends one.
+fn content_length(req: &Request) -> Option<u64> {
+    req.headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+}
+
 fn digest_param(p: &Params, key: &str) -> Result<Option<Digest>> {
     p.get(key)
         .map(|d| d.parse::<Digest>().map_err(Error::from))
@@ -295,6 +302,9 @@ impl Registry {
             }
             // Nothing to mount: the spec asks for an ordinary upload session instead.
         } else if let Some(d) = digest_param(&p, "digest")? {
+            if let Some(len) = content_length(&req) {
+                store.check_room(len)?;
+            }
             store.put_blob(repo, &d, self.body_stream(req)).await?;
             return Ok(blob_created(repo, &d));
         }
@@ -316,10 +326,7 @@ impl Registry {
                                 format!("Content-Range {v:?} is not <start>-<end>"),
                             )
                         })?;
-                let declared = req
-                    .headers()
-                    .get(header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+                let declared = content_length(&req);
                 if declared.is_some_and(|l| l != end - start + 1) {
                     return Err(Error::new(
                         Code::BlobUploadInvalid,
@@ -329,6 +336,9 @@ impl Registry {
                 Some(start)
             }
         };
+        if let Some(len) = content_length(&req) {
+            self.inner.store.check_room(len)?;
+        }
         let s = self
             .inner
             .store
@@ -344,6 +354,9 @@ impl Registry {
                 "the digest query parameter is required to complete an upload",
             )
         })?;
+        if let Some(len) = content_length(&req) {
+            self.inner.store.check_room(len)?;
+        }
         self.inner
             .store
             .complete_upload(repo, id, &d, self.body_stream(req))
@@ -394,11 +407,7 @@ impl Registry {
             )
             .status(StatusCode::PAYLOAD_TOO_LARGE)
         };
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        if declared.is_some_and(|l| l > MAX_MANIFEST_SIZE) {
+        if content_length(&req).is_some_and(|l| l > MAX_MANIFEST_SIZE) {
             return Err(too_large());
         }
         let content_type = req

@@ -68,6 +68,26 @@ impl std::fmt::Display for Schedule {
     }
 }
 
+/// What started a collection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Schedule,
+    /// The admin route (`kache gc`).
+    Request,
+    /// The store went over its size cap or the disk under its free-space floor.
+    Pressure,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Schedule => "schedule",
+            Trigger::Request => "request",
+            Trigger::Pressure => "pressure",
+        }
+    }
+}
+
 /// How the registry collects.
 #[derive(Debug, Clone)]
 pub struct GcConfig {
@@ -79,6 +99,9 @@ pub struct GcConfig {
     pub limits: Limits,
     /// Blobs per sweep transaction; the store's default unless a test slows a sweep down.
     pub batch: Option<usize>,
+    /// The share of one core a scheduled or requested collection may take (`--gc-cpu`); one
+    /// that pressure starts (the disk is filling) takes what it needs.
+    pub duty: f64,
 }
 
 impl Default for GcConfig {
@@ -89,6 +112,7 @@ impl Default for GcConfig {
             upload_timeout: Duration::from_secs(3600),
             limits: Limits::default(),
             batch: None,
+            duty: kache_store::DEFAULT_DUTY,
         }
     }
 }
@@ -139,14 +163,19 @@ impl Collector {
     }
 
     /// Runs one collection now; `why` names what asked for it in the logs.
-    pub async fn run_once(&self, dry_run: bool, why: &str) -> Result<GcReport, StoreError> {
+    pub async fn run_once(&self, dry_run: bool, why: Trigger) -> Result<GcReport, StoreError> {
         let config = self.config();
         let mut opts = GcOptions {
             grace: config.grace,
             dry_run,
             upload_timeout: Some(config.upload_timeout),
+            duty: match why {
+                Trigger::Pressure => 1.0,
+                Trigger::Schedule | Trigger::Request => config.duty,
+            },
             ..GcOptions::default()
         };
+        let why = why.as_str();
         if let Some(b) = config.batch {
             opts.batch = b;
         }
@@ -233,13 +262,13 @@ impl Collector {
             };
             tokio::select! {
                 _ = scheduled => {
-                    let _ = self.run_once(false, "schedule").await;
+                    let _ = self.run_once(false, Trigger::Schedule).await;
                     // From the time it fires, not from now: a run longer than the period skips
                     // the runs it overlapped.
                     next = self.config().schedule.next_after(Timestamp::now());
                 }
                 _ = pressure => {
-                    let met = match self.run_once(false, "pressure").await {
+                    let met = match self.run_once(false, Trigger::Pressure).await {
                         Ok(r) => r.pressure.is_none_or(|p| p.unmet_bytes == 0),
                         Err(_) => false,
                     };

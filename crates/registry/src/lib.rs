@@ -24,7 +24,7 @@ use kache_oci::upstream::Upstream;
 use kache_store::Store;
 use kache_wire::{GC_PATH, IMAGES_PATH};
 
-pub use gc::{Collector, GcConfig, Schedule};
+pub use gc::{Collector, GcConfig, Schedule, Trigger};
 pub use metrics::Metrics;
 pub use pull::PullThrough;
 

@@ -15,7 +15,7 @@
 //!
 //! Traffic goes on meanwhile; gate.rs says how the two never step on each other.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,59 @@ use crate::{Store, blocking};
 /// writers queued behind the transaction) waits milliseconds.
 const SWEEP_BATCH: usize = 64;
 
+/// The share of a core a collection takes by default. It is background work, and pulls during
+/// it must keep their latency (DESIGN.md: p99 within 1.2x). Measured on a saturated 2-core
+/// machine (BENCHMARKS.md), half a core already doubled the p99 of 1 KiB blob pulls (the
+/// collection's walk through the index competes for memory and caches, not only for CPU time,
+/// so a low priority alone does not help); a tenth left it unchanged.
+pub const DEFAULT_DUTY: f64 = 0.1;
+
+/// Work in slices of this long, then rest in proportion.
+const SLICE: Duration = Duration::from_millis(5);
+
+/// Paces a collection's work on its thread: after each [`SLICE`] of work, a rest that keeps it
+/// to its duty cycle.
+#[derive(Debug)]
+pub(crate) struct Pace {
+    rest_per_work: f64,
+    since: Instant,
+    /// Work done in the slices rested after.
+    worked: Duration,
+}
+
+impl Pace {
+    pub(crate) fn new(duty: f64) -> Self {
+        let duty = duty.clamp(0.01, 1.0);
+        Pace {
+            rest_per_work: (1.0 - duty) / duty,
+            since: Instant::now(),
+            worked: Duration::ZERO,
+        }
+    }
+
+    /// All the work done so far, without the rests.
+    pub(crate) fn worked(&self) -> Duration {
+        self.worked + self.since.elapsed()
+    }
+
+    /// Called often: rests when a slice of work is done.
+    pub(crate) fn tick(&mut self) {
+        let worked = self.since.elapsed();
+        if worked >= SLICE {
+            self.worked += worked;
+            if self.rest_per_work > 0.0 {
+                std::thread::sleep(worked.mul_f64(self.rest_per_work));
+            }
+            self.since = Instant::now();
+        }
+    }
+
+    /// How long to rest after `worked` (for work done elsewhere, like a sweep's batch).
+    pub(crate) fn rest_after(&self, worked: Duration) -> Duration {
+        worked.mul_f64(self.rest_per_work)
+    }
+}
+
 /// How one collection runs.
 #[derive(Debug, Clone)]
 pub struct GcOptions {
@@ -41,6 +94,9 @@ pub struct GcOptions {
     pub upload_timeout: Option<Duration>,
     /// Blobs per sweep transaction (tests slow a sweep down with 1).
     pub batch: usize,
+    /// The share of one core a collection may take while it runs, in (0, 1]: it works in
+    /// slices of a few milliseconds and rests between them.
+    pub duty: f64,
 }
 
 impl Default for GcOptions {
@@ -50,6 +106,7 @@ impl Default for GcOptions {
             dry_run: false,
             upload_timeout: None,
             batch: SWEEP_BATCH,
+            duty: DEFAULT_DUTY,
         }
     }
 }
@@ -85,6 +142,7 @@ impl Plan {
         grace: Duration,
         need: u64,
         held: &dyn Fn(&Digest) -> bool,
+        pace: &mut Pace,
     ) -> Plan {
         let grace = grace.as_secs();
         // Whole seconds: with a grace of 0 nothing is recent.
@@ -97,6 +155,7 @@ impl Plan {
         let mut manifests = HashSet::new();
         let mut scratch = Reach::default();
         for r in &roots {
+            pace.tick();
             for &b in scratch.of(view, r, &mut manifests) {
                 count[b as usize] += 1;
             }
@@ -125,7 +184,7 @@ impl Plan {
             if garbage_bytes + freed >= need {
                 break;
             }
-            if held(&view.blobs[r.manifest as usize].digest) {
+            if held(&view.blobs[r.manifest as usize].key.digest()) {
                 continue;
             }
             for &b in scratch.of(view, r, &mut ignore) {
@@ -169,7 +228,7 @@ fn roots(view: &View, recent: &dyn Fn(u64) -> bool) -> Vec<Root> {
             evict: (!pinned).then(|| Eviction::Tag {
                 repo: repo.clone(),
                 tag: t.tag.clone(),
-                digest: view.blobs[t.manifest as usize].digest.clone(),
+                digest: view.blobs[t.manifest as usize].key.digest(),
             }),
             label: format!("{repo}:{}", t.tag),
             last_pulled: last_pulled(t.manifest, t.updated),
@@ -183,7 +242,7 @@ fn roots(view: &View, recent: &dyn Fn(u64) -> bool) -> Vec<Root> {
             continue;
         };
         let repo = &view.repos[k.repo as usize];
-        let digest = &view.blobs[m as usize].digest;
+        let digest = view.blobs[m as usize].key.digest();
         roots.push(Root {
             repo: k.repo,
             manifest: m,
@@ -259,6 +318,63 @@ impl Reach {
     }
 }
 
+/// A job for the collection's thread.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The thread collections decide on, started with the first: one thread at the lowest CPU
+/// priority, because marking a large store takes a core for a while and serving pulls comes
+/// first (a thread's nice value is its own on Linux, and a pooled blocking thread would keep
+/// it for whatever it runs next), and always the same one, so that the memory a collection
+/// frees is reused by the next instead of spread over the allocator's per-thread arenas.
+#[derive(Debug, Default)]
+pub(crate) struct Worker(std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Job>>>);
+
+impl Worker {
+    fn sender(&self) -> Result<std::sync::mpsc::Sender<Job>> {
+        if let Some(s) = self.0.get() {
+            return Ok(s.lock().expect("gc worker poisoned").clone());
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("kache-gc".into())
+            .spawn(move || {
+                if let Err(e) =
+                    rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19)
+                {
+                    tracing::debug!(error = %e, "cannot lower the collection's priority");
+                }
+                // Ends when the store, and with it the sender, is dropped.
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })?;
+        let _ = self.0.set(std::sync::Mutex::new(tx));
+        Ok(self
+            .0
+            .get()
+            .expect("just set")
+            .lock()
+            .expect("gc worker poisoned")
+            .clone())
+    }
+
+    /// Runs `f` on the collection's thread.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.sender()?
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| StoreError::Index("the collection's thread is gone".into()))?;
+        rx.await.map_err(|_| {
+            StoreError::Index("the collection's thread ended without a result".into())
+        })?
+    }
+}
+
 /// Ends the collection on every path out of it.
 struct Running<'a>(&'a Store);
 
@@ -272,6 +388,26 @@ impl Store {
     /// Sets the size cap and free-space floor that collections enforce.
     pub fn set_limits(&self, limits: crate::Limits) {
         self.space.set_limits(limits);
+    }
+
+    /// Refuses, before a byte is written, a write of `len` bytes that cannot fit on the disk
+    /// (beside what fetches in progress have claimed); eviction is asked to make room.
+    pub fn check_room(&self, len: u64) -> Result<()> {
+        match self.space.claim(len) {
+            Ok((_, low)) => {
+                if low {
+                    self.observer().pressure();
+                }
+                Ok(())
+            }
+            Err(why) => {
+                self.observer().pressure();
+                Err(StoreError::NoSpace(std::io::Error::new(
+                    std::io::ErrorKind::StorageFull,
+                    why,
+                )))
+            }
+        }
     }
 
     /// Bytes free on the data directory's filesystem.
@@ -322,23 +458,19 @@ impl Store {
         let need = pressure.as_ref().map_or(0, |p| p.needed_bytes);
 
         let store = self.clone();
-        let grace = opts.grace;
-        let (plan, doomed, sizes) = blocking(move || {
-            let (view, tx) = store.index.gc_view()?;
-            let held = |d: &Digest| store.gate.is_held(d);
-            let plan = Plan::make(&view, now(), grace, need, &held);
-            let doomed = Index::doomed(&tx, &view, &plan.candidates)?;
-            let sizes: HashMap<Digest, u64> = plan
-                .candidates
-                .iter()
-                .map(|&b| {
-                    let b = &view.blobs[b as usize];
-                    (b.digest.clone(), b.size)
-                })
-                .collect();
-            Ok((plan, doomed, sizes))
-        })
-        .await?;
+        let (grace, duty) = (opts.grace, opts.duty);
+        let (plan, doomed, repos, marking) = self
+            .gc_worker
+            .run(move || {
+                let mut pace = Pace::new(duty);
+                let (view, tx) = store.index.gc_view(&mut pace)?;
+                let held = |d: &Digest| store.gate.is_held(d);
+                let plan = Plan::make(&view, now(), grace, need, &held, &mut pace);
+                let doomed = Index::doomed(&tx, &view, &plan.candidates, &mut pace)?;
+                Ok((plan, doomed, Arc::new(view.repos), pace.worked()))
+            })
+            .await?;
+        report.worked_seconds = marking.as_secs_f64();
         report.marked_manifests = plan.marked_manifests;
         report.marked_blobs = plan.marked_blobs;
         report.evicted_images = plan.evictions.iter().map(|(_, l)| l.clone()).collect();
@@ -350,7 +482,7 @@ impl Store {
         if opts.dry_run {
             report.removed_blobs = doomed.len() as u64;
             report.removed_manifests = doomed.iter().map(|d| d.manifests.len() as u64).sum();
-            report.removed_bytes = doomed.iter().map(|d| sizes[&d.digest]).sum();
+            report.removed_bytes = doomed.iter().map(|d| d.size).sum();
         } else {
             if !plan.evictions.is_empty() {
                 let (index, evictions) = (
@@ -362,7 +494,7 @@ impl Store {
                 );
                 blocking(move || index.evict(&evictions)).await?;
             }
-            self.sweep(doomed, &sizes, opts.batch.max(1), &mut report)
+            self.sweep(doomed, repos, opts.batch.max(1), opts.duty, &mut report)
                 .await?;
         }
         report.store_bytes = self.total_bytes();
@@ -374,12 +506,15 @@ impl Store {
     async fn sweep(
         self: &Arc<Self>,
         doomed: Vec<Doomed>,
-        sizes: &HashMap<Digest, u64>,
+        repos: Arc<Vec<RepoName>>,
         batch: usize,
+        duty: f64,
         report: &mut GcReport,
     ) -> Result<()> {
+        let pace = Pace::new(duty);
         let mut doomed = doomed.into_iter().peekable();
         while doomed.peek().is_some() {
+            let started = Instant::now();
             let chunk: Vec<Doomed> = doomed.by_ref().take(batch).collect();
             let claimed: HashSet<Digest> = self
                 .gate
@@ -392,13 +527,16 @@ impl Store {
             if mine.is_empty() {
                 continue;
             }
-            let (store, digests) = (
+            let (store, repos, digests) = (
                 self.clone(),
+                repos.clone(),
                 mine.iter().map(|d| d.digest.clone()).collect::<Vec<_>>(),
             );
+            // On the blocking pool at normal priority, not the collection's thread: a batch
+            // holds the index's write lock, which pushes and fills wait for.
             let removed = blocking(move || {
                 let refs: Vec<&Doomed> = mine.iter().collect();
-                store.index.sweep(&refs)?;
+                store.index.sweep(&refs, &repos)?;
                 // The index no longer names them: a crash from here on leaves orphan files,
                 // which the next open adopts and the next collection removes.
                 for d in &mine {
@@ -414,12 +552,14 @@ impl Store {
             self.gate.release(&digests);
             let removed = removed?;
             for d in &removed {
-                let size = sizes.get(&d.digest).copied().unwrap_or(0);
-                self.removed(size);
-                report.removed_bytes += size;
+                self.removed(d.size);
+                report.removed_bytes += d.size;
                 report.removed_manifests += d.manifests.len() as u64;
             }
             report.removed_blobs += removed.len() as u64;
+            let worked = started.elapsed();
+            report.worked_seconds += worked.as_secs_f64();
+            tokio::time::sleep(pace.rest_after(worked)).await;
         }
         Ok(())
     }

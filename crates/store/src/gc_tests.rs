@@ -24,6 +24,7 @@ fn open() -> (tempfile::TempDir, Arc<Store>) {
 fn now_gc() -> GcOptions {
     GcOptions {
         grace: Duration::ZERO,
+        duty: 1.0,
         ..GcOptions::default()
     }
 }
@@ -80,9 +81,11 @@ async fn image(
 
 fn files(store: &Store) -> BTreeSet<Digest> {
     let mut out = BTreeSet::new();
-    for (d, _) in crate::scan_blobs(&store.layout).unwrap() {
+    crate::for_each_blob_file(&store.layout, |d, _| {
         out.insert(d);
-    }
+        Ok(())
+    })
+    .unwrap();
     out
 }
 
@@ -486,5 +489,33 @@ async fn a_blob_the_store_cannot_write_is_relayed_from_the_source_and_verified()
             .iter()
             .filter_map(|i| i.as_ref().ok())
             .all(|b| b.len() < 4)
+    );
+}
+
+#[test]
+fn a_paced_collection_rests_in_proportion_to_its_work() {
+    let quarter = Pace::new(0.25);
+    assert_eq!(
+        quarter.rest_after(Duration::from_millis(10)),
+        Duration::from_millis(30)
+    );
+    assert_eq!(
+        Pace::new(1.0).rest_after(Duration::from_millis(10)),
+        Duration::ZERO
+    );
+    // Working through a few slices takes at least the work and its rests.
+    let mut pace = Pace::new(0.5);
+    let started = std::time::Instant::now();
+    let mut worked = Duration::ZERO;
+    while worked < Duration::from_millis(20) {
+        let t = std::time::Instant::now();
+        while t.elapsed() < Duration::from_millis(1) {}
+        worked += t.elapsed();
+        pace.tick();
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(35),
+        "{:?}",
+        started.elapsed()
     );
 }

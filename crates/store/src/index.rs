@@ -9,8 +9,8 @@ use std::path::Path;
 
 use kache_oci::{Digest, RepoName};
 use redb::{
-    Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, ReadableTableMetadata,
-    TableDefinition, WriteTransaction,
+    Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, TableDefinition,
+    WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
 
@@ -111,6 +111,26 @@ pub(crate) fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Records of a synthetic store, written together (fixtures.rs).
+#[cfg(any(test, feature = "fixtures"))]
+#[derive(Debug, Default)]
+pub(crate) struct Bulk {
+    pub blobs: Vec<(Digest, BlobRecord)>,
+    pub links: Vec<(RepoName, Digest)>,
+    pub manifests: Vec<(RepoName, Digest, ManifestRecord, Vec<Digest>)>,
+    pub tags: Vec<(RepoName, String, TagRecord)>,
+}
+
+#[cfg(any(test, feature = "fixtures"))]
+impl Bulk {
+    pub(crate) fn len(&self) -> usize {
+        self.blobs.len() + self.links.len() + self.manifests.len() + self.tags.len()
+    }
+}
+
+/// Memory redb may use to cache index pages.
+const INDEX_CACHE: usize = 8 << 20;
+
 /// What to record for a manifest in one transaction.
 #[derive(Debug)]
 pub(crate) struct NewManifest<'a> {
@@ -129,7 +149,11 @@ pub(crate) struct Index {
 
 impl Index {
     pub(crate) fn open(path: &Path) -> Result<Self> {
-        let db = Database::create(path)?;
+        // redb's own cache would otherwise grow to 1 GiB as a collection reads the whole index;
+        // the kernel's page cache keeps the file warm anyway.
+        let db = Database::builder()
+            .set_cache_size(INDEX_CACHE)
+            .create(path)?;
         let tx = db.begin_write()?;
         // Create every table so readers never meet a missing one.
         tx.open_table(BLOBS)?;
@@ -260,16 +284,15 @@ impl Index {
         })
     }
 
-    /// Every blob record, for recovery and size accounting.
-    pub(crate) fn all_blobs(&self) -> Result<Vec<(Digest, BlobRecord)>> {
+    /// Calls `f` with every blob record, in digest order, for recovery, size accounting and
+    /// verification (one at a time: a store of 100,000 blobs is not held in memory for it).
+    pub(crate) fn for_each_blob(&self, mut f: impl FnMut(Digest, BlobRecord)) -> Result<()> {
         let tx = self.db.begin_read()?;
-        let blobs = tx.open_table(BLOBS)?;
-        let mut out = Vec::with_capacity(blobs.len()? as usize);
-        for item in blobs.iter()? {
+        for item in tx.open_table(BLOBS)?.iter()? {
             let (k, v) = item?;
-            out.push((parse_digest(k.value())?, dec(v.value())?));
+            f(parse_digest(k.value())?, dec(v.value())?);
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Forgets blobs whose files are gone (and their links), in one transaction.
@@ -551,6 +574,35 @@ impl Index {
                 r.created = then
             })?;
             tx.open_table(ACCESS)?.retain(|_, _| false)?;
+            Ok(())
+        })
+    }
+
+    /// Writes a batch of a synthetic store in one transaction (fixtures.rs).
+    #[cfg(any(test, feature = "fixtures"))]
+    pub(crate) fn bulk(&self, b: Bulk) -> Result<()> {
+        self.write(|tx| {
+            let mut blobs = tx.open_table(BLOBS)?;
+            for (d, rec) in &b.blobs {
+                blobs.insert(d.to_string().as_str(), enc(rec).as_slice())?;
+            }
+            let mut links = tx.open_table(LINKS)?;
+            for (repo, d) in &b.links {
+                links.insert(key(repo, &d.to_string()).as_str(), now())?;
+            }
+            let mut manifests = tx.open_table(MANIFESTS)?;
+            let mut refs = tx.open_multimap_table(REFS)?;
+            for (repo, d, rec, references) in &b.manifests {
+                let ds = d.to_string();
+                manifests.insert(key(repo, &ds).as_str(), enc(rec).as_slice())?;
+                for r in references {
+                    refs.insert(ds.as_str(), r.to_string().as_str())?;
+                }
+            }
+            let mut tags = tx.open_table(TAGS)?;
+            for (repo, tag, rec) in &b.tags {
+                tags.insert(key(repo, tag).as_str(), enc(rec).as_slice())?;
+            }
             Ok(())
         })
     }

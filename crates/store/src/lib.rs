@@ -18,6 +18,8 @@
 //! ```
 
 mod error;
+#[cfg(any(test, feature = "fixtures"))]
+pub mod fixtures;
 mod flight;
 mod fs;
 mod gate;
@@ -38,7 +40,7 @@ use kache_oci::{Algorithm, Digest, ParsedManifest, Reference, RepoName};
 pub use error::{Result, StoreError};
 pub use flight::{ByteStream, FetchError, FetchFailure, FlightStream, Source, SourceFn};
 pub use fs::BlobWriter;
-pub use gc::{GcOptions, GcReport, KeptImage, Pressure};
+pub use gc::{DEFAULT_DUTY, GcOptions, GcReport, KeptImage, Pressure};
 pub use index::{BlobRecord, ManifestRecord, TagRecord};
 pub use read::read_range;
 pub use space::{Limits, MinFree, SpaceError, parse_size};
@@ -117,6 +119,7 @@ pub struct Store {
     flights: flight::Flights,
     space: space::Space,
     observer: std::sync::OnceLock<Arc<dyn Observer>>,
+    gc_worker: gc::Worker,
 }
 
 /// Runs blocking index work off the async threads.
@@ -145,26 +148,22 @@ impl Store {
         // Index entries whose file is gone are forgotten; a file at a final path that the
         // index does not know was verified before its rename, so it is adopted (unlinked:
         // GC decides its fate).
-        let known = index.all_blobs()?;
         let mut missing = Vec::new();
         let mut total = 0u64;
-        let mut known_set = std::collections::HashSet::with_capacity(known.len());
-        for (d, r) in known {
-            match std::fs::metadata(layout.blob(&d)) {
-                Ok(m) if m.len() == r.size => total += r.size,
-                _ => missing.push(d.clone()),
-            }
-            known_set.insert(d);
-        }
+        index.for_each_blob(|d, r| match std::fs::metadata(layout.blob(&d)) {
+            Ok(m) if m.len() == r.size => total += r.size,
+            _ => missing.push(d),
+        })?;
         rec.missing_blobs_forgotten = missing.len();
         index.forget_blobs(&missing)?;
-        for (d, size) in scan_blobs(&layout)? {
-            if !known_set.contains(&d) {
+        for_each_blob_file(&layout, |d, size| {
+            if index.blob(&d)?.is_none() {
                 index.add_blob(None, &d, size)?;
                 total += size;
                 rec.orphan_blobs_adopted += 1;
             }
-        }
+            Ok(())
+        })?;
 
         rec.stale_uploads_removed = upload::recover(&layout, &index)?;
         if rec != Recovery::default() {
@@ -181,6 +180,7 @@ impl Store {
                 flights: Default::default(),
                 space: space::Space::new(root),
                 observer: std::sync::OnceLock::new(),
+                gc_worker: gc::Worker::default(),
             },
             rec,
         ))
@@ -627,7 +627,7 @@ impl Store {
         let (index, layout) = (self.index.clone(), self.layout.clone());
         blocking(move || {
             let mut report = VerifyReport::default();
-            for (d, r) in index.all_blobs()? {
+            index.for_each_blob(|d, r| {
                 report.blobs += 1;
                 match fs::hash_file(&layout.blob(&d), d.algorithm()) {
                     Ok((actual, len)) if actual == d && len == r.size => report.bytes += len,
@@ -637,33 +637,32 @@ impl Store {
                     )),
                     Err(e) => report.bad.push(format!("{d}: {e}")),
                 }
-            }
+            })?;
             Ok(report)
         })
         .await
     }
 }
 
-/// Every `blobs/<alg>/<xx>/<hex>` file whose name is a valid digest, with its size.
-fn scan_blobs(layout: &Layout) -> Result<Vec<(Digest, u64)>> {
-    let mut out = Vec::new();
+/// Calls `f` with every `blobs/<alg>/<xx>/<hex>` file whose name is a valid digest, and its size.
+fn for_each_blob_file(layout: &Layout, mut f: impl FnMut(Digest, u64) -> Result<()>) -> Result<()> {
     for alg in std::fs::read_dir(layout.blobs())? {
         let alg = alg?;
         let alg_name = alg.file_name().to_string_lossy().into_owned();
         for shard in std::fs::read_dir(alg.path())? {
-            for f in std::fs::read_dir(shard?.path())? {
-                let f = f?;
-                let name = format!("{alg_name}:{}", f.file_name().to_string_lossy());
+            for file in std::fs::read_dir(shard?.path())? {
+                let file = file?;
+                let name = format!("{alg_name}:{}", file.file_name().to_string_lossy());
                 match name.parse::<Digest>() {
-                    Ok(d) if f.path() == layout.blob(&d) => out.push((d, f.metadata()?.len())),
+                    Ok(d) if file.path() == layout.blob(&d) => f(d, file.metadata()?.len())?,
                     _ => {
-                        tracing::warn!(path = %f.path().display(), "ignoring a file that is not a blob")
+                        tracing::warn!(path = %file.path().display(), "ignoring a file that is not a blob")
                     }
                 }
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]

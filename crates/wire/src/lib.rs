@@ -46,6 +46,9 @@ pub struct GcReport {
     /// When it started, unix seconds.
     pub started_at: u64,
     pub duration_seconds: f64,
+    /// Of that, the time it worked: a collection takes a share of a core (`--gc-cpu`) and
+    /// rests between slices of work.
+    pub worked_seconds: f64,
     /// Manifests (per repository) and blobs reachable from a root.
     pub marked_manifests: u64,
     pub marked_blobs: u64,

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use kache_oci::{Digest, RepoName};
+use kache_oci::{Algorithm, Digest, RepoName};
 use redb::{
     ReadTransaction, ReadableDatabase, ReadableMultimapTable, ReadableTable, ReadableTableMetadata,
 };
@@ -15,16 +15,58 @@ use super::{
     TAGS, TagRecord, dec, key, parse_digest,
 };
 use crate::error::{Result, StoreError};
+use crate::gc::Pace;
 
 /// A blob, by its position in [`View::blobs`].
 pub(crate) type BlobId = u32;
 /// A repository, by its position in [`View::repos`].
 pub(crate) type RepoId = u32;
 
+/// A digest as a collection holds it: inline, without an allocation of its own (a store of
+/// 100,000 blobs is one vector of a few MiB, not 100,000 strings), ordered as the index orders
+/// digests (by algorithm, then by hex, which is the order of the bytes).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Key {
+    algorithm: Algorithm,
+    bytes: [u8; 64],
+}
+
+impl Key {
+    pub(crate) fn of(d: &Digest) -> Key {
+        let mut bytes = [0u8; 64];
+        // A Digest's hex is validated: lowercase, of its algorithm's length (32 or 64 bytes).
+        let _ = hex::decode_to_slice(d.hex(), &mut bytes[..d.hex().len() / 2]);
+        Key {
+            algorithm: d.algorithm(),
+            bytes,
+        }
+    }
+
+    pub(crate) fn digest(&self) -> Digest {
+        let len = match self.algorithm {
+            Algorithm::Sha256 => 32,
+            Algorithm::Sha512 => 64,
+        };
+        format!(
+            "{}:{}",
+            self.algorithm.as_str(),
+            hex::encode(&self.bytes[..len])
+        )
+        .parse()
+        .expect("a key holds a valid digest")
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.digest())
+    }
+}
+
 /// A blob as the collection sees it.
 #[derive(Debug)]
 pub(crate) struct BlobInfo {
-    pub digest: Digest,
+    pub key: Key,
     pub size: u64,
     pub created: u64,
     /// Last served, as far as flushed (0: never).
@@ -68,9 +110,11 @@ pub(crate) enum KeptRef {
 /// One snapshot of everything a collection decides from.
 #[derive(Debug, Default)]
 pub(crate) struct View {
+    /// Sorted by digest (the order of the index's keys), so a digest is found by a binary
+    /// search rather than a second copy of every digest in a map.
     pub blobs: Vec<BlobInfo>,
-    pub by_digest: HashMap<Digest, BlobId>,
     pub repos: Vec<RepoName>,
+    repo_ids: HashMap<String, RepoId>,
     pub manifests: HashMap<(RepoId, BlobId), ManifestInfo>,
     /// What each manifest references (config, layers, child manifests), among blobs held.
     pub refs: HashMap<BlobId, Vec<BlobId>>,
@@ -84,10 +128,11 @@ pub(crate) struct View {
 #[derive(Debug)]
 pub(crate) struct Doomed {
     pub digest: Digest,
-    /// Keys of `LINKS` naming it.
-    pub links: Vec<String>,
+    pub size: u64,
+    /// Repositories linked to it.
+    pub links: Vec<RepoId>,
     /// Repositories holding it as a manifest, with that manifest's subject.
-    pub manifests: Vec<(String, Option<Digest>)>,
+    pub manifests: Vec<(RepoId, Option<Digest>)>,
 }
 
 /// An image to evict: a tag (removed only if it still points where the plan saw it) or an
@@ -106,8 +151,12 @@ pub(crate) enum Eviction {
 }
 
 impl View {
-    fn repo_id(&mut self, ids: &mut HashMap<String, RepoId>, name: &str) -> Result<RepoId> {
-        if let Some(id) = ids.get(name) {
+    fn repo_of(&self, name: &str) -> Option<RepoId> {
+        self.repo_ids.get(name).copied()
+    }
+
+    fn repo_id(&mut self, name: &str) -> Result<RepoId> {
+        if let Some(id) = self.repo_ids.get(name) {
             return Ok(*id);
         }
         let repo: RepoName = name
@@ -115,12 +164,20 @@ impl View {
             .map_err(|e| StoreError::Index(format!("corrupt repository name in index: {e}")))?;
         let id = self.repos.len() as RepoId;
         self.repos.push(repo);
-        ids.insert(name.to_owned(), id);
+        self.repo_ids.insert(name.to_owned(), id);
         Ok(id)
     }
 
     fn blob_id(&self, s: &str) -> Result<Option<BlobId>> {
-        Ok(self.by_digest.get(&parse_digest(s)?).copied())
+        Ok(self.id_of(&parse_digest(s)?))
+    }
+
+    pub(crate) fn id_of(&self, d: &Digest) -> Option<BlobId> {
+        let key = Key::of(d);
+        self.blobs
+            .binary_search_by(|b| b.key.cmp(&key))
+            .ok()
+            .map(|i| i as BlobId)
     }
 }
 
@@ -131,40 +188,46 @@ fn split(k: &str) -> Result<(&str, &str)> {
 
 impl Index {
     /// Reads a [`View`] from one read transaction, which the caller keeps for [`Index::doomed`].
-    pub(crate) fn gc_view(&self) -> Result<(View, ReadTransaction)> {
+    pub(crate) fn gc_view(&self, pace: &mut Pace) -> Result<(View, ReadTransaction)> {
         let tx = self.db.begin_read()?;
         let mut v = View::default();
-        let mut repo_ids = HashMap::new();
         {
             let blobs = tx.open_table(BLOBS)?;
             v.blobs.reserve(blobs.len()? as usize);
             for item in blobs.iter()? {
+                pace.tick();
                 let (k, val) = item?;
                 let digest = parse_digest(k.value())?;
                 let rec: BlobRecord = dec(val.value())?;
-                v.by_digest.insert(digest.clone(), v.blobs.len() as BlobId);
                 v.blobs.push(BlobInfo {
-                    digest,
+                    key: Key::of(&digest),
                     size: rec.size,
                     created: rec.created,
                     access: 0,
                 });
             }
         }
+        // Keys come sorted as strings; `sha256:` sorts before `sha512:` and the hex parts have
+        // one length per algorithm, so that is the digests' own order. Checked, not assumed.
+        if !v.blobs.is_sorted_by(|a, b| a.key < b.key) {
+            v.blobs.sort_unstable_by_key(|b| b.key);
+        }
         for item in tx.open_table(ACCESS)?.iter()? {
+            pace.tick();
             let (k, at) = item?;
             if let Some(id) = v.blob_id(k.value())? {
                 v.blobs[id as usize].access = at.value();
             }
         }
         for item in tx.open_table(MANIFESTS)?.iter()? {
+            pace.tick();
             let (k, val) = item?;
             let (repo, digest) = split(k.value())?;
             let Some(blob) = v.blob_id(digest)? else {
                 continue;
             };
             let rec: ManifestRecord = dec(val.value())?;
-            let repo = v.repo_id(&mut repo_ids, repo)?;
+            let repo = v.repo_id(repo)?;
             v.manifests.insert(
                 (repo, blob),
                 ManifestInfo {
@@ -174,6 +237,7 @@ impl Index {
             );
         }
         for item in tx.open_multimap_table(REFS)?.iter()? {
+            pace.tick();
             let (k, values) = item?;
             let Some(from) = v.blob_id(k.value())? else {
                 continue;
@@ -187,12 +251,13 @@ impl Index {
             v.refs.insert(from, to);
         }
         for item in tx.open_multimap_table(REFERRERS)?.iter()? {
+            pace.tick();
             let (k, values) = item?;
             let (repo, subject) = split(k.value())?;
             let Some(subject) = v.blob_id(subject)? else {
                 continue;
             };
-            let repo = v.repo_id(&mut repo_ids, repo)?;
+            let repo = v.repo_id(repo)?;
             let mut from = Vec::new();
             for r in values {
                 if let Some(id) = v.blob_id(r?.value())? {
@@ -202,13 +267,14 @@ impl Index {
             v.referrers.insert((repo, subject), from);
         }
         for item in tx.open_table(TAGS)?.iter()? {
+            pace.tick();
             let (k, val) = item?;
             let (repo, tag) = split(k.value())?;
             let rec: TagRecord = dec(val.value())?;
-            let Some(&manifest) = v.by_digest.get(&rec.digest) else {
+            let Some(manifest) = v.id_of(&rec.digest) else {
                 continue;
             };
-            let repo = v.repo_id(&mut repo_ids, repo)?;
+            let repo = v.repo_id(repo)?;
             v.tags.push(TagInfo {
                 repo,
                 tag: tag.to_owned(),
@@ -217,9 +283,10 @@ impl Index {
             });
         }
         for item in tx.open_table(KEPT)?.iter()? {
+            pace.tick();
             let (k, pinned) = item?;
             let (repo, reference) = split(k.value())?;
-            let repo = v.repo_id(&mut repo_ids, repo)?;
+            let repo = v.repo_id(repo)?;
             let reference = if reference.contains(':') {
                 match v.blob_id(reference)? {
                     Some(id) => KeptRef::Digest(id),
@@ -243,12 +310,15 @@ impl Index {
         tx: &ReadTransaction,
         view: &View,
         blobs: &[BlobId],
+        pace: &mut Pace,
     ) -> Result<Vec<Doomed>> {
         let mut out: HashMap<BlobId, Doomed> = blobs
             .iter()
             .map(|&b| {
+                let info = &view.blobs[b as usize];
                 let d = Doomed {
-                    digest: view.blobs[b as usize].digest.clone(),
+                    digest: info.key.digest(),
+                    size: info.size,
                     links: Vec::new(),
                     manifests: Vec::new(),
                 };
@@ -256,17 +326,18 @@ impl Index {
             })
             .collect();
         for item in tx.open_table(LINKS)?.iter()? {
+            pace.tick();
             let (k, _) = item?;
-            let (_, digest) = split(k.value())?;
+            let (repo, digest) = split(k.value())?;
             if let Some(id) = view.blob_id(digest)?
                 && let Some(d) = out.get_mut(&id)
+                && let Some(repo) = view.repo_of(repo)
             {
-                d.links.push(k.value().to_owned());
+                d.links.push(repo);
             }
         }
         for (&(repo, blob), m) in view.manifests.iter() {
             if let Some(d) = out.get_mut(&blob) {
-                let repo = view.repos[repo as usize].as_str().to_owned();
                 d.manifests.push((repo, m.subject.clone()));
             }
         }
@@ -275,8 +346,9 @@ impl Index {
         Ok(order.into_iter().filter_map(|b| out.remove(&b)).collect())
     }
 
-    /// Removes a batch of blobs with every record naming them, in one transaction.
-    pub(crate) fn sweep(&self, batch: &[&Doomed]) -> Result<()> {
+    /// Removes a batch of blobs with every record naming them, in one transaction. `repos`
+    /// names the repository ids of the view they were decided from.
+    pub(crate) fn sweep(&self, batch: &[&Doomed], repos: &[RepoName]) -> Result<()> {
         self.write(|tx| {
             let mut blobs = tx.open_table(BLOBS)?;
             let mut links = tx.open_table(LINKS)?;
@@ -287,10 +359,11 @@ impl Index {
             for d in batch {
                 let digest = d.digest.to_string();
                 blobs.remove(digest.as_str())?;
-                for k in &d.links {
-                    links.remove(k.as_str())?;
+                for &r in &d.links {
+                    links.remove(key(&repos[r as usize], &digest).as_str())?;
                 }
-                for (repo, subject) in &d.manifests {
+                for (r, subject) in &d.manifests {
+                    let repo = repos[*r as usize].as_str();
                     manifests.remove(format!("{repo}\0{digest}").as_str())?;
                     if let Some(s) = subject {
                         referrers.remove(format!("{repo}\0{s}").as_str(), digest.as_str())?;
