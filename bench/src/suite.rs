@@ -24,6 +24,8 @@ use crate::load::{self, ColdResult, LoadResult, LoadSpec, StreamResult};
 use crate::parse_duration;
 use crate::procs::{self, Proc};
 
+mod gc;
+
 const MIB: u64 = 1 << 20;
 /// The repository of the blobs in distribution, and the upstream path kache caches.
 const REPO: &str = "bench/app";
@@ -64,7 +66,11 @@ pub struct Options {
     /// Rounds of each warm step (servers interleaved in every round); the median is reported.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Only these steps (comma-separated): blob, stream, manifest, cold, memory, webhook.
+    /// Manifests of the garbage-collection step's store (each with a config and 9 layers: ten
+    /// blobs a manifest).
+    #[arg(long, default_value_t = 10_000)]
+    gc_manifests: usize,
+    /// Only these steps (comma-separated): blob, stream, manifest, cold, memory, webhook, gc.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The whole run is stopped after this long.
@@ -1135,6 +1141,7 @@ async fn suite(o: &Options) -> Result<String> {
     cold_step(&mut bench).await?;
     memory_step(&mut bench).await?;
     webhook_step(&mut bench).await?;
+    gc::gc_step(&mut bench).await?;
     let Bench {
         mut md,
         mut notes,
