@@ -1,9 +1,11 @@
-//! `kache controller` against a real Kubernetes 1.20 API server with kube-controller-manager,
+//! `kache controller` against real Kubernetes API servers (1.20 and current, each test on both)
+//! with kube-controller-manager,
 //! the real webhook rewriting the pods, and a real `kache registry` pulling through from a real
 //! upstream (CNCF distribution):
 //!
 //! - a Deployment's image becomes a CachedImage that is cached with the right digest, counts its
-//!   pods and has its events; a Deployment with no pods has its image pre-cached; a controller
+//!   pods and has its events; a Deployment with no pods and a CronJob (`batch/v1beta1` on 1.20,
+//!   `batch/v1` on the current version) have their images pre-cached; a controller
 //!   restart loses nothing and expires nothing early; a CachedImage deleted by hand while pods
 //!   use it comes back; one made by hand with `retain` is cached and kept; scaling to 0 starts
 //!   the expiry clock, and at expiry the CachedImage goes and its tag leaves the registry;
@@ -21,7 +23,7 @@ use std::time::Duration;
 use kache_api::{CachedImage, cached_image_name};
 use kube::CustomResourceExt;
 use serde_json::{Value, json};
-use support::kube::KubeServer;
+use support::kube::{KubeServer, Version};
 use support::metrics;
 use support::pull::{Scratch, cache_repo, multi_layer_image};
 use support::registry::free_local_addr;
@@ -215,24 +217,43 @@ fn create_deployment(kube: &KubeServer, deployment: &Value) {
 }
 
 #[test]
-fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry() {
-    let kube = KubeServer::start();
+fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry_on_1_20() {
+    deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry(Version::Oldest);
+}
+
+#[test]
+fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry_on_current() {
+    deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry(Version::Current);
+}
+
+fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry(version: Version) {
+    let kube = KubeServer::start(version);
     let s = Scratch::new("kache-e2e-controller");
     install_crd(&kube);
 
     // A real upstream with three images, a real registry in front of it.
     let upstream = Distribution::start(DistributionKind::Open);
     let host = non_loopback_name(&upstream.host());
-    let (web, idle, kept) = (
+    let (web, idle, kept, batch) = (
         multi_layer_image(60),
         multi_layer_image(70),
         multi_layer_image(80),
+        multi_layer_image(75),
     );
-    let src = s.layout("src", &[("web", &web), ("idle", &idle), ("kept", &kept)]);
+    let src = s.layout(
+        "src",
+        &[
+            ("web", &web),
+            ("idle", &idle),
+            ("kept", &kept),
+            ("batch", &batch),
+        ],
+    );
     for (tag, repo) in [
         ("web", "team/web:v1"),
         ("idle", "team/idle:v1"),
         ("kept", "team/kept:v1"),
+        ("batch", "team/batch:v1"),
     ] {
         s.skopeo.copy(
             &format!("{src}:{tag}"),
@@ -326,6 +347,40 @@ fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry()
         |code, v| (code == 200 && v["status"]["digest"] == idle.digest()).then(|| v.clone()),
     );
     assert_eq!(idle_ci["status"]["usedBy"]["count"], 0);
+
+    // So does a CronJob's, in the version's own API: `batch/v1beta1` on 1.20, where `batch/v1`
+    // has no CronJob, and `batch/v1` on the current version, which no longer serves v1beta1.
+    let batch_image = format!("{host}/team/batch:v1");
+    let group_version = match version {
+        Version::Oldest => "batch/v1beta1",
+        Version::Current => "batch/v1",
+    };
+    kube.ok(
+        "POST",
+        &format!("/apis/{group_version}/namespaces/t/cronjobs"),
+        Some(&json!({
+            "apiVersion": group_version, "kind": "CronJob",
+            "metadata": {"name": "nightly"},
+            "spec": {
+                "schedule": "0 0 1 1 *", "suspend": true,
+                "jobTemplate": {"spec": {"template": {"spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{"name": "c", "image": batch_image}],
+                }}}},
+            },
+        })),
+    );
+    let other = match version {
+        Version::Oldest => "batch/v1",
+        Version::Current => "batch/v1beta1",
+    };
+    let (code, _) = kube.request("GET", &format!("/apis/{other}/namespaces/t/cronjobs"), None);
+    assert_eq!(code, 404, "{other} CronJobs are not served on {version:?}");
+    kube.wait_for(
+        &format!("{IMAGES}/{}", cached_image_name(&batch_image)),
+        WAIT,
+        |code, v| (code == 200 && v["status"]["digest"] == batch.digest()).then_some(()),
+    );
 
     // The leader goes away: the second takes over, and the web image keeps its three pods and
     // no expiry.
@@ -506,9 +561,25 @@ fn pull_secret(name: &str, host: &str, user: &str, password: &str) -> Value {
 }
 
 #[test]
-fn failures_are_reported_and_retried_pull_secrets_are_used_and_an_api_server_restart_loses_nothing()
-{
-    let kube = KubeServer::start();
+fn failures_are_reported_and_retried_pull_secrets_are_used_and_an_api_server_restart_loses_nothing_on_1_20()
+ {
+    failures_are_reported_and_retried_pull_secrets_are_used_and_an_api_server_restart_loses_nothing(
+        Version::Oldest,
+    );
+}
+
+#[test]
+fn failures_are_reported_and_retried_pull_secrets_are_used_and_an_api_server_restart_loses_nothing_on_current()
+ {
+    failures_are_reported_and_retried_pull_secrets_are_used_and_an_api_server_restart_loses_nothing(
+        Version::Current,
+    );
+}
+
+fn failures_are_reported_and_retried_pull_secrets_are_used_and_an_api_server_restart_loses_nothing(
+    version: Version,
+) {
+    let kube = KubeServer::start(version);
     let s = Scratch::new("kache-e2e-controller-faults");
     install_crd(&kube);
 

@@ -1,14 +1,14 @@
-//! The webhook behind a real Kubernetes 1.20 API server (scripts/kube-test-server): pods and a
-//! Deployment's pods (made by kube-controller-manager) come out rewritten and labelled, so do
-//! ephemeral containers added through `pods/ephemeralcontainers`, an ignored pod is untouched, and
-//! with the webhook gone pods are still created.
+//! The webhook behind real Kubernetes API servers, 1.20 and current (scripts/kube-test-server):
+//! pods and a Deployment's pods (made by kube-controller-manager) come out rewritten and
+//! labelled, so do ephemeral containers added through `pods/ephemeralcontainers` in both of its
+//! forms, an ignored pod is untouched, and with the webhook gone pods are still created.
 
 mod support;
 
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::kube::KubeServer;
+use support::kube::{KubeServer, Version};
 use support::webhook::{Webhook, certificates, register};
 
 fn pod(name: &str, labels: Value) -> Value {
@@ -38,8 +38,17 @@ fn images(pod: &Value, field: &str) -> Vec<String> {
 }
 
 #[test]
-fn pods_are_rewritten_by_a_real_api_server_and_never_blocked() {
-    let kube = KubeServer::start();
+fn pods_are_rewritten_by_kubernetes_1_20_and_never_blocked() {
+    pods_are_rewritten_and_never_blocked(Version::Oldest);
+}
+
+#[test]
+fn pods_are_rewritten_by_a_current_kubernetes_and_never_blocked() {
+    pods_are_rewritten_and_never_blocked(Version::Current);
+}
+
+fn pods_are_rewritten_and_never_blocked(version: Version) {
+    let kube = KubeServer::start(version);
     let dir = tempfile::tempdir().unwrap();
     let ca = certificates(dir.path());
     let webhook = Webhook::start(dir.path());
@@ -80,25 +89,40 @@ fn pods_are_rewritten_by_a_real_api_server_and_never_blocked() {
     }
 
     // Ephemeral containers: on 1.16–1.21 they come through `pods/ephemeralcontainers` as an
-    // EphemeralContainers object (the list and the pod's identity), not a Pod; the new one is
-    // rewritten all the same, through the same rules.
+    // EphemeralContainers object (the list and the pod's identity); from 1.22 as the whole Pod.
+    // The new one is rewritten all the same, through the same rules.
     let subresource = "/api/v1/namespaces/t/pods/plain/ephemeralcontainers";
+    let list = |v: &mut Value| -> Value {
+        match version {
+            Version::Oldest => v["ephemeralContainers"].take(),
+            Version::Current => v["spec"]["ephemeralContainers"].take(),
+        }
+    };
     let debug = |name: &str, image: &str| {
         // Read first: the update carries the resourceVersion and the whole current list.
         let mut ec = kube.ok("GET", subresource, None);
-        assert_eq!(ec["kind"], "EphemeralContainers", "{ec}");
-        ec["ephemeralContainers"]
-            .as_array_mut()
-            .expect("a list")
-            .push(json!({
-                "name": name, "image": image, "command": ["sh"], "stdin": true, "tty": true,
-                "terminationMessagePolicy": "File", "imagePullPolicy": "IfNotPresent",
-            }));
+        let kind = match version {
+            Version::Oldest => "EphemeralContainers",
+            Version::Current => "Pod",
+        };
+        assert_eq!(ec["kind"], kind, "{ec}");
+        let mut containers = list(&mut ec);
+        if containers.is_null() {
+            containers = json!([]);
+        }
+        containers.as_array_mut().expect("a list").push(json!({
+            "name": name, "image": image, "command": ["sh"], "stdin": true, "tty": true,
+            "terminationMessagePolicy": "File", "imagePullPolicy": "IfNotPresent",
+        }));
+        match version {
+            Version::Oldest => ec["ephemeralContainers"] = containers,
+            Version::Current => ec["spec"]["ephemeralContainers"] = containers,
+        }
         kube.ok("PUT", subresource, Some(&ec))
     };
-    let updated = debug("debugger", "busybox:1.36");
+    let mut updated = debug("debugger", "busybox:1.36");
     assert_eq!(
-        updated["ephemeralContainers"][0]["image"],
+        list(&mut updated)[0]["image"],
         "localhost:7439/docker.io/library/busybox:1.36",
         "{updated}\n{}",
         kube.logs()

@@ -1,5 +1,6 @@
-//! A real Kubernetes 1.20 API server (with kube-controller-manager and etcd) on 127.0.0.1,
-//! started by `scripts/kube-test-server`, which builds and caches the binaries.
+//! A real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager and, on the
+//! current version, kube-scheduler) on 127.0.0.1, started by `scripts/kube-test-server`, which
+//! builds and caches the binaries of the two versions the tests run against.
 //!
 //! Requests go through curl: the API server's certificate is signed by a test CA, and curl
 //! needs no TLS stack in the test binary.
@@ -11,10 +12,34 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tempfile::TempDir;
 
+/// The Kubernetes versions of the test bed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// 1.20, the oldest kache supports: `pods/ephemeralcontainers` takes an EphemeralContainers
+    /// object, CronJobs are `batch/v1beta1`, ServiceAccounts get token Secrets.
+    Oldest,
+    /// A current release (1.34): ephemeral containers are updated as a Pod, CronJobs are
+    /// `batch/v1`, tokens come only from the TokenRequest API.
+    Current,
+}
+
+impl Version {
+    pub const ALL: [Version; 2] = [Version::Oldest, Version::Current];
+
+    /// The name `scripts/kube-test-server` knows it by.
+    pub fn name(self) -> &'static str {
+        match self {
+            Version::Oldest => "oldest",
+            Version::Current => "current",
+        }
+    }
+}
+
 /// A running test API server; stopped on drop.
 #[derive(Debug)]
 pub struct KubeServer {
     dir: TempDir,
+    pub version: Version,
     /// `https://127.0.0.1:<port>`.
     pub api: String,
     pub token: String,
@@ -26,8 +51,8 @@ fn script() -> PathBuf {
 }
 
 impl KubeServer {
-    /// Starts etcd, kube-apiserver and kube-controller-manager; waits until the API is ready.
-    pub fn start() -> Self {
+    /// Starts the control plane of `version`; waits until the API is ready.
+    pub fn start(version: Version) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("kache-kube")
             .tempdir()
@@ -36,6 +61,7 @@ impl KubeServer {
             .arg(script())
             .arg("start")
             .arg(dir.path())
+            .env("KACHE_K8S_VERSION", version.name())
             .output()
             .expect("run scripts/kube-test-server");
         if !out.status.success() {
@@ -61,8 +87,14 @@ impl KubeServer {
             api: get("KUBE_APISERVER"),
             token: get("KUBE_TOKEN"),
             ca: PathBuf::from(get("KUBE_CA")),
+            version,
             dir,
         }
+    }
+
+    /// The directory the control plane (and a node, see [`super::node`]) keeps its files in.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// The kubeconfig of the admin user.
@@ -199,8 +231,13 @@ impl KubeServer {
             &format!("/api/v1/namespaces/{name}/serviceaccounts/default"),
             Duration::from_secs(60),
             |s, v| {
-                // 1.20 adds the token volume only once the token Secret exists.
-                (s == 200 && v["secrets"].as_array().is_some_and(|a| !a.is_empty())).then_some(())
+                // 1.20 adds the token volume only once the token Secret exists; 1.24 and later
+                // make no such Secret (pods get a projected token).
+                let ready = match self.version {
+                    Version::Oldest => v["secrets"].as_array().is_some_and(|a| !a.is_empty()),
+                    Version::Current => true,
+                };
+                (s == 200 && ready).then_some(())
             },
         );
     }
@@ -226,32 +263,22 @@ impl KubeServer {
         }
     }
 
-    /// A kubeconfig at `out` that authenticates as the ServiceAccount `ns/name`, with its
-    /// token (1.20 puts it in a Secret); waits for that Secret.
+    /// A kubeconfig at `out` that authenticates as the ServiceAccount `ns/name`, with a token
+    /// from the TokenRequest API (every supported version serves it).
     pub fn service_account_kubeconfig(&self, ns: &str, name: &str, out: &Path) -> PathBuf {
-        use base64::Engine as _;
-        let secret = self.wait_for(
-            &format!("/api/v1/namespaces/{ns}/serviceaccounts/{name}"),
-            Duration::from_secs(60),
-            |s, v| {
-                (s == 200)
-                    .then(|| v["secrets"][0]["name"].as_str().map(str::to_owned))
-                    .flatten()
-            },
+        let path = format!("/api/v1/namespaces/{ns}/serviceaccounts/{name}");
+        self.wait_for(&path, Duration::from_secs(60), |s, _| {
+            (s == 200).then_some(())
+        });
+        let v = self.ok(
+            "POST",
+            &format!("{path}/token"),
+            Some(&serde_json::json!({
+                "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                "spec": {"expirationSeconds": 86400},
+            })),
         );
-        let token = self.wait_for(
-            &format!("/api/v1/namespaces/{ns}/secrets/{secret}"),
-            Duration::from_secs(60),
-            |s, v| {
-                (s == 200)
-                    .then(|| v["data"]["token"].as_str().map(str::to_owned))
-                    .flatten()
-            },
-        );
-        let token = base64::engine::general_purpose::STANDARD
-            .decode(token)
-            .expect("base64 token");
-        let token = String::from_utf8(token).expect("UTF-8 token");
+        let token = v["status"]["token"].as_str().expect("a token").to_owned();
         let admin = std::fs::read_to_string(self.kubeconfig()).expect("kubeconfig");
         assert!(admin.contains(&self.token));
         std::fs::write(out, admin.replace(&self.token, &token)).expect("write kubeconfig");
@@ -277,7 +304,7 @@ impl KubeServer {
 
     /// The logs of the control plane, for failure messages.
     pub fn logs(&self) -> String {
-        ["apiserver.log", "controller-manager.log"]
+        ["apiserver.log", "controller-manager.log", "scheduler.log"]
             .iter()
             .map(|f| {
                 let t = std::fs::read_to_string(self.dir.path().join(f)).unwrap_or_default();
