@@ -23,7 +23,7 @@ use std::time::Duration;
 use kache_api::{CachedImage, cached_image_name};
 use kube::CustomResourceExt;
 use serde_json::{Value, json};
-use support::kube::{KubeServer, Version};
+use support::kube::{KubeServer, Version, non_loopback_name, pull_secret};
 use support::metrics;
 use support::pull::{Scratch, cache_repo, multi_layer_image};
 use support::registry::free_local_addr;
@@ -68,30 +68,6 @@ impl Drop for Controller {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The upstream as `<this host's name>:<port>`: the webhook leaves loopback registries
-/// (`127.0.0.1`, `localhost`) alone, as a node-local registry has nothing to cache, so the pods
-/// must name the upstream by a name; the machine's own resolves to loopback in /etc/hosts.
-fn non_loopback_name(addr: &str) -> String {
-    use std::net::ToSocketAddrs;
-    let name = String::from_utf8(Command::new("hostname").output().unwrap().stdout).unwrap();
-    let name = name.trim();
-    let port = addr.rsplit_once(':').unwrap().1;
-    let host = format!("{name}:{port}");
-    let resolved: Vec<_> = host
-        .to_socket_addrs()
-        .map(|a| a.collect())
-        .unwrap_or_default();
-    assert!(
-        !name.is_empty()
-            && name != "localhost"
-            && resolved
-                .iter()
-                .any(|a: &std::net::SocketAddr| a.ip().is_loopback()),
-        "this test needs the host name ({name:?}) to resolve to 127.0.0.1 (/etc/hosts): {resolved:?}"
-    );
-    host
 }
 
 /// Prints the controllers' logs when the test fails: what they decided, and why.
@@ -549,17 +525,6 @@ impl Relay {
 }
 
 /// A Kubernetes Secret of type dockerconfigjson with Basic credentials for `host`.
-fn pull_secret(name: &str, host: &str, user: &str, password: &str) -> Value {
-    use base64::Engine as _;
-    let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
-    let config = json!({"auths": {host: {"auth": b64(format!("{user}:{password}").as_bytes())}}});
-    json!({
-        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",
-        "metadata": {"name": name},
-        "data": {".dockerconfigjson": b64(config.to_string().as_bytes())},
-    })
-}
-
 #[test]
 fn failures_are_reported_and_retried_pull_secrets_are_used_and_an_api_server_restart_loses_nothing_on_1_20()
  {

@@ -10,27 +10,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use support::containerd::{Containerd, skip_unless_root};
+use support::node::build_kache_image;
 
 const NAME: &str = "test.invalid/kache:e2e";
 
 /// Packages the test build of kache into `out`; the manifest digest it printed.
 fn build_image(out: &Path) -> String {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-image");
-    let o = Command::new(script)
-        .arg("--binary")
-        .arg(env!("CARGO_BIN_EXE_kache"))
-        .arg("--out")
-        .arg(out)
-        .arg("--name")
-        .arg(NAME)
-        .output()
-        .expect("run scripts/build-image");
-    assert!(
-        o.status.success(),
-        "build-image failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap().trim().to_owned()
+    build_kache_image(out, NAME)
 }
 
 fn blob(layout: &Path, digest: &str) -> Vec<u8> {

@@ -225,6 +225,8 @@ pub struct ImageBuilder {
     flavor: Flavor,
     platform: Platform,
     layers: Vec<Vec<(String, Vec<u8>)>>,
+    /// Set by [`program`](Self::program): the file that runs, written with mode 0755.
+    entrypoint: Option<String>,
 }
 
 impl ImageBuilder {
@@ -234,6 +236,7 @@ impl ImageBuilder {
             flavor,
             platform: Platform::linux_amd64(),
             layers: Vec::new(),
+            entrypoint: None,
         }
     }
 
@@ -246,6 +249,13 @@ impl ImageBuilder {
     pub fn layer(mut self, files: Vec<(String, Vec<u8>)>) -> Self {
         self.layers.push(files);
         self
+    }
+
+    /// A layer holding an executable at `path` (relative, e.g. `bin/app`), which becomes the
+    /// image's entrypoint: an image a container runtime can start.
+    pub fn program(mut self, path: &str, contents: Vec<u8>) -> Self {
+        self.entrypoint = Some(path.to_owned());
+        self.layer(vec![(path.to_owned(), contents)])
     }
 
     /// A layer with one file per entry of `sizes`, alternating text-like (compressible) and
@@ -273,7 +283,7 @@ impl ImageBuilder {
         let mut diff_ids = Vec::new();
         let mut history = Vec::new();
         for (n, files) in self.layers.iter().enumerate() {
-            let tar = tar_bytes(files);
+            let tar = tar_bytes(files, self.entrypoint.as_deref());
             diff_ids.push(sha256_digest(&tar));
             history.push(json!({
                 "created": "2024-01-01T00:00:00Z",
@@ -285,7 +295,10 @@ impl ImageBuilder {
             "created": "2024-01-01T00:00:00Z",
             "os": self.platform.os,
             "architecture": self.platform.architecture,
-            "config": { "Cmd": ["/bin/sh"], "Env": ["PATH=/usr/bin:/bin"] },
+            "config": match &self.entrypoint {
+                Some(path) => json!({ "Entrypoint": [format!("/{path}")], "Env": ["PATH=/usr/bin:/bin"] }),
+                None => json!({ "Cmd": ["/bin/sh"], "Env": ["PATH=/usr/bin:/bin"] }),
+            },
             "rootfs": { "type": "layers", "diff_ids": diff_ids },
             "history": history,
         });
@@ -355,8 +368,8 @@ pub fn text_bytes(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
-/// A reproducible tar stream: fixed owners, modes and times.
-fn tar_bytes(files: &[(String, Vec<u8>)]) -> Vec<u8> {
+/// A reproducible tar stream: fixed owners, modes and times; `executable` gets mode 0755.
+fn tar_bytes(files: &[(String, Vec<u8>)], executable: Option<&str>) -> Vec<u8> {
     let mut builder = tar::Builder::new(Vec::new());
     for (path, contents) in files {
         let mut header = tar::Header::new_ustar();
@@ -365,7 +378,11 @@ fn tar_bytes(files: &[(String, Vec<u8>)]) -> Vec<u8> {
             .unwrap_or_else(|e| panic!("tar path {path}: {e}"));
         header.set_entry_type(tar::EntryType::Regular);
         header.set_size(contents.len() as u64);
-        header.set_mode(0o644);
+        header.set_mode(if Some(path.as_str()) == executable {
+            0o755
+        } else {
+            0o644
+        });
         header.set_uid(0);
         header.set_gid(0);
         header.set_mtime(1_704_067_200);

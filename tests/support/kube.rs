@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use tempfile::TempDir;
 
 /// The Kubernetes versions of the test bed.
@@ -44,6 +44,8 @@ pub struct KubeServer {
     pub api: String,
     pub token: String,
     pub ca: PathBuf,
+    /// Where the version's binaries are (and, for the current one, the `pause` program).
+    pub bin: PathBuf,
 }
 
 fn script() -> PathBuf {
@@ -87,6 +89,7 @@ impl KubeServer {
             api: get("KUBE_APISERVER"),
             token: get("KUBE_TOKEN"),
             ca: PathBuf::from(get("KUBE_CA")),
+            bin: PathBuf::from(get("KUBE_BIN")),
             version,
             dir,
         }
@@ -327,4 +330,41 @@ impl Drop for KubeServer {
             .arg(self.dir.path())
             .status();
     }
+}
+
+/// The upstream as `<this host's name>:<port>`: the webhook leaves loopback registries
+/// (`127.0.0.1`, `localhost`) alone, as a node-local registry has nothing to cache, so the pods
+/// must name the upstream by a name; the machine's own resolves to loopback in /etc/hosts.
+pub fn non_loopback_name(addr: &str) -> String {
+    use std::net::ToSocketAddrs;
+    let name = String::from_utf8(Command::new("hostname").output().unwrap().stdout).unwrap();
+    let name = name.trim();
+    let port = addr.rsplit_once(':').unwrap().1;
+    let host = format!("{name}:{port}");
+    let resolved: Vec<_> = host
+        .to_socket_addrs()
+        .map(|a| a.collect())
+        .unwrap_or_default();
+    assert!(
+        !name.is_empty()
+            && name != "localhost"
+            && resolved
+                .iter()
+                .any(|a: &std::net::SocketAddr| a.ip().is_loopback()),
+        "this test needs the host name ({name:?}) to resolve to 127.0.0.1 (/etc/hosts): {resolved:?}"
+    );
+    host
+}
+
+/// A `kubernetes.io/dockerconfigjson` Secret with one registry's credentials, as
+/// `kubectl create secret docker-registry` makes it.
+pub fn pull_secret(name: &str, host: &str, user: &str, password: &str) -> Value {
+    use base64::Engine as _;
+    let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
+    let config = json!({"auths": {host: {"auth": b64(format!("{user}:{password}").as_bytes())}}});
+    json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",
+        "metadata": {"name": name},
+        "data": {".dockerconfigjson": b64(config.to_string().as_bytes())},
+    })
 }

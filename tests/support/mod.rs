@@ -16,6 +16,7 @@ pub mod http;
 pub mod image;
 pub mod kube;
 pub mod metrics;
+pub mod node;
 pub mod proxy;
 pub mod pull;
 pub mod registry;

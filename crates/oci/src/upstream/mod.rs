@@ -136,7 +136,10 @@ impl fmt::Debug for Upstream {
     }
 }
 
-fn tls_config(extra_ca_pem: &[Vec<u8>]) -> Result<rustls::ClientConfig, UpstreamError> {
+/// The TLS client configuration of every kache HTTP client: the Mozilla roots compiled in
+/// (webpki-roots) plus `extra_ca_pem`, never the system's store, so that kache needs no CA
+/// files in its image and trusts the same roots on every node.
+pub fn tls_config(extra_ca_pem: &[Vec<u8>]) -> Result<rustls::ClientConfig, UpstreamError> {
     let mut roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
