@@ -21,15 +21,13 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kache_api::{CachedImage, cached_image_name};
-use kube::CustomResourceExt;
+use kache_api::cached_image_name;
 use serde_json::{Value, json};
 use support::containerd::skip_unless_root;
 use support::kube::{KubeServer, Version, non_loopback_name, pull_secret};
 use support::metrics;
-use support::node::{KubeNode, build_kache_image};
+use support::node::{KacheOnNode, KubeNode, build_kache_image};
 use support::pull::Scratch;
-use support::webhook::{certificates, free_addr};
 use support::{
     Content, Distribution, DistributionKind, Fault, FaultyUpstream, Flavor, Image, ImageBuilder,
 };
@@ -43,35 +41,6 @@ const APPS: &str = "apps";
 /// Long enough for a pull on a slow machine; every wait ends as soon as its condition holds.
 const WAIT: Duration = Duration::from_secs(180);
 
-/// The ports kache's pods listen on, on the node's 127.0.0.1 (hostNetwork).
-struct Ports {
-    registry: String,
-    internal: String,
-    registry_metrics: String,
-    proxy_metrics: String,
-    webhook: String,
-    webhook_metrics: String,
-    controller_metrics: String,
-}
-
-impl Ports {
-    fn new() -> Self {
-        Ports {
-            registry: free_addr(),
-            internal: free_addr(),
-            registry_metrics: free_addr(),
-            proxy_metrics: free_addr(),
-            webhook: free_addr(),
-            webhook_metrics: free_addr(),
-            controller_metrics: free_addr(),
-        }
-    }
-}
-
-fn port(addr: &str) -> u16 {
-    addr.rsplit_once(':').unwrap().1.parse().unwrap()
-}
-
 /// A runnable image: the node's pause program as its entrypoint (it runs until killed), and a
 /// layer of `size` bytes of its own.
 fn runnable(pause: &[u8], seed: u64, size: usize) -> Image {
@@ -79,269 +48,6 @@ fn runnable(pause: &[u8], seed: u64, size: usize) -> Image {
         .program("pause", pause.to_vec())
         .random_layer(seed, &[size / 2, size - size / 2])
         .build()
-}
-
-/// A kache container (user 65532, read-only root, no capabilities, RuntimeDefault seccomp) in
-/// a hostNetwork pod, ready when `/readyz` on its metrics listener answers.
-fn kache_pod(component: &str, args: Vec<String>, metrics: &str, extra: Value) -> Value {
-    let mut spec = json!({
-        "hostNetwork": true,
-        "dnsPolicy": "Default",
-        "automountServiceAccountToken": false,
-        "securityContext": {
-            "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "terminationGracePeriodSeconds": 5,
-        "containers": [{
-            "name": component,
-            "image": KACHE_IMAGE,
-            "imagePullPolicy": "Never",
-            "args": args,
-            "securityContext": {
-                "readOnlyRootFilesystem": true, "allowPrivilegeEscalation": false,
-                "capabilities": {"drop": ["ALL"]},
-            },
-            "readinessProbe": {
-                "httpGet": {"host": "127.0.0.1", "port": port(metrics), "path": "/readyz"},
-                "periodSeconds": 1,
-            },
-        }],
-    });
-    merge(&mut spec, extra);
-    json!({
-        "metadata": {"labels": {"app": format!("kache-{component}")}},
-        "spec": spec,
-    })
-}
-
-/// JSON merge (RFC 7386 without deletion): `extra`'s fields over `base`'s, arrays replaced.
-fn merge(base: &mut Value, extra: Value) {
-    match (base, extra) {
-        (Value::Object(b), Value::Object(e)) => {
-            for (k, v) in e {
-                merge(b.entry(k).or_insert(Value::Null), v);
-            }
-        }
-        (b, e) => *b = e,
-    }
-}
-
-fn workload(kind: &str, name: &str, replicas: Option<u32>, template: Value) -> Value {
-    let mut spec = json!({
-        "selector": {"matchLabels": {"app": format!("kache-{name}")}},
-        "template": template,
-    });
-    if let Some(n) = replicas {
-        spec["replicas"] = json!(n);
-    }
-    json!({"apiVersion": "apps/v1", "kind": kind, "metadata": {"name": format!("kache-{name}"), "namespace": NS}, "spec": spec})
-}
-
-/// The registry, proxy, webhook and controller, as the chart will run them.
-fn deploy_kache(
-    kube: &KubeServer,
-    ports: &Ports,
-    data: &Path,
-    certs: &Path,
-    upstreams: &[&str],
-    ca: &str,
-) {
-    kube.namespace(NS);
-    kube.ok(
-        "POST",
-        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
-        Some(&serde_json::to_value(CachedImage::crd()).unwrap()),
-    );
-    kube.apply_yaml(include_str!("../deploy/controller-rbac.yaml"));
-    let insecure: Vec<String> = upstreams
-        .iter()
-        .flat_map(|h| ["--insecure-registry".to_owned(), (*h).to_owned()])
-        .collect();
-    let args = |base: &[&str]| -> Vec<String> {
-        base.iter()
-            .map(|s| (*s).to_owned())
-            .chain(insecure.iter().cloned())
-            .collect()
-    };
-
-    // The registry: its store on the node's disk (a hostPath stands in for the PVC), so that it
-    // survives the registry's pod.
-    let registry = kache_pod(
-        "registry",
-        args(&[
-            "registry",
-            "--listen",
-            &ports.registry,
-            "--internal-listen",
-            &ports.internal,
-            "--metrics-listen",
-            &ports.registry_metrics,
-            "--data-dir",
-            "/var/lib/kache",
-        ]),
-        &ports.registry_metrics,
-        json!({"volumes": [{"name": "data", "hostPath": {"path": data.to_str().unwrap(), "type": "Directory"}}]}),
-    );
-    let registry = with_mounts(
-        registry,
-        json!([{"name": "data", "mountPath": "/var/lib/kache"}]),
-    );
-    kube.ok(
-        "POST",
-        &format!("/apis/apps/v1/namespaces/{NS}/deployments"),
-        Some(&workload("Deployment", "registry", Some(1), registry)),
-    );
-
-    let proxy = kache_pod(
-        "proxy",
-        args(&[
-            "proxy",
-            "--listen",
-            "127.0.0.1:7439",
-            "--registry",
-            &format!("http://{}", ports.registry),
-            "--metrics-listen",
-            &ports.proxy_metrics,
-        ]),
-        &ports.proxy_metrics,
-        json!({"priorityClassName": "system-node-critical", "tolerations": [{"operator": "Exists"}]}),
-    );
-    kube.ok(
-        "POST",
-        &format!("/apis/apps/v1/namespaces/{NS}/daemonsets"),
-        Some(&workload("DaemonSet", "proxy", None, proxy)),
-    );
-
-    // The webhook's serving pair, as cert-manager would put it in a Secret.
-    use base64::Engine as _;
-    let b64 = |p: &str| base64::engine::general_purpose::STANDARD.encode(std::fs::read(p).unwrap());
-    kube.ok(
-        "POST",
-        &format!("/api/v1/namespaces/{NS}/secrets"),
-        Some(&json!({
-            "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
-            "metadata": {"name": "kache-webhook-tls"},
-            "data": {
-                "tls.crt": b64(certs.join("tls.crt").to_str().unwrap()),
-                "tls.key": b64(certs.join("tls.key").to_str().unwrap()),
-            },
-        })),
-    );
-    let webhook = kache_pod(
-        "webhook",
-        vec![
-            "webhook".into(),
-            "--listen".into(),
-            ports.webhook.clone(),
-            "--metrics-listen".into(),
-            ports.webhook_metrics.clone(),
-            "--tls-cert".into(),
-            "/tls/tls.crt".into(),
-            "--tls-key".into(),
-            "/tls/tls.key".into(),
-        ],
-        &ports.webhook_metrics,
-        json!({"volumes": [{"name": "tls", "secret": {"secretName": "kache-webhook-tls"}}]}),
-    );
-    let webhook = with_mounts(
-        webhook,
-        json!([{"name": "tls", "mountPath": "/tls", "readOnly": true}]),
-    );
-    kube.ok(
-        "POST",
-        &format!("/apis/apps/v1/namespaces/{NS}/deployments"),
-        Some(&workload("Deployment", "webhook", Some(1), webhook)),
-    );
-
-    // The controller reaches the API server on the node's 127.0.0.1 (there is no kube-proxy to
-    // serve the `kubernetes` Service's address).
-    let api_port = kube.api.rsplit_once(':').unwrap().1.to_owned();
-    let mut controller = kache_pod(
-        "controller",
-        vec![
-            "controller".into(),
-            "--registry".into(),
-            format!("http://{}", ports.internal),
-            "--metrics-listen".into(),
-            ports.controller_metrics.clone(),
-            "--lease-namespace".into(),
-            NS.into(),
-        ],
-        &ports.controller_metrics,
-        json!({"serviceAccountName": "kache-controller", "automountServiceAccountToken": true}),
-    );
-    controller["spec"]["containers"][0]["env"] = json!([
-        {"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
-        {"name": "KUBERNETES_SERVICE_PORT", "value": api_port},
-        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-    ]);
-    kube.ok(
-        "POST",
-        &format!("/apis/apps/v1/namespaces/{NS}/deployments"),
-        Some(&workload("Deployment", "controller", Some(1), controller)),
-    );
-
-    // Registered by URL (the webhook listens on the node's loopback, which the API server on
-    // this machine reaches), for every namespace but kache's own and kube-system.
-    kube.ok(
-        "POST",
-        "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
-        Some(&json!({
-            "apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "MutatingWebhookConfiguration",
-            "metadata": {"name": "kache"},
-            "webhooks": [{
-                "name": "pods.kache.io",
-                "clientConfig": {
-                    "url": format!("https://{}/mutate", ports.webhook),
-                    "caBundle": base64::engine::general_purpose::STANDARD.encode(ca),
-                },
-                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
-                "failurePolicy": "Ignore",
-                "sideEffects": "None",
-                "reinvocationPolicy": "IfNeeded",
-                "admissionReviewVersions": ["v1"],
-                "timeoutSeconds": 5,
-                "namespaceSelector": {"matchExpressions": [
-                    {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": [NS, "kube-system"]},
-                ]},
-                "objectSelector": {"matchExpressions": [
-                    {"key": "kache.io/image-caching-policy", "operator": "NotIn", "values": ["ignore"]},
-                ]},
-            }],
-        })),
-    );
-    for name in ["registry", "webhook", "controller"] {
-        wait_available(kube, "deployments", name);
-    }
-    wait_available(kube, "daemonsets", "proxy");
-}
-
-fn with_mounts(mut pod: Value, mounts: Value) -> Value {
-    pod["spec"]["containers"][0]["volumeMounts"] = mounts;
-    pod
-}
-
-/// Waits until every replica of a kache Deployment or DaemonSet is Ready.
-fn wait_available(kube: &KubeServer, resource: &str, name: &str) {
-    let path = format!("/apis/apps/v1/namespaces/{NS}/{resource}/kache-{name}");
-    kube.wait_for(&path, WAIT, |code, v| {
-        let s = &v["status"];
-        let ready = match resource {
-            "daemonsets" => {
-                s["numberReady"].as_u64().unwrap_or(0) >= 1
-                    && s["numberReady"] == s["desiredNumberScheduled"]
-                    && s["updatedNumberScheduled"] == s["desiredNumberScheduled"]
-            }
-            _ => {
-                s["readyReplicas"].as_u64().unwrap_or(0) >= 1
-                    && s["readyReplicas"] == v["spec"]["replicas"]
-                    && s["replicas"] == v["spec"]["replicas"]
-            }
-        };
-        (code == 200 && ready).then_some(())
-    });
 }
 
 fn app_pod(name: &str, image: &str, labels: Value, secrets: &[&str]) -> Value {
@@ -451,9 +157,9 @@ fn scrape(addr: &str) -> String {
     metrics::scrape(&format!("http://{addr}/metrics"))
 }
 
-fn proxy_requests(ports: &Ports, upstream: &str, result: &str) -> f64 {
+fn proxy_requests(kache: &KacheOnNode, upstream: &str, result: &str) -> f64 {
     metrics::value(
-        &scrape(&ports.proxy_metrics),
+        &scrape(&kache.proxy_metrics),
         "kache_proxy_requests_total",
         &[("upstream", upstream), ("result", result)],
     )
@@ -481,7 +187,11 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
 
     // The kache image, imported as a node gets an image no registry serves.
     let image_dir = s.path("image");
-    build_kache_image(&image_dir, KACHE_IMAGE);
+    build_kache_image(
+        Path::new(env!("CARGO_BIN_EXE_kache")),
+        &image_dir,
+        KACHE_IMAGE,
+    );
     node.import(&image_dir.join("kache-image.tar"));
 
     // The upstreams and their images.
@@ -527,21 +237,12 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
     let slow = FaultyUpstream::start("e2e/slow", "v1", &big);
     let slow_host = non_loopback_name(&slow.host());
 
-    let ports = Ports::new();
-    let data = s.path("registry-data");
-    std::fs::create_dir_all(&data).unwrap();
-    std::os::unix::fs::chown(&data, Some(65532), Some(65532)).unwrap();
-    let certs = s.path("webhook-certs");
-    std::fs::create_dir_all(&certs).unwrap();
-    let ca = certificates(&certs);
-    deploy_kache(
-        &kube,
-        &ports,
-        &data,
-        &certs,
+    let kache = KacheOnNode::new(
+        KACHE_IMAGE,
+        &s.path("registry-data"),
         &[&host, &private_host, &slow_host],
-        &ca,
     );
+    node.deploy_kache(&kube, &kache, &s.path("webhook-certs"));
     kube.namespace(APPS);
 
     // 1. A Deployment's pod: rewritten, pulled through the proxy and the registry, running, and
@@ -578,13 +279,13 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
     );
     wait_running(&kube, &node, &app_pod_name);
     assert!(
-        proxy_requests(&ports, &host, "miss") + proxy_requests(&ports, &host, "hit") > 0.0,
+        proxy_requests(&kache, &host, "miss") + proxy_requests(&kache, &host, "hit") > 0.0,
         "{}",
-        scrape(&ports.proxy_metrics)
+        scrape(&kache.proxy_metrics)
     );
     // The registry served every blob of the image (the controller may have cached it before
     // the kubelet asked, so whether that was a miss or a hit is a race).
-    let registry_metrics = scrape(&ports.registry_metrics);
+    let registry_metrics = scrape(&kache.registry_metrics);
     assert!(
         metrics::value(
             &registry_metrics,
@@ -610,7 +311,7 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
         &format!("http://{host}"),
         &format!("http://{host}"),
     );
-    let before = scrape(&ports.proxy_metrics);
+    let before = scrape(&kache.proxy_metrics);
     let ignored = create_pod(
         &kube,
         &app_pod(
@@ -629,7 +330,7 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
     assert_eq!(
         metrics::value(&before, "kache_proxy_requests_total", &[]),
         metrics::value(
-            &scrape(&ports.proxy_metrics),
+            &scrape(&kache.proxy_metrics),
             "kache_proxy_requests_total",
             &[]
         ),
@@ -638,16 +339,16 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
 
     // 3. The registry stops: the proxy falls back to the upstream, and a new pod starts.
     scale(&kube, "registry", 0);
-    wait_closed(&ports.registry);
-    let fallbacks = proxy_requests(&ports, &host, "fallback");
+    wait_closed(&kache.registry);
+    let fallbacks = proxy_requests(&kache, &host, "fallback");
     create_pod(
         &kube,
         &app_pod("fallback", &format!("{host}/e2e/other:v1"), json!({}), &[]),
     );
     wait_running(&kube, &node, "fallback");
-    assert!(proxy_requests(&ports, &host, "fallback") > fallbacks);
+    assert!(proxy_requests(&kache, &host, "fallback") > fallbacks);
     scale(&kube, "registry", 1);
-    wait_available(&kube, "deployments", "registry");
+    node.wait_ready(&kube, "deployments", "kache-registry");
 
     // 4. The proxy dies in the middle of a pull: the pull is taken up again through the new
     // proxy (containerd re-requests a cut blob, the kubelet retries a failed pull), and the pod
@@ -692,18 +393,18 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
         pod_events(&kube, "slow")
     );
     slow.clear_all();
-    wait_available(&kube, "daemonsets", "proxy");
+    node.wait_ready(&kube, "daemonsets", "kache-proxy");
     let running = wait_running(&kube, &node, "slow");
     assert_eq!(running["status"]["containerStatuses"][0]["restartCount"], 0);
     // The new proxy (its counters start at zero) served the rest of the pull.
     let after_restart: f64 = ["hit", "miss", "stale", "fallback"]
         .iter()
-        .map(|r| proxy_requests(&ports, &slow_host, r))
+        .map(|r| proxy_requests(&kache, &slow_host, r))
         .sum();
     assert!(
         after_restart > 0.0,
         "{}\n{:?}",
-        scrape(&ports.proxy_metrics),
+        scrape(&kache.proxy_metrics),
         pod_events(&kube, "slow")
     );
     eprintln!(
@@ -723,7 +424,7 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
         Some(&pull_secret("creds", &private_host, "puller", password)),
     );
     scale(&kube, "controller", 0);
-    wait_closed(&ports.controller_metrics);
+    wait_closed(&kache.controller_metrics);
     let secret_image = format!("{private_host}/e2e/secret:v1");
     create_pod(
         &kube,
@@ -776,13 +477,13 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
             node.images()
         );
     }
-    let hits = proxy_requests(&ports, &host, "hit");
+    let hits = proxy_requests(&kache, &host, "hit");
     create_pod(&kube, &app_pod("offline", &app_image, json!({}), &[]));
     let offline = wait_running(&kube, &node, "offline");
     assert_eq!(
         offline["spec"]["containers"][0]["image"].as_str(),
         Some(rewritten.as_str())
     );
-    assert!(proxy_requests(&ports, &host, "hit") > hits);
+    assert!(proxy_requests(&kache, &host, "hit") > hits);
     assert!(!upstream.is_running());
 }

@@ -48,8 +48,19 @@ pub struct KubeServer {
     pub bin: PathBuf,
 }
 
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/kube-test-server")
+/// `scripts/<name>` of the repository (this file is compiled into the tests and the benchmark,
+/// from different package directories).
+pub fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .map(|d| d.join("scripts").join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "scripts/{name} not found above {}",
+                env!("CARGO_MANIFEST_DIR")
+            )
+        })
 }
 
 impl KubeServer {
@@ -60,7 +71,7 @@ impl KubeServer {
             .tempdir()
             .expect("temp dir");
         let out = Command::new("bash")
-            .arg(script())
+            .arg(script("kube-test-server"))
             .arg("start")
             .arg(dir.path())
             .env("KACHE_K8S_VERSION", version.name())
@@ -292,7 +303,7 @@ impl KubeServer {
     /// returns once it is ready.
     pub fn restart_apiserver(&self) {
         let out = Command::new("bash")
-            .arg(script())
+            .arg(script("kube-test-server"))
             .arg("restart-apiserver")
             .arg(self.dir.path())
             .output()
@@ -325,7 +336,7 @@ impl Drop for KubeServer {
             eprintln!("{}", self.logs());
         }
         let _ = Command::new("bash")
-            .arg(script())
+            .arg(script("kube-test-server"))
             .arg("stop")
             .arg(self.dir.path())
             .status();

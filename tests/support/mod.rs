@@ -17,6 +17,7 @@ pub mod image;
 pub mod kube;
 pub mod metrics;
 pub mod node;
+pub mod pki;
 pub mod proxy;
 pub mod pull;
 pub mod registry;

@@ -5,20 +5,103 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use super::kube::KubeServer;
+use std::time::Duration;
 
-fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../scripts")
-        .join(name)
+use base64::Engine as _;
+
+use super::kube::{KubeServer, script};
+use super::pki::{certificates, free_addr};
+
+/// How long kache's pods get to become Ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// kache as tests/manifests/kache-on-node.yaml runs it on the node: where each component
+/// listens (on the node's 127.0.0.1) and what it is given.
+#[derive(Debug, Clone)]
+pub struct KacheOnNode {
+    /// The kache image, as imported on the node.
+    pub image: String,
+    pub registry: String,
+    /// The registry's internal (write) listener, which the controller calls.
+    pub internal: String,
+    pub registry_metrics: String,
+    pub proxy_metrics: String,
+    pub webhook: String,
+    pub webhook_metrics: String,
+    pub controller_metrics: String,
+    /// The registry's store on the node, owned by the image's user.
+    pub data_dir: PathBuf,
+    /// Upstream registries reached over plain HTTP (`host:port`).
+    pub upstreams: Vec<String>,
 }
 
-/// Packages this test build of kache with `scripts/build-image` into `out` under `name`;
-/// returns the manifest digest it printed. `out/kache-image.tar` is the archive.
-pub fn build_kache_image(out: &Path, name: &str) -> String {
+impl KacheOnNode {
+    /// Free ports for every listener; `data_dir` is created for the image's user (65532).
+    pub fn new(image: &str, data_dir: &Path, upstreams: &[&str]) -> Self {
+        std::fs::create_dir_all(data_dir).expect("create the registry's data dir");
+        std::os::unix::fs::chown(data_dir, Some(65532), Some(65532)).expect("chown the data dir");
+        KacheOnNode {
+            image: image.to_owned(),
+            registry: free_addr(),
+            internal: free_addr(),
+            registry_metrics: free_addr(),
+            proxy_metrics: free_addr(),
+            webhook: free_addr(),
+            webhook_metrics: free_addr(),
+            controller_metrics: free_addr(),
+            data_dir: data_dir.to_owned(),
+            upstreams: upstreams.iter().map(|u| (*u).to_owned()).collect(),
+        }
+    }
+
+    /// tests/manifests/kache-on-node.yaml with every placeholder filled in.
+    fn manifests(&self, api_port: &str, tls_dir: &Path, ca: &str) -> String {
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        let read = |name: &str| std::fs::read(tls_dir.join(name)).expect("the webhook's pair");
+        let port = |addr: &str| addr.rsplit_once(':').expect("host:port").1.to_owned();
+        let values = [
+            ("IMAGE", self.image.clone()),
+            ("REGISTRY", self.registry.clone()),
+            ("INTERNAL", self.internal.clone()),
+            ("REGISTRY_METRICS", self.registry_metrics.clone()),
+            ("REGISTRY_METRICS_PORT", port(&self.registry_metrics)),
+            ("PROXY_METRICS", self.proxy_metrics.clone()),
+            ("PROXY_METRICS_PORT", port(&self.proxy_metrics)),
+            ("WEBHOOK", self.webhook.clone()),
+            ("WEBHOOK_METRICS", self.webhook_metrics.clone()),
+            ("WEBHOOK_METRICS_PORT", port(&self.webhook_metrics)),
+            ("CONTROLLER_METRICS", self.controller_metrics.clone()),
+            ("CONTROLLER_METRICS_PORT", port(&self.controller_metrics)),
+            (
+                "DATA_DIR",
+                self.data_dir.to_str().expect("a UTF-8 path").to_owned(),
+            ),
+            ("UPSTREAMS", self.upstreams.join(",")),
+            ("API_PORT", api_port.to_owned()),
+            ("TLS_CRT", b64(&read("tls.crt"))),
+            ("TLS_KEY", b64(&read("tls.key"))),
+            ("CA_BUNDLE", b64(ca.as_bytes())),
+        ];
+        let mut text = include_str!("../manifests/kache-on-node.yaml").to_owned();
+        for (k, v) in values {
+            text = text.replace(&format!("@{k}@"), &v);
+        }
+        let body = text.lines().filter(|l| !l.trim_start().starts_with('#'));
+        assert!(
+            !body.clone().any(|l| l.contains('@')),
+            "a placeholder is left: {}",
+            body.collect::<Vec<_>>().join("\n")
+        );
+        text
+    }
+}
+
+/// Packages a kache binary with `scripts/build-image` into `out` under `name`; returns the
+/// manifest digest it printed. `out/kache-image.tar` is the archive.
+pub fn build_kache_image(binary: &Path, out: &Path, name: &str) -> String {
     let o = Command::new(script("build-image"))
         .arg("--binary")
-        .arg(env!("CARGO_BIN_EXE_kache"))
+        .arg(binary)
         .arg("--out")
         .arg(out)
         .arg("--name")
@@ -140,6 +223,56 @@ impl KubeNode {
         let mut args = vec!["images", "rm", "--sync"];
         args.extend(names.iter().map(String::as_str));
         self.ctr_ok(&args);
+    }
+
+    /// Runs kache on the node as users will (the CRD, deploy/controller-rbac.yaml, then
+    /// tests/manifests/kache-on-node.yaml, in the namespace `kache`) and waits until every
+    /// component is Ready. The webhook's certificate is made in `tls_dir`.
+    pub fn deploy_kache(&self, kube: &KubeServer, kache: &KacheOnNode, tls_dir: &Path) {
+        kube.namespace("kache");
+        kube.apply_yaml(include_str!("../../api/crds.yaml"));
+        kube.apply_yaml(include_str!("../../deploy/controller-rbac.yaml"));
+        std::fs::create_dir_all(tls_dir).expect("create the webhook's cert dir");
+        let ca = certificates(tls_dir);
+        let api_port = kube.api.rsplit_once(':').expect("https://host:port").1;
+        kube.apply_yaml(&kache.manifests(api_port, tls_dir, &ca));
+        for (resource, name) in [
+            ("deployments", "kache-registry"),
+            ("deployments", "kache-webhook"),
+            ("deployments", "kache-controller"),
+            ("daemonsets", "kache-proxy"),
+        ] {
+            self.wait_ready(kube, resource, name);
+        }
+    }
+
+    /// Waits until every replica of a Deployment or DaemonSet in `kache` is Ready and current.
+    pub fn wait_ready(&self, kube: &KubeServer, resource: &str, name: &str) {
+        let path = format!("/apis/apps/v1/namespaces/kache/{resource}/{name}");
+        let deadline = std::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            let (code, v) = kube.request("GET", &path, None);
+            let s = &v["status"];
+            let ready = code == 200
+                && if resource == "daemonsets" {
+                    s["numberReady"].as_u64().unwrap_or(0) >= 1
+                        && s["numberReady"] == s["desiredNumberScheduled"]
+                        && s["updatedNumberScheduled"] == s["desiredNumberScheduled"]
+                } else {
+                    s["readyReplicas"].as_u64().unwrap_or(0) >= 1
+                        && s["readyReplicas"] == v["spec"]["replicas"]
+                        && s["replicas"] == v["spec"]["replicas"]
+                };
+            if ready {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} never became ready: {s}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// Where containerd reads per-registry `hosts.toml` files (`config_path`).
