@@ -478,6 +478,14 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
         );
     }
     let hits = proxy_requests(&kache, &host, "hit");
+    let sent = || {
+        metrics::value(
+            &scrape(&kache.proxy_metrics),
+            "kache_proxy_sent_bytes_total",
+            &[],
+        )
+    };
+    let sent_before = sent();
     create_pod(&kube, &app_pod("offline", &app_image, json!({}), &[]));
     let offline = wait_running(&kube, &node, "offline");
     assert_eq!(
@@ -485,5 +493,12 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
         Some(rewritten.as_str())
     );
     assert!(proxy_requests(&kache, &host, "hit") > hits);
+    // Every layer came through the proxy again: the node kept nothing of it.
+    let layers: usize = app.layers.iter().map(|l| l.bytes.len()).sum();
+    assert!(
+        sent() - sent_before >= layers as f64,
+        "the proxy sent {} bytes, the layers are {layers}",
+        sent() - sent_before
+    );
     assert!(!upstream.is_running());
 }

@@ -25,6 +25,7 @@ use crate::parse_duration;
 use crate::procs::{self, Proc};
 
 mod gc;
+mod pod;
 
 const MIB: u64 = 1 << 20;
 /// The repository of the blobs in distribution, and the upstream path kache caches.
@@ -70,7 +71,11 @@ pub struct Options {
     /// blobs a manifest).
     #[arg(long, default_value_t = 10_000)]
     gc_manifests: usize,
-    /// Only these steps (comma-separated): blob, stream, manifest, cold, memory, webhook, gc.
+    /// Size of the image of the pod step, MiB.
+    #[arg(long, default_value_t = 100)]
+    pod_image_mib: u64,
+    /// Only these steps (comma-separated): blob, stream, manifest, cold, memory, webhook, gc,
+    /// pod.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The whole run is stopped after this long.
@@ -520,6 +525,18 @@ async fn push_blob_kache(base: &str, repo: &str, blob: &Blob) -> Result<()> {
 /// distribution 2.8 ignores the body of `POST ?digest=` (it opens a session), so: POST, then
 /// the whole blob in the closing PUT.
 async fn push_blob_distribution(base: &str, repo: &str, blob: &Blob) -> Result<()> {
+    let (body, len) = client::file_body(&blob.path).await?;
+    push_body_distribution(base, repo, &blob.digest, body, len).await
+}
+
+/// [`push_blob_distribution`] of a body already at hand.
+async fn push_body_distribution(
+    base: &str,
+    repo: &str,
+    digest: &str,
+    body: client::ReqBody,
+    len: u64,
+) -> Result<()> {
     let url = format!("{base}/v2/{repo}/blobs/uploads/");
     let (status, headers, _) = call(&url, Method::POST, &HeaderMap::new(), client::empty()).await?;
     if status != StatusCode::ACCEPTED {
@@ -535,8 +552,7 @@ async fn push_blob_distribution(base: &str, repo: &str, blob: &Blob) -> Result<(
         None => loc,
     };
     let sep = if path.contains('?') { '&' } else { '?' };
-    let put = format!("{base}{path}{sep}digest={}", blob.digest);
-    let (body, len) = client::file_body(&blob.path).await?;
+    let put = format!("{base}{path}{sep}digest={digest}");
     let (status, _, text) = call(&put, Method::PUT, &content_length(len), body).await?;
     if status != StatusCode::CREATED {
         bail!("PUT {put}: {status} {}", String::from_utf8_lossy(&text));
@@ -1142,6 +1158,7 @@ async fn suite(o: &Options) -> Result<String> {
     memory_step(&mut bench).await?;
     webhook_step(&mut bench).await?;
     gc::gc_step(&mut bench).await?;
+    pod::pod_step(&mut bench).await?;
     let Bench {
         mut md,
         mut notes,

@@ -122,6 +122,8 @@ pub fn build_kache_image(binary: &Path, out: &Path, name: &str) -> String {
 pub struct KubeNode {
     /// The control plane's directory; the node's files are in `node/`.
     dir: PathBuf,
+    /// crictl of the node's Kubernetes version.
+    crictl: PathBuf,
 }
 
 impl KubeNode {
@@ -134,7 +136,10 @@ impl KubeNode {
             .arg(&dir)
             .output()
             .expect("run scripts/kube-test-node");
-        let node = KubeNode { dir };
+        let node = KubeNode {
+            dir,
+            crictl: kube.bin.join("crictl"),
+        };
         assert!(
             out.status.success(),
             "kube-test-node start failed:\n{}\n{}",
@@ -190,39 +195,94 @@ impl KubeNode {
             .any(|l| l == digest)
     }
 
-    /// Makes the node forget every image whose name starts with `prefix` (by name and by the
-    /// digest names the CRI adds), content included: the next pod has to pull it again.
+    /// `crictl` on the node's CRI, as `json`.
+    fn crictl_json(&self, args: &[&str]) -> serde_json::Value {
+        let endpoint = format!("unix://{}", self.path("containerd.sock").display());
+        let o = Command::new(&self.crictl)
+            .args([
+                "--runtime-endpoint",
+                &endpoint,
+                "--image-endpoint",
+                &endpoint,
+            ])
+            .args(args)
+            .output()
+            .expect("run crictl");
+        assert!(
+            o.status.success(),
+            "crictl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        if args.contains(&"json") {
+            serde_json::from_slice(&o.stdout).expect("crictl's JSON")
+        } else {
+            serde_json::Value::Null
+        }
+    }
+
+    /// Makes the node forget every image with a name that starts with `prefix`, content and
+    /// unpacked layers included: the next pod has to pull all of it again. It goes through the
+    /// CRI (crictl), which keeps its own view of the node's images: removed beneath it (with
+    /// `ctr`), an image may still be reported present for a moment. The containers made from
+    /// those images go first (their pods must be gone from the API): a container, even a
+    /// stopped one the kubelet has not collected yet, holds its image's unpacked layers, and a
+    /// pull finding them fetches no layer at all.
     pub fn forget(&self, prefix: &str) {
-        let ids: Vec<String> = self
-            .ctr_ok(&["images", "ls"])
-            .lines()
-            .skip(1)
-            .filter_map(|l| {
-                let mut cols = l.split_whitespace();
-                let name = cols.next()?;
-                let digest = cols.nth(1)?;
-                name.starts_with(prefix).then(|| digest.to_owned())
+        let images = self.crictl_json(&["images", "-o", "json"]);
+        let ids: Vec<String> = images["images"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| {
+                ["repoTags", "repoDigests"].iter().any(|k| {
+                    i[*k]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|n| n.as_str().is_some_and(|n| n.starts_with(prefix)))
+                })
             })
+            .filter_map(|i| i["id"].as_str().map(str::to_owned))
             .collect();
-        let names: Vec<String> = self
-            .ctr_ok(&["images", "ls"])
-            .lines()
-            .skip(1)
-            .filter_map(|l| {
-                let mut cols = l.split_whitespace();
-                let name = cols.next()?;
-                let digest = cols.nth(1)?;
-                (name.starts_with(prefix)
-                    || ids.iter().any(|d| d == digest) && name.starts_with("sha256:"))
-                .then(|| name.to_owned())
-            })
-            .collect();
-        if names.is_empty() {
+        if ids.is_empty() {
             return;
         }
-        let mut args = vec!["images", "rm", "--sync"];
-        args.extend(names.iter().map(String::as_str));
-        self.ctr_ok(&args);
+        let of_images = |all: bool| -> Vec<String> {
+            let args: &[&str] = if all {
+                &["ps", "-a", "-o", "json"]
+            } else {
+                &["ps", "-o", "json"]
+            };
+            let list = self.crictl_json(args);
+            list["containers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|c| {
+                    [&c["imageRef"], &c["image"]["image"]]
+                        .iter()
+                        .any(|i| i.as_str().is_some_and(|i| ids.iter().any(|id| id == i)))
+                })
+                .filter_map(|c| c["id"].as_str().map(str::to_owned))
+                .collect()
+        };
+        // The kubelet stops a deleted pod's containers once it hears of the deletion; one
+        // removed before that is restarted by it, and its image pulled back.
+        let deadline = std::time::Instant::now() + READY_TIMEOUT;
+        while !of_images(false).is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "containers of {prefix} still run: are their pods deleted?"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for id in of_images(true) {
+            self.crictl_json(&["rm", "-f", &id]);
+        }
+        for id in &ids {
+            self.crictl_json(&["rmi", id]);
+        }
     }
 
     /// Runs kache on the node as users will (the CRD, deploy/controller-rbac.yaml, then
