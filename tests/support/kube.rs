@@ -320,14 +320,19 @@ impl KubeServer {
     pub fn logs(&self) -> String {
         ["apiserver.log", "controller-manager.log", "scheduler.log"]
             .iter()
-            .map(|f| {
-                let t = std::fs::read_to_string(self.dir.path().join(f)).unwrap_or_default();
-                let start = t.len().saturating_sub(8000);
-                format!("----- {f} -----\n{}", t.get(start..).unwrap_or(""))
-            })
+            .map(|f| log_tail(&self.dir.path().join(f), 8000))
             .collect::<Vec<_>>()
             .join("\n")
     }
+}
+
+/// The last `bytes` (about) of a log file under a header naming it, for failure messages.
+pub fn log_tail(path: &Path, bytes: usize) -> String {
+    let t = std::fs::read_to_string(path).unwrap_or_default();
+    let start = (t.len().saturating_sub(bytes)..t.len())
+        .find(|&i| t.is_char_boundary(i))
+        .unwrap_or(t.len());
+    format!("----- {} -----\n{}", path.display(), &t[start..])
 }
 
 impl Drop for KubeServer {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 
-use super::kube::{KubeServer, script};
+use super::kube::{KubeServer, log_tail, script};
 use super::pki::{certificates, free_addr};
 
 /// How long kache's pods get to become Ready.
@@ -357,13 +357,7 @@ impl KubeNode {
         }
         files
             .iter()
-            .map(|f| {
-                let t = std::fs::read_to_string(f).unwrap_or_default();
-                let start = (t.len().saturating_sub(6_000)..t.len())
-                    .find(|&i| t.is_char_boundary(i))
-                    .unwrap_or(t.len());
-                format!("----- {} -----\n{}", f.display(), &t[start..])
-            })
+            .map(|f| log_tail(f, 6_000))
             .collect::<Vec<_>>()
             .join("\n")
     }
