@@ -99,26 +99,37 @@ fn pods_are_rewritten_and_never_blocked(version: Version) {
         }
     };
     let debug = |name: &str, image: &str| {
-        // Read first: the update carries the resourceVersion and the whole current list.
-        let mut ec = kube.ok("GET", subresource, None);
-        let kind = match version {
-            Version::Oldest => "EphemeralContainers",
-            Version::Current => "Pod",
-        };
-        assert_eq!(ec["kind"], kind, "{ec}");
-        let mut containers = list(&mut ec);
-        if containers.is_null() {
-            containers = json!([]);
+        // Read, then update with the resourceVersion read, as kubectl does; on the current
+        // version the scheduler may write the pending pod's status in between (409): read again.
+        for _ in 0..10 {
+            let mut ec = kube.ok("GET", subresource, None);
+            let kind = match version {
+                Version::Oldest => "EphemeralContainers",
+                Version::Current => "Pod",
+            };
+            assert_eq!(ec["kind"], kind, "{ec}");
+            let mut containers = list(&mut ec);
+            if containers.is_null() {
+                containers = json!([]);
+            }
+            containers.as_array_mut().expect("a list").push(json!({
+                "name": name, "image": image, "command": ["sh"], "stdin": true, "tty": true,
+                "terminationMessagePolicy": "File", "imagePullPolicy": "IfNotPresent",
+            }));
+            match version {
+                Version::Oldest => ec["ephemeralContainers"] = containers,
+                Version::Current => ec["spec"]["ephemeralContainers"] = containers,
+            }
+            let (status, v) = kube.request("PUT", subresource, Some(&ec));
+            if status != 409 {
+                assert!(
+                    (200..300).contains(&status),
+                    "PUT {subresource}: {status} {v}"
+                );
+                return v;
+            }
         }
-        containers.as_array_mut().expect("a list").push(json!({
-            "name": name, "image": image, "command": ["sh"], "stdin": true, "tty": true,
-            "terminationMessagePolicy": "File", "imagePullPolicy": "IfNotPresent",
-        }));
-        match version {
-            Version::Oldest => ec["ephemeralContainers"] = containers,
-            Version::Current => ec["spec"]["ephemeralContainers"] = containers,
-        }
-        kube.ok("PUT", subresource, Some(&ec))
+        panic!("PUT {subresource}: a conflict ten times in a row");
     };
     let mut updated = debug("debugger", "busybox:1.36");
     assert_eq!(
