@@ -144,3 +144,162 @@ fn bad_flags_fail_with_a_clear_message() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown unit"), "{err}");
 }
+
+fn kache(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kache"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// What `curl --cacert ca.crt` gets from `https://<name>:<port>/healthz` at `addr`, or its
+/// error: a client that trusts only the CA and checks the name, as the API server does.
+fn curl_tls(ca: &std::path::Path, name: &str, addr: &str) -> Result<String, String> {
+    let port = addr.rsplit_once(':').unwrap().1;
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "5", "--cacert"])
+        .arg(ca)
+        .args(["--resolve", &format!("{name}:{port}:127.0.0.1")])
+        .arg(format!("https://{name}:{port}/mutate"))
+        .args(["-o", "/dev/null", "-w", "%{http_code}"])
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn certs_makes_a_ca_and_a_webhook_certificate_the_webhook_serves_and_renews_under_the_same_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("certs");
+    let out = out_dir.to_str().unwrap();
+    let name = "kache-webhook.kache.svc";
+    let made = kache(&["certs", "--out", out, "--dns", name, "--ip", "127.0.0.1"]);
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    use std::os::unix::fs::PermissionsExt as _;
+    for (file, mode) in [
+        ("ca.crt", 0o644),
+        ("ca.key", 0o600),
+        ("tls.crt", 0o644),
+        ("tls.key", 0o600),
+    ] {
+        let meta = std::fs::metadata(out_dir.join(file)).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, mode, "{file}");
+    }
+
+    // The webhook serves the pair; a client trusting only ca.crt accepts it under its name.
+    let (listen, metrics) = (free_addr(), free_addr());
+    let mut webhook = Command::new(env!("CARGO_BIN_EXE_kache"))
+        .args(["webhook", "--listen", &listen, "--metrics-listen", &metrics])
+        .arg("--tls-cert")
+        .arg(out_dir.join("tls.crt"))
+        .arg("--tls-key")
+        .arg(out_dir.join("tls.key"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&format!("http://{metrics}/readyz"));
+    let ca = out_dir.join("ca.crt");
+    // A GET is not an AdmissionReview: the point is the handshake, then any HTTP answer.
+    assert!(
+        curl_tls(&ca, name, &listen).is_ok(),
+        "{:?}",
+        curl_tls(&ca, name, &listen)
+    );
+    let other = tempfile::tempdir().unwrap();
+    let stranger = kache(&[
+        "certs",
+        "--out",
+        other.path().to_str().unwrap(),
+        "--dns",
+        name,
+    ]);
+    assert!(stranger.status.success());
+    let err = curl_tls(&other.path().join("ca.crt"), name, &listen).unwrap_err();
+    assert!(
+        err.contains("certificate"),
+        "another CA is not trusted: {err}"
+    );
+
+    // Run again: the CA is kept, the pair is new, and the running webhook serves it (re-read
+    // from disk) to the same client.
+    let ca_before = std::fs::read(&ca).unwrap();
+    let tls_before = std::fs::read(out_dir.join("tls.crt")).unwrap();
+    let again = kache(&["certs", "--out", out, "--dns", name]);
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("reused the CA"));
+    assert_eq!(std::fs::read(&ca).unwrap(), ca_before, "the CA changed");
+    assert_ne!(std::fs::read(out_dir.join("tls.crt")).unwrap(), tls_before);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // The new certificate names no IP: the old one did, so a client at 127.0.0.1 tells them
+    // apart.
+    loop {
+        let by_ip = Command::new("curl")
+            .args(["-sS", "--max-time", "5", "--cacert"])
+            .arg(&ca)
+            .arg(format!("https://{listen}/mutate"))
+            .args(["-o", "/dev/null"])
+            .output()
+            .unwrap();
+        if !by_ip.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the webhook never served the renewed pair"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        curl_tls(&ca, name, &listen).is_ok(),
+        "{:?}",
+        curl_tls(&ca, name, &listen)
+    );
+    webhook.kill().unwrap();
+    webhook.wait().unwrap();
+}
+
+#[test]
+fn certs_refuses_what_it_cannot_do_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let none = kache(&["certs", "--out", out]);
+    assert!(!none.status.success());
+    assert!(
+        String::from_utf8_lossy(&none.stderr).contains("at least one --dns or --ip"),
+        "{}",
+        String::from_utf8_lossy(&none.stderr)
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "something was written"
+    );
+
+    let bad_ip = kache(&["certs", "--out", out, "--ip", "not-an-ip"]);
+    assert!(!bad_ip.status.success());
+    assert!(String::from_utf8_lossy(&bad_ip.stderr).contains("--ip"));
+
+    // Half a CA: neither guessed at nor replaced.
+    std::fs::write(dir.path().join("ca.crt"), "kept").unwrap();
+    let half = kache(&["certs", "--out", out, "--dns", "x"]);
+    assert!(!half.status.success());
+    assert!(
+        String::from_utf8_lossy(&half.stderr).contains("has one of ca.crt and ca.key"),
+        "{}",
+        String::from_utf8_lossy(&half.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("ca.crt")).unwrap(),
+        "kept"
+    );
+    assert!(!dir.path().join("tls.crt").exists());
+}

@@ -1,6 +1,7 @@
 //! The one kache binary: `kache registry|proxy|webhook|controller|dev|fsck|crds`. It parses configuration and wires the
 //! crates together; behaviour lives in the crates.
 
+mod certs;
 mod control;
 mod serve;
 
@@ -46,6 +47,8 @@ enum Command {
     Dev(DevArgs),
     /// Run one garbage collection now on a running registry, and print what it removed.
     Gc(GcArgs),
+    /// Make a local CA and the webhook's serving certificate (clusters without cert-manager).
+    Certs(certs::CertsArgs),
     /// Re-hash every blob in a (stopped) store and report what does not verify.
     Fsck {
         #[arg(long, env = "KACHE_DATA_DIR")]
@@ -451,6 +454,7 @@ fn main() -> anyhow::Result<()> {
                 control::gc(&a.registry.registry, token, a.dry_run, a.json).await
             }
             Command::Fsck { data_dir } => serve::fsck(&data_dir).await,
+            Command::Certs(a) => certs::run(&a),
         }
     })
 }
