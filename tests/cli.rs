@@ -303,3 +303,38 @@ fn certs_refuses_what_it_cannot_do_and_writes_nothing() {
     );
     assert!(!dir.path().join("tls.crt").exists());
 }
+
+/// During a surge update two proxies hold a node's port at once: the new one binds beside the
+/// old (SO_REUSEPORT), and the port answers throughout the old one's exit.
+#[test]
+fn a_second_proxy_binds_the_same_port_and_serves_when_the_first_exits() {
+    let (listen, metrics) = (free_addr(), free_addr());
+    let start = || {
+        Command::new(env!("CARGO_BIN_EXE_kache"))
+            .args(["proxy", "--listen", &listen, "--metrics-listen", &metrics])
+            .args(["--registry", "http://127.0.0.1:1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut old = start();
+    wait_for(&format!("http://{metrics}/readyz"));
+    let mut new = start();
+    // The new proxy is up beside the old one (without SO_REUSEPORT it exits: address in use).
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(new.try_wait().unwrap().is_none(), "the second proxy exited");
+    // SIGTERM to the old one, as the kubelet does once the new pod is Ready.
+    Command::new("kill")
+        .args(["-TERM", &old.id().to_string()])
+        .status()
+        .unwrap();
+    old.wait().unwrap();
+    for _ in 0..20 {
+        let r = try_request("GET", &format!("http://{listen}/v2/"), &[], &[]);
+        assert!(r.is_ok(), "the port stopped answering: {r:?}");
+        assert_eq!(get(&format!("http://{metrics}/readyz"), &[]).status, 200);
+    }
+    new.kill().unwrap();
+    new.wait().unwrap();
+}

@@ -259,11 +259,27 @@ fn spawn_proxy(
     }
 }
 
-/// Binds the proxy's listeners; an IPv6 address the host lacks is skipped, not fatal.
+/// Binds with SO_REUSEPORT: during a DaemonSet's surge update the new proxy binds the node's
+/// port beside the old one, which then stops accepting and finishes its pulls, so the kubelet
+/// always finds a proxy.
+fn bind_shared(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv6() {
+        tokio::net::TcpSocket::new_v6()?
+    } else {
+        tokio::net::TcpSocket::new_v4()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// Binds the proxy's listeners (shared with a proxy that replaces this one); an IPv6 address
+/// the host lacks is skipped, not fatal.
 async fn bind_proxy(addrs: &[SocketAddr]) -> anyhow::Result<Vec<tokio::net::TcpListener>> {
     let mut out = Vec::new();
-    for a in addrs {
-        match tokio::net::TcpListener::bind(a).await {
+    for &a in addrs {
+        match bind_shared(a) {
             Ok(l) => out.push(l),
             Err(e) if a.is_ipv6() && matches!(e.raw_os_error(), Some(99 | 97)) => {
                 tracing::info!(addr = %a, "no IPv6 on this host; not listening there");
@@ -366,7 +382,8 @@ pub async fn proxy(o: ProxyOptions) -> anyhow::Result<()> {
     }
     spawn_server(
         &mut servers,
-        bind(o.metrics_listen, "metrics").await?,
+        bind_shared(o.metrics_listen)
+            .with_context(|| format!("cannot listen on {} for metrics", o.metrics_listen))?,
         ops_router(Arc::new(prom), || {}),
         "metrics listener",
     );
