@@ -291,7 +291,12 @@ fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry(v
         cache_repo(&host, "team/web")
     );
     let tags = support::http::get(&tags_url, &[]);
-    assert!(String::from_utf8_lossy(&tags.body).contains("\"v1\""));
+    assert!(
+        String::from_utf8_lossy(&tags.body).contains("\"v1\""),
+        "{} {}",
+        tags.status,
+        String::from_utf8_lossy(&tags.body)
+    );
     assert_eq!(first.is_leader(), Some(1.0), "{}", read_log("first.log"));
     // What `kubectl describe cachedimage` lists.
     let reasons = event_reasons(&kube, &web_name);

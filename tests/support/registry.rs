@@ -204,6 +204,10 @@ impl KacheRegistry {
         if let Some(internal) = self.internal_addr {
             command.arg("--internal-listen").arg(internal.to_string());
         }
+        // No free-space floor unless a test asks for one: the machine's disk is not the test's.
+        if !self.extra_args.iter().any(|a| a == "--min-free") {
+            command.arg("--min-free=0");
+        }
         command
             .args(&self.extra_args)
             .stdin(Stdio::null())
