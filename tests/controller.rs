@@ -121,11 +121,11 @@ fn install_crd(kube: &KubeServer) {
     );
 }
 
-/// A kubeconfig with only the rights deploy/controller-rbac.yaml gives the controller, so that
-/// every test also checks that file.
+/// A kubeconfig with only the rights the chart gives the controller, so that every test also
+/// checks them.
 fn least_privilege(kube: &KubeServer, dir: &Path) -> std::path::PathBuf {
     kube.namespace("kache");
-    kube.apply_yaml(include_str!("../deploy/controller-rbac.yaml"));
+    kube.apply_yaml(&support::helm::controller_rbac(kube));
     kube.service_account_kubeconfig("kache", "kache-controller", &dir.join("kubeconfig"))
 }
 

@@ -248,26 +248,7 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
     // 1. A Deployment's pod: rewritten, pulled through the proxy and the registry, running, and
     // its CachedImage Cached.
     let app_image = format!("{host}/e2e/app:v1");
-    kube.ok(
-        "POST",
-        &format!("/apis/apps/v1/namespaces/{APPS}/deployments"),
-        Some(&json!({
-            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "app"},
-            "spec": {
-                "replicas": 1,
-                "selector": {"matchLabels": {"app": "app"}},
-                "template": {"metadata": {"labels": {"app": "app"}}, "spec": {
-                    "terminationGracePeriodSeconds": 0,
-                    "containers": [{"name": "app", "image": app_image}],
-                }},
-            },
-        })),
-    );
-    let first = kube.wait_for(
-        &format!("/api/v1/namespaces/{APPS}/pods?labelSelector=app%3Dapp"),
-        WAIT,
-        |_, v| v["items"].as_array()?.first().cloned(),
-    );
+    let first = kube.deployment(APPS, "app", &app_image, WAIT);
     let app_pod_name = first["metadata"]["name"].as_str().unwrap().to_owned();
     let rewritten = first["spec"]["containers"][0]["image"]
         .as_str()

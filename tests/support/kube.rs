@@ -46,6 +46,47 @@ pub struct KubeServer {
     pub ca: PathBuf,
     /// Where the version's binaries are (and, for the current one, the `pause` program).
     pub bin: PathBuf,
+    /// The helm CLI of the test bed.
+    pub helm: PathBuf,
+    /// cert-manager's build: `bin/{controller,webhook,cainjector}` and `chart/`.
+    pub cert_manager: PathBuf,
+}
+
+/// The objects of a multi-document YAML text (split at `---` lines; empty documents left out).
+pub fn documents(text: &str) -> Vec<Value> {
+    let mut docs = vec![String::new()];
+    for line in text.lines() {
+        if line.trim_end() == "---" {
+            docs.push(String::new());
+        } else {
+            let doc = docs.last_mut().expect("one document at least");
+            doc.push_str(line);
+            doc.push('\n');
+        }
+    }
+    docs.iter()
+        .filter_map(|doc| {
+            let v: Value = serde_yaml::from_str(doc).expect("YAML");
+            (!v.is_null()).then_some(v)
+        })
+        .collect()
+}
+
+/// The API path that creates `object`: its group-version, namespace and plural resource name.
+pub fn collection_path(object: &Value) -> String {
+    let api = match object["apiVersion"].as_str().expect("apiVersion") {
+        "v1" => "/api/v1".to_owned(),
+        gv => format!("/apis/{gv}"),
+    };
+    let kind = object["kind"].as_str().expect("kind").to_lowercase();
+    let plural = match kind.strip_suffix('y') {
+        Some(stem) => format!("{stem}ies"),
+        None => format!("{kind}s"),
+    };
+    match object["metadata"]["namespace"].as_str() {
+        Some(ns) => format!("{api}/namespaces/{ns}/{plural}"),
+        None => format!("{api}/{plural}"),
+    }
 }
 
 /// `scripts/<name>` of the repository (this file is compiled into the tests and the benchmark,
@@ -101,6 +142,8 @@ impl KubeServer {
             token: get("KUBE_TOKEN"),
             ca: PathBuf::from(get("KUBE_CA")),
             bin: PathBuf::from(get("KUBE_BIN")),
+            helm: PathBuf::from(get("KUBE_HELM")),
+            cert_manager: PathBuf::from(get("KUBE_CERT_MANAGER")),
             version,
             dir,
         }
@@ -256,25 +299,77 @@ impl KubeServer {
         );
     }
 
-    /// Creates every object of a multi-document YAML file (resource = lowercased kind + "s",
-    /// true of every kind applied here).
+    /// Creates every object of a multi-document YAML file.
     pub fn apply_yaml(&self, text: &str) {
-        for doc in text.split("\n---\n") {
-            let v: Value = serde_yaml::from_str(doc).expect("YAML");
-            if v.is_null() {
-                continue;
-            }
-            let api = match v["apiVersion"].as_str().expect("apiVersion") {
-                "v1" => "/api/v1".to_owned(),
-                gv => format!("/apis/{gv}"),
-            };
-            let plural = format!("{}s", v["kind"].as_str().expect("kind").to_lowercase());
-            let path = match v["metadata"]["namespace"].as_str() {
-                Some(ns) => format!("{api}/namespaces/{ns}/{plural}"),
-                None => format!("{api}/{plural}"),
-            };
-            self.ok("POST", &path, Some(&v));
+        for v in documents(text) {
+            self.ok("POST", &collection_path(&v), Some(&v));
         }
+    }
+
+    /// Sends every object of a multi-document YAML file to the API server as a server-side dry
+    /// run of its creation (admission and validation included, nothing stored); returns what was
+    /// refused, as `Kind/name: message`.
+    pub fn dry_run_yaml(&self, text: &str) -> Vec<String> {
+        documents(text)
+            .into_iter()
+            .filter_map(|v| {
+                let path = format!("{}?dryRun=All&fieldValidation=Strict", collection_path(&v));
+                let (code, answer) = self.request("POST", &path, Some(&v));
+                (code != 201 && code != 200).then(|| {
+                    format!(
+                        "{}/{}: {code} {}",
+                        v["kind"].as_str().unwrap_or("?"),
+                        v["metadata"]["name"].as_str().unwrap_or("?"),
+                        answer["message"].as_str().unwrap_or(&answer.to_string())
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// The CA bundle (PEM) the API server trusts for the first webhook of a
+    /// MutatingWebhookConfiguration; empty when it has none yet.
+    pub fn webhook_ca_bundle(&self, configuration: &str) -> String {
+        use base64::Engine as _;
+        let (_, w) = self.request(
+            "GET",
+            &format!(
+                "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{configuration}"
+            ),
+            None,
+        );
+        let b64 = w["webhooks"][0]["clientConfig"]["caBundle"]
+            .as_str()
+            .unwrap_or("");
+        let pem = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .expect("a base64 caBundle");
+        String::from_utf8(pem).expect("a PEM caBundle")
+    }
+
+    /// Creates a one-replica Deployment `name` of `image` in `ns` (label `app: <name>`) and
+    /// returns its first pod, as admitted.
+    pub fn deployment(&self, ns: &str, name: &str, image: &str, timeout: Duration) -> Value {
+        self.ok(
+            "POST",
+            &format!("/apis/apps/v1/namespaces/{ns}/deployments"),
+            Some(&serde_json::json!({
+                "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+                "spec": {
+                    "replicas": 1,
+                    "selector": {"matchLabels": {"app": name}},
+                    "template": {"metadata": {"labels": {"app": name}}, "spec": {
+                        "terminationGracePeriodSeconds": 0,
+                        "containers": [{"name": "app", "image": image}],
+                    }},
+                },
+            })),
+        );
+        self.wait_for(
+            &format!("/api/v1/namespaces/{ns}/pods?labelSelector=app%3D{name}"),
+            timeout,
+            |_, v| v["items"].as_array()?.first().cloned(),
+        )
     }
 
     /// A kubeconfig at `out` that authenticates as the ServiceAccount `ns/name`, with a token

@@ -12,6 +12,7 @@ pub mod containerd;
 pub mod distribution;
 pub mod faulty;
 pub mod gc;
+pub mod helm;
 pub mod http;
 pub mod image;
 pub mod kube;

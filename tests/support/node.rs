@@ -96,16 +96,33 @@ impl KacheOnNode {
     }
 }
 
-/// Packages a kache binary with `scripts/build-image` into `out` under `name`; returns the
-/// manifest digest it printed. `out/kache-image.tar` is the archive.
-pub fn build_kache_image(binary: &Path, out: &Path, name: &str) -> String {
+/// Packages another static program (cert-manager's, for the chart's tests) the way kache's image
+/// is made, as `/usr/local/bin/<program>`; returns the archive to import.
+pub fn build_program_image(
+    binary: &Path,
+    out: &Path,
+    program: &str,
+    version: &str,
+    name: &str,
+) -> PathBuf {
+    build_image(
+        binary,
+        out,
+        name,
+        &["--program", program, "--version", version],
+    );
+    out.join(format!("{program}-image.tar"))
+}
+
+/// Runs `scripts/build-image` on `binary`; returns the manifest digest it printed.
+fn build_image(binary: &Path, out: &Path, name: &str, extra: &[&str]) -> String {
     let o = Command::new(script("build-image"))
         .arg("--binary")
         .arg(binary)
         .arg("--out")
         .arg(out)
-        .arg("--name")
-        .arg(name)
+        .args(["--name", name])
+        .args(extra)
         .output()
         .expect("run scripts/build-image");
     assert!(
@@ -114,6 +131,12 @@ pub fn build_kache_image(binary: &Path, out: &Path, name: &str) -> String {
         String::from_utf8_lossy(&o.stderr)
     );
     String::from_utf8(o.stdout).unwrap().trim().to_owned()
+}
+
+/// Packages a kache binary with `scripts/build-image` into `out` under `name`; returns the
+/// manifest digest it printed. `out/kache-image.tar` is the archive.
+pub fn build_kache_image(binary: &Path, out: &Path, name: &str) -> String {
+    build_image(binary, out, name, &[])
 }
 
 /// The node `127.0.0.1`; stopped on drop (declare it after the [`KubeServer`], so that it
@@ -285,13 +308,13 @@ impl KubeNode {
         }
     }
 
-    /// Runs kache on the node as users will (the CRD, deploy/controller-rbac.yaml, then
+    /// Runs kache on the node as users will (the CRD, the chart's controller RBAC, then
     /// tests/manifests/kache-on-node.yaml, in the namespace `kache`) and waits until every
     /// component is Ready. The webhook's certificate is made in `tls_dir`.
     pub fn deploy_kache(&self, kube: &KubeServer, kache: &KacheOnNode, tls_dir: &Path) {
         kube.namespace("kache");
         kube.apply_yaml(include_str!("../../api/crds.yaml"));
-        kube.apply_yaml(include_str!("../../deploy/controller-rbac.yaml"));
+        kube.apply_yaml(&super::helm::controller_rbac(kube));
         std::fs::create_dir_all(tls_dir).expect("create the webhook's cert dir");
         let ca = certificates(tls_dir);
         let api_port = kube.api.rsplit_once(':').expect("https://host:port").1;
@@ -308,7 +331,12 @@ impl KubeNode {
 
     /// Waits until every replica of a Deployment or DaemonSet in `kache` is Ready and current.
     pub fn wait_ready(&self, kube: &KubeServer, resource: &str, name: &str) {
-        let path = format!("/apis/apps/v1/namespaces/kache/{resource}/{name}");
+        self.wait_ready_in(kube, "kache", resource, name);
+    }
+
+    /// Waits until every replica of a Deployment, StatefulSet or DaemonSet is Ready and current.
+    pub fn wait_ready_in(&self, kube: &KubeServer, ns: &str, resource: &str, name: &str) {
+        let path = format!("/apis/apps/v1/namespaces/{ns}/{resource}/{name}");
         let deadline = std::time::Instant::now() + READY_TIMEOUT;
         loop {
             let (code, v) = kube.request("GET", &path, None);

@@ -10,6 +10,9 @@ use std::sync::Arc;
 
 use super::*;
 
+#[path = "../../../tests/support/helm.rs"]
+#[allow(dead_code)]
+mod helm;
 #[path = "../../../tests/support/image.rs"]
 #[allow(dead_code)]
 mod image;
