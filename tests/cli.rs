@@ -14,7 +14,7 @@ fn free_addr() -> String {
 }
 
 fn wait_for(url: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if try_request("GET", url, &[], &[]).is_ok_and(|r| r.status == 200) {
             return;
@@ -337,4 +337,50 @@ fn a_second_proxy_binds_the_same_port_and_serves_when_the_first_exits() {
     }
     new.kill().unwrap();
     new.wait().unwrap();
+}
+
+/// On SIGTERM the webhook keeps answering for --shutdown-delay (its endpoint is still listed
+/// while the pod terminates), then exits by itself.
+#[test]
+fn the_webhook_serves_through_its_shutdown_delay_then_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let made = kache(&[
+        "certs",
+        "--out",
+        dir.path().to_str().unwrap(),
+        "--dns",
+        "localhost",
+    ]);
+    assert!(made.status.success());
+    let (listen, metrics) = (free_addr(), free_addr());
+    let mut webhook = Command::new(env!("CARGO_BIN_EXE_kache"))
+        .args(["webhook", "--listen", &listen, "--metrics-listen", &metrics])
+        .args(["--shutdown-delay", "2s"])
+        .arg("--tls-cert")
+        .arg(dir.path().join("tls.crt"))
+        .arg("--tls-key")
+        .arg(dir.path().join("tls.key"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&format!("http://{metrics}/readyz"));
+    let asked = Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &webhook.id().to_string()])
+        .status()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(get(&format!("http://{metrics}/readyz"), &[]).status, 200);
+    assert!(curl_tls(&dir.path().join("ca.crt"), "localhost", &listen).is_ok());
+    // Then it goes, on its own.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while webhook.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the webhook never exited");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        asked.elapsed() >= Duration::from_secs(2),
+        "it stopped before its delay"
+    );
 }

@@ -237,6 +237,10 @@ struct WebhookArgs {
     /// Address of /metrics, /healthz and /readyz (plain HTTP).
     #[arg(long, env = "KACHE_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
     metrics_listen: SocketAddr,
+    /// On SIGTERM, keep serving this long before stopping: the API server calls the endpoints
+    /// it knows, and a pod's is withdrawn only after it starts terminating.
+    #[arg(long, env = "KACHE_SHUTDOWN_DELAY", value_parser = parse_duration, default_value = "5s")]
+    shutdown_delay: Duration,
 }
 
 #[derive(clap::Args, Debug)]
@@ -410,6 +414,7 @@ fn main() -> anyhow::Result<()> {
                     ignore_registries: a.ignore_registries,
                     accept: a.accept,
                     skip_mutable: a.skip_mutable,
+                    shutdown_delay: a.shutdown_delay,
                     metrics_listen: a.metrics_listen,
                 })
                 .await

@@ -82,6 +82,7 @@ pub struct WebhookOptions {
     pub accept: Vec<String>,
     pub skip_mutable: bool,
     pub metrics_listen: SocketAddr,
+    pub shutdown_delay: Duration,
 }
 
 /// The upstream client's configuration from flags.
@@ -168,6 +169,16 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpLis
     tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} for {what}"))
+}
+
+/// Resolves `delay` after the process is asked to stop: a server behind a Service keeps
+/// answering while its endpoint is withdrawn, so that no caller meets a closed port.
+async fn shutdown_after(delay: Duration) {
+    shutdown_signal().await;
+    if !delay.is_zero() {
+        tracing::info!(?delay, "serving on until endpoints are withdrawn");
+        tokio::time::sleep(delay).await;
+    }
 }
 
 /// Serves `app` on `listener` until shutdown.
@@ -418,17 +429,19 @@ pub async fn webhook(o: WebhookOptions) -> anyhow::Result<()> {
     let hook = kache_webhook::Webhook::new(policy, kache_webhook::WebhookMetrics::new(&mut prom));
     let mut servers = JoinSet::new();
     let listener = bind(o.listen, "the webhook").await?;
+    let delay = o.shutdown_delay;
     servers.spawn(async move {
-        kache_webhook::serve_tls(listener, tls, hook.router(), shutdown_signal())
+        kache_webhook::serve_tls(listener, tls, hook.router(), shutdown_after(delay))
             .await
             .context("webhook failed")
     });
-    spawn_server(
-        &mut servers,
-        bind(o.metrics_listen, "metrics").await?,
-        ops_router(Arc::new(prom), || {}),
-        "metrics listener",
-    );
+    let ops = bind(o.metrics_listen, "metrics").await?;
+    let ops_app = ops_router(Arc::new(prom), || {});
+    servers.spawn(async move {
+        serve(ops, ops_app, shutdown_after(delay))
+            .await
+            .context("metrics listener failed")
+    });
     let watch = tokio::spawn(certs.watch(Duration::from_secs(1)));
     tracing::info!(listen = %o.listen, metrics = %o.metrics_listen, cert = %o.tls_cert.display(), "webhook serving");
     let first = servers.join_next().await;
