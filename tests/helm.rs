@@ -506,8 +506,7 @@ fn the_api_server_accepts_the_rendered_chart_on_both_versions() {
 
 /// On 1.20 (the oldest version kache supports, where current cert-manager releases do not run)
 /// the chart installs with a certificate from `kache certs`, upgrades and uninstalls through a
-/// real API server. The test bed runs no 1.20 node (a current kubelet cannot serve a 1.20
-/// control plane), so its pods stay Pending: tests/helm_node.rs runs the same install on a node.
+/// real API server, without root and without a node (tests/helm_node.rs adds the node).
 #[test]
 fn helm_installs_upgrades_and_uninstalls_on_the_oldest_version() {
     let kube = KubeServer::start(Version::Oldest);

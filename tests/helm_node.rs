@@ -1,20 +1,23 @@
 //! `helm install` as a cluster admin runs it, on the test bed's real node (scripts/kube-test-node)
-//! of the current Kubernetes: cert-manager first (its controller, webhook and cainjector built
-//! from its Go module and packed as images the way kache's is, installed from its own chart),
-//! then kache from helm/kache. Then, in one sequence (one node per machine):
+//! of each Kubernetes version. On the current one, cert-manager first (its controller, webhook
+//! and cainjector built from its Go module and packed as images the way kache's is, installed
+//! from its own chart), then kache from helm/kache; on 1.20, where current cert-manager releases
+//! do not run, kache with a certificate from `kache certs`. Then, in one sequence per version
+//! (one node per machine):
 //!
-//! - every pod is Ready, cert-manager has issued the webhook's certificate and injected its CA;
+//! - every pod is Ready, and the webhook configuration trusts the webhook's CA (cert-manager
+//!   issued the certificate and injected its CA, or the chart set the one given);
 //! - a Deployment in another namespace is rewritten, pulled through the proxy and Running, and
 //!   its CachedImage is Cached;
-//! - the certificate is renewed (as `cmctl renew` asks): the webhook serves the new one without
-//!   a restart, and the API server still trusts it;
+//! - the certificate is renewed (as `cmctl renew` asks, or `kache certs` run again and the
+//!   Secret updated): the webhook serves the new one without a restart, and the API server still
+//!   trusts it;
 //! - `helm upgrade` with changed values rolls every component while pods keep starting, none with
-//!   a failed pull;
+//!   a failed pull from 1.22 on (the proxy surges; before, the kubelet retries);
 //! - `helm uninstall` leaves only the CRD and the registry's claim, and a pod created afterwards
 //!   is not rewritten;
-//! - installed again without cert-manager, with a certificate from `kache certs` (as on 1.20,
-//!   where current cert-manager releases do not run): the registry finds its store on the kept
-//!   claim, and pods are rewritten and start.
+//! - installed again with a certificate from `kache certs`: the registry finds its store on the
+//!   kept claim, and pods are rewritten and start.
 //!
 //! The test bed has no kube-proxy and no cluster DNS, and the node's address is 127.0.0.1: the
 //! registry runs on the node's network (registry.hostNetwork) and the proxies and the controller
@@ -228,12 +231,40 @@ fn wait_kache_ready(kube: &KubeServer, node: &KubeNode) {
     }
 }
 
+/// `kache certs` into `dir` for the webhook's Service; returns the Secret holding the pair.
+fn kache_certs(dir: &Path) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_kache"))
+        .args(["certs", "--out", dir.to_str().unwrap()])
+        .args(["--dns", &format!("kache-webhook.{NS}.svc")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": "webhook-provided"},
+        "stringData": {"tls.crt": read("tls.crt"), "tls.key": read("tls.key")},
+    })
+}
+
+/// One node per machine: the current version (with cert-manager), then 1.20 (with a
+/// certificate from `kache certs`, as current cert-manager releases do not run there).
 #[test]
-fn helm_installs_kache_with_cert_manager_on_a_real_node() {
-    if skip_unless_root("helm_installs_kache_with_cert_manager_on_a_real_node") {
+fn helm_installs_kache_on_a_real_node_of_each_version() {
+    if skip_unless_root("helm_installs_kache_on_a_real_node_of_each_version") {
         return;
     }
-    let kube = KubeServer::start(Version::Current);
+    install_on_a_real_node(Version::Current);
+    install_on_a_real_node(Version::Oldest);
+}
+
+fn install_on_a_real_node(version: Version) {
+    let current = version == Version::Current;
+    let kube = KubeServer::start(version);
     let node = KubeNode::start(&kube);
     let helm = Helm::new(&kube);
     let s = Scratch::new("kache-e2e-helm");
@@ -246,7 +277,9 @@ fn helm_installs_kache_with_cert_manager_on_a_real_node() {
         &kache_image,
     );
     node.import(&s.path("kache-image").join("kache-image.tar"));
-    import_cert_manager(&kube, &node, &s.path("cert-manager-images"));
+    if current {
+        import_cert_manager(&kube, &node, &s.path("cert-manager-images"));
+    }
 
     // The upstream and its images.
     let pause = std::fs::read(kube.bin.join("pause")).expect("the release's pause program");
@@ -269,27 +302,29 @@ fn helm_installs_kache_with_cert_manager_on_a_real_node() {
         );
     }
 
-    // 1. cert-manager, from its chart.
+    // 1. cert-manager, from its chart (on 1.20, a certificate from `kache certs` instead).
     let cm_chart = kube.cert_manager.join("chart");
-    helm.ok(&[
-        "install",
-        "cert-manager",
-        cm_chart.to_str().unwrap(),
-        "-n",
-        "cert-manager",
-        "--create-namespace",
-        "--set",
-        "installCRDs=true",
-        // Its start-up check runs cmctl, which is not built here; the waits below do its job.
-        "--set",
-        "startupapicheck.enabled=false",
-        // The Secrets it writes go with their Certificates (so with `helm uninstall`).
-        "--set",
-        "extraArgs={--enable-certificate-owner-ref=true}",
-        "--wait",
-        "--timeout",
-        "5m",
-    ]);
+    if current {
+        helm.ok(&[
+            "install",
+            "cert-manager",
+            cm_chart.to_str().unwrap(),
+            "-n",
+            "cert-manager",
+            "--create-namespace",
+            "--set",
+            "installCRDs=true",
+            // Its start-up check runs cmctl, which is not built here; the waits below do its job.
+            "--set",
+            "startupapicheck.enabled=false",
+            // The Secrets it writes go with their Certificates (so with `helm uninstall`).
+            "--set",
+            "extraArgs={--enable-certificate-owner-ref=true}",
+            "--wait",
+            "--timeout",
+            "5m",
+        ]);
+    }
 
     // 2. kache, from helm/kache, with the test bed's addresses.
     registry_volume(&kube, &s.path("registry-data"));
@@ -331,30 +366,64 @@ fn helm_installs_kache_with_cert_manager_on_a_real_node() {
         "--timeout",
         "5m",
     ];
-    let mut args = vec!["install", "--create-namespace"];
+    let certs = s.path("certs");
+    let ca_file = format!("webhook.tls.caBundle={}", certs.join("ca.crt").display());
+    let provided = [
+        "--set",
+        "certManager.enabled=false",
+        "--set",
+        "webhook.tls.existingSecret=webhook-provided",
+        "--set-file",
+        &ca_file,
+    ];
+    let mut args = vec!["install"];
+    if current {
+        args.push("--create-namespace");
+    } else {
+        kube.namespace(NS);
+        let secret = kache_certs(&certs);
+        kube.ok(
+            "POST",
+            &format!("/api/v1/namespaces/{NS}/secrets"),
+            Some(&secret),
+        );
+        args.extend(provided);
+    }
     args.extend(install);
     helm.ok(&args);
     wait_kache_ready(&kube, &node);
-    // cert-manager issued the certificate and injected its CA.
-    kube.wait_for(
-        &format!("/apis/cert-manager.io/v1/namespaces/{NS}/certificates/kache-webhook"),
-        WAIT,
-        |_, c| {
-            c["status"]["conditions"]
-                .as_array()?
-                .iter()
-                .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                .then_some(())
-        },
-    );
-    let ca = secret_pem(&kube, "kache-webhook-tls", "ca.crt").expect("the webhook's CA");
-    let deadline = Instant::now() + WAIT;
-    while kube.webhook_ca_bundle("kache") != ca {
-        assert!(
-            Instant::now() < deadline,
-            "cert-manager never injected the CA"
+    let tls_secret = if current {
+        "kache-webhook-tls"
+    } else {
+        "webhook-provided"
+    };
+    if current {
+        // cert-manager issued the certificate and injected its CA.
+        kube.wait_for(
+            &format!("/apis/cert-manager.io/v1/namespaces/{NS}/certificates/kache-webhook"),
+            WAIT,
+            |_, c| {
+                c["status"]["conditions"]
+                    .as_array()?
+                    .iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                    .then_some(())
+            },
         );
-        std::thread::sleep(Duration::from_millis(200));
+        let ca = secret_pem(&kube, "kache-webhook-tls", "ca.crt").expect("the webhook's CA");
+        let deadline = Instant::now() + WAIT;
+        while kube.webhook_ca_bundle("kache") != ca {
+            assert!(
+                Instant::now() < deadline,
+                "cert-manager never injected the CA"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    } else {
+        assert_eq!(
+            kube.webhook_ca_bundle("kache"),
+            std::fs::read_to_string(certs.join("ca.crt")).unwrap()
+        );
     }
     // The chart's pods run as it says: non-root, read-only, no capabilities, RuntimeDefault.
     for pod in pods(&kube, NS, "app.kubernetes.io/instance%3Dkache") {
@@ -407,8 +476,9 @@ fn helm_installs_kache_with_cert_manager_on_a_real_node() {
         |code, v| (code == 200 && v["status"]["phase"] == "Cached").then_some(()),
     );
 
-    // 4. The certificate renewed, as `cmctl renew` asks for it: the webhook's pods serve the new
-    // one from their updated volume, without a restart, and admission goes on.
+    // 4. The certificate renewed (as `cmctl renew` asks cert-manager for it; on 1.20, `kache
+    // certs` run again and the Secret updated): the webhook's pods serve the new one from their
+    // updated volume, without a restart, and admission goes on.
     let webhooks = pods(&kube, NS, "app.kubernetes.io/component%3Dwebhook");
     let before: Vec<(String, String)> = webhooks
         .iter()
@@ -418,28 +488,38 @@ fn helm_installs_kache_with_cert_manager_on_a_real_node() {
             (addr, serial)
         })
         .collect();
-    let old_serial = pem_serial(&secret_pem(&kube, "kache-webhook-tls", "tls.crt").unwrap());
+    let old_serial = pem_serial(&secret_pem(&kube, tls_secret, "tls.crt").unwrap());
     assert!(
         before.iter().all(|(_, s)| *s == old_serial),
         "{before:?} vs {old_serial}"
     );
-    let cert_path = format!("/apis/cert-manager.io/v1/namespaces/{NS}/certificates/kache-webhook");
-    let mut conditions = kube.ok("GET", &cert_path, None)["status"]["conditions"].clone();
-    conditions.as_array_mut().unwrap().push(json!({
-        "type": "Issuing", "status": "True", "reason": "ManuallyTriggered",
-        "message": "Certificate re-issuance manually triggered",
-        "lastTransitionTime": "2026-01-01T00:00:00Z",
-    }));
-    kube.ok(
-        "PATCH",
-        &format!("{cert_path}/status"),
-        Some(&json!({"status": {"conditions": conditions}})),
-    );
+    if current {
+        let cert_path =
+            format!("/apis/cert-manager.io/v1/namespaces/{NS}/certificates/kache-webhook");
+        let mut conditions = kube.ok("GET", &cert_path, None)["status"]["conditions"].clone();
+        conditions.as_array_mut().unwrap().push(json!({
+            "type": "Issuing", "status": "True", "reason": "ManuallyTriggered",
+            "message": "Certificate re-issuance manually triggered",
+            "lastTransitionTime": "2026-01-01T00:00:00Z",
+        }));
+        kube.ok(
+            "PATCH",
+            &format!("{cert_path}/status"),
+            Some(&json!({"status": {"conditions": conditions}})),
+        );
+    } else {
+        let secret = kache_certs(&certs);
+        kube.ok(
+            "PUT",
+            &format!("/api/v1/namespaces/{NS}/secrets/{tls_secret}"),
+            Some(&secret),
+        );
+    }
     let new_serial = kube.wait_for(
-        &format!("/api/v1/namespaces/{NS}/secrets/kache-webhook-tls"),
+        &format!("/api/v1/namespaces/{NS}/secrets/{tls_secret}"),
         WAIT,
         |_, _| {
-            let serial = pem_serial(&secret_pem(&kube, "kache-webhook-tls", "tls.crt")?);
+            let serial = pem_serial(&secret_pem(&kube, tls_secret, "tls.crt")?);
             (serial != old_serial).then_some(serial)
         },
     );
@@ -505,11 +585,15 @@ fn helm_installs_kache_with_cert_manager_on_a_real_node() {
     for name in &started {
         wait_running(&kube, &node, name);
     }
-    let failed = failed_pulls(&kube, APPS);
-    assert!(
-        failed.is_empty(),
-        "pulls failed during the upgrade: {failed:?}"
-    );
+    // From 1.22 the new proxy surges beside the old one; on 1.20 a node is without one for a
+    // moment (maxUnavailable), so a pull may fail there and be retried by the kubelet.
+    if current {
+        let failed = failed_pulls(&kube, APPS);
+        assert!(
+            failed.is_empty(),
+            "pulls failed during the upgrade: {failed:?}"
+        );
+    }
     let proxies_after = pods(&kube, NS, "app.kubernetes.io/component%3Dproxy");
     assert!(
         proxies_after.iter().all(|p| proxies_before
@@ -532,10 +616,7 @@ fn helm_installs_kache_with_cert_manager_on_a_real_node() {
         "/api/v1/namespaces/kache/services",
         "/api/v1/namespaces/kache/serviceaccounts",
         "/api/v1/namespaces/kache/configmaps",
-        "/apis/policy/v1/namespaces/kache/poddisruptionbudgets",
         "/apis/networking.k8s.io/v1/namespaces/kache/networkpolicies",
-        "/apis/cert-manager.io/v1/namespaces/kache/certificates",
-        "/apis/cert-manager.io/v1/namespaces/kache/issuers",
         "/apis/rbac.authorization.k8s.io/v1/clusterroles",
         "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
         "/apis/rbac.authorization.k8s.io/v1/namespaces/kache/roles",
@@ -544,6 +625,21 @@ fn helm_installs_kache_with_cert_manager_on_a_real_node() {
         "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
     ];
     assert_release_gone(&kube, &collections);
+    if current {
+        assert_release_gone(
+            &kube,
+            &[
+                "/apis/policy/v1/namespaces/kache/poddisruptionbudgets",
+                "/apis/cert-manager.io/v1/namespaces/kache/certificates",
+                "/apis/cert-manager.io/v1/namespaces/kache/issuers",
+            ],
+        );
+    } else {
+        assert_release_gone(
+            &kube,
+            &["/apis/policy/v1beta1/namespaces/kache/poddisruptionbudgets"],
+        );
+    }
     // cert-manager's Secrets go with their Certificates, through the garbage collector.
     kube.wait_for(
         "/api/v1/namespaces/kache/secrets?labelSelector=app.kubernetes.io/instance%3Dkache",
@@ -577,44 +673,26 @@ fn helm_installs_kache_with_cert_manager_on_a_real_node() {
         format!("{host}/e2e/after:v1")
     );
 
-    // 7. Installed again without cert-manager, with a certificate from `kache certs` (what 1.20
-    // clusters do): the registry finds its store on the kept claim, and pods are rewritten and
-    // start again.
-    let certs = s.path("certs");
-    let out = Command::new(env!("CARGO_BIN_EXE_kache"))
-        .args(["certs", "--out", certs.to_str().unwrap()])
-        .args(["--dns", &format!("kache-webhook.{NS}.svc")])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let read = |f: &str| std::fs::read_to_string(certs.join(f)).unwrap();
-    kube.ok(
-        "POST",
-        &format!("/api/v1/namespaces/{NS}/secrets"),
-        Some(&json!({
-            "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
-            "metadata": {"name": "webhook-provided"},
-            "stringData": {"tls.crt": read("tls.crt"), "tls.key": read("tls.key")},
-        })),
-    );
-    let ca_file = format!("webhook.tls.caBundle={}", certs.join("ca.crt").display());
-    let mut args = vec![
-        "install",
-        "--set",
-        "certManager.enabled=false",
-        "--set",
-        "webhook.tls.existingSecret=webhook-provided",
-        "--set-file",
-        &ca_file,
-    ];
+    // 7. Installed again, without cert-manager, with a certificate from `kache certs` (on 1.20,
+    // the Secret is still there): the registry finds its store on the kept claim, and pods are
+    // rewritten and start again.
+    if current {
+        let secret = kache_certs(&certs);
+        kube.ok(
+            "POST",
+            &format!("/api/v1/namespaces/{NS}/secrets"),
+            Some(&secret),
+        );
+    }
+    let mut args = vec!["install"];
+    args.extend(provided);
     args.extend(install);
     helm.ok(&args);
     wait_kache_ready(&kube, &node);
-    assert_eq!(kube.webhook_ca_bundle("kache"), read("ca.crt"));
+    assert_eq!(
+        kube.webhook_ca_bundle("kache"),
+        std::fs::read_to_string(certs.join("ca.crt")).unwrap()
+    );
     // The app's manifest, by digest, straight from the kept store: the upstream is not asked.
     let asked = upstream.count_requests("GET", "/v2/e2e/app/manifests/");
     let kept = support::get(

@@ -99,8 +99,8 @@ fn pods_are_rewritten_and_never_blocked(version: Version) {
         }
     };
     let debug = |name: &str, image: &str| {
-        // Read, then update with the resourceVersion read, as kubectl does; on the current
-        // version the scheduler may write the pending pod's status in between (409): read again.
+        // Read, then update with the resourceVersion read, as kubectl does; on either version
+        // the scheduler may write the pending pod's status in between (409): read again.
         for _ in 0..10 {
             let mut ec = kube.ok("GET", subresource, None);
             let kind = match version {
