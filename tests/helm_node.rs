@@ -87,25 +87,10 @@ fn create_pod(kube: &KubeServer, name: &str, image: &str, policy: &str) -> Value
     )
 }
 
-fn wait_running(kube: &KubeServer, node: &KubeNode, name: &str) {
-    let path = format!("/api/v1/namespaces/{APPS}/pods/{name}");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (_, pod) = kube.request("GET", &path, None);
-        if pod["status"]["phase"] == "Running"
-            && pod["status"]["containerStatuses"][0]["ready"] == true
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} never ran: {}\nevents: {:?}\n{}",
-            pod["status"],
-            failed_pulls(kube, APPS),
-            node.logs()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+/// Fails unless the admitted pod's image points at the node proxy.
+fn assert_rewritten(pod: &Value, why: &str) {
+    let image = pod["spec"]["containers"][0]["image"].as_str().unwrap();
+    assert!(image.starts_with("localhost:7439/"), "{why}: {pod}");
 }
 
 /// The kubelet's `Failed` events in `ns` (a pull that failed, among others), as
@@ -453,7 +438,12 @@ fn install_on_a_real_node(version: Version) {
         rewritten.starts_with("localhost:7439/") && rewritten.ends_with("/e2e/app:v1"),
         "{rewritten}"
     );
-    wait_running(&kube, &node, first["metadata"]["name"].as_str().unwrap());
+    node.wait_running(
+        &kube,
+        APPS,
+        first["metadata"]["name"].as_str().unwrap(),
+        WAIT,
+    );
     let scraped = metrics::scrape(&format!("http://{proxy_metrics}/metrics"));
     assert!(
         metrics::value(
@@ -547,14 +537,11 @@ fn install_on_a_real_node(version: Version) {
         );
     }
     let renewed = create_pod(&kube, "after-renewal", &app_image, "IfNotPresent");
-    assert!(
-        renewed["spec"]["containers"][0]["image"]
-            .as_str()
-            .unwrap()
-            .starts_with("localhost:7439/"),
-        "the API server does not trust the renewed certificate: {renewed}"
+    assert_rewritten(
+        &renewed,
+        "the API server does not trust the renewed certificate",
     );
-    wait_running(&kube, &node, "after-renewal");
+    node.wait_running(&kube, APPS, "after-renewal", WAIT);
 
     // 5. `helm upgrade` with changed values: every component rolls while pods keep starting,
     // each pulling its image (Always) through whichever proxy is there; no pull fails.
@@ -583,7 +570,7 @@ fn install_on_a_real_node(version: Version) {
     );
     wait_kache_ready(&kube, &node);
     for name in &started {
-        wait_running(&kube, &node, name);
+        node.wait_running(&kube, APPS, name, WAIT);
     }
     // From 1.22 the new proxy surges beside the old one; on 1.20 a node is without one for a
     // moment (maxUnavailable), so a pull may fail there and be retried by the kubelet.
@@ -709,12 +696,6 @@ fn install_on_a_real_node(version: Version) {
         asked
     );
     let again = create_pod(&kube, "reinstalled", &app_image, "Always");
-    assert!(
-        again["spec"]["containers"][0]["image"]
-            .as_str()
-            .unwrap()
-            .starts_with("localhost:7439/"),
-        "{again}"
-    );
-    wait_running(&kube, &node, "reinstalled");
+    assert_rewritten(&again, "the reinstalled webhook does not rewrite");
+    node.wait_running(&kube, APPS, "reinstalled", WAIT);
 }

@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 use support::containerd::skip_unless_root;
 use support::kube::{KubeServer, Version, non_loopback_name, pull_secret};
 use support::metrics;
-use support::node::{KacheOnNode, KubeNode, build_kache_image};
+use support::node::{KacheOnNode, KubeNode, build_kache_image, pod_events};
 use support::pull::Scratch;
 use support::{
     Content, Distribution, DistributionKind, Fault, FaultyUpstream, Flavor, Image, ImageBuilder,
@@ -71,56 +71,6 @@ fn create_pod(kube: &KubeServer, pod: &Value) -> Value {
         &format!("/api/v1/namespaces/{APPS}/pods"),
         Some(pod),
     )
-}
-
-/// Waits until the pod runs and is ready; on timeout, says what the kubelet reported.
-fn wait_running(kube: &KubeServer, node: &KubeNode, name: &str) -> Value {
-    let path = format!("/api/v1/namespaces/{APPS}/pods/{name}");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (_, pod) = kube.request("GET", &path, None);
-        if pod["status"]["phase"] == "Running"
-            && pod["status"]["containerStatuses"][0]["ready"] == true
-        {
-            return pod;
-        }
-        if Instant::now() > deadline {
-            panic!(
-                "{name} never ran: {}\nevents: {:?}\n{}",
-                pod["status"],
-                pod_events(kube, name),
-                node.logs()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-/// What the kubelet said about a pod: (reason, message) of its events, oldest first.
-fn pod_events(kube: &KubeServer, name: &str) -> Vec<(String, String)> {
-    let v = kube.ok(
-        "GET",
-        &format!("/api/v1/namespaces/{APPS}/events?fieldSelector=involvedObject.name={name}"),
-        None,
-    );
-    let mut events: Vec<(String, String, String)> = v["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["firstTimestamp"]
-                    .as_str()
-                    .or(e["eventTime"].as_str())
-                    .unwrap_or("")
-                    .to_owned(),
-                e["reason"].as_str().unwrap_or("").to_owned(),
-                e["message"].as_str().unwrap_or("").to_owned(),
-            )
-        })
-        .collect();
-    events.sort();
-    events.into_iter().map(|(_, r, m)| (r, m)).collect()
 }
 
 fn delete_pod(kube: &KubeServer, ns: &str, name: &str) {
@@ -258,7 +208,7 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
         rewritten.starts_with("localhost:7439/") && rewritten.ends_with("/e2e/app:v1"),
         "{rewritten}"
     );
-    wait_running(&kube, &node, &app_pod_name);
+    node.wait_running(&kube, APPS, &app_pod_name, WAIT);
     assert!(
         proxy_requests(&kache, &host, "miss") + proxy_requests(&kache, &host, "hit") > 0.0,
         "{}",
@@ -306,7 +256,7 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
         ignored["spec"]["containers"][0]["image"],
         format!("{host}/e2e/plain:v1")
     );
-    wait_running(&kube, &node, "ignored");
+    node.wait_running(&kube, APPS, "ignored", WAIT);
     assert!(upstream.count_requests("GET", "/v2/e2e/plain/manifests/") > 0);
     assert_eq!(
         metrics::value(&before, "kache_proxy_requests_total", &[]),
@@ -326,7 +276,7 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
         &kube,
         &app_pod("fallback", &format!("{host}/e2e/other:v1"), json!({}), &[]),
     );
-    wait_running(&kube, &node, "fallback");
+    node.wait_running(&kube, APPS, "fallback", WAIT);
     assert!(proxy_requests(&kache, &host, "fallback") > fallbacks);
     scale(&kube, "registry", 1);
     node.wait_ready(&kube, "deployments", "kache-registry");
@@ -364,18 +314,18 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
         .to_owned();
     delete_pod(&kube, NS, &proxy_pod);
     let pulled = |kube: &KubeServer| {
-        pod_events(kube, "slow")
+        pod_events(kube, APPS, "slow")
             .iter()
             .any(|(reason, _)| reason == "Pulled")
     };
     assert!(
         !pulled(&kube),
         "the pull ended before the proxy died: {:?}",
-        pod_events(&kube, "slow")
+        pod_events(&kube, APPS, "slow")
     );
     slow.clear_all();
     node.wait_ready(&kube, "daemonsets", "kache-proxy");
-    let running = wait_running(&kube, &node, "slow");
+    let running = node.wait_running(&kube, APPS, "slow", WAIT);
     assert_eq!(running["status"]["containerStatuses"][0]["restartCount"], 0);
     // The new proxy (its counters start at zero) served the rest of the pull.
     let after_restart: f64 = ["hit", "miss", "stale", "fallback"]
@@ -386,11 +336,11 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
         after_restart > 0.0,
         "{}\n{:?}",
         scrape(&kache.proxy_metrics),
-        pod_events(&kube, "slow")
+        pod_events(&kube, APPS, "slow")
     );
     eprintln!(
         "the slow pod's events, the proxy killed mid-pull: {:?}",
-        pod_events(&kube, "slow")
+        pod_events(&kube, APPS, "slow")
     );
 
     // 5. A private image and a pod's pull secret. The kubelet has credentials for the upstream,
@@ -415,7 +365,7 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
         &format!("/api/v1/namespaces/{APPS}/pods/private"),
         WAIT,
         |_, _| {
-            pod_events(&kube, "private")
+            pod_events(&kube, APPS, "private")
                 .into_iter()
                 .find(|(reason, message)| {
                     reason == "Failed" && message.starts_with("Failed to pull image")
@@ -429,7 +379,7 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
     );
     scale(&kube, "controller", 1);
     wait_cached(&kube, &secret_image, secret.digest());
-    wait_running(&kube, &node, "private");
+    node.wait_running(&kube, APPS, "private", WAIT);
 
     // 6. The upstream goes, and the node forgets the image, content included (every workload
     // goes, as the images share their program's layer): a new pod still starts, every byte from
@@ -468,7 +418,7 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
     };
     let sent_before = sent();
     create_pod(&kube, &app_pod("offline", &app_image, json!({}), &[]));
-    let offline = wait_running(&kube, &node, "offline");
+    let offline = node.wait_running(&kube, APPS, "offline", WAIT);
     assert_eq!(
         offline["spec"]["containers"][0]["image"].as_str(),
         Some(rewritten.as_str())

@@ -363,6 +363,34 @@ impl KubeNode {
         }
     }
 
+    /// Waits until pod `ns/name` runs and is ready; on timeout, says what the kubelet reported.
+    pub fn wait_running(
+        &self,
+        kube: &KubeServer,
+        ns: &str,
+        name: &str,
+        timeout: Duration,
+    ) -> serde_json::Value {
+        let path = format!("/api/v1/namespaces/{ns}/pods/{name}");
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let (_, pod) = kube.request("GET", &path, None);
+            if pod["status"]["phase"] == "Running"
+                && pod["status"]["containerStatuses"][0]["ready"] == true
+            {
+                return pod;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} never ran: {}\nevents: {:?}\n{}",
+                pod["status"],
+                pod_events(kube, ns, name),
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
     /// Where containerd reads per-registry `hosts.toml` files (`config_path`).
     pub fn hosts_dir(&self) -> PathBuf {
         self.path("certs.d")
@@ -402,4 +430,31 @@ impl Drop for KubeNode {
             .arg(&self.dir)
             .status();
     }
+}
+
+/// What the kubelet said about pod `ns/name`: (reason, message) of its events, oldest first.
+pub fn pod_events(kube: &KubeServer, ns: &str, name: &str) -> Vec<(String, String)> {
+    let v = kube.ok(
+        "GET",
+        &format!("/api/v1/namespaces/{ns}/events?fieldSelector=involvedObject.name={name}"),
+        None,
+    );
+    let mut events: Vec<(String, String, String)> = v["items"]
+        .as_array()
+        .expect("an event list")
+        .iter()
+        .map(|e| {
+            (
+                e["firstTimestamp"]
+                    .as_str()
+                    .or(e["eventTime"].as_str())
+                    .unwrap_or("")
+                    .to_owned(),
+                e["reason"].as_str().unwrap_or("").to_owned(),
+                e["message"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    events.sort();
+    events.into_iter().map(|(_, r, m)| (r, m)).collect()
 }
