@@ -6,14 +6,15 @@
 //! [`skip_unless_root`]. Its root, state, sockets and config live in a temp dir, and the CRI
 //! plugin is disabled: only the content, image and snapshot services are used.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write as _;
+use std::fs::OpenOptions;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
+
+use super::process::{Ran, run_bounded};
 
 /// How long containerd has to answer `ctr version` after starting.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -65,20 +66,6 @@ pub fn write_hosts_toml(
     let path = dir.join("hosts.toml");
     std::fs::write(&path, toml).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     path
-}
-
-/// What a `ctr` command printed and how it ended.
-#[derive(Debug)]
-pub struct CtrOutput {
-    pub status: ExitStatus,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-impl CtrOutput {
-    pub fn success(&self) -> bool {
-        self.status.success()
-    }
 }
 
 /// One image in containerd's image store.
@@ -196,7 +183,7 @@ disabled_plugins = [
     }
 
     /// Runs `ctr --address <socket> --namespace kache-test <args>` and returns how it ended.
-    pub fn ctr(&self, args: &[&str]) -> CtrOutput {
+    pub fn ctr(&self, args: &[&str]) -> Ran {
         let mut command = Command::new("ctr");
         command
             .arg("--address")
@@ -209,14 +196,14 @@ disabled_plugins = [
 
     /// `ctr images pull --hosts-dir <hosts_dir> <image_ref>`: resolves and fetches through
     /// the hosts.toml configuration there, then unpacks into the default snapshotter.
-    pub fn try_pull(&self, image_ref: &str, hosts_dir: &Path) -> CtrOutput {
+    pub fn try_pull(&self, image_ref: &str, hosts_dir: &Path) -> Ran {
         let hosts_dir = hosts_dir.to_str().expect("hosts dir is UTF-8");
         self.ctr(&["images", "pull", "--hosts-dir", hosts_dir, image_ref])
     }
 
     /// [`try_pull`](Self::try_pull) that fails the test, with ctr's output, unless it succeeds
     /// (containerd's log follows when it is dropped during the panic).
-    pub fn pull(&self, image_ref: &str, hosts_dir: &Path) -> CtrOutput {
+    pub fn pull(&self, image_ref: &str, hosts_dir: &Path) -> Ran {
         let out = self.try_pull(image_ref, hosts_dir);
         assert!(
             out.success(),
@@ -322,49 +309,5 @@ impl Drop for Containerd {
                 eprintln!("(containerd dir kept in {})", dir.keep().display());
             }
         }
-    }
-}
-
-/// Runs `command` to completion within `timeout` (killing it after), its output collected in
-/// files under `dir` so that a chatty child cannot block on a full pipe while it is polled.
-fn run_bounded(mut command: Command, dir: &Path, timeout: Duration) -> CtrOutput {
-    let out_dir = tempfile::Builder::new()
-        .prefix("ctr-run")
-        .tempdir_in(dir)
-        .expect("create output dir");
-    let stdout_path = out_dir.path().join("stdout");
-    let stderr_path = out_dir.path().join("stderr");
-    let create =
-        |p: &Path| File::create(p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
-    command
-        .stdin(Stdio::null())
-        .stdout(create(&stdout_path))
-        .stderr(create(&stderr_path));
-    let mut child = command
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {command:?} (apt-get install containerd): {e}"));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("poll child") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let status = child.wait().expect("reap child");
-            let mut f = OpenOptions::new()
-                .append(true)
-                .open(&stderr_path)
-                .expect("open stderr file");
-            let _ = writeln!(f, "(killed by the test harness after {timeout:?})");
-            break status;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let read =
-        |p: &Path| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned();
-    CtrOutput {
-        status,
-        stdout: read(&stdout_path),
-        stderr: read(&stderr_path),
     }
 }
