@@ -176,6 +176,7 @@ fn import_cert_manager(kube: &KubeServer, node: &KubeNode, dir: &Path) {
             image,
             CERT_MANAGER,
             &format!("quay.io/jetstack/{image}:{CERT_MANAGER}"),
+            &[],
         );
         node.import(&archive);
     }

@@ -96,21 +96,29 @@ impl KacheOnNode {
     }
 }
 
-/// Packages another static program (cert-manager's, for the chart's tests) the way kache's image
-/// is made, as `/usr/local/bin/<program>`; returns the archive to import.
+/// Packages another program (cert-manager's for the chart's tests, distribution and skopeo for
+/// the compose file's) the way kache's image is made, as `/usr/local/bin/<program>`, with the
+/// programs of `also` beside it under their names; returns the archive to import.
 pub fn build_program_image(
     binary: &Path,
     out: &Path,
     program: &str,
     version: &str,
     name: &str,
+    also: &[(&Path, &str)],
 ) -> PathBuf {
-    build_image(
-        binary,
-        out,
-        name,
-        &["--program", program, "--version", version],
-    );
+    let mut args = vec![
+        "--program".to_owned(),
+        program.to_owned(),
+        "--version".to_owned(),
+        version.to_owned(),
+    ];
+    for (path, as_name) in also {
+        args.push("--also".to_owned());
+        args.push(format!("{}={as_name}", path.display()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    build_image(binary, out, name, &args);
     out.join(format!("{program}-image.tar"))
 }
 
