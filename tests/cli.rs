@@ -384,3 +384,57 @@ fn the_webhook_serves_through_its_shutdown_delay_then_exits() {
         "it stopped before its delay"
     );
 }
+
+#[test]
+fn health_exits_zero_only_on_a_2xx_answer_and_says_what_it_got_otherwise() {
+    let data = tempfile::tempdir().unwrap();
+    let registry = KacheRegistry::start_with_internal(data.path(), &[] as &[&str]);
+    let ops = format!("http://{}", registry.metrics_addr());
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+
+    let ok = kache(&["health", "--url", &format!("{ops}/readyz")]);
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    assert!(text(&ok.stdout).contains("answered 200 OK"));
+
+    let not_found = kache(&["health", "--url", &format!("{ops}/nowhere")]);
+    assert!(!not_found.status.success());
+    assert!(
+        text(&not_found.stderr).contains("answered 404 Not Found"),
+        "{}",
+        text(&not_found.stderr)
+    );
+
+    // Nothing listens: refused at once.
+    let closed = free_addr();
+    let refused = kache(&["health", "--url", &format!("http://{closed}/readyz")]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("cannot be reached"),
+        "{}",
+        text(&refused.stderr)
+    );
+
+    // A listener that takes the connection (the kernel's backlog) and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung = kache(&[
+        "health",
+        "--timeout",
+        "1s",
+        "--url",
+        &format!("http://{}/readyz", silent.local_addr().unwrap()),
+    ]);
+    assert!(!hung.status.success());
+    assert!(
+        text(&hung.stderr).contains("did not answer within 1s"),
+        "{}",
+        text(&hung.stderr)
+    );
+
+    let tls = kache(&["health", "--url", "https://127.0.0.1:1/readyz"]);
+    assert!(!tls.status.success());
+    assert!(
+        text(&tls.stderr).contains("must be plain http://"),
+        "{}",
+        text(&tls.stderr)
+    );
+}

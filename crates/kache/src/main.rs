@@ -3,6 +3,7 @@
 
 mod certs;
 mod control;
+mod health;
 mod serve;
 
 use std::net::SocketAddr;
@@ -49,6 +50,8 @@ enum Command {
     Gc(GcArgs),
     /// Make a local CA and the webhook's serving certificate (clusters without cert-manager).
     Certs(certs::CertsArgs),
+    /// Exit 0 when a listener answers 2xx: the healthcheck of containers run by an engine.
+    Health(health::HealthArgs),
     /// Re-hash every blob in a (stopped) store and report what does not verify.
     Fsck {
         #[arg(long, env = "KACHE_DATA_DIR")]
@@ -460,6 +463,7 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Fsck { data_dir } => serve::fsck(&data_dir).await,
             Command::Certs(a) => certs::run(&a),
+            Command::Health(a) => health::run(&a).await,
         }
     })
 }
