@@ -8,6 +8,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod background;
+pub mod compose;
 pub mod containerd;
 pub mod distribution;
 pub mod faulty;
@@ -19,6 +20,7 @@ pub mod kube;
 pub mod metrics;
 pub mod node;
 pub mod pki;
+pub mod process;
 pub mod proxy;
 pub mod pull;
 pub mod registry;
