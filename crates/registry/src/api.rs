@@ -313,29 +313,7 @@ impl Registry {
     }
 
     async fn patch_upload(&self, repo: &RepoName, id: &Uuid, req: Request) -> Result<Response> {
-        let start = match req.headers().get(header::CONTENT_RANGE) {
-            None => None,
-            Some(v) => {
-                let (start, end) =
-                    v.to_str()
-                        .ok()
-                        .and_then(parse_content_range)
-                        .ok_or_else(|| {
-                            Error::new(
-                                Code::BlobUploadInvalid,
-                                format!("Content-Range {v:?} is not <start>-<end>"),
-                            )
-                        })?;
-                let declared = content_length(&req);
-                if declared.is_some_and(|l| l != end - start + 1) {
-                    return Err(Error::new(
-                        Code::BlobUploadInvalid,
-                        "Content-Range and Content-Length disagree",
-                    ));
-                }
-                Some(start)
-            }
-        };
+        let start = chunk_start(&req)?;
         if let Some(len) = content_length(&req) {
             self.inner.store.check_room(len)?;
         }
@@ -354,12 +332,13 @@ impl Registry {
                 "the digest query parameter is required to complete an upload",
             )
         })?;
+        let start = chunk_start(&req)?;
         if let Some(len) = content_length(&req) {
             self.inner.store.check_room(len)?;
         }
         self.inner
             .store
-            .complete_upload(repo, id, &d, self.body_stream(req))
+            .complete_upload(repo, id, start, &d, self.body_stream(req))
             .await?;
         Ok(blob_created(repo, &d))
     }
@@ -548,6 +527,31 @@ fn parse_range(h: &str, size: u64) -> RangeSpec {
         (false, Some(s), Some(e)) if e >= s => RangeSpec::Bytes(s, e.min(size - 1)),
         _ => RangeSpec::Ignore,
     }
+}
+
+/// Where a chunk (PATCH, or the closing PUT's last one) says it starts, from its
+/// `Content-Range`; the store refuses it unless that is the upload's offset.
+fn chunk_start(req: &Request) -> Result<Option<u64>> {
+    let Some(v) = req.headers().get(header::CONTENT_RANGE) else {
+        return Ok(None);
+    };
+    let (start, end) = v
+        .to_str()
+        .ok()
+        .and_then(parse_content_range)
+        .ok_or_else(|| {
+            Error::new(
+                Code::BlobUploadInvalid,
+                format!("Content-Range {v:?} is not <start>-<end>"),
+            )
+        })?;
+    if content_length(req).is_some_and(|l| l != end - start + 1) {
+        return Err(Error::new(
+            Code::BlobUploadInvalid,
+            "Content-Range and Content-Length disagree",
+        ));
+    }
+    Ok(Some(start))
 }
 
 /// `Content-Range: <start>-<end>` of an upload chunk (also accepts a `bytes ` prefix).

@@ -50,6 +50,7 @@ on_both_servers!(
     sha512_blobs,
     post_then_put_with_the_whole_body,
     chunked_upload_with_ranges_status_and_out_of_order_chunk,
+    closing_put_out_of_order_gets_416_and_keeps_the_session,
     cancelled_upload_is_gone,
     cross_repository_mount,
     manifests_by_tag_and_digest_with_blob_checks,
@@ -347,6 +348,53 @@ async fn chunked_upload_with_ranges_status_and_out_of_order_chunk(s: Server) {
     let r = s.req(Method::GET, &loc).await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
+}
+
+/// "If the final chunk is uploaded out of order, the registry MUST respond with a 416": the
+/// closing PUT's chunk is held to its Content-Range as a PATCH is, and the client keeps what it
+/// had uploaded.
+async fn closing_put_out_of_order_gets_416_and_keeps_the_session(s: Server) {
+    let r = s.req(Method::POST, "/v2/r/blobs/uploads/").await;
+    let loc = r.headers()["location"].to_str().unwrap().to_owned();
+    let r = s
+        .client
+        .patch(s.url(&loc))
+        .header("content-range", "0-4")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let close = |range: &'static str, body: &'static str| {
+        let d = Digest::sha256(format!("hello{body}").as_bytes());
+        s.client
+            .put(s.url(&format!("{loc}?digest={d}")))
+            .header("content-range", range)
+            .header("content-type", "application/octet-stream")
+            .body(body)
+            .send()
+    };
+
+    let r = close("10-14", "world").await.unwrap();
+    assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(r.headers()["range"], "0-4");
+    assert_eq!(error_code(r).await, "BLOB_UPLOAD_INVALID");
+    let r = s.req(Method::GET, &loc).await;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT, "the session is kept");
+    assert_eq!(r.headers()["range"], "0-4", "with what it had");
+
+    let r = close("5-9", "world").await.unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let d = Digest::sha256(b"helloworld");
+    assert_eq!(r.headers()["docker-content-digest"], d.to_string().as_str());
+    assert_eq!(
+        s.req(Method::GET, &format!("/v2/r/blobs/{d}"))
+            .await
+            .bytes()
+            .await
+            .unwrap(),
+        "helloworld"
+    );
 }
 
 async fn cancelled_upload_is_gone(s: Server) {

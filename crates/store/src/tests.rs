@@ -122,7 +122,7 @@ async fn chunked_upload_survives_restart_and_checks_offsets() {
     assert_eq!(store.upload_status(&r, &id).await.unwrap().offset, 6);
     let d = Digest::sha256(b"hello world");
     store
-        .complete_upload(&r, &id, &d, body(b"world"))
+        .complete_upload(&r, &id, None, &d, body(b"world"))
         .await
         .unwrap();
     assert_eq!(std::fs::read(store.blob_path(&d)).unwrap(), b"hello world");
@@ -144,14 +144,14 @@ async fn sha512_upload_and_wrong_digest_ends_session() {
     let s = store.start_upload(&r).await.unwrap();
     let d = Digest::compute(Algorithm::Sha512, b"abc");
     store
-        .complete_upload(&r, &s.id, &d, body(b"abc"))
+        .complete_upload(&r, &s.id, None, &d, body(b"abc"))
         .await
         .unwrap();
     assert_eq!(store.stat_blob(&r, &d).unwrap(), Some(3));
 
     let s = store.start_upload(&r).await.unwrap();
     let err = store
-        .complete_upload(&r, &s.id, &Digest::sha256(b"no"), body(b"abc"))
+        .complete_upload(&r, &s.id, None, &Digest::sha256(b"no"), body(b"abc"))
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::DigestMismatch { .. }));

@@ -112,13 +112,33 @@ impl Store {
             .clone())
     }
 
-    /// The offset of an upload.
-    pub async fn upload_status(&self, repo: &RepoName, id: &Uuid) -> Result<UploadStatus> {
-        let s = self.session(repo, id).await?;
-        let live = s.lock().await;
+    /// The session's lock, held, once the session is known to be open and, when the client
+    /// says where its bytes start (`Content-Range`), to continue exactly where the upload is:
+    /// anything else is refused before a byte is written, and the session stays as it was.
+    async fn open_session(
+        &self,
+        repo: &RepoName,
+        id: &Uuid,
+        start: Option<u64>,
+    ) -> Result<tokio::sync::OwnedMutexGuard<Live>> {
+        let live = self.session(repo, id).await?.lock_owned().await;
         if live.finished {
             return Err(StoreError::UploadUnknown);
         }
+        if let Some(start) = start
+            && start != live.len
+        {
+            return Err(StoreError::RangeInvalid {
+                expected: live.len,
+                got: start,
+            });
+        }
+        Ok(live)
+    }
+
+    /// The offset of an upload.
+    pub async fn upload_status(&self, repo: &RepoName, id: &Uuid) -> Result<UploadStatus> {
+        let live = self.open_session(repo, id, None).await?;
         Ok(UploadStatus {
             id: *id,
             offset: live.len,
@@ -137,19 +157,7 @@ impl Store {
         S: Stream<Item = std::result::Result<Bytes, E>>,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let s = self.session(repo, id).await?;
-        let mut live = s.lock().await;
-        if live.finished {
-            return Err(StoreError::UploadUnknown);
-        }
-        if let Some(start) = start
-            && start != live.len
-        {
-            return Err(StoreError::RangeInvalid {
-                expected: live.len,
-                got: start,
-            });
-        }
+        let mut live = self.open_session(repo, id, start).await?;
         let res = self.append_locked(id, &mut live, body).await;
         if res.is_err() {
             // The file may hold part of a chunk the hash has not seen: trust the file.
@@ -210,11 +218,14 @@ impl Store {
     }
 
     /// Completes an upload with an optional last chunk: verifies `digest`, installs the blob
-    /// and links it into `repo`. A wrong digest ends the session and keeps nothing.
+    /// and links it into `repo`. A wrong digest ends the session and keeps nothing. `start`, from
+    /// `Content-Range`, must equal the current offset, as for a chunk: a last chunk out of order
+    /// is refused and the session kept.
     pub async fn complete_upload<S, E>(
         &self,
         repo: &RepoName,
         id: &Uuid,
+        start: Option<u64>,
         digest: &Digest,
         body: S,
     ) -> Result<u64>
@@ -222,11 +233,7 @@ impl Store {
         S: Stream<Item = std::result::Result<Bytes, E>>,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let s = self.session(repo, id).await?;
-        let mut live = s.lock().await;
-        if live.finished {
-            return Err(StoreError::UploadUnknown);
-        }
+        let mut live = self.open_session(repo, id, start).await?;
         if let Err(e) = self.append_locked(id, &mut live, body).await {
             live.hasher = None;
             return Err(e);
@@ -272,11 +279,7 @@ impl Store {
 
     /// Abandons an upload and removes its bytes.
     pub async fn cancel_upload(&self, repo: &RepoName, id: &Uuid) -> Result<()> {
-        let s = self.session(repo, id).await?;
-        let mut live = s.lock().await;
-        if live.finished {
-            return Err(StoreError::UploadUnknown);
-        }
+        let mut live = self.open_session(repo, id, None).await?;
         live.finished = true;
         self.uploads
             .live
