@@ -62,11 +62,34 @@ impl From<crate::DigestError> for RouteError {
     }
 }
 
+/// Whether a request reads (GET, HEAD) or writes: a path some reads find nothing at is invalid
+/// to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intent {
+    Read,
+    Write,
+}
+
+impl Intent {
+    /// The access of an HTTP method.
+    pub fn of(method: &str) -> Intent {
+        match method {
+            "GET" | "HEAD" => Intent::Read,
+            _ => Intent::Write,
+        }
+    }
+}
+
 impl RouteError {
     /// The spec's code for this error (the status is [`RouteError::status`]).
-    pub fn code(&self) -> ErrorCode {
+    pub fn code(&self, intent: Intent) -> ErrorCode {
         match self {
             RouteError::NotFound(_) => ErrorCode::Unsupported,
+            // A tag that cannot exist names no manifest: a read finds nothing (404, the answer
+            // the manifest endpoint documents, as other registries give), a write is invalid.
+            RouteError::Name(NameError::InvalidTag(_)) if intent == Intent::Read => {
+                ErrorCode::ManifestUnknown
+            }
             RouteError::Name(NameError::InvalidTag(_)) => ErrorCode::ManifestInvalid,
             RouteError::Name(NameError::Digest(_)) => ErrorCode::DigestInvalid,
             RouteError::Name(_) => ErrorCode::NameInvalid,
@@ -74,10 +97,10 @@ impl RouteError {
         }
     }
 
-    pub fn status(&self) -> u16 {
+    pub fn status(&self, intent: Intent) -> u16 {
         match self {
             RouteError::NotFound(_) => 404,
-            e => e.code().status(),
+            e => e.code(intent).status(),
         }
     }
 }
@@ -327,9 +350,23 @@ mod tests {
             ("/", ErrorCode::Unsupported),
         ] {
             match Route::parse(path) {
-                Err(e) => assert_eq!(e.code(), code, "{path}: {e}"),
+                Err(e) => assert_eq!(e.code(Intent::Write), code, "{path}: {e}"),
                 Ok(r) => panic!("{path} parsed as {r:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_tag_that_cannot_exist_is_unknown_to_a_read_and_invalid_to_a_write() {
+        let e = Route::parse("/v2/a/manifests/.INVALID_MANIFEST_NAME").unwrap_err();
+        assert_eq!(e.code(Intent::Read), ErrorCode::ManifestUnknown);
+        assert_eq!(e.status(Intent::Read), 404);
+        assert_eq!(e.code(Intent::Write), ErrorCode::ManifestInvalid);
+        assert_eq!(e.status(Intent::Write), 400);
+        // Other bad paths answer the same either way.
+        let e = Route::parse("/v2/a/manifests/sha256:..%2f..").unwrap_err();
+        assert_eq!(e.code(Intent::Read), e.code(Intent::Write));
+        assert_eq!(Intent::of("HEAD"), Intent::Read);
+        assert_eq!(Intent::of("DELETE"), Intent::Write);
     }
 }

@@ -24,7 +24,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use kache_oci::api::{ErrorCode, Route};
+use kache_oci::api::{ErrorCode, Intent, Route};
 use kache_oci::upstream::{Upstream, UpstreamError, UpstreamResponse};
 use kache_oci::{RepoName, split_cache_repository};
 
@@ -248,9 +248,10 @@ impl Pull {
         let route = match Route::parse(&path) {
             Ok(r) => r,
             Err(e) => {
+                // Only reads get this far.
                 return Err(Box::new(error(
-                    StatusCode::from_u16(e.status()).unwrap_or(StatusCode::NOT_FOUND),
-                    e.code(),
+                    StatusCode::from_u16(e.status(Intent::Read)).unwrap_or(StatusCode::NOT_FOUND),
+                    e.code(Intent::Read),
                     e,
                 )));
             }

@@ -2,7 +2,7 @@
 
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use kache_oci::api::RouteError;
+use kache_oci::api::{Intent, RouteError};
 use kache_oci::{DigestError, NameError};
 use kache_store::StoreError;
 use serde_json::{Value, json};
@@ -112,10 +112,11 @@ impl From<NameError> for Error {
     }
 }
 
-impl From<RouteError> for Error {
-    fn from(e: RouteError) -> Self {
-        Error::new(e.code(), e.to_string())
-            .status(StatusCode::from_u16(e.status()).unwrap_or(StatusCode::NOT_FOUND))
+impl Error {
+    /// The answer to a request whose path names no endpoint, for its access.
+    pub fn route(e: RouteError, intent: Intent) -> Self {
+        Error::new(e.code(intent), e.to_string())
+            .status(StatusCode::from_u16(e.status(intent)).unwrap_or(StatusCode::NOT_FOUND))
     }
 }
 

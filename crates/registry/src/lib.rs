@@ -19,7 +19,7 @@ use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
-use kache_oci::api::Route;
+use kache_oci::api::{Intent, Route};
 use kache_oci::upstream::Upstream;
 use kache_store::Store;
 use kache_wire::{GC_PATH, IMAGES_PATH};
@@ -247,7 +247,7 @@ async fn handle(State(ep): State<Endpoint>, req: Request) -> Response {
                 .unwrap_or_else(IntoResponse::into_response),
         ),
         Ok(()) => match Route::parse(&path)
-            .map_err(Error::from)
+            .map_err(|e| Error::route(e, Intent::of(method.as_str())))
             .and_then(|r| reg.mirror(r, &req))
         {
             Ok(route) => {
