@@ -94,7 +94,8 @@ fn metrics_count_requests_bytes_and_store_size() {
 #[test]
 fn dev_serves_from_kache_data_in_the_working_directory_with_json_logs() {
     let cwd = tempfile::tempdir().unwrap();
-    let (listen, metrics) = (free_addr(), free_addr());
+    // Every port its own: a kache proxy (or anything) on this machine's 7439 changes nothing.
+    let (listen, proxy, metrics) = (free_addr(), free_addr(), free_addr());
     let log = cwd.path().join("log");
     let mut child = Command::new(env!("CARGO_BIN_EXE_kache"))
         .args([
@@ -103,6 +104,8 @@ fn dev_serves_from_kache_data_in_the_working_directory_with_json_logs() {
             "dev",
             "--listen",
             &listen,
+            "--proxy-listen",
+            &proxy,
             "--metrics-listen",
             &metrics,
         ])
@@ -119,6 +122,8 @@ fn dev_serves_from_kache_data_in_the_working_directory_with_json_logs() {
         br#"{"schemaVersion":2,"manifests":[]}"#,
     );
     assert_eq!(r.status, 201, "{}", r.text());
+    // The proxy in front of it serves the same registry.
+    wait_for(&format!("http://{proxy}/v2/"));
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(cwd.path().join("kache-data/index.redb").exists());
@@ -129,7 +134,7 @@ fn dev_serves_from_kache_data_in_the_working_directory_with_json_logs() {
     assert!(
         v["fields"]["message"]
             .as_str()
-            .is_some_and(|m| m.contains("kache dev")),
+            .is_some_and(|m| m.contains("kache dev") && m.contains(&proxy)),
         "{first}"
     );
 }
