@@ -154,7 +154,7 @@ async fn apply(ci: &CachedImage, ctx: &Context) -> Result<Action, Error> {
         }
         match warm(ci, ctx, &platforms).await {
             Ok(w) => {
-                status.digest = Some(w.digest.clone());
+                status.digest = Some(w.digest.to_string());
                 status.size = Some(i64::try_from(w.bytes).unwrap_or(i64::MAX));
                 status.platforms = w.cached_platforms(&platforms);
                 status.last_sync = Some(Time(now));
@@ -245,7 +245,7 @@ async fn warm(
     ci: &CachedImage,
     ctx: &Context,
     platforms: &[String],
-) -> Result<crate::registry::Warmed, String> {
+) -> Result<kache_wire::WarmResponse, String> {
     let mut configs = Vec::new();
     for r in &ci.spec.pull_secrets {
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &r.namespace);

@@ -4,57 +4,11 @@
 use std::time::Duration;
 
 use kache_oci::ImageReference;
-use kache_wire::{GC_PATH, GcReport, IMAGES_PATH, KeptImage, KeptImages};
+use kache_wire::{
+    GC_PATH, GcReport, IMAGES_PATH, KeptImage, KeptImages, WARM_PATH, WarmCredentials, WarmRequest,
+    WarmResponse,
+};
 use serde::Deserialize;
-
-/// The registry's answer to a warm call (the fields the controller uses).
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct Warmed {
-    pub digest: String,
-    pub bytes: u64,
-    pub platforms: Vec<WarmedPlatform>,
-}
-
-/// One platform of a warm call.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-pub struct WarmedPlatform {
-    pub platform: String,
-    /// `cached`, `absent` or `failed`.
-    pub status: String,
-    #[serde(default)]
-    pub message: Option<String>,
-}
-
-impl Warmed {
-    /// The platforms of `requested` the cache now serves. A single-platform image (the registry
-    /// reports its one manifest without a platform) is what every node pulls, so it serves them
-    /// all.
-    pub fn cached_platforms(&self, requested: &[String]) -> Vec<String> {
-        let cached = self.platforms.iter().filter(|p| p.status == "cached");
-        if cached.clone().any(|p| p.platform.is_empty()) {
-            return requested.to_vec();
-        }
-        cached.map(|p| p.platform.clone()).collect()
-    }
-
-    /// Why some platform failed, if one did.
-    pub fn failure(&self) -> Option<String> {
-        let failed: Vec<_> = self
-            .platforms
-            .iter()
-            .filter(|p| p.status == "failed")
-            .map(|p| {
-                format!(
-                    "{}: {}",
-                    p.platform,
-                    p.message.as_deref().unwrap_or("failed")
-                )
-            })
-            .collect();
-        (!failed.is_empty()).then(|| failed.join("; "))
-    }
-}
 
 /// A client of the registry's write API.
 #[derive(Debug, Clone)]
@@ -94,14 +48,16 @@ impl RegistryClient {
         image: &str,
         platforms: &[String],
         credentials: Option<(String, String)>,
-    ) -> Result<Warmed, String> {
-        let mut body = serde_json::json!({"image": image, "platforms": platforms});
-        if let Some((username, password)) = credentials {
-            body["credentials"] = serde_json::json!({"username": username, "password": password});
-        }
+    ) -> Result<WarmResponse, String> {
+        let body = WarmRequest {
+            image: image.to_owned(),
+            platforms: platforms.to_vec(),
+            credentials: credentials
+                .map(|(username, password)| WarmCredentials { username, password }),
+        };
         let req = self
             .http
-            .post(format!("{}/kache/v1/warm", self.base))
+            .post(format!("{}{WARM_PATH}", self.base))
             .json(&body);
         self.json(req).await
     }
@@ -221,27 +177,5 @@ mod tests {
             error_message(502, "bad gateway\n"),
             "registry answered 502: bad gateway"
         );
-    }
-
-    #[test]
-    fn failed_platforms_are_reported() {
-        let w: Warmed = serde_json::from_value(serde_json::json!({
-            "digest": "sha256:00", "bytes": 10,
-            "platforms": [
-                {"platform": "linux/amd64", "status": "cached"},
-                {"platform": "linux/s390x", "status": "absent"},
-                {"platform": "linux/arm64", "status": "failed", "message": "timeout"}
-            ]
-        }))
-        .unwrap();
-        assert_eq!(w.cached_platforms(&[]), ["linux/amd64"]);
-        let single: Warmed = serde_json::from_value(serde_json::json!({
-            "digest": "sha256:00", "bytes": 10,
-            "platforms": [{"platform": "", "status": "cached"}]
-        }))
-        .unwrap();
-        let nodes = ["linux/amd64".to_owned(), "linux/arm64".to_owned()];
-        assert_eq!(single.cached_platforms(&nodes), nodes);
-        assert_eq!(w.failure().as_deref(), Some("linux/arm64: timeout"));
     }
 }

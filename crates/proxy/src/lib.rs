@@ -27,6 +27,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use kache_oci::api::{ErrorCode, Intent, Route};
 use kache_oci::upstream::{Upstream, UpstreamError, UpstreamResponse};
 use kache_oci::{RepoName, split_cache_repository};
+use kache_wire::{CACHE_HEADER, CacheOutcome};
 
 pub use metrics::ProxyMetrics;
 
@@ -41,7 +42,7 @@ const PASSED_HEADERS: [&str; 10] = [
     "etag",
     "retry-after",
     "www-authenticate",
-    "x-kache-cache",
+    CACHE_HEADER,
 ];
 
 /// Request headers worth forwarding.
@@ -283,14 +284,13 @@ impl Pull {
     }
 }
 
-/// The metrics' name for how the registry served an answer, from its `x-kache-cache`.
+/// The metrics' name for how the registry served an answer, from its [`CACHE_HEADER`]
+/// (`registry` when it says nothing: an error, an upload, a plain repository).
 pub(crate) fn cache_result(headers: &HeaderMap) -> &'static str {
-    match headers.get("x-kache-cache").and_then(|v| v.to_str().ok()) {
-        Some("hit") => "hit",
-        Some("miss") => "miss",
-        Some("stale") => "stale",
-        _ => "registry",
-    }
+    headers
+        .get(CACHE_HEADER)
+        .and_then(|v| CacheOutcome::parse(v.to_str().ok()?))
+        .map_or("registry", CacheOutcome::as_str)
 }
 
 async fn handle(State(p): State<Proxy>, req: Request) -> Response {

@@ -14,16 +14,13 @@ use kache_http::SendFile;
 use kache_oci::api::Route;
 use kache_oci::{Descriptor, Digest, ParsedManifest, Reference, RepoName, media_type};
 use kache_store::MAX_MANIFEST_SIZE;
+use kache_wire::{CACHE_HEADER, CacheOutcome, WarmRequest};
 use serde_json::json;
 use uuid::Uuid;
 
 use crate::Registry;
 use crate::error::{Code, Error, Result, range_header};
-use crate::pull::{CacheOutcome, Origin, PullThrough};
-use crate::warm::WarmRequest;
-
-/// How a pull-through request was answered: `hit`, `miss` or `stale` (the node proxy counts it).
-pub const X_KACHE_CACHE: &str = "x-kache-cache";
+use crate::pull::{Origin, PullThrough};
 
 const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
 const DOCKER_UPLOAD_UUID: &str = "docker-upload-uuid";
@@ -238,7 +235,10 @@ impl Registry {
             // (RFC 9110 allows it).
             let flight = pull.blob(store, repo, &origin, digest, None).await?;
             self.count_cache("blob", CacheOutcome::Miss);
-            h.insert(X_KACHE_CACHE, HeaderValue::from_static("miss"));
+            h.insert(
+                CACHE_HEADER,
+                HeaderValue::from_static(CacheOutcome::Miss.as_str()),
+            );
             if let Some(size) = flight.size {
                 h.insert(header::CONTENT_LENGTH, hv(size.to_string()));
             }
@@ -250,7 +250,10 @@ impl Registry {
         };
         if origin.is_some() {
             self.count_cache("blob", CacheOutcome::Hit);
-            h.insert(X_KACHE_CACHE, HeaderValue::from_static("hit"));
+            h.insert(
+                CACHE_HEADER,
+                HeaderValue::from_static(CacheOutcome::Hit.as_str()),
+            );
         }
         h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
         let Some(file) = file else {
@@ -357,7 +360,7 @@ impl Registry {
             Some((pull, origin)) => {
                 let (m, outcome) = pull.manifest(store, repo, &origin, reference, None).await?;
                 self.count_cache("manifest", outcome);
-                h.insert(X_KACHE_CACHE, HeaderValue::from_static(outcome.as_str()));
+                h.insert(CACHE_HEADER, HeaderValue::from_static(outcome.as_str()));
                 m
             }
             None => store.get_manifest(repo, reference).await?,

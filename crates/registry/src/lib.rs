@@ -22,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use kache_oci::api::{Intent, Route};
 use kache_oci::upstream::Upstream;
 use kache_store::Store;
-use kache_wire::{GC_PATH, IMAGES_PATH};
+use kache_wire::{GC_PATH, IMAGES_PATH, WARM_PATH};
 
 pub use gc::{Collector, GcConfig, Schedule, Trigger};
 pub use metrics::Metrics;
@@ -44,9 +44,6 @@ pub async fn serve(
         .serve(listener, shutdown)
         .await
 }
-
-/// Path of the warm call (outside `/v2/`: it is not part of the Distribution API).
-pub const WARM_PATH: &str = "/kache/v1/warm";
 
 /// The registry service: a store, its metrics and optional pull-through; cheap to clone.
 #[derive(Clone, Debug)]

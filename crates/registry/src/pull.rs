@@ -22,29 +22,10 @@ use kache_store::{
     FetchError, FetchFailure, FlightStream, MAX_MANIFEST_SIZE, Manifest, Source, Store, StoreError,
 };
 
+use kache_wire::CacheOutcome;
+
 use crate::Metrics;
 use crate::error::{Code, Error};
-
-/// How a manifest request was answered, reported in `X-Kache-Cache` and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheOutcome {
-    /// From the store, fresh (or by digest).
-    Hit,
-    /// Fetched from upstream now.
-    Miss,
-    /// From the store after the upstream failed to re-validate it.
-    Stale,
-}
-
-impl CacheOutcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CacheOutcome::Hit => "hit",
-            CacheOutcome::Miss => "miss",
-            CacheOutcome::Stale => "stale",
-        }
-    }
-}
 
 /// Where a cached repository comes from.
 #[derive(Debug, Clone)]

@@ -6,67 +6,11 @@ use kache_oci::manifest::Platform;
 use kache_oci::reference::ImageReference;
 use kache_oci::upstream::Credentials;
 use kache_oci::{Digest, ParsedManifest, Reference, RepoName};
-use serde::{Deserialize, Serialize};
+use kache_wire::{PlatformResult, PlatformStatus, WarmRequest, WarmResponse};
 
 use crate::Registry;
 use crate::error::{Code, Error, Result};
 use crate::pull::{Origin, PullThrough};
-
-/// `POST /kache/v1/warm`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WarmRequest {
-    /// Any image reference (`nginx:1.27`, `ghcr.io/o/a@sha256:...`); normalised as Docker does.
-    pub image: String,
-    /// `os/arch[/variant]`; `linux/amd64` when empty. Ignored for single-platform images.
-    #[serde(default)]
-    pub platforms: Vec<String>,
-    #[serde(default)]
-    pub credentials: Option<WarmCredentials>,
-}
-
-/// Registry credentials for this fetch only.
-#[derive(Deserialize)]
-pub struct WarmCredentials {
-    pub username: String,
-    pub password: String,
-}
-
-impl std::fmt::Debug for WarmCredentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WarmCredentials")
-            .field("username", &self.username)
-            .finish_non_exhaustive()
-    }
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct WarmResponse {
-    /// The normalised reference.
-    pub image: String,
-    /// The cache repository it is stored under.
-    pub repository: String,
-    /// Digest of the manifest or index the reference resolved to.
-    pub digest: Digest,
-    pub media_type: String,
-    /// Bytes of every manifest and blob of the warmed platforms.
-    pub bytes: u64,
-    pub platforms: Vec<PlatformResult>,
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct PlatformResult {
-    pub platform: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub digest: Option<Digest>,
-    pub bytes: u64,
-    /// `cached`, `absent` (the image has no such platform) or `failed`.
-    pub status: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
-}
 
 /// Whether an index entry's platform is the one asked for (`arm64` and `arm64/v8` are one).
 fn matches(entry: &Platform, want: &str) -> bool {
@@ -133,7 +77,7 @@ impl Registry {
                         platform: want,
                         digest: None,
                         bytes: 0,
-                        status: "absent".into(),
+                        status: PlatformStatus::Absent,
                         message: Some("the index has no manifest for this platform".into()),
                     });
                     continue;
@@ -223,7 +167,7 @@ fn result(platform: String, digest: Digest, r: Result<u64>, total: &mut u64) -> 
                 platform,
                 digest: Some(digest),
                 bytes: n,
-                status: "cached".into(),
+                status: PlatformStatus::Cached,
                 message: None,
             }
         }
@@ -231,7 +175,7 @@ fn result(platform: String, digest: Digest, r: Result<u64>, total: &mut u64) -> 
             platform,
             digest: Some(digest),
             bytes: 0,
-            status: "failed".into(),
+            status: PlatformStatus::Failed,
             message: Some(e.message),
         },
     }

@@ -1,7 +1,151 @@
-//! The contracts between kache's processes: routes kache adds beside the Distribution API, and
-//! the bodies they carry. Both sides use these types, so neither can drift from the other.
+//! The contracts between kache's processes: routes kache adds beside the Distribution API, the
+//! bodies they carry, and the header the registry adds to its Distribution answers. Both sides
+//! use these types, so neither can drift from the other.
 
+use kache_oci::Digest;
 use serde::{Deserialize, Serialize};
+
+/// Caches an image (`POST`, a [`WarmRequest`]; the answer is a [`WarmResponse`]), on the
+/// registry's internal listener: what the controller asks for each CachedImage.
+pub const WARM_PATH: &str = "/kache/v1/warm";
+
+/// The registry's header on a manifest or blob it served: how the cache answered
+/// ([`CacheOutcome`]). The node proxy counts it in its metrics and passes it on.
+pub const CACHE_HEADER: &str = "x-kache-cache";
+
+/// How the cache answered a pull, in [`CACHE_HEADER`] and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheOutcome {
+    /// From the store, fresh (or by digest).
+    Hit,
+    /// Fetched from upstream now.
+    Miss,
+    /// From the store after the upstream failed to re-validate it.
+    Stale,
+}
+
+impl CacheOutcome {
+    /// The header's value (and the metrics' label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheOutcome::Hit => "hit",
+            CacheOutcome::Miss => "miss",
+            CacheOutcome::Stale => "stale",
+        }
+    }
+
+    /// Reads the header's value; `None` for anything else.
+    pub fn parse(value: &str) -> Option<CacheOutcome> {
+        [CacheOutcome::Hit, CacheOutcome::Miss, CacheOutcome::Stale]
+            .into_iter()
+            .find(|o| o.as_str() == value)
+    }
+}
+
+/// The body of a warm call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmRequest {
+    /// Any image reference (`nginx:1.27`, `ghcr.io/o/a@sha256:...`); normalised as Docker does.
+    pub image: String,
+    /// `os/arch[/variant]`; `linux/amd64` when empty. Ignored for single-platform images.
+    #[serde(default)]
+    pub platforms: Vec<String>,
+    /// Credentials for the image's registry, for this fetch only: never stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<WarmCredentials>,
+}
+
+/// Registry credentials for one warm call.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmCredentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for WarmCredentials {
+    /// Never the password: requests are logged.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WarmCredentials")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The answer to a warm call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmResponse {
+    /// The normalised reference.
+    pub image: String,
+    /// The cache repository it is stored under.
+    pub repository: String,
+    /// Digest of the manifest or index the reference resolved to.
+    pub digest: Digest,
+    pub media_type: String,
+    /// Bytes of every manifest and blob of the warmed platforms.
+    pub bytes: u64,
+    pub platforms: Vec<PlatformResult>,
+}
+
+/// One platform of a warm call. A single-platform image is reported as one result with an
+/// empty `platform`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlatformResult {
+    pub platform: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<Digest>,
+    pub bytes: u64,
+    pub status: PlatformStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// What became of one platform of a warm call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlatformStatus {
+    /// The cache serves it.
+    Cached,
+    /// The image has no such platform.
+    Absent,
+    /// It could not be cached (`message` says why).
+    Failed,
+}
+
+impl WarmResponse {
+    /// The platforms of `requested` the cache now serves. A single-platform image (reported
+    /// without a platform) is what every node pulls, so it serves them all.
+    pub fn cached_platforms(&self, requested: &[String]) -> Vec<String> {
+        let cached = self
+            .platforms
+            .iter()
+            .filter(|p| p.status == PlatformStatus::Cached);
+        if cached.clone().any(|p| p.platform.is_empty()) {
+            return requested.to_vec();
+        }
+        cached.map(|p| p.platform.clone()).collect()
+    }
+
+    /// Why some platform failed, if one did.
+    pub fn failure(&self) -> Option<String> {
+        let failed: Vec<_> = self
+            .platforms
+            .iter()
+            .filter(|p| p.status == PlatformStatus::Failed)
+            .map(|p| {
+                format!(
+                    "{}: {}",
+                    p.platform,
+                    p.message.as_deref().unwrap_or("failed")
+                )
+            })
+            .collect();
+        (!failed.is_empty()).then(|| failed.join("; "))
+    }
+}
 
 /// Runs a garbage collection (`POST`, `?dryRun=true` to decide without removing) or reads the
 /// last report (`GET`), on the registry's internal listener.
@@ -70,6 +214,71 @@ pub struct GcReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_outcomes_read_back_what_they_write() {
+        for o in [CacheOutcome::Hit, CacheOutcome::Miss, CacheOutcome::Stale] {
+            assert_eq!(CacheOutcome::parse(o.as_str()), Some(o));
+        }
+        assert_eq!(CacheOutcome::parse("HIT"), None);
+        assert_eq!(CacheOutcome::parse(""), None);
+    }
+
+    #[test]
+    fn warm_calls_round_trip_and_never_show_a_password() {
+        let req = WarmRequest {
+            image: "nginx:1.27".into(),
+            platforms: vec!["linux/arm64".into()],
+            credentials: Some(WarmCredentials {
+                username: "u".into(),
+                password: "hunter2".into(),
+            }),
+        };
+        let json = serde_json::to_string(&req).unwrap();
+        assert_eq!(serde_json::from_str::<WarmRequest>(&json).unwrap(), req);
+        assert!(!format!("{req:?}").contains("hunter2"));
+        assert!(serde_json::from_str::<WarmRequest>(r#"{"image":"a","extra":1}"#).is_err());
+        let bare: WarmRequest = serde_json::from_str(r#"{"image":"a"}"#).unwrap();
+        assert!(bare.platforms.is_empty() && bare.credentials.is_none());
+    }
+
+    fn answer(platforms: &[(&str, PlatformStatus)]) -> WarmResponse {
+        WarmResponse {
+            image: "docker.io/library/a:1".into(),
+            repository: "docker.io/library/a".into(),
+            digest: Digest::sha256(b"index"),
+            media_type: "application/vnd.oci.image.index.v1+json".into(),
+            bytes: 1,
+            platforms: platforms
+                .iter()
+                .map(|(p, status)| PlatformResult {
+                    platform: (*p).into(),
+                    digest: None,
+                    bytes: 0,
+                    status: *status,
+                    message: (*status == PlatformStatus::Failed).then(|| "boom".into()),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn warm_answers_say_which_platforms_are_served() {
+        let want = vec!["linux/amd64".to_owned(), "linux/arm64".to_owned()];
+        let multi = answer(&[
+            ("linux/amd64", PlatformStatus::Cached),
+            ("linux/arm64", PlatformStatus::Failed),
+        ]);
+        assert_eq!(multi.cached_platforms(&want), ["linux/amd64"]);
+        assert_eq!(multi.failure().as_deref(), Some("linux/arm64: boom"));
+        let json = serde_json::to_value(&multi).unwrap();
+        assert_eq!(json["platforms"][1]["status"], "failed");
+        assert_eq!(serde_json::from_value::<WarmResponse>(json).unwrap(), multi);
+        // One manifest, no platform: every node pulls it.
+        let single = answer(&[("", PlatformStatus::Cached)]);
+        assert_eq!(single.cached_platforms(&want), want);
+        assert_eq!(single.failure(), None);
+    }
 
     #[test]
     fn reports_round_trip_and_read_older_ones() {
