@@ -1,4 +1,5 @@
-//! The `kache.io` Kubernetes API: the cluster-scoped `CachedImage` resource.
+//! The `kache.io` Kubernetes API: the cluster-scoped `CachedImage` resource, and the marks
+//! kache puts on pods ([`pod_marks`]).
 //!
 //! One CachedImage stands for one source image (a normalised reference such as
 //! `docker.io/library/nginx:1.27`). The controller creates them for the images pods and workloads
@@ -7,6 +8,7 @@
 //! `api/` and in the chart cannot say something the code does not.
 
 mod name;
+pub mod pod_marks;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::CustomResource;

@@ -64,7 +64,7 @@ pub fn pod_is_live(pod: &Pod) -> bool {
 
 /// The normalised original images of a pod the webhook rewrote.
 pub fn pod_images(pod: &Pod) -> BTreeSet<String> {
-    kache_webhook::rules::original_images(pod)
+    kache_api::pod_marks::original_images(pod)
         .into_iter()
         .filter_map(|(_, _, image)| normalise(&image))
         .collect()

@@ -207,7 +207,7 @@ async fn expire(
 ) -> Result<Option<Action>, Error> {
     let pods: Api<Pod> = Api::all(ctx.client.clone());
     let live = pods
-        .list(&ListParams::default().labels(kache_webhook::rules::MANAGED_LABEL))
+        .list(&ListParams::default().labels(kache_api::pod_marks::MANAGED_LABEL))
         .await?;
     if !decide::users(&ci.spec.source_image, &live.items).is_empty() {
         // The cache was behind: the next pod event reconciles again with the truth.

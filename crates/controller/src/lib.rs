@@ -156,7 +156,7 @@ async fn run_controllers(
     let (node_store, node_writer) = reflector::store::<Node>();
     let pods = watcher(
         Api::<Pod>::all(client.clone()),
-        watcher::Config::default().labels(kache_webhook::rules::MANAGED_LABEL),
+        watcher::Config::default().labels(kache_api::pod_marks::MANAGED_LABEL),
     )
     .default_backoff()
     .reflect(pod_writer)

@@ -113,9 +113,9 @@ pub fn workload_images(kind: WorkloadKind, obj: &DynamicObject) -> Vec<String> {
         return Vec::new();
     };
     if labels
-        .get(kache_webhook::rules::POLICY_LABEL)
+        .get(kache_api::pod_marks::POLICY_LABEL)
         .and_then(|v| v.as_str())
-        == Some(kache_webhook::rules::POLICY_IGNORE)
+        == Some(kache_api::pod_marks::POLICY_IGNORE)
     {
         return Vec::new();
     }

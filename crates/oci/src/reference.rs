@@ -68,6 +68,21 @@ impl ImageReference {
             .expect("a parsed image reference always names a valid cache repository")
     }
 
+    /// This image's `:tag` and `@digest`, as written, after another name:
+    /// `localhost:7439/docker.io/library/nginx` → `localhost:7439/docker.io/library/nginx:1.27`.
+    pub fn renamed(&self, name: &str) -> String {
+        let mut out = name.to_owned();
+        if let Some(t) = &self.tag {
+            out.push(':');
+            out.push_str(t.as_str());
+        }
+        if let Some(d) = &self.digest {
+            out.push('@');
+            out.push_str(&d.to_string());
+        }
+        out
+    }
+
     /// What to ask the registry for: the digest when there is one, else the tag.
     pub fn reference(&self) -> Reference {
         match (&self.digest, &self.tag) {
@@ -230,14 +245,7 @@ impl FromStr for ImageReference {
 
 impl fmt::Display for ImageReference {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.registry, self.repository)?;
-        if let Some(t) = &self.tag {
-            write!(f, ":{t}")?;
-        }
-        if let Some(d) = &self.digest {
-            write!(f, "@{d}")?;
-        }
-        Ok(())
+        f.write_str(&self.renamed(&format!("{}/{}", self.registry, self.repository)))
     }
 }
 

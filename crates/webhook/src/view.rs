@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-use crate::rules::{ContainerKind, MANAGED_LABEL, ORIGINAL_IMAGE_PREFIX, POLICY_LABEL};
+use kache_api::pod_marks::{ContainerKind, MANAGED_LABEL, ORIGINAL_IMAGE_PREFIX, POLICY_LABEL};
 
 /// A pod as the rules read it.
 #[derive(Debug, Default)]
