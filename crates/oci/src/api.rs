@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use crate::{Digest, NameError, Reference, RepoName};
+use crate::{Digest, NameError, Reference, RepoName, mirror_repository};
 
 /// An upload session id: a UUID as the registry issues them, kept as its canonical text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -54,6 +54,10 @@ pub enum RouteError {
     Name(#[from] NameError),
     #[error("{0:?} is not an upload id")]
     UploadUnknown(String),
+    /// A registry-mirror request whose `ns` names no registry, or no image with the path's
+    /// repository.
+    #[error("ns={ns:?}: {reason}")]
+    Mirror { ns: String, reason: String },
 }
 
 impl From<crate::DigestError> for RouteError {
@@ -92,7 +96,7 @@ impl RouteError {
             }
             RouteError::Name(NameError::InvalidTag(_)) => ErrorCode::ManifestInvalid,
             RouteError::Name(NameError::Digest(_)) => ErrorCode::DigestInvalid,
-            RouteError::Name(_) => ErrorCode::NameInvalid,
+            RouteError::Name(_) | RouteError::Mirror { .. } => ErrorCode::NameInvalid,
             RouteError::UploadUnknown(_) => ErrorCode::BlobUploadUnknown,
         }
     }
@@ -156,6 +160,27 @@ impl Route {
         })
     }
 
+    /// Routes a request from its raw path and query. containerd's registry-mirror requests
+    /// (`/v2/library/nginx/...?ns=docker.io`, the `ns` percent-encoded: `ns=reg%3A5000`) are
+    /// about the cache repository of that registry's image (`docker.io/library/nginx`), the name
+    /// the webhook's rewrite uses: the route is that repository's.
+    pub fn parse_request(path: &str, query: Option<&str>) -> Result<Route, RouteError> {
+        let route = Route::parse(path)?;
+        let Some((raw, ns)) = query.and_then(|q| query_param(q, "ns")) else {
+            return Ok(route);
+        };
+        let ns = ns.ok_or_else(|| RouteError::Mirror {
+            ns: raw.to_owned(),
+            reason: "not percent-encoded UTF-8".to_owned(),
+        })?;
+        route.map_repo(|repo| {
+            mirror_repository(&ns, &repo).map_err(|e| RouteError::Mirror {
+                ns: ns.clone(),
+                reason: format!("with {repo}: {e}"),
+            })
+        })
+    }
+
     /// Parses a raw (not percent-decoded) request path.
     pub fn parse(path: &str) -> Result<Route, RouteError> {
         let not_found = || RouteError::NotFound(path.to_owned());
@@ -195,6 +220,35 @@ impl Route {
         }
         Err(not_found())
     }
+}
+
+/// The first value of `key` in a query string, as written and decoded as a form value (`%XX`,
+/// `+` for a space); decoded is `None` when that is not valid percent-encoded UTF-8.
+fn query_param<'q>(query: &'q str, key: &str) -> Option<(&'q str, Option<String>)> {
+    let raw = query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))?;
+    let mut bytes = Vec::with_capacity(raw.len());
+    let mut rest = raw.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        rest = tail;
+        match b {
+            b'+' => bytes.push(b' '),
+            b'%' => {
+                let hex = rest
+                    .get(..2)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                let Some(byte) = hex else {
+                    return Some((raw, None));
+                };
+                bytes.push(byte);
+                rest = &rest[2..];
+            }
+            b => bytes.push(b),
+        }
+    }
+    Some((raw, String::from_utf8(bytes).ok()))
 }
 
 /// Some clients write the `:` of a digest as `%3A`; nothing else in a last segment may be
@@ -354,6 +408,38 @@ mod tests {
                 Ok(r) => panic!("{path} parsed as {r:?}"),
             }
         }
+    }
+
+    #[test]
+    fn mirror_requests_are_about_the_registry_s_cache_repository() {
+        let route = |q: &str| Route::parse_request("/v2/library/web/manifests/1.0", Some(q));
+        let repo = |r: Route| r.repo().unwrap().to_string();
+        assert_eq!(
+            repo(route("ns=docker.io").unwrap()),
+            "docker.io/library/web"
+        );
+        assert_eq!(
+            repo(route("x=1&ns=registry%3A5000").unwrap()),
+            "registry_5000/library/web"
+        );
+        assert_eq!(
+            repo(Route::parse_request("/v2/library/web/tags/list", None).unwrap()),
+            "library/web"
+        );
+        // No ns: the path's own repository, whatever else the query holds.
+        assert_eq!(repo(route("digest=sha256%3Aab").unwrap()), "library/web");
+        for bad in ["ns=", "ns=%zz", "ns=%FF", "ns=Not_A_Host!"] {
+            let e = route(bad).unwrap_err();
+            assert!(matches!(e, RouteError::Mirror { .. }), "{bad}: {e}");
+            assert_eq!(e.code(Intent::Read), ErrorCode::NameInvalid, "{bad}");
+        }
+        // The path is checked first: a bad path is that error, ns or not.
+        assert_eq!(
+            Route::parse_request("/v2/UPPER/manifests/1", Some("ns=docker.io"))
+                .unwrap_err()
+                .code(Intent::Read),
+            ErrorCode::NameInvalid
+        );
     }
 
     #[test]

@@ -25,8 +25,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use kache_oci::api::{ErrorCode, Intent, Route};
+use kache_oci::split_cache_repository;
 use kache_oci::upstream::{Upstream, UpstreamError, UpstreamResponse};
-use kache_oci::{RepoName, split_cache_repository};
 use kache_wire::{CACHE_HEADER, CacheOutcome};
 
 pub use metrics::ProxyMetrics;
@@ -190,19 +190,6 @@ fn upstream_error(e: &UpstreamError, unknown: ErrorCode) -> Response {
     resp
 }
 
-/// The cache repository a request is about: the path's, or for containerd's mirror requests
-/// (`?ns=<registry>`, percent-encoded: `ns=reg%3A5000`) the path's under that registry.
-fn cache_repository(route: &Route, uri: &http::Uri) -> Option<RepoName> {
-    let repo = route.repo()?;
-    let ns = axum::extract::Query::<std::collections::HashMap<String, String>>::try_from_uri(uri)
-        .ok()
-        .and_then(|q| q.0.get("ns").cloned());
-    match ns {
-        None => Some(repo.clone()),
-        Some(ns) => kache_oci::mirror_repository(&ns, repo).ok(),
-    }
-}
-
 /// What a pull asks for, once checked: everything the registry and the fallback need, with
 /// nothing of the client's request held across awaits.
 #[derive(Debug)]
@@ -246,7 +233,7 @@ impl Pull {
                     .into_response(),
             ));
         }
-        let route = match Route::parse(&path) {
+        let route = match Route::parse_request(&path, uri.query()) {
             Ok(r) => r,
             Err(e) => {
                 // Only reads get this far.
@@ -257,7 +244,6 @@ impl Pull {
                 )));
             }
         };
-        let repo = cache_repository(&route, uri);
         let pq = uri
             .path_and_query()
             .map_or_else(|| path.clone(), |pq| pq.as_str().to_owned());
@@ -267,7 +253,8 @@ impl Pull {
                 headers.insert(name, v.clone());
             }
         }
-        let origin = repo.as_ref().and_then(split_cache_repository);
+        // A mirror request's route is already about the cache repository it names.
+        let origin = route.repo().and_then(split_cache_repository);
         let host = origin
             .as_ref()
             .map_or("none", |(h, _)| h.as_str())

@@ -385,6 +385,15 @@ async fn the_proxy_only_serves_pulls() {
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["errors"][0]["code"], "MANIFEST_UNKNOWN");
+    // A mirror request whose ns names no registry.
+    let r = c
+        .get(format!("{}/v2/library/a/manifests/v1?ns=%zz", p.base()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["errors"][0]["code"], "NAME_INVALID");
     // A plain repository names no upstream: with the registry down there is nowhere to go.
     let r = c
         .get(format!("{}/v2/plain/manifests/v1", p.base()))

@@ -85,14 +85,6 @@ fn digest_param(p: &Params, key: &str) -> Result<Option<Digest>> {
 }
 
 impl Registry {
-    /// containerd's mirror form: `?ns=<registry>` names the upstream of a plain repository.
-    pub(crate) fn mirror(&self, route: Route, req: &Request) -> Result<Route> {
-        match params(req).remove("ns") {
-            Some(ns) => route.map_repo(|repo| crate::pull::mirror_repository(&ns, &repo)),
-            None => Ok(route),
-        }
-    }
-
     /// `POST /kache/v1/warm` with a JSON [`WarmRequest`].
     pub(crate) async fn warm_endpoint(&self, req: Request) -> Result<Response> {
         if req.method() != Method::POST {

@@ -243,9 +243,8 @@ async fn handle(State(ep): State<Endpoint>, req: Request) -> Response {
                 .await
                 .unwrap_or_else(IntoResponse::into_response),
         ),
-        Ok(()) => match Route::parse(&path)
+        Ok(()) => match Route::parse_request(&path, req.uri().query())
             .map_err(|e| Error::route(e, Intent::of(method.as_str())))
-            .and_then(|r| reg.mirror(r, &req))
         {
             Ok(route) => {
                 let label = route.label();

@@ -108,13 +108,6 @@ pub struct PullThrough {
     metrics: Metrics,
 }
 
-/// The repository of the cache that `/v2/<repo>/...?ns=<registry>` (containerd's mirror
-/// requests) stands for.
-pub fn mirror_repository(ns: &str, repo: &RepoName) -> Result<RepoName, Error> {
-    kache_oci::mirror_repository(ns, repo)
-        .map_err(|e| Error::new(Code::NameInvalid, format!("ns={ns:?} with {repo}: {e}")))
-}
-
 impl PullThrough {
     pub fn new(upstream: Upstream, tag_ttl: Duration, metrics: Metrics) -> Self {
         PullThrough {
