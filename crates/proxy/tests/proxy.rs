@@ -9,7 +9,7 @@ use kache_oci::{Digest, media_type};
 use kache_proxy::{Proxy, ProxyConfig, ProxyMetrics};
 use kache_registry::{Access, Metrics, Registry};
 use kache_store::Store;
-use reqwest::{Client, StatusCode};
+use reqwest::{Client, Method, StatusCode};
 use serde_json::json;
 
 struct Served {
@@ -356,51 +356,43 @@ async fn a_failing_or_silent_registry_means_upstream_but_a_404_is_the_answer() {
 async fn the_proxy_only_serves_pulls() {
     let c = client();
     let p = proxy(&closed_port(), "127.0.0.1:1", Duration::from_secs(1)).await;
-    let r = c
-        .put(format!("{}/v2/a/manifests/v1", p.base()))
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
-    let v: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(v["errors"][0]["code"], "UNSUPPORTED");
-    let r = c
-        .get(format!("{}/v2/UPPER/manifests/v1", p.base()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-    let v: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(v["errors"][0]["code"], "NAME_INVALID");
-    // A tag that cannot exist names no manifest: answered here, as the registry would.
-    let r = c
-        .get(format!(
-            "{}/v2/docker.io/a/manifests/.INVALID_MANIFEST_NAME",
-            p.base()
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::NOT_FOUND);
-    let v: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(v["errors"][0]["code"], "MANIFEST_UNKNOWN");
-    // A mirror request whose ns names no registry.
-    let r = c
-        .get(format!("{}/v2/library/a/manifests/v1?ns=%zz", p.base()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-    let v: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(v["errors"][0]["code"], "NAME_INVALID");
-    // A plain repository names no upstream: with the registry down there is nowhere to go.
-    let r = c
-        .get(format!("{}/v2/plain/manifests/v1", p.base()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    for (method, path, status, code) in [
+        (Method::PUT, "/v2/a/manifests/v1", 405, Some("UNSUPPORTED")),
+        (
+            Method::GET,
+            "/v2/UPPER/manifests/v1",
+            400,
+            Some("NAME_INVALID"),
+        ),
+        // A tag that cannot exist names no manifest: answered here, as the registry would.
+        (
+            Method::GET,
+            "/v2/docker.io/a/manifests/.INVALID_MANIFEST_NAME",
+            404,
+            Some("MANIFEST_UNKNOWN"),
+        ),
+        // A mirror request whose ns names no registry.
+        (
+            Method::GET,
+            "/v2/library/a/manifests/v1?ns=%zz",
+            400,
+            Some("NAME_INVALID"),
+        ),
+        // A plain repository names no upstream: with the registry down there is nowhere to go.
+        (Method::GET, "/v2/plain/manifests/v1", 503, None),
+    ] {
+        let r = c
+            .request(method.clone(), format!("{}{path}", p.base()))
+            .body(if method == Method::PUT { "{}" } else { "" })
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), status, "{method} {path}");
+        if let Some(code) = code {
+            let v: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(v["errors"][0]["code"], code, "{method} {path}");
+        }
+    }
 }
 
 // The proxy's own HTTP/1.1 server and the spliced blob relay, seen from raw sockets.
