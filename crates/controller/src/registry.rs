@@ -4,11 +4,11 @@
 use std::time::Duration;
 
 use kache_oci::ImageReference;
+use kache_oci::api::ErrorBody;
 use kache_wire::{
     GC_PATH, GcReport, IMAGES_PATH, KeptImage, KeptImages, WARM_PATH, WarmCredentials, WarmRequest,
     WarmResponse,
 };
-use serde::Deserialize;
 
 /// A client of the registry's write API.
 #[derive(Debug, Clone)]
@@ -137,27 +137,9 @@ impl RegistryClient {
 
 /// The message of an OCI error body (`{"errors":[{"message":...}]}`), or the body itself.
 fn error_message(status: u16, body: &str) -> String {
-    #[derive(Deserialize)]
-    struct Errors {
-        errors: Vec<ErrorEntry>,
-    }
-    #[derive(Deserialize)]
-    struct ErrorEntry {
-        #[serde(default)]
-        code: String,
-        #[serde(default)]
-        message: String,
-    }
-    match serde_json::from_str::<Errors>(body) {
-        Ok(e) if !e.errors.is_empty() => {
-            let parts: Vec<_> = e
-                .errors
-                .iter()
-                .map(|x| format!("{}: {}", x.code, x.message))
-                .collect();
-            format!("registry answered {status}: {}", parts.join("; "))
-        }
-        _ => format!("registry answered {status}: {}", body.trim()),
+    match ErrorBody::parse(body.as_bytes()) {
+        Some(e) => format!("registry answered {status}: {}", e.summary()),
+        None => format!("registry answered {status}: {}", body.trim()),
     }
 }
 

@@ -18,7 +18,7 @@ use http_body_util::BodyExt;
 use hyper::body::Body as _;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulConnection;
-use kache_oci::api::ErrorCode;
+use kache_oci::api::{ErrorBody, ErrorCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -567,16 +567,10 @@ where
     r.map_err(io::Error::other)
 }
 
-/// An OCI error answer: `{"errors": [{"code", "message"}]}` as JSON.
+/// An OCI error answer: [`ErrorBody`] with one error.
 pub fn oci_error(status: StatusCode, code: ErrorCode, message: impl std::fmt::Display) -> Response {
-    let body =
-        serde_json::json!({"errors": [{"code": code.as_str(), "message": message.to_string()}]});
-    (
-        status,
-        [(CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response()
+    let body = ErrorBody::new(code, message.to_string(), serde_json::Value::Null);
+    (status, [(CONTENT_TYPE, "application/json")], body.to_json()).into_response()
 }
 
 /// Parses a request head; Ok(None) while it is incomplete, Err with the answer when it cannot

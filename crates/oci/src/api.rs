@@ -261,6 +261,63 @@ fn decode_segment(s: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// The body of a Distribution API error answer, written by kache's servers and read from
+/// registries: `{"errors":[{"code","message","detail"}]}`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ErrorBody {
+    pub errors: Vec<ErrorEntry>,
+}
+
+/// One error of an [`ErrorBody`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ErrorEntry {
+    /// One of the spec's codes ([`ErrorCode::as_str`]); other registries may send their own.
+    #[serde(default)]
+    pub code: String,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub detail: serde_json::Value,
+}
+
+impl ErrorBody {
+    /// An answer with one error.
+    pub fn new(code: ErrorCode, message: impl Into<String>, detail: serde_json::Value) -> Self {
+        ErrorBody {
+            errors: vec![ErrorEntry {
+                code: code.as_str().to_owned(),
+                message: message.into(),
+                detail,
+            }],
+        }
+    }
+
+    /// The body as sent (`application/json`).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("an error body always serializes")
+    }
+
+    /// Reads an answer's body; `None` unless it is one with at least one error.
+    pub fn parse(body: &[u8]) -> Option<ErrorBody> {
+        serde_json::from_slice::<ErrorBody>(body)
+            .ok()
+            .filter(|b| !b.errors.is_empty())
+    }
+
+    /// Every error on one line: `MANIFEST_UNKNOWN: manifest unknown; ...`.
+    pub fn summary(&self) -> String {
+        self.errors
+            .iter()
+            .map(|e| match (e.code.is_empty(), e.message.is_empty()) {
+                (false, false) => format!("{}: {}", e.code, e.message),
+                (true, _) => e.message.clone(),
+                (false, true) => e.code.clone(),
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
 /// The error codes of the OCI Distribution Spec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
@@ -408,6 +465,33 @@ mod tests {
                 Ok(r) => panic!("{path} parsed as {r:?}"),
             }
         }
+    }
+
+    #[test]
+    fn error_bodies_read_back_what_they_write() {
+        let b = ErrorBody::new(
+            ErrorCode::BlobUploadInvalid,
+            "out of order",
+            serde_json::json!({"expected": 5}),
+        );
+        assert_eq!(
+            b.to_json(),
+            r#"{"errors":[{"code":"BLOB_UPLOAD_INVALID","message":"out of order","detail":{"expected":5}}]}"#
+        );
+        assert_eq!(ErrorBody::parse(b.to_json().as_bytes()), Some(b));
+        let plain = ErrorBody::new(
+            ErrorCode::NameUnknown,
+            "no such repository",
+            Default::default(),
+        );
+        assert!(!plain.to_json().contains("detail"));
+        assert_eq!(plain.summary(), "NAME_UNKNOWN: no such repository");
+        // What other registries send: partial entries, or no errors at all.
+        let partial =
+            ErrorBody::parse(br#"{"errors":[{"code":"DENIED"},{"message":"slow down"}]}"#);
+        assert_eq!(partial.unwrap().summary(), "DENIED; slow down");
+        assert_eq!(ErrorBody::parse(br#"{"errors":[]}"#), None);
+        assert_eq!(ErrorBody::parse(b"<html>bad gateway</html>"), None);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use kache_oci::api::{Intent, RouteError};
+use kache_oci::api::{ErrorBody, Intent, RouteError};
 use kache_oci::{DigestError, NameError};
 use kache_store::StoreError;
 use serde_json::{Value, json};
@@ -57,11 +57,13 @@ impl Error {
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
-        let mut entry = json!({"code": self.code.as_str(), "message": self.message});
-        if !self.detail.is_null() {
-            entry["detail"] = self.detail;
-        }
-        let mut resp = (self.status, axum::Json(json!({ "errors": [entry] }))).into_response();
+        let body = ErrorBody::new(self.code, self.message, self.detail);
+        let mut resp = (
+            self.status,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body.to_json(),
+        )
+            .into_response();
         for (k, v) in self.headers {
             resp.headers_mut().insert(k, v);
         }

@@ -616,32 +616,20 @@ async fn error_message(host: &str, mut resp: reqwest::Response) -> String {
 }
 
 fn summarize(body: &[u8]) -> String {
-    #[derive(serde::Deserialize)]
-    struct OciError {
-        code: Option<String>,
-        message: Option<String>,
-    }
+    /// What registries that do not speak the spec's errors send instead (token servers too).
     #[derive(serde::Deserialize)]
     struct Body {
-        errors: Option<Vec<OciError>>,
         details: Option<String>,
         message: Option<String>,
         error: Option<serde_json::Value>,
         error_description: Option<String>,
     }
-    let text = match serde_json::from_slice::<Body>(body) {
-        Ok(Body {
-            errors: Some(errors),
-            ..
-        }) if !errors.is_empty() => errors
-            .into_iter()
-            .map(|e| match (e.code, e.message) {
-                (Some(c), Some(m)) => format!("{c}: {m}"),
-                (c, m) => c.or(m).unwrap_or_default(),
-            })
-            .collect::<Vec<_>>()
-            .join("; "),
-        Ok(b) => b
+    let text = match (
+        crate::api::ErrorBody::parse(body),
+        serde_json::from_slice::<Body>(body),
+    ) {
+        (Some(errors), _) => errors.summary(),
+        (None, Ok(b)) => b
             .details
             .or(b.error_description)
             .or(b.message)
@@ -650,7 +638,7 @@ fn summarize(body: &[u8]) -> String {
                 other => other.to_string(),
             }))
             .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned()),
-        Err(_) => String::from_utf8_lossy(body).into_owned(),
+        (None, Err(_)) => String::from_utf8_lossy(body).into_owned(),
     };
     let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
     match text.char_indices().nth(MESSAGE_LIMIT) {
