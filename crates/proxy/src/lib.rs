@@ -16,7 +16,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::TryStreamExt;
@@ -162,30 +162,13 @@ pub(crate) use kache_http::oci_error as error;
 
 /// The client's answer for an upstream failure; `unknown` is the code of a 404.
 fn upstream_error(e: &UpstreamError, unknown: ErrorCode) -> Response {
-    let (status, code) = match e {
-        UpstreamError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
-        UpstreamError::Denied(_) => (StatusCode::FORBIDDEN, ErrorCode::Denied),
-        UpstreamError::NotFound(_) => (StatusCode::NOT_FOUND, unknown),
-        UpstreamError::TooManyRequests { .. } => {
-            (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests)
+    let a = e.answer(unknown);
+    let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut resp = error(status, a.code, a.message);
+    for (name, value) in a.headers {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            resp.headers_mut().insert(name, v);
         }
-        _ => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
-    };
-    let mut resp = error(status, code, format!("upstream: {e}"));
-    if status == StatusCode::UNAUTHORIZED {
-        // Every 401 carries a challenge (RFC 9110).
-        resp.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Basic realm=\"kache\""),
-        );
-    }
-    if let UpstreamError::TooManyRequests {
-        retry_after: Some(r),
-        ..
-    } = e
-        && let Ok(v) = HeaderValue::from_str(r)
-    {
-        resp.headers_mut().insert(header::RETRY_AFTER, v);
     }
     resp
 }

@@ -62,27 +62,12 @@ impl From<UpstreamError> for PullError {
 
 /// The client's error for an upstream failure; `unknown` is the code of a 404.
 pub fn upstream_error(e: &UpstreamError, unknown: Code) -> Error {
-    let bad_gateway =
-        |m: String| Error::new(Code::Unavailable, m).status(http::StatusCode::BAD_GATEWAY);
-    match e {
-        // Every 401 carries a challenge (RFC 9110); the credentials that would help are
-        // kache's (--docker-config, pull secrets), not the client's.
-        UpstreamError::Unauthorized(m) => Error::new(Code::Unauthorized, format!("upstream: {m}"))
-            .header(http::header::WWW_AUTHENTICATE, "Basic realm=\"kache\""),
-        UpstreamError::Denied(m) => Error::new(Code::Denied, format!("upstream: {m}")),
-        UpstreamError::NotFound(m) => Error::new(unknown, format!("upstream: {m}")),
-        UpstreamError::TooManyRequests {
-            retry_after,
-            message,
-        } => {
-            let err = Error::new(Code::TooManyRequests, format!("upstream: {message}"));
-            match retry_after {
-                Some(r) => err.header(http::header::RETRY_AFTER, r.as_str()),
-                None => err,
-            }
-        }
-        e => bad_gateway(format!("upstream: {e}")),
-    }
+    let a = e.answer(unknown);
+    let status = http::StatusCode::from_u16(a.status).unwrap_or(http::StatusCode::BAD_GATEWAY);
+    a.headers.into_iter().fold(
+        Error::new(a.code, a.message).status(status),
+        |err, (name, value)| err.header(http::HeaderName::from_static(name), value),
+    )
 }
 
 impl PullError {

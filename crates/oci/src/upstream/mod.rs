@@ -25,6 +25,8 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, TryStreamExt as _};
 use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderMap, Method, StatusCode};
+
+use crate::api::ErrorCode;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 
@@ -99,7 +101,48 @@ pub enum UpstreamError {
     Config(String),
 }
 
+/// What kache answers its own client when an upstream failed it, in the spec's terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamAnswer {
+    pub status: u16,
+    pub code: ErrorCode,
+    pub message: String,
+    /// `WWW-Authenticate` with a 401 (every 401 carries a challenge, RFC 9110; the credentials
+    /// that would help are kache's, not the client's) and the upstream's `Retry-After` with a
+    /// 429.
+    pub headers: Vec<(&'static str, String)>,
+}
+
 impl UpstreamError {
+    /// The answer to a client for this failure; `unknown` is the code of a 404
+    /// (`MANIFEST_UNKNOWN`, `BLOB_UNKNOWN`).
+    pub fn answer(&self, unknown: ErrorCode) -> UpstreamAnswer {
+        let (status, code) = match self {
+            UpstreamError::Unauthorized(_) => (401, ErrorCode::Unauthorized),
+            UpstreamError::Denied(_) => (403, ErrorCode::Denied),
+            UpstreamError::NotFound(_) => (404, unknown),
+            UpstreamError::TooManyRequests { .. } => (429, ErrorCode::TooManyRequests),
+            _ => (502, ErrorCode::Unavailable),
+        };
+        let mut headers = Vec::new();
+        match self {
+            UpstreamError::Unauthorized(_) => {
+                headers.push(("www-authenticate", "Basic realm=\"kache\"".to_owned()));
+            }
+            UpstreamError::TooManyRequests {
+                retry_after: Some(r),
+                ..
+            } => headers.push(("retry-after", r.clone())),
+            _ => {}
+        }
+        UpstreamAnswer {
+            status,
+            code,
+            message: format!("upstream: {self}"),
+            headers,
+        }
+    }
+
     /// Whether the upstream is down or overloaded rather than saying no: the cases where
     /// serving a cached copy beats passing the error on.
     pub fn is_unavailable(&self) -> bool {
@@ -650,6 +693,40 @@ fn summarize(body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failures_answer_in_the_spec_s_terms() {
+        let a = UpstreamError::Unauthorized("no".into()).answer(ErrorCode::BlobUnknown);
+        assert_eq!((a.status, a.code), (401, ErrorCode::Unauthorized));
+        assert_eq!(
+            a.headers,
+            [("www-authenticate", "Basic realm=\"kache\"".to_owned())]
+        );
+        let a = UpstreamError::NotFound("gone".into()).answer(ErrorCode::ManifestUnknown);
+        assert_eq!((a.status, a.code), (404, ErrorCode::ManifestUnknown));
+        assert_eq!(a.message, "upstream: upstream has no such thing: gone");
+        let limited = UpstreamError::TooManyRequests {
+            retry_after: Some("30".into()),
+            message: "slow".into(),
+        };
+        let a = limited.answer(ErrorCode::BlobUnknown);
+        assert_eq!((a.status, a.code), (429, ErrorCode::TooManyRequests));
+        assert_eq!(a.headers, [("retry-after", "30".to_owned())]);
+        let a = UpstreamError::Denied("x".into()).answer(ErrorCode::BlobUnknown);
+        assert_eq!((a.status, a.code), (403, ErrorCode::Denied));
+        for e in [
+            UpstreamError::Transport("reset".into()),
+            UpstreamError::Status {
+                status: 500,
+                message: "oops".into(),
+            },
+            UpstreamError::TooLarge(1),
+        ] {
+            let a = e.answer(ErrorCode::BlobUnknown);
+            assert_eq!((a.status, a.code), (502, ErrorCode::Unavailable), "{e}");
+            assert!(a.headers.is_empty());
+        }
+    }
 
     #[test]
     fn error_messages() {
