@@ -34,14 +34,18 @@ fuzz_target!(|data: &[u8]| {
         let Some(patch) = response.get("patch") else {
             continue;
         };
-        let bytes = STANDARD.decode(patch.as_str().expect("base64")).expect("base64");
+        let bytes = STANDARD
+            .decode(patch.as_str().expect("base64"))
+            .expect("base64");
         let patch: json_patch::Patch = serde_json::from_slice(&bytes).expect("a JSON patch");
         // The webhook skips what it does not read, where JSON a `Value` cannot hold (a number
         // beyond f64, a lone surrogate) may be: then there is no object to apply the patch to.
         let Ok(mut body) = serde_json::from_slice::<Value>(data) else {
             continue;
         };
-        let object = body.pointer_mut("/request/object").expect("a patched object");
+        let object = body
+            .pointer_mut("/request/object")
+            .expect("a patched object");
         json_patch::patch(object, &patch).expect("the patch applies to the object as sent");
         let again = review(&serde_json::to_vec(&body).unwrap(), policy).expect("still a review");
         let answer: Value = serde_json::from_slice(&again.body).unwrap();

@@ -14,7 +14,13 @@ fuzz_target!(|data: &[u8]| {
         && let Some(repo) = route.repo()
     {
         let name = repo.as_str();
-        assert!(!name.starts_with('/') && !name.contains("..") && !name.contains('%'), "{name:?} from {path:?}");
-        assert!(name.split('/').all(|c| !c.is_empty()), "{name:?} from {path:?}");
+        assert!(
+            !name.starts_with('/') && !name.contains("..") && !name.contains('%'),
+            "{name:?} from {path:?}"
+        );
+        assert!(
+            name.split('/').all(|c| !c.is_empty()),
+            "{name:?} from {path:?}"
+        );
     }
 });

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use kache_oci::ImageReference;
-use kache_oci::api::ErrorBody;
+use kache_oci::api::{ErrorBody, Route};
+use kache_oci::{ImageReference, Reference};
 use kache_wire::{
     GC_PATH, GcReport, IMAGES_PATH, KeptImage, KeptImages, WARM_PATH, WarmCredentials, WarmRequest,
     WarmResponse,
@@ -114,12 +114,8 @@ impl RegistryClient {
         let Some(tag) = &r.tag else {
             return Ok(());
         };
-        let url = format!(
-            "{}/v2/{}/manifests/{}",
-            self.base,
-            r.cache_repository(),
-            tag.as_str()
-        );
+        let route = Route::Manifest(r.cache_repository(), Reference::Tag(tag.clone()));
+        let url = format!("{}{}", self.base, route.path());
         let resp = self
             .authorized(self.http.delete(url))
             .send()

@@ -160,6 +160,20 @@ impl Route {
         })
     }
 
+    /// The path of this endpoint, as [`Route::parse`] reads it back: `parse(&r.path()) == Ok(r)`
+    /// (a fuzz target holds it to that).
+    pub fn path(&self) -> String {
+        match self {
+            Route::Base => "/v2/".to_owned(),
+            Route::Tags(r) => format!("/v2/{r}/tags/list"),
+            Route::Manifest(r, x) => format!("/v2/{r}/manifests/{x}"),
+            Route::Blob(r, d) => format!("/v2/{r}/blobs/{d}"),
+            Route::UploadStart(r) => format!("/v2/{r}/blobs/uploads/"),
+            Route::Upload(r, id) => format!("/v2/{r}/blobs/uploads/{id}"),
+            Route::Referrers(r, d) => format!("/v2/{r}/referrers/{d}"),
+        }
+    }
+
     /// Routes a request from its raw path and query. containerd's registry-mirror requests
     /// (`/v2/library/nginx/...?ns=docker.io`, the `ns` percent-encoded: `ns=reg%3A5000`) are
     /// about the cache repository of that registry's image (`docker.io/library/nginx`), the name
@@ -465,6 +479,44 @@ mod tests {
                 Ok(r) => panic!("{path} parsed as {r:?}"),
             }
         }
+    }
+
+    #[test]
+    fn paths_read_back_as_their_routes() {
+        let repo = |s: &str| s.parse::<RepoName>().unwrap();
+        let d = || Digest::sha256(b"x");
+        // Repositories named like the API's own segments, where a careless reader goes wrong.
+        for name in [
+            "a",
+            "a/b",
+            "a/blobs",
+            "a/blobs/uploads",
+            "a/tags",
+            "x/manifests",
+            "r/referrers",
+        ] {
+            for route in [
+                Route::Tags(repo(name)),
+                Route::Manifest(repo(name), Reference::Tag("list".parse().unwrap())),
+                Route::Manifest(repo(name), Reference::Digest(d())),
+                Route::Blob(repo(name), d()),
+                Route::UploadStart(repo(name)),
+                Route::Upload(repo(name), UploadId(u128::MAX)),
+                Route::Referrers(repo(name), d()),
+            ] {
+                assert_eq!(
+                    Route::parse(&route.path()),
+                    Ok(route.clone()),
+                    "{}",
+                    route.path()
+                );
+            }
+        }
+        assert_eq!(Route::parse(&Route::Base.path()), Ok(Route::Base));
+        assert_eq!(
+            Route::Upload(repo("a"), UploadId(1)).path(),
+            "/v2/a/blobs/uploads/00000000-0000-0000-0000-000000000001"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use futures_util::{Stream, TryStreamExt};
 use http_body_util::BodyExt;
 use kache_http::SendFile;
-use kache_oci::api::Route;
+use kache_oci::api::{Route, UploadId};
 use kache_oci::{Descriptor, Digest, ParsedManifest, Reference, RepoName, media_type};
 use kache_store::MAX_MANIFEST_SIZE;
 use kache_wire::{CACHE_HEADER, CacheOutcome, WarmRequest};
@@ -48,14 +48,14 @@ fn hv(s: impl AsRef<str>) -> HeaderValue {
 }
 
 fn blob_location(repo: &RepoName, digest: &Digest) -> HeaderValue {
-    hv(format!("/v2/{repo}/blobs/{digest}"))
+    hv(Route::Blob(repo.clone(), digest.clone()).path())
 }
 
 fn upload_headers(repo: &RepoName, id: &Uuid, offset: u64) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert(
         header::LOCATION,
-        hv(format!("/v2/{repo}/blobs/uploads/{id}")),
+        hv(Route::Upload(repo.clone(), UploadId(id.as_u128())).path()),
     );
     h.insert(header::RANGE, hv(range_header(offset)));
     h.insert(DOCKER_UPLOAD_UUID, hv(id.to_string()));
@@ -411,7 +411,7 @@ impl Registry {
         let mut h = HeaderMap::new();
         h.insert(
             header::LOCATION,
-            hv(format!("/v2/{repo}/manifests/{digest}")),
+            hv(Route::Manifest(repo.clone(), Reference::Digest(digest.clone())).path()),
         );
         h.insert(DOCKER_CONTENT_DIGEST, hv(digest.to_string()));
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));

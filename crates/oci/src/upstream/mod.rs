@@ -26,7 +26,7 @@ use futures_util::{Stream, TryStreamExt as _};
 use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderMap, Method, StatusCode};
 
-use crate::api::ErrorCode;
+use crate::api::{ErrorCode, Route};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 
@@ -99,6 +99,14 @@ pub enum UpstreamError {
     TooLarge(u64),
     #[error("upstream client configuration: {0}")]
     Config(String),
+}
+
+/// A repository path on an upstream, checked: it ends up in a URL, and nothing that could
+/// change the URL's meaning may pass.
+fn upstream_repository(repository: &str) -> Result<RepoName, UpstreamError> {
+    repository
+        .parse()
+        .map_err(|e| UpstreamError::Config(format!("upstream repository: {e}")))
 }
 
 /// What kache answers its own client when an upstream failed it, in the spec's terms.
@@ -290,15 +298,9 @@ impl Upstream {
             .map_err(|e| UpstreamError::Config(format!("manifest reference: {e}")))?;
         let method = if head { Method::HEAD } else { Method::GET };
         let accept = MANIFEST_TYPES.join(", ");
-        self.fetch(
-            method,
-            registry,
-            repository,
-            &format!("manifests/{reference}"),
-            Some(&accept),
-            creds,
-        )
-        .await
+        let route = Route::Manifest(upstream_repository(repository)?, reference);
+        self.fetch(method, registry, &route, Some(&accept), creds)
+            .await
     }
 
     /// GET of a blob, following redirects. Only a 2xx answer is `Ok`.
@@ -309,31 +311,21 @@ impl Upstream {
         digest: &Digest,
         creds: Option<&Credentials>,
     ) -> Result<UpstreamResponse, UpstreamError> {
-        self.fetch(
-            Method::GET,
-            registry,
-            repository,
-            &format!("blobs/{digest}"),
-            None,
-            creds,
-        )
-        .await
+        let route = Route::Blob(upstream_repository(repository)?, digest.clone());
+        self.fetch(Method::GET, registry, &route, None, creds).await
     }
 
     async fn fetch(
         &self,
         method: Method,
         registry: &str,
-        repository: &str,
-        tail: &str,
+        route: &Route,
         accept: Option<&str>,
         creds: Option<&Credentials>,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let inner = &*self.inner;
-        // Both end up in the URL: nothing that could change its meaning may pass.
-        repository
-            .parse::<RepoName>()
-            .map_err(|e| UpstreamError::Config(format!("upstream repository: {e}")))?;
+        let repository = route.repo().map_or("", RepoName::as_str);
+        // The registry ends up in the URL too: nothing that could change its meaning may pass.
         let registry_key = credentials::registry_host(registry);
         if !valid_registry(&registry_key) {
             return Err(UpstreamError::Config(format!(
@@ -346,7 +338,7 @@ impl Upstream {
         } else {
             "https"
         };
-        let url = reqwest::Url::parse(&format!("{scheme}://{host}/v2/{repository}/{tail}"))
+        let url = reqwest::Url::parse(&format!("{scheme}://{host}{}", route.path()))
             .map_err(|e| UpstreamError::Config(format!("upstream URL for {registry:?}: {e}")))?;
 
         let stored;
