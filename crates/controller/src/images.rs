@@ -6,9 +6,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kache_api::{
-    CachedImage, CachedImageStatus, Condition, FINALIZER, Phase, UsedBy, cached_image_name,
-};
+use kache_api::{CachedImage, CachedImageStatus, FINALIZER, UsedBy, cached_image_name};
 use kache_oci::upstream::DockerConfig;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -19,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::Context;
 use crate::decide::{self, Expiry};
-use crate::events::Kind;
+use crate::phase;
 
 /// Why a reconcile did not finish; it is retried with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -90,14 +88,9 @@ async fn apply(ci: &CachedImage, ctx: &Context) -> Result<Action, Error> {
     let now = Timestamp::now();
 
     if decide::normalise(&image).as_deref() != Some(image.as_str()) {
-        let message = format!(
-            "spec.sourceImage {image:?} is not a normalised image reference (like docker.io/library/nginx:1.27)"
-        );
-        let mut status = old.clone();
-        status.phase = Phase::Failed;
-        status.message = Some(message.clone());
-        if old != status {
-            publish(ctx, ci, Kind::Warning, "Failed", &message).await;
+        let (status, note) = phase::invalid(&old, &image);
+        if let Some(note) = note {
+            publish(ctx, ci, &note).await;
         }
         write_status(&api, &name, &old, status).await?;
         return Ok(Action::await_change());
@@ -123,78 +116,50 @@ async fn apply(ci: &CachedImage, ctx: &Context) -> Result<Action, Error> {
         api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
         if expires_at.is_some() && ci.spec.expires_at.is_none() {
-            publish(ctx, ci, Kind::Normal, "Expiring", "no pod uses the image").await;
+            let note = phase::Note::normal("Expiring", "no pod uses the image");
+            publish(ctx, ci, &note).await;
         }
     }
 
-    let platforms = decide::platforms(ctx.nodes.state().iter().map(|n| n.as_ref()));
-    let mut status = old.clone();
-    status.used_by = used_by;
-    let synced_recently = old
-        .last_sync
-        .as_ref()
-        .is_some_and(|t| t.0.as_second() + ctx.config.resync.as_secs() as i64 > now.as_second());
-    let cached = matches!(old.phase, Phase::Cached | Phase::Expiring) && old.digest.is_some();
-    let platforms_known = platforms.iter().all(|p| old.platforms.contains(p));
-    let mut result = Ok(());
-    if !(cached && synced_recently && platforms_known) {
-        // Caching is shown once; a retry after a failure keeps Failed until it succeeds, so
-        // status writes (each a watch event and a reconcile) cannot chase each other.
-        if old.phase == Phase::Pending {
-            status.phase = Phase::Caching;
-            write_status(&api, &name, &old, status.clone()).await?;
-            publish(
-                ctx,
-                ci,
-                Kind::Normal,
-                "Caching",
-                &format!("caching {image} for {}", platforms.join(", ")),
-            )
-            .await;
-        }
-        match warm(ci, ctx, &platforms).await {
-            Ok(w) => {
-                status.digest = Some(w.digest.to_string());
-                status.size = Some(i64::try_from(w.bytes).unwrap_or(i64::MAX));
-                status.platforms = w.cached_platforms(&platforms);
-                status.last_sync = Some(Time(now));
-                status.message = None;
-                status.phase = Phase::Cached;
-                if !cached {
-                    publish(
-                        ctx,
-                        ci,
-                        Kind::Normal,
-                        "Cached",
-                        &format!("{image} is {}", w.digest),
-                    )
-                    .await;
-                }
-                ctx.failures.lock().await.remove(&name);
+    let seen = phase::Seen {
+        now,
+        image,
+        used_by,
+        platforms: decide::platforms(ctx.nodes.state().iter().map(|n| n.as_ref())),
+        expires_at,
+        resync: ctx.config.resync,
+    };
+    let warmed = match phase::caching(&old, &seen) {
+        None => None,
+        Some(announce) => {
+            if let Some((status, note)) = announce {
+                write_status(&api, &name, &old, status).await?;
+                publish(ctx, ci, &note).await;
             }
-            Err(message) => {
-                status.phase = Phase::Failed;
-                status.message = Some(message.clone());
-                publish(ctx, ci, Kind::Warning, "Failed", &message).await;
-                result = Err(Error::Registry(message));
-            }
+            Some(warm(ci, ctx, &seen.platforms).await.map(|w| phase::Warmed {
+                digest: w.digest.to_string(),
+                bytes: w.bytes,
+                platforms: w.cached_platforms(&seen.platforms),
+            }))
         }
+    };
+    let failure = match &warmed {
+        Some(Err(message)) => Some(message.clone()),
+        Some(Ok(_)) => {
+            ctx.failures.lock().await.remove(&name);
+            None
+        }
+        None => None,
+    };
+    let settled = phase::settle(&old, &seen, warmed);
+    for note in &settled.notes {
+        publish(ctx, ci, note).await;
     }
-    if status.phase == Phase::Cached && expires_at.is_some() {
-        status.phase = Phase::Expiring;
-    } else if status.phase == Phase::Expiring && expires_at.is_none() {
-        status.phase = Phase::Cached;
+    write_status(&api, &name, &old, settled.status).await?;
+    match failure {
+        Some(message) => Err(Error::Registry(message)),
+        None => Ok(Action::requeue(settled.requeue)),
     }
-    set_ready(&mut status, &old, now);
-    write_status(&api, &name, &old, status).await?;
-    result?;
-
-    let mut wait = ctx.config.resync;
-    if let Some(t) = expires_at {
-        let left = t.as_second().saturating_sub(now.as_second()).max(1);
-        wait = wait.min(Duration::from_secs(left as u64));
-    }
-    Ok(Action::requeue(wait))
 }
 
 /// Deletes an image whose time has come, after asking the API server itself (not the cache)
@@ -214,14 +179,8 @@ async fn expire(
         return Ok(None);
     }
     info!(name = %ci.name_any(), image = %ci.spec.source_image, "expired: deleting");
-    publish(
-        ctx,
-        ci,
-        Kind::Normal,
-        "Expired",
-        "unused past spec.expiresAt",
-    )
-    .await;
+    let note = phase::Note::normal("Expired", "unused past spec.expiresAt");
+    publish(ctx, ci, &note).await;
     match api.delete(&ci.name_any(), &DeleteParams::default()).await {
         Ok(_) => Ok(Some(Action::await_change())),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(Some(Action::await_change())),
@@ -280,23 +239,6 @@ async fn warm(
     }
 }
 
-fn set_ready(status: &mut CachedImageStatus, old: &CachedImageStatus, now: Timestamp) {
-    let ready = matches!(status.phase, Phase::Cached | Phase::Expiring);
-    let value = if ready { "True" } else { "False" };
-    let previous = old.conditions.iter().find(|c| c.type_ == "Ready");
-    let since = match previous {
-        Some(c) if c.status == value => c.last_transition_time.clone(),
-        _ => Time(now),
-    };
-    status.conditions = vec![Condition {
-        type_: "Ready".into(),
-        status: value.into(),
-        last_transition_time: since,
-        reason: Some(status.phase.as_str().into()),
-        message: status.message.clone(),
-    }];
-}
-
 /// Writes the status, whole, when it changed: a JSON patch `add` replaces it, so a field that
 /// became empty goes without writing nulls (which Kubernetes 1.20 refuses in places).
 async fn write_status(
@@ -327,10 +269,11 @@ async fn write_status(
 }
 
 /// Publishes an event about a CachedImage; a refusal is logged, never a failed reconcile.
-async fn publish(ctx: &Context, ci: &CachedImage, kind: Kind, reason: &str, note: &str) {
+async fn publish(ctx: &Context, ci: &CachedImage, note: &phase::Note) {
+    let reason = note.reason;
     if let Err(e) = ctx
         .events
-        .publish(ci.object_ref(&()), kind, reason, note)
+        .publish(ci.object_ref(&()), note.kind, reason, &note.message)
         .await
     {
         warn!(name = %ci.name_any(), error = %e, reason, "event not recorded");

@@ -14,6 +14,7 @@ mod images;
 mod kept;
 pub mod lease;
 mod metrics;
+mod phase;
 pub mod registry;
 mod workloads;
 
