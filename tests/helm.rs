@@ -162,7 +162,10 @@ fn contradictory_or_invalid_values_fail_before_anything_is_applied() {
             &["--set", "registry.writeAccess=open"],
             "at '/registry/writeAccess': value must be one of 'networkPolicy', 'token'",
         ),
-        (&["--set", "proxy.relay=copy"], "at '/proxy/relay'"),
+        (
+            &["--set", "proxy.httpServer=splice"],
+            "at '/proxy/httpServer'",
+        ),
         (
             &["--set", "proxy.hostnetwork=true"],
             "'hostnetwork' not allowed",
@@ -260,7 +263,7 @@ fn changed(key: &str, default: &Value) -> (Value, Vec<&'static str>) {
         "logFormat" => Some((json!("text"), vec![])),
         "registry.writeAccess" => Some((json!("token"), vec![])),
         "registry.service.type" => Some((json!("NodePort"), vec![])),
-        "proxy.relay" => Some((json!("hyper"), vec![])),
+        "proxy.httpServer" => Some((json!("hyper"), vec![])),
         "registry.gc.schedule" => Some((json!("0 4 * * *"), vec![])),
         "registry.gc.cpu" => Some((json!("20%"), vec![])),
         "registry.minFree" => Some((json!("10Gi"), vec![])),

@@ -88,12 +88,12 @@ pub struct Options {
     /// Also write the report here.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// The kache proxy's `--relay` (`splice` or `hyper`); its own default when not given.
-    #[arg(long)]
-    proxy_relay: Option<String>,
-    /// The kache registry's `--server` (`kache` or `hyper`); its own default when not given.
-    #[arg(long)]
-    registry_server: Option<String>,
+    /// The kache proxy's `--http-server` (`kache` or `hyper`); its own default when not given.
+    #[arg(long, alias = "proxy-relay")]
+    proxy_http_server: Option<String>,
+    /// The kache registry's `--http-server` (`kache` or `hyper`); its own default when not given.
+    #[arg(long, alias = "registry-server")]
+    registry_http_server: Option<String>,
 }
 
 impl Options {
@@ -1018,8 +1018,8 @@ async fn suite(o: &Options) -> Result<String> {
         // Longer than the run: a warm tag is never re-validated in the middle of it.
         .arg("--tag-ttl")
         .arg("1h");
-    if let Some(server) = &o.registry_server {
-        cmd.arg("--server").arg(server);
+    if let Some(server) = &o.registry_http_server {
+        cmd.arg("--http-server").arg(server);
     }
     let mut registry = Proc::spawn("kache-registry", cmd, &reg_dir, &pids)?;
     let registry_url = format!("http://127.0.0.1:{reg_port}");
@@ -1039,8 +1039,8 @@ async fn suite(o: &Options) -> Result<String> {
         .arg(format!("127.0.0.1:{px_metrics}"))
         .arg("--insecure-registry")
         .arg(&upstream_host);
-    if let Some(relay) = &o.proxy_relay {
-        cmd.arg("--relay").arg(relay);
+    if let Some(server) = &o.proxy_http_server {
+        cmd.arg("--http-server").arg(server);
     }
     let mut proxy = Proc::spawn("kache-proxy", cmd, &px_dir, &pids)?;
     let proxy_url = format!("http://127.0.0.1:{px_port}");

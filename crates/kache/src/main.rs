@@ -171,8 +171,14 @@ struct RegistryArgs {
     tag_ttl: Duration,
     /// Which HTTP server answers: `kache` (its own HTTP/1.1 server for pulls, blob bodies sent
     /// with sendfile; pushes and HTTP/2 go to hyper) or `hyper` (every body through user space).
-    #[arg(long, env = "KACHE_SERVER", value_enum, default_value = "kache")]
-    server: serve::RegistryServer,
+    #[arg(
+        long = "http-server",
+        alias = "server",
+        env = "KACHE_HTTP_SERVER",
+        value_enum,
+        default_value = "kache"
+    )]
+    server: serve::HttpServer,
     #[command(flatten)]
     gc: GcFlags,
     #[command(flatten)]
@@ -199,10 +205,16 @@ struct ProxyArgs {
     registry_timeout: Duration,
     #[arg(long, env = "KACHE_METRICS_LISTEN", default_value = "127.0.0.1:9091")]
     metrics_listen: SocketAddr,
-    /// How blob bodies reach the client: `splice` (zero copy, the proxy's own HTTP/1.1 server)
-    /// or `hyper` (copied through user space).
-    #[arg(long, env = "KACHE_RELAY", value_enum, default_value = "splice")]
-    relay: serve::Relay,
+    /// Which HTTP server answers: `kache` (its own HTTP/1.1 server; blob bodies go registry
+    /// socket → client socket with splice, never through user space) or `hyper` (copied).
+    #[arg(
+        long = "http-server",
+        alias = "relay",
+        env = "KACHE_HTTP_SERVER",
+        value_enum,
+        default_value = "kache"
+    )]
+    server: serve::HttpServer,
     #[command(flatten)]
     upstream: UpstreamArgs,
 }
@@ -404,7 +416,7 @@ fn main() -> anyhow::Result<()> {
                     registry_timeout: a.registry_timeout,
                     metrics_listen: a.metrics_listen,
                     upstream: serve::upstream_config(&a.upstream)?,
-                    relay: a.relay,
+                    server: a.server,
                 })
                 .await
             }
@@ -438,7 +450,7 @@ fn main() -> anyhow::Result<()> {
                     data_dir: a.data_dir,
                     upload_timeout: Duration::from_secs(3600),
                     tag_ttl: a.tag_ttl,
-                    server: serve::RegistryServer::Kache,
+                    server: serve::HttpServer::Kache,
                     gc: a.gc.config(Duration::from_secs(3600)),
                     upstream: upstream.clone(),
                     proxy: Some(serve::ProxyOptions {
@@ -447,7 +459,7 @@ fn main() -> anyhow::Result<()> {
                         registry_timeout: Duration::from_secs(5),
                         metrics_listen: a.metrics_listen,
                         upstream,
-                        relay: serve::Relay::Splice,
+                        server: serve::HttpServer::Kache,
                     }),
                 })
                 .await
@@ -489,6 +501,29 @@ mod tests {
         assert!(parse_share("0%").is_err());
         assert!(parse_share("150%").is_err());
         assert!(parse_share("0.5").is_err());
+    }
+
+    #[test]
+    fn one_http_server_flag_and_the_old_names_still_parse() {
+        let server = |args: &[&str]| -> Result<serve::HttpServer, String> {
+            let cli =
+                Cli::try_parse_from(["kache"].iter().chain(args)).map_err(|e| e.to_string())?;
+            match cli.command {
+                Command::Registry(a) => Ok(a.server),
+                Command::Proxy(a) => Ok(a.server),
+                _ => unreachable!(),
+            }
+        };
+        use serve::HttpServer::{Hyper, Kache};
+        assert_eq!(server(&["registry"]), Ok(Kache));
+        assert_eq!(server(&["proxy"]), Ok(Kache));
+        assert_eq!(server(&["registry", "--http-server", "hyper"]), Ok(Hyper));
+        assert_eq!(server(&["proxy", "--http-server", "hyper"]), Ok(Hyper));
+        assert_eq!(server(&["registry", "--server", "hyper"]), Ok(Hyper));
+        assert_eq!(server(&["proxy", "--relay", "splice"]), Ok(Kache));
+        assert_eq!(server(&["proxy", "--relay", "hyper"]), Ok(Hyper));
+        let e = server(&["proxy", "--http-server", "copy"]).unwrap_err();
+        assert!(e.contains("possible values: kache, hyper"), "{e}");
     }
 
     #[test]

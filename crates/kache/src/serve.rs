@@ -34,19 +34,21 @@ pub struct RegistryOptions {
     pub data_dir: PathBuf,
     pub upload_timeout: Duration,
     pub tag_ttl: Duration,
-    pub server: RegistryServer,
+    pub server: HttpServer,
     pub gc: kache_registry::GcConfig,
     pub upstream: UpstreamConfig,
     /// A node proxy in the same process (`kache dev`).
     pub proxy: Option<ProxyOptions>,
 }
 
-/// Which HTTP server answers the registry's clients.
+/// Which HTTP server answers the clients of the registry and of the proxy (`--http-server`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum RegistryServer {
-    /// kache's own HTTP/1.1 server: blob bodies go page cache → socket with sendfile(2), never
-    /// through user space. A connection that sends a request body (a push), or speaks HTTP/2,
-    /// is handed to hyper.
+pub enum HttpServer {
+    /// kache's own HTTP/1.1 server (crates/http): blob bodies never cross user space, the
+    /// registry's go page cache → socket with sendfile(2), the proxy's registry socket → pipe →
+    /// client socket with splice(2). A connection that sends a request body (a push), or speaks
+    /// HTTP/2, is handed to hyper. (`splice` is the proxy's old name for it.)
+    #[value(alias = "splice")]
     Kache,
     /// hyper for everything; every body byte is copied through user space.
     Hyper,
@@ -59,17 +61,7 @@ pub struct ProxyOptions {
     pub registry_timeout: Duration,
     pub metrics_listen: SocketAddr,
     pub upstream: UpstreamConfig,
-    pub relay: Relay,
-}
-
-/// How the proxy serves its clients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Relay {
-    /// Its own HTTP/1.1 server: warm blob bodies go registry socket → pipe → client socket with
-    /// splice(2), never through user space (h2c is still served by hyper).
-    Splice,
-    /// hyper for everything; every body byte is copied through user space.
-    Hyper,
+    pub server: HttpServer,
 }
 
 #[derive(Debug)]
@@ -234,12 +226,12 @@ fn spawn_registry(
     set: &mut JoinSet<anyhow::Result<()>>,
     listener: tokio::net::TcpListener,
     app: Router,
-    server: RegistryServer,
+    server: HttpServer,
     what: &'static str,
 ) {
     match server {
-        RegistryServer::Hyper => spawn_server(set, listener, app, what),
-        RegistryServer::Kache => {
+        HttpServer::Hyper => spawn_server(set, listener, app, what),
+        HttpServer::Kache => {
             set.spawn(async move {
                 kache_registry::serve(app, listener, shutdown_signal())
                     .await
@@ -249,16 +241,16 @@ fn spawn_registry(
     }
 }
 
-/// Serves the proxy on `listener` until shutdown, with the relay asked for.
+/// Serves the proxy on `listener` until shutdown, with the HTTP server asked for.
 fn spawn_proxy(
     set: &mut JoinSet<anyhow::Result<()>>,
     listener: tokio::net::TcpListener,
     proxy: &Proxy,
-    relay: Relay,
+    server: HttpServer,
 ) {
-    match relay {
-        Relay::Hyper => spawn_server(set, listener, proxy.router(), "proxy"),
-        Relay::Splice => {
+    match server {
+        HttpServer::Hyper => spawn_server(set, listener, proxy.router(), "proxy"),
+        HttpServer::Kache => {
             let proxy = proxy.clone();
             set.spawn(async move {
                 proxy
@@ -353,9 +345,9 @@ pub async fn registry(o: RegistryOptions) -> anyhow::Result<()> {
             ProxyMetrics::new(&mut prom),
         )?;
         for l in bind_proxy(&p.listen).await? {
-            spawn_proxy(&mut servers, l, &proxy, p.relay);
+            spawn_proxy(&mut servers, l, &proxy, p.server);
         }
-        tracing::info!(listen = ?p.listen, relay = ?p.relay, "proxy serving");
+        tracing::info!(listen = ?p.listen, server = ?p.server, "proxy serving");
     }
     let ops = bind(o.metrics_listen, "metrics").await?;
     tracing::info!(listen = %o.listen, internal = ?o.internal_listen, metrics = %o.metrics_listen, data_dir = %o.data_dir.display(), "registry serving");
@@ -389,7 +381,7 @@ pub async fn proxy(o: ProxyOptions) -> anyhow::Result<()> {
     )?;
     let mut servers = JoinSet::new();
     for l in bind_proxy(&o.listen).await? {
-        spawn_proxy(&mut servers, l, &proxy, o.relay);
+        spawn_proxy(&mut servers, l, &proxy, o.server);
     }
     spawn_server(
         &mut servers,
@@ -398,7 +390,7 @@ pub async fn proxy(o: ProxyOptions) -> anyhow::Result<()> {
         ops_router(Arc::new(prom), || {}),
         "metrics listener",
     );
-    tracing::info!(listen = ?o.listen, registry = %o.registry, relay = ?o.relay, metrics = %o.metrics_listen, "proxy serving");
+    tracing::info!(listen = ?o.listen, registry = %o.registry, server = ?o.server, metrics = %o.metrics_listen, "proxy serving");
     match servers.join_next().await {
         Some(r) => r?,
         None => Ok(()),

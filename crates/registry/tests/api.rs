@@ -19,7 +19,7 @@ struct Server {
     store: Arc<Store>,
 }
 
-/// Which HTTP server answers: kache's own (the registry's default) or hyper (`--server hyper`).
+/// Which HTTP server answers: kache's own (the registry's default) or hyper (`--http-server hyper`).
 #[derive(Clone, Copy, Debug)]
 enum Which {
     Kache,
