@@ -199,7 +199,7 @@ struct ProxyArgs {
         env = "KACHE_REGISTRY",
         default_value = "http://kache-registry:5000"
     )]
-    registry: String,
+    registry: kache_proxy::RegistryUrl,
     /// Longest wait for the registry before going upstream.
     #[arg(long, env = "KACHE_REGISTRY_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
     registry_timeout: Duration,
@@ -455,7 +455,7 @@ fn main() -> anyhow::Result<()> {
                     upstream: upstream.clone(),
                     proxy: Some(serve::ProxyOptions {
                         listen: vec![a.proxy_listen],
-                        registry: format!("http://{}", a.listen),
+                        registry: format!("http://{}", a.listen).parse()?,
                         registry_timeout: Duration::from_secs(5),
                         metrics_listen: a.metrics_listen,
                         upstream,

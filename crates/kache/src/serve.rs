@@ -57,7 +57,7 @@ pub enum HttpServer {
 #[derive(Debug)]
 pub struct ProxyOptions {
     pub listen: Vec<SocketAddr>,
-    pub registry: String,
+    pub registry: kache_proxy::RegistryUrl,
     pub registry_timeout: Duration,
     pub metrics_listen: SocketAddr,
     pub upstream: UpstreamConfig,
@@ -343,7 +343,7 @@ pub async fn registry(o: RegistryOptions) -> anyhow::Result<()> {
             },
             Upstream::new(p.upstream).context("configuring the proxy's upstream client")?,
             ProxyMetrics::new(&mut prom),
-        )?;
+        );
         for l in bind_proxy(&p.listen).await? {
             spawn_proxy(&mut servers, l, &proxy, p.server);
         }
@@ -378,7 +378,7 @@ pub async fn proxy(o: ProxyOptions) -> anyhow::Result<()> {
         },
         Upstream::new(o.upstream).context("configuring the upstream client")?,
         ProxyMetrics::new(&mut prom),
-    )?;
+    );
     let mut servers = JoinSet::new();
     for l in bind_proxy(&o.listen).await? {
         spawn_proxy(&mut servers, l, &proxy, o.server);

@@ -58,7 +58,7 @@ const MAX_BUF: usize = 128 * 1024;
 pub struct ProxyConfig {
     /// Base URL of the registry Service, e.g. `http://kache-registry.kache:5000`. Plain HTTP:
     /// the registry is in the cluster.
-    pub registry: String,
+    pub registry: RegistryUrl,
     /// Longest wait for the registry's response headers before falling back upstream.
     pub registry_timeout: Duration,
 }
@@ -81,12 +81,7 @@ struct Inner {
 }
 
 impl Proxy {
-    pub fn new(
-        config: ProxyConfig,
-        upstream: Upstream,
-        metrics: ProxyMetrics,
-    ) -> Result<Self, BadRegistryUrl> {
-        check_registry_url(&config.registry)?;
+    pub fn new(config: ProxyConfig, upstream: Upstream, metrics: ProxyMetrics) -> Self {
         // No HTTP(S)_PROXY (the registry is in-cluster) and no redirects: a plain connector.
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.registry_timeout));
@@ -98,9 +93,8 @@ impl Proxy {
             .http1_max_buf_size(MAX_BUF)
             .build(connector);
         #[cfg(target_os = "linux")]
-        let raw = splice::RawRegistry::new(&config.registry, config.registry_timeout)
-            .ok_or_else(|| BadRegistryUrl(config.registry.clone()))?;
-        Ok(Proxy {
+        let raw = splice::RawRegistry::new(config.registry.clone(), config.registry_timeout);
+        Proxy {
             inner: Arc::new(Inner {
                 config,
                 client,
@@ -109,7 +103,7 @@ impl Proxy {
                 #[cfg(target_os = "linux")]
                 raw,
             }),
-        })
+        }
     }
 
     /// The proxy as an axum router, for any server (hyper's relays every body through user
@@ -134,7 +128,55 @@ impl Proxy {
     }
 }
 
-/// The registry URL is not an `http://` URL with a host.
+/// The kache registry's base URL as the proxy reaches it, parsed once:
+/// `http://<host>[:<port>][/<base path>]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryUrl {
+    /// `host:port` to connect to.
+    pub(crate) addr: String,
+    /// The authority as written, for the `Host` header.
+    pub(crate) host: String,
+    /// The path requests go under, without its trailing `/` (usually empty).
+    pub(crate) base: String,
+}
+
+impl RegistryUrl {
+    /// The URL of a request's path and query on the registry.
+    pub(crate) fn join(&self, path_and_query: &str) -> String {
+        format!("http://{}{}{path_and_query}", self.host, self.base)
+    }
+}
+
+impl std::str::FromStr for RegistryUrl {
+    type Err = BadRegistryUrl;
+
+    fn from_str(url: &str) -> Result<Self, BadRegistryUrl> {
+        let bad = || BadRegistryUrl(url.to_owned());
+        let uri: http::Uri = url.parse().map_err(|_| bad())?;
+        let authority = uri.authority().filter(|_| uri.scheme_str() == Some("http"));
+        let authority = authority.ok_or_else(bad)?;
+        if uri.query().is_some() {
+            return Err(bad());
+        }
+        Ok(RegistryUrl {
+            addr: format!(
+                "{}:{}",
+                authority.host(),
+                authority.port_u16().unwrap_or(80)
+            ),
+            host: authority.as_str().to_owned(),
+            base: uri.path().trim_end_matches('/').to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Display for RegistryUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.join(""))
+    }
+}
+
+/// The registry URL is not an `http://` URL with a host (and no query).
 #[derive(Debug)]
 pub struct BadRegistryUrl(String);
 
@@ -149,13 +191,6 @@ impl std::fmt::Display for BadRegistryUrl {
 }
 
 impl std::error::Error for BadRegistryUrl {}
-
-fn check_registry_url(url: &str) -> Result<(), BadRegistryUrl> {
-    match url.parse::<http::Uri>() {
-        Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() => Ok(()),
-        _ => Err(BadRegistryUrl(url.to_owned())),
-    }
-}
 
 /// An OCI error answer (the one kache's server writes for a bad request head).
 pub(crate) use kache_http::oci_error as error;
@@ -341,7 +376,7 @@ async fn forward(
     headers: HeaderMap,
 ) -> Result<http::Response<hyper::body::Incoming>, String> {
     let cfg = &p.inner.config;
-    let url = format!("{}{pq}", cfg.registry.trim_end_matches('/'));
+    let url = cfg.registry.join(pq);
     let mut req = http::Request::builder()
         .method(method)
         .uri(url)
@@ -410,13 +445,62 @@ mod tests {
     use super::*;
 
     #[test]
+    fn registry_urls_are_parsed_once_into_address_host_and_base_path() {
+        let parts = |u: &str| {
+            let r: RegistryUrl = u.parse().unwrap();
+            (
+                r.addr.clone(),
+                r.host.clone(),
+                r.base.clone(),
+                r.to_string(),
+            )
+        };
+        assert_eq!(
+            parts("http://[::1]:5000/"),
+            (
+                "[::1]:5000".into(),
+                "[::1]:5000".into(),
+                "".into(),
+                "http://[::1]:5000".into()
+            )
+        );
+        assert_eq!(
+            parts("http://kache-registry/base/"),
+            (
+                "kache-registry:80".into(),
+                "kache-registry".into(),
+                "/base".into(),
+                "http://kache-registry/base".into()
+            )
+        );
+        let r: RegistryUrl = "http://r:5000".parse().unwrap();
+        assert_eq!(
+            r.join("/v2/a/manifests/1?ns=x"),
+            "http://r:5000/v2/a/manifests/1?ns=x"
+        );
+        for bad in [
+            "https://r:5000",
+            "r:5000",
+            "http://",
+            "http://r/?x=1",
+            "not a url",
+        ] {
+            let e = bad.parse::<RegistryUrl>().unwrap_err();
+            assert!(
+                e.to_string().contains("is not an http:// URL"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn the_registry_is_reached_over_plain_http_only() {
         for ok in [
             "http://kache-registry:5000",
             "http://10.0.0.1:5000/",
             "http://[::1]:5000",
         ] {
-            check_registry_url(ok).unwrap();
+            ok.parse::<RegistryUrl>().unwrap();
         }
         for bad in [
             "https://kache-registry:5000",
@@ -424,7 +508,7 @@ mod tests {
             "http://",
             "",
         ] {
-            let e = check_registry_url(bad).unwrap_err();
+            let e = bad.parse::<RegistryUrl>().unwrap_err();
             assert!(e.to_string().contains("http://"), "{e}");
         }
     }

@@ -17,7 +17,7 @@ use http::header::CONTENT_LENGTH;
 use http::{Method, Version};
 use kache_http::{Conn, Head, Intercept};
 
-use crate::{Proxy, Pull};
+use crate::{Proxy, Pull, RegistryUrl};
 
 /// Idle registry connections kept for the next request.
 const POOL_MAX_IDLE: usize = 32;
@@ -115,12 +115,7 @@ impl Proxy {
 /// Plain HTTP/1.1 connections to the registry, and a small pool of idle ones.
 #[derive(Debug)]
 pub(crate) struct RawRegistry {
-    /// `host:port` to connect to.
-    addr: String,
-    /// The `Host` header.
-    host: String,
-    /// The registry URL's path, without its trailing `/`; requests append theirs.
-    base: String,
+    url: RegistryUrl,
     timeout: Duration,
     idle: Mutex<Vec<(TcpStream, Instant)>>,
 }
@@ -141,19 +136,12 @@ pub(crate) struct Answer {
 }
 
 impl RawRegistry {
-    /// From the registry URL (already checked to be `http://` with a host).
-    pub(crate) fn new(url: &str, timeout: Duration) -> Option<RawRegistry> {
-        let uri: http::Uri = url.parse().ok()?;
-        let authority = uri.authority()?;
-        let port = authority.port_u16().unwrap_or(80);
-        let host = authority.host();
-        Some(RawRegistry {
-            addr: format!("{host}:{port}"),
-            host: authority.as_str().to_owned(),
-            base: uri.path().trim_end_matches('/').to_owned(),
+    pub(crate) fn new(url: RegistryUrl, timeout: Duration) -> RawRegistry {
+        RawRegistry {
+            url,
             timeout,
             idle: Mutex::new(Vec::new()),
-        })
+        }
     }
 
     /// An idle connection that is still open, if any.
@@ -184,7 +172,7 @@ impl RawRegistry {
     }
 
     async fn connect(&self) -> io::Result<TcpStream> {
-        let tcp = TcpStream::connect(&self.addr).await?;
+        let tcp = TcpStream::connect(&self.url.addr).await?;
         tcp.set_nodelay(true)?;
         Ok(tcp)
     }
@@ -195,10 +183,10 @@ impl RawRegistry {
     pub(crate) async fn get(&self, pull: &Pull) -> Result<Answer, String> {
         let mut request = Vec::with_capacity(256);
         request.extend_from_slice(b"GET ");
-        request.extend_from_slice(self.base.as_bytes());
+        request.extend_from_slice(self.url.base.as_bytes());
         request.extend_from_slice(pull.pq.as_bytes());
         request.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-        request.extend_from_slice(self.host.as_bytes());
+        request.extend_from_slice(self.url.host.as_bytes());
         request.extend_from_slice(b"\r\n");
         for (name, value) in &pull.headers {
             request.extend_from_slice(name.as_str().as_bytes());
@@ -220,7 +208,7 @@ impl RawRegistry {
             let tcp = self
                 .connect()
                 .await
-                .map_err(|e| format!("connecting to {}: {e}", self.addr))?;
+                .map_err(|e| format!("connecting to {}: {e}", self.url.addr))?;
             match exchange(tcp, &request).await {
                 Ok(answer) => Ok(answer),
                 Err(Exchange::Unanswered(e) | Exchange::Failed(e)) => Err(e),
@@ -327,20 +315,6 @@ fn body_length(status: StatusCode, headers: &HeaderMap) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_registry_url_gives_the_address_host_and_base_path() {
-        let r = RawRegistry::new("http://[::1]:5000/", Duration::from_secs(1)).unwrap();
-        assert_eq!(
-            (r.addr.as_str(), r.host.as_str(), r.base.as_str()),
-            ("[::1]:5000", "[::1]:5000", "")
-        );
-        let r = RawRegistry::new("http://kache-registry/base/", Duration::from_secs(1)).unwrap();
-        assert_eq!(
-            (r.addr.as_str(), r.host.as_str(), r.base.as_str()),
-            ("kache-registry:80", "kache-registry", "/base")
-        );
-    }
 
     #[test]
     fn only_a_single_plain_length_is_relayed_as_it_is() {

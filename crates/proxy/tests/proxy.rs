@@ -94,13 +94,12 @@ async fn proxy_with(registry: &str, upstream_host: &str, timeout: Duration, hype
     let mut prom = prometheus_client::registry::Registry::default();
     let p = Proxy::new(
         ProxyConfig {
-            registry: registry.to_owned(),
+            registry: registry.parse().unwrap(),
             registry_timeout: timeout,
         },
         upstream_client(upstream_host),
         ProxyMetrics::new(&mut prom),
-    )
-    .unwrap();
+    );
     let addr = if hyper {
         serve(p.router()).await
     } else {
@@ -1007,13 +1006,12 @@ async fn shutdown_closes_idle_connections_and_finishes_the_answer_in_flight() {
     let mut prom = prometheus_client::registry::Registry::default();
     let p = Proxy::new(
         ProxyConfig {
-            registry: reg,
+            registry: reg.parse().unwrap(),
             registry_timeout: Duration::from_secs(5),
         },
         upstream_client("127.0.0.1:1"),
         ProxyMetrics::new(&mut prom),
-    )
-    .unwrap();
+    );
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
