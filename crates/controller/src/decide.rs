@@ -13,41 +13,6 @@ use kache_oci::upstream::{Credentials, DockerConfig};
 /// The platform assumed when the cluster has no nodes yet.
 pub const DEFAULT_PLATFORM: &str = "linux/amd64";
 
-/// Parses a duration such as `30d`, `2h`, `90m`, `45s` or `1d12h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if s.is_empty() {
-        return Err("empty duration".to_owned());
-    }
-    let mut total: u64 = 0;
-    let mut digits = String::new();
-    for c in s.chars() {
-        if c.is_ascii_digit() {
-            digits.push(c);
-            continue;
-        }
-        let unit = match c {
-            'd' => 86_400,
-            'h' => 3_600,
-            'm' => 60,
-            's' => 1,
-            _ => return Err(format!("{s:?}: unknown unit {c:?} (use d, h, m, s)")),
-        };
-        let n: u64 = digits
-            .parse()
-            .map_err(|_| format!("{s:?}: a number must come before {c:?}"))?;
-        digits.clear();
-        total = n
-            .checked_mul(unit)
-            .and_then(|v| total.checked_add(v))
-            .ok_or_else(|| format!("{s:?}: too long"))?;
-    }
-    if !digits.is_empty() {
-        return Err(format!("{s:?}: a unit must follow {digits} (d, h, m, s)"));
-    }
-    Ok(Duration::from_secs(total))
-}
-
 /// Normalises an image as written in a pod spec (`nginx`, `ghcr.io/o/a:1`); `None` when it is
 /// not a valid reference.
 pub fn normalise(image: &str) -> Option<String> {
@@ -186,24 +151,6 @@ mod tests {
 
     fn ts(s: i64) -> Timestamp {
         Timestamp::from_second(s).unwrap()
-    }
-
-    #[test]
-    fn durations() {
-        let ok = [
-            ("30d", 30 * 86_400),
-            ("2h", 7_200),
-            ("90m", 5_400),
-            ("45s", 45),
-            ("1d12h", 129_600),
-            ("0s", 0),
-        ];
-        for (s, secs) in ok {
-            assert_eq!(parse_duration(s), Ok(Duration::from_secs(secs)), "{s}");
-        }
-        for bad in ["", "30", "d", "3w", "1.5h", "-1d", "99999999999999999999d"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub struct HealthArgs {
     #[arg(long, default_value = "http://127.0.0.1:9090/readyz")]
     url: String,
     /// Longest wait for the whole answer.
-    #[arg(long, value_parser = crate::parse_duration, default_value = "3s")]
+    #[arg(long, value_parser = crate::flags::parse_duration, default_value = "3s")]
     timeout: Duration,
 }
 

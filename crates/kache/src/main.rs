@@ -1,8 +1,10 @@
-//! The one kache binary: `kache registry|proxy|webhook|controller|dev|fsck|crds`. It parses configuration and wires the
-//! crates together; behaviour lives in the crates.
+//! The one kache binary: `kache registry|proxy|webhook|controller|dev|gc|fsck|certs|health|crds`.
+//! It parses configuration (typed at the edge: flags.rs) and wires the crates together;
+//! behaviour lives in the crates.
 
 mod certs;
 mod control;
+mod flags;
 mod health;
 mod serve;
 
@@ -11,6 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use flags::{parse_duration, parse_share, parse_size};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -314,24 +317,6 @@ struct DevArgs {
     upstream: UpstreamArgs,
 }
 
-/// A share of one core: `10%` (1% to 100%).
-fn parse_share(s: &str) -> Result<f64, String> {
-    let p: f64 = s
-        .trim()
-        .strip_suffix('%')
-        .and_then(|p| p.trim().parse().ok())
-        .ok_or_else(|| format!("{s:?} is not a percentage like 10%"))?;
-    if !(1.0..=100.0).contains(&p) {
-        return Err(format!("{s:?} is not between 1% and 100%"));
-    }
-    Ok(p / 100.0)
-}
-
-/// Sizes as `200GiB`, `500MB`, `200Gi`, or plain bytes.
-fn parse_size(s: &str) -> Result<u64, String> {
-    kache_store::parse_size(s).map_err(|e| e.to_string())
-}
-
 impl GcFlags {
     fn config(&self, upload_timeout: Duration) -> kache_registry::GcConfig {
         if self.gc_grace < Duration::from_secs(60) {
@@ -352,18 +337,6 @@ impl GcFlags {
             duty: self.gc_cpu,
         }
     }
-}
-
-/// Durations as `30s`, `15m`, `2h`, `30d`, `1d12h`, or plain seconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
-        return t
-            .parse()
-            .map(Duration::from_secs)
-            .map_err(|_| format!("{s:?} is too long a duration"));
-    }
-    kache_controller::decide::parse_duration(t)
 }
 
 fn init_tracing(format: LogFormat) {
@@ -483,25 +456,6 @@ fn main() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86400)));
-        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
-        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
-        assert!(parse_duration("2w").is_err());
-        assert!(parse_duration("h").is_err());
-        assert!(parse_duration("").is_err());
-    }
-
-    #[test]
-    fn shares() {
-        assert_eq!(parse_share("10%"), Ok(0.1));
-        assert_eq!(parse_share(" 100% "), Ok(1.0));
-        assert!(parse_share("0%").is_err());
-        assert!(parse_share("150%").is_err());
-        assert!(parse_share("0.5").is_err());
-    }
 
     #[test]
     fn one_http_server_flag_and_the_old_names_still_parse() {

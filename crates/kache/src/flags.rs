@@ -1,0 +1,111 @@
+//! Flag values parsed into typed values at the edge: durations, sizes and shares of a core,
+//! with the errors clap shows for a bad one.
+
+use std::time::Duration;
+
+/// A share of one core: `10%` (1% to 100%).
+pub fn parse_share(s: &str) -> Result<f64, String> {
+    let p: f64 = s
+        .trim()
+        .strip_suffix('%')
+        .and_then(|p| p.trim().parse().ok())
+        .ok_or_else(|| format!("{s:?} is not a percentage like 10%"))?;
+    if !(1.0..=100.0).contains(&p) {
+        return Err(format!("{s:?} is not between 1% and 100%"));
+    }
+    Ok(p / 100.0)
+}
+
+/// Sizes as `200GiB`, `500MB`, `200Gi`, or plain bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    kache_store::parse_size(s).map_err(|e| e.to_string())
+}
+
+/// Durations as `30s`, `15m`, `2h`, `30d`, `1d12h`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        return t
+            .parse()
+            .map(Duration::from_secs)
+            .map_err(|_| format!("{s:?} is too long a duration"));
+    }
+    units(t)
+}
+
+/// `30d`, `2h`, `90m`, `45s`, `1d12h`: numbers each followed by a unit.
+fn units(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty duration".to_owned());
+    }
+    let mut total: u64 = 0;
+    let mut digits = String::new();
+    for c in s.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let unit = match c {
+            'd' => 86_400,
+            'h' => 3_600,
+            'm' => 60,
+            's' => 1,
+            _ => return Err(format!("{s:?}: unknown unit {c:?} (use d, h, m, s)")),
+        };
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("{s:?}: a number must come before {c:?}"))?;
+        digits.clear();
+        total = n
+            .checked_mul(unit)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(|| format!("{s:?}: too long"))?;
+    }
+    if !digits.is_empty() {
+        return Err(format!("{s:?}: a unit must follow {digits} (d, h, m, s)"));
+    }
+    Ok(Duration::from_secs(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86400)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("2w").is_err());
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn shares() {
+        assert_eq!(parse_share("10%"), Ok(0.1));
+        assert_eq!(parse_share(" 100% "), Ok(1.0));
+        assert!(parse_share("0%").is_err());
+        assert!(parse_share("150%").is_err());
+        assert!(parse_share("0.5").is_err());
+    }
+
+    #[test]
+    fn units_add_up() {
+        let ok = [
+            ("30d", 30 * 86_400),
+            ("2h", 7_200),
+            ("90m", 5_400),
+            ("45s", 45),
+            ("1d12h", 129_600),
+            ("0s", 0),
+        ];
+        for (s, secs) in ok {
+            assert_eq!(units(s), Ok(Duration::from_secs(secs)), "{s}");
+        }
+        for bad in ["", "30", "d", "3w", "1.5h", "-1d", "99999999999999999999d"] {
+            assert!(units(bad).is_err(), "{bad}");
+        }
+    }
+}
