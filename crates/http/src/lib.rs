@@ -9,15 +9,17 @@
 //! routing, headers and errors are the same whichever server runs it; a connection that speaks
 //! HTTP/2, or sends a request body to a server that takes them, is handed to hyper whole.
 
+mod codec;
 mod send_file;
 mod server;
 #[cfg(target_os = "linux")]
 mod splice;
 
-pub use send_file::SendFile;
-pub use server::{
-    Bodies, Conn, Head, Intercept, NoIntercept, Server, has_token, oci_error, write_head,
+pub use codec::{
+    Head, HeadError, has_token, parse_head, request_body, wants_keep_alive, write_head,
 };
+pub use send_file::SendFile;
+pub use server::{Bodies, Conn, Intercept, NoIntercept, Server, oci_error};
 #[cfg(target_os = "linux")]
 pub use splice::Broken;
 

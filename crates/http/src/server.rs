@@ -12,8 +12,8 @@ use axum::Router;
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, DATE, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
+use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
+use http::{HeaderValue, Method, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Body as _;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -25,12 +25,9 @@ use tokio::sync::{mpsc, watch};
 use tower::ServiceExt;
 
 use crate::SendFile;
-
-/// Longest request head; a longer one is answered 431 and the connection closed.
-const MAX_HEAD: usize = 64 * 1024;
-
-/// Most header lines in a request head (431 beyond).
-const MAX_HEADERS: usize = 100;
+use crate::codec::{
+    Head, HeadError, MAX_HEAD, parse_head, request_body, wants_keep_alive, write_head,
+};
 
 /// An idle keep-alive connection is closed after this.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -183,15 +180,6 @@ impl Stop {
     }
 }
 
-/// A parsed request head.
-#[derive(Debug)]
-pub struct Head {
-    pub method: Method,
-    pub uri: http::Uri,
-    pub version: Version,
-    pub headers: HeaderMap,
-}
-
 enum Next {
     /// A head, and how many buffered bytes it took.
     Request(Box<Head>, usize),
@@ -238,8 +226,9 @@ impl Conn {
             };
             let has_body = match request_body(&head.headers) {
                 Ok(b) => b,
-                Err(answer) => {
-                    self.respond(*answer, false, head.version, false).await?;
+                Err(e) => {
+                    self.respond(*refusal(e), false, head.version, false)
+                        .await?;
                     return self.close().await;
                 }
             };
@@ -273,16 +262,16 @@ impl Conn {
                 } else {
                     match parse_head(&self.buf) {
                         Ok(Some((_, used))) if used > MAX_HEAD => {
-                            return Ok(Next::Bad(too_large()));
+                            return Ok(Next::Bad(refusal(HeadError::TooLarge)));
                         }
                         Ok(Some((head, used))) => {
                             return Ok(Next::Request(Box::new(head), used));
                         }
                         Ok(None) if self.buf.len() >= MAX_HEAD => {
-                            return Ok(Next::Bad(too_large()));
+                            return Ok(Next::Bad(refusal(HeadError::TooLarge)));
                         }
                         Ok(None) => {}
-                        Err(answer) => return Ok(Next::Bad(answer)),
+                        Err(e) => return Ok(Next::Bad(refusal(e))),
                     }
                 }
             }
@@ -573,149 +562,13 @@ pub fn oci_error(status: StatusCode, code: ErrorCode, message: impl std::fmt::Di
     (status, [(CONTENT_TYPE, "application/json")], body.to_json()).into_response()
 }
 
-/// Parses a request head; Ok(None) while it is incomplete, Err with the answer when it cannot
-/// be served.
-fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, Box<Response>> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut slots);
-    let used = match req.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(too_large()),
-        Err(e) => return Err(bad_request(format!("malformed request: {e}"))),
+/// The answer to a head that cannot be served (the connection closes after it).
+fn refusal(e: HeadError) -> Box<Response> {
+    let status = match e {
+        HeadError::TooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        HeadError::Malformed(_) => StatusCode::BAD_REQUEST,
     };
-    let method = req
-        .method
-        .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
-        .ok_or_else(|| bad_request("malformed method"))?;
-    let uri = req
-        .path
-        .and_then(|p| p.parse::<http::Uri>().ok())
-        .ok_or_else(|| bad_request("malformed request target"))?;
-    let version = match req.version {
-        Some(0) => Version::HTTP_10,
-        _ => Version::HTTP_11,
-    };
-    let mut headers = HeaderMap::with_capacity(req.headers.len());
-    for h in req.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| bad_request("malformed header name"))?;
-        let value =
-            HeaderValue::from_bytes(h.value).map_err(|_| bad_request("malformed header value"))?;
-        headers.append(name, value);
-    }
-    Ok(Some((
-        Head {
-            method,
-            uri,
-            version,
-            headers,
-        },
-        used,
-    )))
-}
-
-/// Whether the request announces a body; Err for a length that cannot be understood.
-fn request_body(headers: &HeaderMap) -> Result<bool, Box<Response>> {
-    if headers.contains_key(TRANSFER_ENCODING) {
-        return Ok(true);
-    }
-    let mut any = false;
-    for v in headers.get_all(CONTENT_LENGTH) {
-        match v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()) {
-            Some(0) => {}
-            Some(_) => any = true,
-            None => return Err(bad_request("malformed content-length")),
-        }
-    }
-    Ok(any)
-}
-
-fn wants_keep_alive(version: Version, headers: &HeaderMap) -> bool {
-    if has_token(headers, "connection", "close") {
-        return false;
-    }
-    version == Version::HTTP_11 || has_token(headers, "connection", "keep-alive")
-}
-
-/// Whether a comma-separated header (`Connection`) lists `token`.
-pub fn has_token(headers: &HeaderMap, name: &str, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
-}
-
-/// Appends the current time as an HTTP date, formatted once per second and thread.
-fn http_date(out: &mut Vec<u8>) {
-    use std::cell::RefCell;
-    use std::time::{SystemTime, UNIX_EPOCH};
-    thread_local! {
-        static CACHED: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
-    }
-    let now = SystemTime::now();
-    let second = now
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    CACHED.with_borrow_mut(|(at, text)| {
-        if *at != second {
-            *at = second;
-            *text = httpdate::fmt_http_date(now);
-        }
-        out.extend_from_slice(text.as_bytes());
-    });
-}
-
-/// Writes a response head; `keep` says whether the connection stays open after the answer.
-pub fn write_head(
-    out: &mut Vec<u8>,
-    status: StatusCode,
-    headers: &HeaderMap,
-    version: Version,
-    keep: bool,
-) {
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
-    for (name, value) in headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    if !headers.contains_key(DATE) {
-        // RFC 9110 §6.6.1: a server with a clock sends one.
-        out.extend_from_slice(b"date: ");
-        http_date(out);
-        out.extend_from_slice(b"\r\n");
-    }
-    if !keep {
-        out.extend_from_slice(b"connection: close\r\n");
-    } else if version == Version::HTTP_10 {
-        out.extend_from_slice(b"connection: keep-alive\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-}
-
-fn bad_request(message: impl std::fmt::Display) -> Box<Response> {
-    Box::new(oci_error(
-        StatusCode::BAD_REQUEST,
-        ErrorCode::Unsupported,
-        message,
-    ))
-}
-
-fn too_large() -> Box<Response> {
-    Box::new(oci_error(
-        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-        ErrorCode::Unsupported,
-        format!(
-            "the request head is larger than {MAX_HEAD} bytes or has more than {MAX_HEADERS} fields"
-        ),
-    ))
+    Box::new(oci_error(status, ErrorCode::Unsupported, e))
 }
 
 /// A socket whose first reads return bytes already read from it.
@@ -767,78 +620,5 @@ impl AsyncWrite for Rewind {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn heads_parse_or_get_a_clear_answer() {
-        let (h, used) = parse_head(b"GET /v2/ HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET")
-            .unwrap()
-            .unwrap();
-        assert_eq!(used, 45);
-        assert_eq!(h.version, Version::HTTP_10);
-        assert!(wants_keep_alive(h.version, &h.headers));
-        assert!(
-            parse_head(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n")
-                .unwrap()
-                .is_none()
-        );
-        let bad = parse_head(b"GET /v2/ HTTP/1.1\r\nBad Header: x\r\n\r\n").unwrap_err();
-        assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
-        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
-        for i in 0..=MAX_HEADERS {
-            many.extend_from_slice(format!("x-{i}: y\r\n").as_bytes());
-        }
-        many.extend_from_slice(b"\r\n");
-        let bad = parse_head(&many).unwrap_err();
-        assert_eq!(bad.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
-    }
-
-    #[test]
-    fn every_head_has_a_date() {
-        let mut out = Vec::new();
-        write_head(
-            &mut out,
-            StatusCode::OK,
-            &HeaderMap::new(),
-            Version::HTTP_11,
-            true,
-        );
-        let text = String::from_utf8(out).unwrap();
-        let date = text
-            .lines()
-            .find_map(|l| l.strip_prefix("date: "))
-            .expect("a date");
-        let when = httpdate::parse_http_date(date).unwrap();
-        let age = std::time::SystemTime::now().duration_since(when).unwrap();
-        assert!(age.as_secs() < 60, "{date}");
-        // One the handler set is kept, and not repeated.
-        let mut h = HeaderMap::new();
-        h.insert(
-            DATE,
-            HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT"),
-        );
-        let mut out = Vec::new();
-        write_head(&mut out, StatusCode::OK, &h, Version::HTTP_11, true);
-        let text = String::from_utf8(out).unwrap();
-        assert_eq!(text.matches("date: ").count(), 1, "{text}");
-        assert!(text.contains("date: Sun, 06 Nov 1994 08:49:37 GMT\r\n"));
-    }
-
-    #[test]
-    fn keep_alive_follows_the_version_and_connection() {
-        let h = |v: &str| {
-            let mut m = HeaderMap::new();
-            m.insert(CONNECTION, HeaderValue::from_str(v).unwrap());
-            m
-        };
-        assert!(wants_keep_alive(Version::HTTP_11, &HeaderMap::new()));
-        assert!(!wants_keep_alive(Version::HTTP_11, &h("Close")));
-        assert!(!wants_keep_alive(Version::HTTP_10, &HeaderMap::new()));
-        assert!(wants_keep_alive(Version::HTTP_10, &h("te, Keep-Alive")));
     }
 }
