@@ -1,0 +1,1 @@
+//! Small runnable programs that use kache's crates on their own; see `examples/README.md`.
