@@ -8,6 +8,16 @@
 //! [`Conn::splice_from`]). Everything else about a request is the axum router's business, so
 //! routing, headers and errors are the same whichever server runs it; a connection that speaks
 //! HTTP/2, or sends a request body to a server that takes them, is handed to hyper whole.
+//!
+//! Its wire format is pure ([`parse_head`], [`write_head`]):
+//!
+//! ```
+//! let buf = b"GET /v2/ HTTP/1.1\r\nHost: kache\r\n\r\nGET /v2/ HTTP/1.1\r\n";
+//! let (head, used) = kache_http::parse_head(buf).unwrap().expect("a whole head");
+//! assert_eq!((head.method.as_str(), head.uri.path()), ("GET", "/v2/"));
+//! // The rest of the buffer is the next request, still incomplete.
+//! assert!(kache_http::parse_head(&buf[used..]).unwrap().is_none());
+//! ```
 
 mod codec;
 mod send_file;

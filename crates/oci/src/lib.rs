@@ -2,6 +2,23 @@
 //! repository names, tags, digests, media types, image references and the parts of a manifest
 //! a registry must read; with the `upstream` feature, the client that fetches from upstream
 //! registries.
+//!
+//! An image as a pod names it, the cache repository kache keeps it under, and back:
+//!
+//! ```
+//! use kache_oci::{ImageReference, split_cache_repository};
+//!
+//! let image: ImageReference = "registry:5000/team/app:1.2".parse().unwrap();
+//! let repo = image.cache_repository();
+//! assert_eq!(repo.as_str(), "registry_5000/team/app");
+//! assert_eq!(
+//!     split_cache_repository(&repo),
+//!     Some(("registry:5000".to_owned(), "team/app".to_owned()))
+//! );
+//! // Docker's short names are normalised as Docker does.
+//! let nginx: ImageReference = "nginx".parse().unwrap();
+//! assert_eq!(nginx.to_string(), "docker.io/library/nginx:latest");
+//! ```
 
 pub mod api;
 pub mod digest;

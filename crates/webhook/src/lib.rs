@@ -4,6 +4,27 @@
 //! [`rules`] is the pure part (a Pod and a [`Policy`] in, a JSON patch out); [`review()`] answers
 //! one AdmissionReview body with it; [`server`] serves that over TLS with a certificate that is
 //! reloaded when its files change ([`tls`]).
+//!
+//! ```
+//! use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
+//! use kache_webhook::{Policy, Scope, rewrite};
+//!
+//! let pod = Pod {
+//!     spec: Some(PodSpec {
+//!         containers: vec![Container {
+//!             name: "web".into(),
+//!             image: Some("nginx:1.27".into()),
+//!             ..Container::default()
+//!         }],
+//!         ..PodSpec::default()
+//!     }),
+//!     ..Pod::default()
+//! };
+//! let decided = rewrite(&pod, &Policy::default(), Scope::Create);
+//! assert_eq!(decided.rewritten, 1);
+//! let patch = serde_json::to_string(&decided.patch).unwrap();
+//! assert!(patch.contains("localhost:7439/docker.io/library/nginx:1.27"));
+//! ```
 
 pub mod review;
 pub mod rules;

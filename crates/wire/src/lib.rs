@@ -1,6 +1,17 @@
 //! The contracts between kache's processes: routes kache adds beside the Distribution API, the
 //! bodies they carry, and the header the registry adds to its Distribution answers. Both sides
 //! use these types, so neither can drift from the other.
+//!
+//! ```
+//! use kache_wire::{CacheOutcome, WarmRequest};
+//!
+//! // What the node proxy reads off a registry answer's `x-kache-cache` header.
+//! assert_eq!(CacheOutcome::parse("stale"), Some(CacheOutcome::Stale));
+//! // What the controller sends to cache an image for the cluster's platforms.
+//! let warm: WarmRequest =
+//!     serde_json::from_str(r#"{"image":"nginx:1.27","platforms":["linux/arm64"]}"#).unwrap();
+//! assert_eq!(warm.platforms, ["linux/arm64"]);
+//! ```
 
 use kache_oci::Digest;
 use serde::{Deserialize, Serialize};
