@@ -130,9 +130,9 @@ async fn apply(ci: &CachedImage, ctx: &Context) -> Result<Action, Error> {
         resync: ctx.config.resync,
     };
     let warmed = match phase::caching(&old, &seen) {
-        None => None,
-        Some(announce) => {
-            if let Some((status, note)) = announce {
+        phase::Caching::Current => None,
+        phase::Caching::Due(announce) => {
+            if let Some((status, note)) = announce.map(|b| *b) {
                 write_status(&api, &name, &old, status).await?;
                 publish(ctx, ci, &note).await;
             }

@@ -97,24 +97,28 @@ fn cached(old: &CachedImageStatus) -> bool {
     matches!(old.phase, Phase::Cached | Phase::Expiring) && old.digest.is_some()
 }
 
-/// `None` when the image is cached, confirmed within the resync, for every node's platform:
-/// nothing to warm. Otherwise a warm call is due, and for a Pending image the Caching status and
-/// event to show before it. A retry after a failure keeps Failed until it succeeds, so that
+/// Whether a warm call is due, and what to show before it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Caching {
+    /// Cached, confirmed within the resync, for every node's platform: nothing to warm.
+    Current,
+    /// A warm call is due; for a Pending image, the Caching status and event to show first.
+    Due(Option<Box<(CachedImageStatus, Note)>>),
+}
+
+/// [`Caching`] for an image whose status is `old`. A retry after a failure keeps Failed until it succeeds, so that
 /// status writes (each a watch event and a reconcile) cannot chase each other.
-pub(crate) fn caching(
-    old: &CachedImageStatus,
-    seen: &Seen,
-) -> Option<Option<(CachedImageStatus, Note)>> {
+pub(crate) fn caching(old: &CachedImageStatus, seen: &Seen) -> Caching {
     let synced_recently = old
         .last_sync
         .as_ref()
         .is_some_and(|t| t.0.as_second() + seen.resync.as_secs() as i64 > seen.now.as_second());
     let platforms_known = seen.platforms.iter().all(|p| old.platforms.contains(p));
     if cached(old) && synced_recently && platforms_known {
-        return None;
+        return Caching::Current;
     }
     if old.phase != Phase::Pending {
-        return Some(None);
+        return Caching::Due(None);
     }
     let mut status = old.clone();
     status.used_by = seen.used_by.clone();
@@ -123,7 +127,7 @@ pub(crate) fn caching(
         "Caching",
         format!("caching {} for {}", seen.image, seen.platforms.join(", ")),
     );
-    Some(Some((status, note)))
+    Caching::Due(Some(Box::new((status, note))))
 }
 
 /// The status after the warm call (`None` when none was due), its events, and when to look
@@ -288,8 +292,11 @@ mod tests {
             ),
         ] {
             let plan = caching(&old, &seen(None));
-            assert_eq!(plan.is_some(), warm, "{why}");
-            let shown = plan.flatten();
+            assert_eq!(plan != Caching::Current, warm, "{why}");
+            let shown = match plan {
+                Caching::Due(shown) => shown.map(|b| *b),
+                Caching::Current => None,
+            };
             assert_eq!(shown.is_some(), announce, "{why}");
             if let Some((status, note)) = shown {
                 assert_eq!(status.phase, Phase::Caching);
