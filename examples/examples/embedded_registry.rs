@@ -28,6 +28,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tokio::spawn(kache_registry::serve(
         registry.router(),
         listener,
+        kache_http::ServerKind::Kache,
         std::future::pending(),
     ));
     let http = reqwest::Client::new();

@@ -1,4 +1,9 @@
-//! kache's HTTP/1.1 server for the pull path.
+//! How kache serves HTTP: every listener of every role is served from here. Its own HTTP/1.1
+//! server for the pull path ([`Server`]), hyper for the rest ([`serve_hyper`], and
+//! `serve_tls` for the webhook), the operations endpoints ([`ops_router`]), and the socket
+//! and signal handling they share ([`net`], [`shutdown`]).
+//!
+//! ## The pull path
 //!
 //! hyper owns its sockets, so every body byte it sends is copied through user space: from a
 //! file or a socket into a buffer, then into the client's socket. On the pull path that copy is
@@ -20,16 +25,27 @@
 //! ```
 
 mod codec;
+mod conn;
+mod graceful;
+mod handoff;
+pub mod net;
+mod ops;
 mod send_file;
 mod server;
+pub mod shutdown;
 #[cfg(target_os = "linux")]
 mod splice;
 
 pub use codec::{
     Head, HeadError, has_token, parse_head, request_body, wants_keep_alive, write_head,
 };
+pub use conn::{Conn, oci_error};
+pub use graceful::serve_hyper;
+#[cfg(feature = "tls")]
+pub use graceful::serve_tls;
+pub use ops::ops_router;
 pub use send_file::SendFile;
-pub use server::{Bodies, Conn, Intercept, NoIntercept, Server, oci_error};
+pub use server::{Bodies, Intercept, NoIntercept, Server, ServerKind};
 #[cfg(target_os = "linux")]
 pub use splice::Broken;
 

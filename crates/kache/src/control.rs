@@ -51,7 +51,7 @@ pub async fn controller(a: ControllerArgs) -> anyhow::Result<()> {
         },
         registry,
         metrics,
-        serve::shutdown_signal(),
+        kache_http::shutdown::signal(),
     )
     .await;
     ops.abort();

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use flags::{parse_duration, parse_share, parse_size};
+use kache_http::ServerKind;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -181,7 +182,7 @@ struct RegistryArgs {
         value_enum,
         default_value = "kache"
     )]
-    server: serve::HttpServer,
+    server: kache_http::ServerKind,
     #[command(flatten)]
     gc: GcFlags,
     #[command(flatten)]
@@ -217,7 +218,7 @@ struct ProxyArgs {
         value_enum,
         default_value = "kache"
     )]
-    server: serve::HttpServer,
+    server: kache_http::ServerKind,
     #[command(flatten)]
     upstream: UpstreamArgs,
 }
@@ -378,7 +379,6 @@ fn main() -> anyhow::Result<()> {
                     server: a.server,
                     gc: a.gc.config(a.upload_timeout),
                     upstream: serve::upstream_config(&a.upstream)?,
-                    proxy: None,
                 })
                 .await
             }
@@ -414,7 +414,7 @@ fn main() -> anyhow::Result<()> {
                     a.listen
                 );
                 let upstream = serve::upstream_config(&a.upstream)?;
-                serve::registry(serve::RegistryOptions {
+                let registry = serve::RegistryOptions {
                     listen: a.listen,
                     internal_listen: None,
                     write_token: None,
@@ -423,19 +423,19 @@ fn main() -> anyhow::Result<()> {
                     data_dir: a.data_dir,
                     upload_timeout: Duration::from_secs(3600),
                     tag_ttl: a.tag_ttl,
-                    server: serve::HttpServer::Kache,
+                    server: ServerKind::Kache,
                     gc: a.gc.config(Duration::from_secs(3600)),
                     upstream: upstream.clone(),
-                    proxy: Some(serve::ProxyOptions {
-                        listen: vec![a.proxy_listen],
-                        registry: format!("http://{}", a.listen).parse()?,
-                        registry_timeout: Duration::from_secs(5),
-                        metrics_listen: a.metrics_listen,
-                        upstream,
-                        server: serve::HttpServer::Kache,
-                    }),
-                })
-                .await
+                };
+                let proxy = serve::ProxyOptions {
+                    listen: vec![a.proxy_listen],
+                    registry: format!("http://{}", a.listen).parse()?,
+                    registry_timeout: Duration::from_secs(5),
+                    metrics_listen: a.metrics_listen,
+                    upstream,
+                    server: ServerKind::Kache,
+                };
+                serve::dev(registry, proxy).await
             }
             Command::Controller(a) => control::controller(a).await,
             Command::Crds => {
@@ -459,7 +459,7 @@ mod tests {
 
     #[test]
     fn one_http_server_flag_and_the_old_names_still_parse() {
-        let server = |args: &[&str]| -> Result<serve::HttpServer, String> {
+        let server = |args: &[&str]| -> Result<ServerKind, String> {
             let cli =
                 Cli::try_parse_from(["kache"].iter().chain(args)).map_err(|e| e.to_string())?;
             match cli.command {
@@ -468,7 +468,7 @@ mod tests {
                 _ => unreachable!(),
             }
         };
-        use serve::HttpServer::{Hyper, Kache};
+        use ServerKind::{Hyper, Kache};
         assert_eq!(server(&["registry"]), Ok(Kache));
         assert_eq!(server(&["proxy"]), Ok(Kache));
         assert_eq!(server(&["registry", "--http-server", "hyper"]), Ok(Hyper));

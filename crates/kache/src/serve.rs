@@ -1,25 +1,20 @@
-//! Wiring: listeners, the metrics endpoint, graceful shutdown.
+//! Wiring: each role's listeners, its metrics endpoint, and the order it stops in.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::Router;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use kache_http::{ServerKind, ops_router, shutdown};
 use kache_oci::upstream::{DockerConfig, Upstream, UpstreamConfig};
 use kache_proxy::{Proxy, ProxyConfig, ProxyMetrics};
 use kache_registry::{Access, Metrics, Registry};
 use kache_store::Store;
 use prometheus_client::registry::Registry as PromRegistry;
+use tokio::net::TcpListener;
 use tokio::task::JoinSet;
-use tower::ServiceExt;
 
 use crate::UpstreamArgs;
 
@@ -34,24 +29,9 @@ pub struct RegistryOptions {
     pub data_dir: PathBuf,
     pub upload_timeout: Duration,
     pub tag_ttl: Duration,
-    pub server: HttpServer,
+    pub server: ServerKind,
     pub gc: kache_registry::GcConfig,
     pub upstream: UpstreamConfig,
-    /// A node proxy in the same process (`kache dev`).
-    pub proxy: Option<ProxyOptions>,
-}
-
-/// Which HTTP server answers the clients of the registry and of the proxy (`--http-server`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum HttpServer {
-    /// kache's own HTTP/1.1 server (crates/http): blob bodies never cross user space, the
-    /// registry's go page cache → socket with sendfile(2), the proxy's registry socket → pipe →
-    /// client socket with splice(2). A connection that sends a request body (a push), or speaks
-    /// HTTP/2, is handed to hyper. (`splice` is the proxy's old name for it.)
-    #[value(alias = "splice")]
-    Kache,
-    /// hyper for everything; every body byte is copied through user space.
-    Hyper,
 }
 
 #[derive(Debug)]
@@ -61,7 +41,7 @@ pub struct ProxyOptions {
     pub registry_timeout: Duration,
     pub metrics_listen: SocketAddr,
     pub upstream: UpstreamConfig,
-    pub server: HttpServer,
+    pub server: ServerKind,
 }
 
 #[derive(Debug)]
@@ -111,178 +91,56 @@ pub fn read_token(path: &Path) -> anyhow::Result<String> {
     Ok(t)
 }
 
-/// Resolves when the process is asked to stop (SIGTERM from the kubelet, or Ctrl-C).
-pub(crate) async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return ctrl_c.await.unwrap_or(()),
-    };
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term.recv() => {},
+/// The servers of one process: the first to end (shutdown, or a failure) ends the process.
+#[derive(Default)]
+struct Servers(JoinSet<anyhow::Result<()>>);
+
+impl Servers {
+    /// Runs `serving` (one listener's server) until the process stops.
+    fn spawn(
+        &mut self,
+        what: &'static str,
+        serving: impl Future<Output = std::io::Result<()>> + Send + 'static,
+    ) {
+        self.0
+            .spawn(async move { serving.await.with_context(|| format!("{what} failed")) });
     }
-    tracing::info!("shutting down");
+
+    /// `/metrics`, `/healthz` and `/readyz` on `listener`.
+    fn spawn_ops(
+        &mut self,
+        listener: TcpListener,
+        prom: PromRegistry,
+        before_scrape: impl Fn() + Clone + Send + Sync + 'static,
+    ) {
+        let app = ops_router(Arc::new(prom), before_scrape);
+        self.spawn(
+            "metrics listener",
+            kache_http::serve_hyper(listener, app, shutdown::signal()),
+        );
+    }
+
+    /// Waits for the first server to end, and answers how it ended.
+    async fn first_end(mut self) -> anyhow::Result<()> {
+        match self.0.join_next().await {
+            Some(r) => r?,
+            None => Ok(()),
+        }
+    }
 }
 
-/// `/metrics`, `/healthz` and `/readyz` on their own listener.
-fn ops_router(
-    prom: Arc<PromRegistry>,
-    before_scrape: impl Fn() + Clone + Send + Sync + 'static,
-) -> Router {
-    Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let prom = prom.clone();
-                let before_scrape = before_scrape.clone();
-                async move {
-                    before_scrape();
-                    let mut out = String::new();
-                    match prometheus_client::encoding::text::encode(&mut out, &prom) {
-                        Ok(()) => (
-                            [(
-                                header::CONTENT_TYPE,
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            )],
-                            out,
-                        )
-                            .into_response(),
-                        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-                    }
-                }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(|| async { "ok" }))
-}
-
-async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr)
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} for {what}"))
 }
 
-/// Resolves `delay` after the process is asked to stop: a server behind a Service keeps
-/// answering while its endpoint is withdrawn, so that no caller meets a closed port.
-async fn shutdown_after(delay: Duration) {
-    shutdown_signal().await;
-    if !delay.is_zero() {
-        tracing::info!(?delay, "serving on until endpoints are withdrawn");
-        tokio::time::sleep(delay).await;
-    }
-}
-
-/// Serves `app` on `listener` until shutdown.
-fn spawn_server(
-    set: &mut JoinSet<anyhow::Result<()>>,
-    listener: tokio::net::TcpListener,
-    app: Router,
-    what: &'static str,
-) {
-    set.spawn(async move {
-        serve(listener, app, shutdown_signal())
-            .await
-            .with_context(|| format!("{what} failed"))
-    });
-}
-
-/// What `axum::serve(..).with_graceful_shutdown(..)` does (HTTP/1.1 and h2c, upgrades; on
-/// shutdown stop accepting, let open connections finish), with hyper's buffers capped.
-async fn serve(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> std::io::Result<()> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().max_buf_size(kache_http::MAX_BUF);
-    builder.http2().enable_connect_protocol();
-    let graceful = GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            a = kache_oci::net::accept(&listener) => a,
-            () = &mut shutdown => break,
-        };
-        let app = app.clone();
-        let service = hyper::service::service_fn(move |req| app.clone().oneshot(req));
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(tcp), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::trace!(%peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    graceful.shutdown().await;
-    Ok(())
-}
-
-/// Serves the registry's `app` on `listener` until shutdown, with the server asked for.
-fn spawn_registry(
-    set: &mut JoinSet<anyhow::Result<()>>,
-    listener: tokio::net::TcpListener,
-    app: Router,
-    server: HttpServer,
-    what: &'static str,
-) {
-    match server {
-        HttpServer::Hyper => spawn_server(set, listener, app, what),
-        HttpServer::Kache => {
-            set.spawn(async move {
-                kache_registry::serve(app, listener, shutdown_signal())
-                    .await
-                    .with_context(|| format!("{what} failed"))
-            });
-        }
-    }
-}
-
-/// Serves the proxy on `listener` until shutdown, with the HTTP server asked for.
-fn spawn_proxy(
-    set: &mut JoinSet<anyhow::Result<()>>,
-    listener: tokio::net::TcpListener,
-    proxy: &Proxy,
-    server: HttpServer,
-) {
-    match server {
-        HttpServer::Hyper => spawn_server(set, listener, proxy.router(), "proxy"),
-        HttpServer::Kache => {
-            let proxy = proxy.clone();
-            set.spawn(async move {
-                proxy
-                    .serve(listener, shutdown_signal())
-                    .await
-                    .context("proxy failed")
-            });
-        }
-    }
-}
-
-/// Binds with SO_REUSEPORT: during a DaemonSet's surge update the new proxy binds the node's
-/// port beside the old one, which then stops accepting and finishes its pulls, so the kubelet
-/// always finds a proxy.
-fn bind_shared(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let socket = if addr.is_ipv6() {
-        tokio::net::TcpSocket::new_v6()?
-    } else {
-        tokio::net::TcpSocket::new_v4()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.bind(addr)?;
-    socket.listen(1024)
-}
-
-/// Binds the proxy's listeners (shared with a proxy that replaces this one); an IPv6 address
-/// the host lacks is skipped, not fatal.
-async fn bind_proxy(addrs: &[SocketAddr]) -> anyhow::Result<Vec<tokio::net::TcpListener>> {
+/// Binds the proxy's listeners, shared with a proxy that replaces this one (see
+/// [`kache_http::net::bind_shared`]); an IPv6 address the host lacks is skipped, not fatal.
+fn bind_proxy(addrs: &[SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
     let mut out = Vec::new();
     for &a in addrs {
-        match bind_shared(a) {
+        match kache_http::net::bind_shared(a) {
             Ok(l) => out.push(l),
             Err(e) if a.is_ipv6() && matches!(e.raw_os_error(), Some(99 | 97)) => {
                 tracing::info!(addr = %a, "no IPv6 on this host; not listening there");
@@ -294,19 +152,20 @@ async fn bind_proxy(addrs: &[SocketAddr]) -> anyhow::Result<Vec<tokio::net::TcpL
     Ok(out)
 }
 
-pub async fn registry(o: RegistryOptions) -> anyhow::Result<()> {
-    let data_dir = o.data_dir.clone();
-    let (store, recovery) = tokio::task::spawn_blocking(move || Store::open(&data_dir))
-        .await?
-        .with_context(|| format!("cannot open the store in {}", o.data_dir.display()))?;
-    tracing::debug!(?recovery, "store opened");
-    let store = Arc::new(store);
-    let mut prom = PromRegistry::default();
-    let metrics = Metrics::new(&mut prom);
+/// The registry role: opens its store, and serves the API on its listeners.
+async fn start_registry(
+    o: &RegistryOptions,
+    servers: &mut Servers,
+    prom: &mut PromRegistry,
+) -> anyhow::Result<Registry> {
     let upstream = Upstream::new(o.upstream.clone()).context("configuring the upstream client")?;
-    let registry = Registry::with_pull_through(store.clone(), metrics.clone(), upstream, o.tag_ttl);
+    let (registry, recovery) =
+        Registry::open(&o.data_dir, Metrics::new(prom), Some((upstream, o.tag_ttl)))
+            .await
+            .with_context(|| format!("cannot open the store in {}", o.data_dir.display()))?;
+    tracing::debug!(?recovery, "store opened");
     tracing::info!(schedule = %o.gc.schedule, grace = ?o.gc.grace, max_size = ?o.gc.limits.max_size, min_free = ?o.gc.limits.min_free, "garbage collection");
-    registry.configure_gc(o.gc);
+    registry.configure_gc(o.gc.clone());
 
     let access = match (&o.write_token, o.open_writes) {
         (_, true) => Access::ReadWrite,
@@ -318,83 +177,103 @@ pub async fn registry(o: RegistryOptions) -> anyhow::Result<()> {
             "no --internal-listen and no --write-token-file: nothing can push to or warm this registry"
         );
     }
-    let mut servers = JoinSet::new();
-    spawn_registry(
-        &mut servers,
-        bind(o.listen, "the registry").await?,
-        registry.router_for(access),
-        o.server,
+    let listener = bind(o.listen, "the registry").await?;
+    servers.spawn(
         "registry",
+        kache_registry::serve(
+            registry.router_for(access),
+            listener,
+            o.server,
+            shutdown::signal(),
+        ),
     );
     if let Some(addr) = o.internal_listen {
-        spawn_registry(
-            &mut servers,
-            bind(addr, "the internal registry listener").await?,
-            registry.router_for(Access::ReadWrite),
-            o.server,
+        let listener = bind(addr, "the internal registry listener").await?;
+        servers.spawn(
             "internal registry listener",
+            kache_registry::serve(
+                registry.router_for(Access::ReadWrite),
+                listener,
+                o.server,
+                shutdown::signal(),
+            ),
         );
     }
-    if let Some(p) = o.proxy {
-        let proxy = Proxy::new(
-            ProxyConfig {
-                registry: p.registry,
-                registry_timeout: p.registry_timeout,
-            },
-            Upstream::new(p.upstream).context("configuring the proxy's upstream client")?,
-            ProxyMetrics::new(&mut prom),
-        );
-        for l in bind_proxy(&p.listen).await? {
-            spawn_proxy(&mut servers, l, &proxy, p.server);
-        }
-        tracing::info!(listen = ?p.listen, server = ?p.server, "proxy serving");
-    }
-    let ops = bind(o.metrics_listen, "metrics").await?;
-    tracing::info!(listen = %o.listen, internal = ?o.internal_listen, metrics = %o.metrics_listen, data_dir = %o.data_dir.display(), "registry serving");
-
-    let gauges = registry.clone();
-    let ops_app = ops_router(Arc::new(prom), move || gauges.refresh_gauges());
-    spawn_server(&mut servers, ops, ops_app, "metrics listener");
-    let maintain = tokio::spawn(registry.clone().maintain(o.upload_timeout));
-    // The first server to end (shutdown or failure) ends the process.
-    let first = servers.join_next().await;
-    maintain.abort();
-    store
-        .flush_access()
-        .await
-        .context("flushing access times")?;
-    match first {
-        Some(r) => r?,
-        None => Ok(()),
-    }
+    tracing::info!(listen = %o.listen, internal = ?o.internal_listen, data_dir = %o.data_dir.display(), server = ?o.server, "registry serving");
+    Ok(registry)
 }
 
-pub async fn proxy(o: ProxyOptions) -> anyhow::Result<()> {
-    let mut prom = PromRegistry::default();
+/// The proxy role: serves the kubelet on its listeners.
+fn start_proxy(
+    o: ProxyOptions,
+    servers: &mut Servers,
+    prom: &mut PromRegistry,
+) -> anyhow::Result<()> {
     let proxy = Proxy::new(
         ProxyConfig {
             registry: o.registry.clone(),
             registry_timeout: o.registry_timeout,
         },
-        Upstream::new(o.upstream).context("configuring the upstream client")?,
-        ProxyMetrics::new(&mut prom),
+        Upstream::new(o.upstream).context("configuring the proxy's upstream client")?,
+        ProxyMetrics::new(prom),
     );
-    let mut servers = JoinSet::new();
-    for l in bind_proxy(&o.listen).await? {
-        spawn_proxy(&mut servers, l, &proxy, o.server);
+    for l in bind_proxy(&o.listen)? {
+        servers.spawn(
+            "proxy",
+            proxy.clone().serve(l, o.server, shutdown::signal()),
+        );
     }
-    spawn_server(
-        &mut servers,
-        bind_shared(o.metrics_listen)
-            .with_context(|| format!("cannot listen on {} for metrics", o.metrics_listen))?,
-        ops_router(Arc::new(prom), || {}),
-        "metrics listener",
-    );
-    tracing::info!(listen = ?o.listen, registry = %o.registry, server = ?o.server, metrics = %o.metrics_listen, "proxy serving");
-    match servers.join_next().await {
-        Some(r) => r?,
-        None => Ok(()),
-    }
+    tracing::info!(listen = ?o.listen, registry = %o.registry, server = ?o.server, "proxy serving");
+    Ok(())
+}
+
+/// Runs a registry's upkeep until its servers end, then closes it.
+async fn run_registry(
+    registry: Registry,
+    servers: Servers,
+    upload_timeout: Duration,
+) -> anyhow::Result<()> {
+    let upkeep = tokio::spawn(registry.clone().maintain(upload_timeout));
+    let end = servers.first_end().await;
+    upkeep.abort();
+    registry.close().await.context("flushing access times")?;
+    end
+}
+
+/// `kache registry`.
+pub async fn registry(o: RegistryOptions) -> anyhow::Result<()> {
+    let mut servers = Servers::default();
+    let mut prom = PromRegistry::default();
+    let registry = start_registry(&o, &mut servers, &mut prom).await?;
+    let ops = bind(o.metrics_listen, "metrics").await?;
+    let gauges = registry.clone();
+    servers.spawn_ops(ops, prom, move || gauges.refresh_gauges());
+    run_registry(registry, servers, o.upload_timeout).await
+}
+
+/// `kache proxy`.
+pub async fn proxy(o: ProxyOptions) -> anyhow::Result<()> {
+    let mut servers = Servers::default();
+    let mut prom = PromRegistry::default();
+    // Shared like the proxy's own port: the replacing proxy's metrics listener binds beside it.
+    let ops = kache_http::net::bind_shared(o.metrics_listen)
+        .with_context(|| format!("cannot listen on {} for metrics", o.metrics_listen))?;
+    start_proxy(o, &mut servers, &mut prom)?;
+    servers.spawn_ops(ops, prom, || {});
+    servers.first_end().await
+}
+
+/// `kache dev`: the registry role and the proxy role in one process, with one metrics
+/// listener for both.
+pub async fn dev(r: RegistryOptions, p: ProxyOptions) -> anyhow::Result<()> {
+    let mut servers = Servers::default();
+    let mut prom = PromRegistry::default();
+    let registry = start_registry(&r, &mut servers, &mut prom).await?;
+    start_proxy(p, &mut servers, &mut prom)?;
+    let ops = bind(r.metrics_listen, "metrics").await?;
+    let gauges = registry.clone();
+    servers.spawn_ops(ops, prom, move || gauges.refresh_gauges());
+    run_registry(registry, servers, r.upload_timeout).await
 }
 
 pub async fn webhook(o: WebhookOptions) -> anyhow::Result<()> {
@@ -419,29 +298,27 @@ pub async fn webhook(o: WebhookOptions) -> anyhow::Result<()> {
     let tls = kache_webhook::server_config(certs.clone())?;
     let mut prom = PromRegistry::default();
     let hook = kache_webhook::Webhook::new(policy, kache_webhook::WebhookMetrics::new(&mut prom));
-    let mut servers = JoinSet::new();
+    let mut servers = Servers::default();
     let listener = bind(o.listen, "the webhook").await?;
     let delay = o.shutdown_delay;
-    servers.spawn(async move {
-        kache_webhook::serve_tls(listener, tls, hook.router(), shutdown_after(delay))
-            .await
-            .context("webhook failed")
-    });
+    servers.spawn(
+        "webhook",
+        kache_http::serve_tls(listener, tls, hook.router(), shutdown::signal_then(delay)),
+    );
     let ops = bind(o.metrics_listen, "metrics").await?;
-    let ops_app = ops_router(Arc::new(prom), || {});
-    servers.spawn(async move {
-        serve(ops, ops_app, shutdown_after(delay))
-            .await
-            .context("metrics listener failed")
-    });
+    servers.spawn(
+        "metrics listener",
+        kache_http::serve_hyper(
+            ops,
+            ops_router(Arc::new(prom), || {}),
+            shutdown::signal_then(delay),
+        ),
+    );
     let watch = tokio::spawn(certs.watch(Duration::from_secs(1)));
     tracing::info!(listen = %o.listen, metrics = %o.metrics_listen, cert = %o.tls_cert.display(), "webhook serving");
-    let first = servers.join_next().await;
+    let end = servers.first_end().await;
     watch.abort();
-    match first {
-        Some(r) => r?,
-        None => Ok(()),
-    }
+    end
 }
 
 pub async fn fsck(data_dir: &Path) -> anyhow::Result<()> {
@@ -482,7 +359,7 @@ pub async fn spawn_ops(
     let listener = bind(addr, "metrics").await?;
     let app = ops_router(prom, before_scrape);
     Ok(tokio::spawn(async move {
-        serve(listener, app, shutdown_signal())
+        kache_http::serve_hyper(listener, app, shutdown::signal())
             .await
             .context("metrics listener failed")
     }))

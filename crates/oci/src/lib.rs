@@ -25,8 +25,6 @@ pub mod digest;
 pub mod manifest;
 pub mod media_type;
 pub mod name;
-#[cfg(feature = "net")]
-pub mod net;
 pub mod reference;
 #[cfg(feature = "upstream")]
 pub mod upstream;

@@ -112,16 +112,17 @@ impl Proxy {
         Router::new().fallback(handle).with_state(self.clone())
     }
 
-    /// Serves the proxy on `listener` with its own HTTP/1.1 server (h2c goes to hyper), which
-    /// splices warm blob bodies from the registry's socket to the client's without copying
-    /// them through user space (on Linux). When `shutdown` resolves it stops accepting, closes
-    /// idle connections and returns once the requests in progress are answered.
+    /// Serves the proxy on `listener` with the server asked for. kache's own (h2c goes to
+    /// hyper) splices warm blob bodies from the registry's socket to the client's without
+    /// copying them through user space (on Linux). When `shutdown` resolves it stops accepting,
+    /// closes idle connections and returns once the requests in progress are answered.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
+        kind: kache_http::ServerKind,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> std::io::Result<()> {
-        let server = kache_http::Server::new(self.router());
+        let server = kache_http::Server::new(self.router()).kind(kind);
         #[cfg(target_os = "linux")]
         let server = server.intercept(self.clone());
         server.serve(listener, shutdown).await

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use kache_http::ServerKind;
 use kache_oci::upstream::{Upstream, UpstreamConfig};
 use kache_oci::{Digest, media_type};
 use kache_proxy::{Proxy, ProxyConfig, ProxyMetrics};
@@ -76,7 +77,12 @@ async fn registry(pull_from: Option<&str>) -> Served {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let app = reg.router_for(Access::ReadWrite);
-    tokio::spawn(kache_registry::serve(app, l, std::future::pending()));
+    tokio::spawn(kache_registry::serve(
+        app,
+        l,
+        ServerKind::Kache,
+        std::future::pending(),
+    ));
     Served {
         addr,
         prom: Arc::new(prom),
@@ -100,14 +106,14 @@ async fn proxy_with(registry: &str, upstream_host: &str, timeout: Duration, hype
         upstream_client(upstream_host),
         ProxyMetrics::new(&mut prom),
     );
-    let addr = if hyper {
-        serve(p.router()).await
+    let kind = if hyper {
+        ServerKind::Hyper
     } else {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(p.serve(l, std::future::pending()));
-        addr
+        ServerKind::Kache
     };
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(p.serve(l, kind, std::future::pending()));
     Served {
         addr,
         prom: Arc::new(prom),
@@ -1015,7 +1021,7 @@ async fn shutdown_closes_idle_connections_and_finishes_the_answer_in_flight() {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(p.serve(l, async {
+    let server = tokio::spawn(p.serve(l, ServerKind::Kache, async {
         let _ = stop_rx.await;
     }));
 

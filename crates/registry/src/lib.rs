@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod pull;
 pub mod warm;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,9 +20,10 @@ use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
+use kache_http::ServerKind;
 use kache_oci::api::{Intent, Route};
 use kache_oci::upstream::Upstream;
-use kache_store::Store;
+use kache_store::{Recovery, Store};
 use kache_wire::{GC_PATH, IMAGES_PATH, WARM_PATH};
 
 pub use gc::{Collector, GcConfig, Schedule, Trigger};
@@ -30,16 +32,18 @@ pub use pull::PullThrough;
 
 use error::{Code, Error};
 
-/// Serves a registry router (from [`Registry::router_for`]) on `listener` with kache's own
-/// HTTP/1.1 server: blob bodies go page cache → socket with sendfile(2); a connection that
-/// pushes (sends a request body) or speaks HTTP/2 is handed to hyper. Returns after `shutdown`
-/// resolves and the requests in progress are answered.
+/// Serves a registry router (from [`Registry::router_for`]) on `listener` with the server
+/// asked for. With kache's own, blob bodies go page cache → socket with sendfile(2), and a
+/// connection that pushes (sends a request body) or speaks HTTP/2 is handed to hyper. Returns
+/// after `shutdown` resolves and the requests in progress are answered.
 pub async fn serve(
     app: Router,
     listener: tokio::net::TcpListener,
+    kind: ServerKind,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     kache_http::Server::new(app)
+        .kind(kind)
         .bodies(kache_http::Bodies::Hyper)
         .serve(listener, shutdown)
         .await
@@ -78,15 +82,9 @@ struct Endpoint {
 }
 
 impl Registry {
+    /// A registry over `store` that serves what it holds.
     pub fn new(store: Arc<Store>, metrics: Metrics) -> Self {
-        Registry {
-            inner: Arc::new(Inner {
-                gc: Collector::new(store.clone(), metrics.clone()),
-                store,
-                metrics,
-                pull: None,
-            }),
-        }
+        Self::with(store, metrics, None)
     }
 
     /// A registry that fetches what it lacks from upstream registries, re-validating cached
@@ -98,14 +96,44 @@ impl Registry {
         tag_ttl: Duration,
     ) -> Self {
         let pull = PullThrough::new(upstream, tag_ttl, metrics.clone());
+        Self::with(store, metrics, Some(pull))
+    }
+
+    fn with(store: Arc<Store>, metrics: Metrics, pull: Option<PullThrough>) -> Self {
         Registry {
             inner: Arc::new(Inner {
                 gc: Collector::new(store.clone(), metrics.clone()),
                 store,
                 metrics,
-                pull: Some(pull),
+                pull,
             }),
         }
+    }
+
+    /// Opens the store in `data_dir`, recovering what a crash left there (off the async
+    /// runtime: recovery reads the whole index), and a registry over it; with `pull`, one that
+    /// fetches what it lacks. Run [`Self::maintain`] beside it, and [`Self::close`] at the end.
+    pub async fn open(
+        data_dir: &Path,
+        metrics: Metrics,
+        pull: Option<(Upstream, Duration)>,
+    ) -> kache_store::Result<(Self, Recovery)> {
+        let dir = data_dir.to_owned();
+        let (store, recovery) = tokio::task::spawn_blocking(move || Store::open(&dir))
+            .await
+            .map_err(std::io::Error::other)??;
+        let store = Arc::new(store);
+        let registry = match pull {
+            Some((upstream, tag_ttl)) => Self::with_pull_through(store, metrics, upstream, tag_ttl),
+            None => Self::new(store, metrics),
+        };
+        Ok((registry, recovery))
+    }
+
+    /// Writes what the registry holds only in memory (access times, which decide what expires)
+    /// to the store. Call it when the servers have stopped, before the process ends.
+    pub async fn close(&self) -> kache_store::Result<()> {
+        self.inner.store.flush_access().await.map(drop)
     }
 
     pub fn store(&self) -> &Arc<Store> {

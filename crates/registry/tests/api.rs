@@ -19,26 +19,19 @@ struct Server {
     store: Arc<Store>,
 }
 
-/// Which HTTP server answers: kache's own (the registry's default) or hyper (`--http-server hyper`).
-#[derive(Clone, Copy, Debug)]
-enum Which {
-    Kache,
-    Hyper,
-}
-
 /// Every scenario runs on both servers: they must answer the same.
 macro_rules! on_both_servers {
     ($($name:ident),* $(,)?) => {
         mod kache_server {
             $(#[tokio::test]
             async fn $name() {
-                super::$name(super::serve(super::Which::Kache).await).await
+                super::$name(super::serve(kache_http::ServerKind::Kache).await).await
             })*
         }
         mod hyper_server {
             $(#[tokio::test]
             async fn $name() {
-                super::$name(super::serve(super::Which::Hyper).await).await
+                super::$name(super::serve(kache_http::ServerKind::Hyper).await).await
             })*
         }
     };
@@ -61,7 +54,9 @@ on_both_servers!(
     wrong_digest_on_chunked_upload_keeps_nothing,
 );
 
-async fn serve(which: Which) -> Server {
+/// The registry on a free port, answered by `kind`: kache's own server (the default) or hyper
+/// (`--http-server hyper`).
+async fn serve(kind: kache_http::ServerKind) -> Server {
     // The one TLS provider of the project (DESIGN.md); reqwest is built without a default.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
@@ -72,10 +67,12 @@ async fn serve(which: Which) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let app = reg.router();
-    match which {
-        Which::Kache => tokio::spawn(kache_registry::serve(app, listener, std::future::pending())),
-        Which::Hyper => tokio::spawn(async move { axum::serve(listener, app).await }),
-    };
+    tokio::spawn(kache_registry::serve(
+        app,
+        listener,
+        kind,
+        std::future::pending(),
+    ));
     let client = Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()

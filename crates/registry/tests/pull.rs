@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use kache_http::ServerKind;
 use kache_oci::upstream::{Upstream, UpstreamConfig};
 use kache_oci::{Digest, media_type};
 use kache_registry::{Access, Metrics, Registry};
@@ -59,7 +60,8 @@ async fn start(upstream_of: Option<&str>, ttl: Duration, access: Access) -> Node
     let addr = listener.local_addr().unwrap();
     let app = reg.router_for(access);
     let task = tokio::spawn(async move {
-        let _ = kache_registry::serve(app, listener, std::future::pending()).await;
+        let _ =
+            kache_registry::serve(app, listener, ServerKind::Kache, std::future::pending()).await;
     });
     Node {
         base: format!("http://{addr}"),

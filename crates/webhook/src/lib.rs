@@ -40,6 +40,6 @@ pub use rules::{
     annotation_key, original_images, parse_annotation_key, rewrite,
 };
 #[cfg(feature = "server")]
-pub use server::{MAX_BODY, Webhook, WebhookMetrics, serve_tls};
+pub use server::{MAX_BODY, Webhook, WebhookMetrics};
 #[cfg(feature = "server")]
 pub use tls::{ReloadingCert, TlsError, server_config};

@@ -1,8 +1,7 @@
-//! The admission server: `POST /mutate` over TLS, with metrics.
+//! The admission endpoint: `POST /mutate`, with metrics. `kache_http::serve_tls` serves it.
 
-use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -10,18 +9,11 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use rustls::ServerConfig;
-use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
-use tower::ServiceExt;
 
 use crate::review::review;
 use crate::rules::Policy;
@@ -29,12 +21,6 @@ use crate::rules::Policy;
 /// Largest AdmissionReview accepted; the API server caps objects at 3 MiB (etcd's limit) plus
 /// the review's envelope.
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
-
-/// A TLS handshake that takes longer than this is dropped, so idle sockets cannot pile up.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Open connections get this long to finish after shutdown is asked for.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
@@ -147,57 +133,4 @@ async fn mutate(State(hook): State<Webhook>, body: Bytes) -> Response {
     }
     m.duration.observe(start.elapsed().as_secs_f64());
     ([(header::CONTENT_TYPE, "application/json")], reviewed.body).into_response()
-}
-
-/// Serves `app` over TLS on `listener` until `shutdown` resolves, then lets open connections
-/// finish (for a while). HTTP/1.1 and HTTP/2 (ALPN). A failed handshake only drops that
-/// connection.
-pub async fn serve_tls(
-    listener: TcpListener,
-    tls: Arc<ServerConfig>,
-    app: Router,
-    shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
-    let acceptor = TlsAcceptor::from(tls);
-    let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            a = kache_oci::net::accept(&listener) => a,
-            () = &mut shutdown => break,
-        };
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let service = hyper::service::service_fn(move |req| app.clone().oneshot(req));
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(tls), service)
-                .into_owned();
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::info!("connections still open after the drain timeout; closing them");
-    }
-    Ok(())
 }

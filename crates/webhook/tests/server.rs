@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use kache_webhook::{Policy, ReloadingCert, Webhook, WebhookMetrics, serve_tls, server_config};
+use kache_http::serve_tls;
+use kache_webhook::{Policy, ReloadingCert, Webhook, WebhookMetrics, server_config};
 use prometheus_client::registry::Registry;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,

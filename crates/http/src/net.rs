@@ -1,4 +1,4 @@
-//! What every kache server does with its listening socket.
+//! What every kache server does with its listening socket: binding, and accepting.
 
 use std::io;
 use std::net::SocketAddr;
@@ -27,6 +27,21 @@ pub async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
     }
 }
 
+/// Binds `addr` with SO_REUSEPORT, so that during a rolling update (a DaemonSet's surge) the
+/// new process listens beside the old one, which then stops accepting and finishes what it
+/// serves: a client always finds a listener.
+pub fn bind_shared(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv6() {
+        tokio::net::TcpSocket::new_v6()?
+    } else {
+        tokio::net::TcpSocket::new_v4()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
 /// Errors about one connection, not about the listener.
 fn is_transient(e: &io::Error) -> bool {
     matches!(
@@ -52,6 +67,16 @@ mod tests {
         }
         // EMFILE: the listener's problem, retried after a pause.
         assert!(!is_transient(&io::Error::from_raw_os_error(24)));
+    }
+
+    #[tokio::test]
+    async fn a_shared_port_takes_a_second_listener() {
+        let first = bind_shared("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = first.local_addr().unwrap();
+        let second = bind_shared(addr).unwrap();
+        assert_eq!(second.local_addr().unwrap(), addr);
+        // An ordinary bind of the same port is still refused.
+        assert!(TcpListener::bind(addr).await.is_err());
     }
 
     #[tokio::test]
