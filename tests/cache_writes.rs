@@ -5,7 +5,7 @@
 //! write token, and takes them on its internal listener. The warm call caches an image for some
 //! platforms of an index (and nothing else), with credentials that are used and never kept.
 
-mod support;
+use kache_testkit as support;
 
 use std::path::Path;
 

@@ -1,6 +1,6 @@
 //! The binary as an operator meets it: `kache dev`, the metrics listener, log formats.
 
-mod support;
+use kache_testkit as support;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

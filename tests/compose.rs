@@ -6,7 +6,7 @@
 //! the upstream's from Debian's CNCF distribution with busybox's wget for its healthcheck, the
 //! seed's from Debian's skopeo, so that nothing is pulled from a public registry.
 
-mod support;
+use kache_testkit as support;
 
 use std::path::Path;
 use std::time::Duration;

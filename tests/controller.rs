@@ -14,7 +14,7 @@
 //!   password-protected upstream; a leader whose API server hangs stops leading before its Lease
 //!   lapses and leads again later; the API server killed and restarted loses nothing.
 
-mod support;
+use kache_testkit as support;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

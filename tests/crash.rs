@@ -2,7 +2,7 @@
 //! the same data dir, and check that every blob the index knows verifies, every acknowledged
 //! upload is served whole, and nothing half-written is ever served.
 
-mod support;
+use kache_testkit as support;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -3,7 +3,7 @@
 //! of a sweep; the size cap and the free-space floor, with a tmpfs as a small disk; the cron
 //! schedule.
 
-mod support;
+use kache_testkit as support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

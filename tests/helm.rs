@@ -3,7 +3,7 @@
 //! servers of both Kubernetes versions of the test bed (server-side dry runs).
 //! tests/helm_node.rs installs it on a real node.
 
-mod support;
+use kache_testkit as support;
 
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -25,7 +25,7 @@
 //! at the bridge's address, see scripts/kube-test-node). The API server calls both webhooks at
 //! their pods' addresses (--enable-aggregator-routing).
 
-mod support;
+use kache_testkit as support;
 
 use std::path::Path;
 use std::process::Command;

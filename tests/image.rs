@@ -2,7 +2,7 @@
 //! gives the same digest; it holds the binary, the libraries it loads and a non-root user, and no
 //! shell; containerd imports its archive and runs kache from it as that user.
 
-mod support;
+use kache_testkit as support;
 
 use std::collections::BTreeMap;
 use std::io::Read as _;

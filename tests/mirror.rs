@@ -6,7 +6,7 @@
 //!
 //! containerd needs root: without it the test prints SKIPPED and passes.
 
-mod support;
+use kache_testkit as support;
 
 use support::containerd::{Containerd, skip_unless_root, write_hosts_toml};
 use support::image::Content;

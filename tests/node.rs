@@ -16,7 +16,7 @@
 //! - the upstream stopped and the node's copy of the image removed, content included: a new pod
 //!   still starts, every byte from kache.
 
-mod support;
+use kache_testkit as support;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -4,7 +4,7 @@
 //! wrong bytes; nothing bad is kept (every stored file re-hashed, `kache fsck` after stopping);
 //! and once the upstream behaves, the same pull works.
 
-mod support;
+use kache_testkit as support;
 
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;

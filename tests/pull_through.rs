@@ -7,7 +7,7 @@
 //! Faults of the upstream are in `pull_faults.rs`, containerd's mirror mode in `mirror.rs`,
 //! write protection and the warm call in `cache_writes.rs`.
 
-mod support;
+use kache_testkit as support;
 
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};

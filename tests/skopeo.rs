@@ -2,7 +2,7 @@
 //! images built by the test into the registry and back, and the manifests, configs and layers
 //! that come back must be identical to what was built, with identical digests.
 
-mod support;
+use kache_testkit as support;
 
 use std::path::{Path, PathBuf};
 

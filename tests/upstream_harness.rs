@@ -3,7 +3,7 @@
 //! skopeo, the token server's tokens are what distribution trusts, the faulty upstream fails in
 //! exactly the ways it is told to, and containerd pulls through a hosts.toml mirror entry.
 
-mod support;
+use kache_testkit as support;
 
 use std::cell::Cell;
 use std::io::{Read as _, Write as _};

@@ -3,7 +3,7 @@
 //! labelled, so do ephemeral containers added through `pods/ephemeralcontainers` in both of its
 //! forms, an ignored pod is untouched, and with the webhook gone pods are still created.
 
-mod support;
+use kache_testkit as support;
 
 use std::time::Duration;
 

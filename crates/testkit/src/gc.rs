@@ -79,7 +79,7 @@ pub fn collect(base: &str, dry_run: bool) -> serde_json::Value {
 
 /// What `kache gc --registry <url> [args]` printed, and whether it succeeded.
 pub fn kache_gc(registry: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kache"))
+    let out = Command::new(crate::kache_bin())
         .arg("gc")
         .arg("--registry")
         .arg(registry)

@@ -56,6 +56,7 @@ pub fn compose_file() -> PathBuf {
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A compose project in a private podman.
+#[derive(Debug)]
 pub struct Stack {
     dir: TempDir,
     compose: PathBuf,

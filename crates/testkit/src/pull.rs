@@ -15,6 +15,7 @@ use super::image::{
 };
 
 /// A scratch dir for layouts, data dirs and configs, and a skopeo.
+#[derive(Debug)]
 pub struct Scratch {
     tmp: TempDir,
     pub skopeo: Skopeo,

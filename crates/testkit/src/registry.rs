@@ -192,7 +192,7 @@ impl KacheRegistry {
             .open(&self.log_path)
             .expect("open registry log");
         let stdout = log.try_clone().expect("clone log handle");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_kache"));
+        let mut command = Command::new(crate::kache_bin());
         command
             .arg("registry")
             .arg("--listen")
@@ -310,7 +310,7 @@ pub struct FsckReport {
 /// Runs `kache fsck --data-dir data_dir` (the registry on it must be stopped) and reads its
 /// summary line; fails the test if there is none.
 pub fn fsck(data_dir: &Path) -> FsckReport {
-    let out = Command::new(env!("CARGO_BIN_EXE_kache"))
+    let out = Command::new(crate::kache_bin())
         .arg("fsck")
         .arg("--data-dir")
         .arg(data_dir)

@@ -11,6 +11,8 @@ use super::kube::KubeServer;
 
 pub use super::pki::{certificates, free_addr};
 
+/// A `kache webhook` child process.
+#[derive(Debug)]
 pub struct Webhook {
     child: Child,
     pub addr: String,
@@ -19,7 +21,7 @@ pub struct Webhook {
 impl Webhook {
     pub fn start(dir: &Path) -> Self {
         let (addr, metrics) = (free_addr(), free_addr());
-        let child = Command::new(env!("CARGO_BIN_EXE_kache"))
+        let child = Command::new(crate::kache_bin())
             .args(["webhook", "--listen", &addr, "--metrics-listen", &metrics])
             .arg("--tls-cert")
             .arg(dir.join("tls.crt"))

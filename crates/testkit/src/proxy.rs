@@ -94,7 +94,7 @@ impl KacheProxy {
             .open(&self.log_path)
             .expect("open proxy log");
         let stdout = log.try_clone().expect("clone log handle");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_kache"));
+        let mut command = Command::new(crate::kache_bin());
         command
             .arg("proxy")
             .arg("--listen")
