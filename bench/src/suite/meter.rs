@@ -2,6 +2,7 @@
 //! sampled through a transfer, and the counters the upstream's access log and kache's metrics
 //! keep.
 
+use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -72,6 +73,17 @@ impl Meter {
             Vec::new()
         };
         Usage { cpu, peak }
+    }
+
+    /// Runs `measurement` between [`Meter::start`] and [`Meter::end`].
+    pub async fn measure<T>(
+        &self,
+        s: &Server,
+        measurement: impl Future<Output = Result<T>>,
+    ) -> Result<(T, Usage)> {
+        let before = self.start(s);
+        let r = measurement.await?;
+        Ok((r, self.end(s, before)))
     }
 }
 

@@ -1,17 +1,16 @@
 //! Warm 1 MiB blob: request rate, latency, CPU and peak RSS of every server.
 
 use std::fmt::Write as _;
-use std::time::Duration;
 
 use anyhow::Result;
-use bytes::Bytes;
-use http::{HeaderMap, Method};
+use http::HeaderMap;
 
 use super::memory::{MemRow, MemStep};
+use super::{get_load, median_rounds, warm_up};
 use crate::client::Url;
-use crate::load::{self, LoadResult, LoadSpec};
+use crate::load::{self, LoadResult};
 use crate::suite::Bench;
-use crate::suite::meter::{Usage, median_by};
+use crate::suite::meter::Usage;
 use crate::suite::report::{mb, mib, ratio, thousands};
 use crate::suite::servers::Server;
 
@@ -27,36 +26,19 @@ pub async fn blob_step(bench: &mut Bench<'_>) -> Result<()> {
         memory_rows,
         ..
     } = bench;
-    let all_blob_servers = servers.all();
-    let mut blob1m: Vec<(Server, LoadResult, Usage)> = Vec::new();
     if !o.wants("blob") {
         return Ok(());
     }
     eprintln!("warm 1 MiB blob, {} connections", o.connections);
-    let mut rounds: Vec<Vec<(LoadResult, Usage)>> = vec![Vec::new(); 4];
-    for round in 0..o.rounds {
-        for (i, s) in all_blob_servers.iter().enumerate() {
+    let all_blob_servers = servers.all();
+    let medians = median_rounds(
+        &all_blob_servers,
+        o.rounds,
+        async |round, s| {
             let url = Url::parse(&urls.blob(s.kind, &blobs.small), None)?;
-            let spec = LoadSpec {
-                url,
-                method: Method::GET,
-                headers: HeaderMap::new(),
-                body: Bytes::new(),
-                connections: o.connections,
-                duration: o.duration,
-                requests: None,
-                rate: None,
-            };
-            // Warm-up: open the connections, fill caches.
-            let _ = load::load(LoadSpec {
-                requests: Some(o.connections as u64 * 4),
-                duration: Duration::from_secs(5),
-                ..spec.clone()
-            })
-            .await?;
-            let before = meter.start(s);
-            let r = load::load(spec).await?;
-            let u = meter.end(s, before);
+            let spec = get_load(o, url, HeaderMap::new());
+            warm_up(&spec).await?;
+            let (r, u) = meter.measure(s, load::load(spec)).await?;
             eprintln!(
                 "  round {}: {}: {:.0} req/s, p99 {:.1} ms, cpu {:.2} s",
                 round + 1,
@@ -65,13 +47,16 @@ pub async fn blob_step(bench: &mut Bench<'_>) -> Result<()> {
                 r.ms(0.99),
                 u.cpu_total()
             );
-            rounds[i].push((r, u));
-        }
-    }
-    for (s, v) in all_blob_servers.iter().zip(rounds) {
-        let (r, u) = median_by(v, |(r, _)| r.rps());
-        blob1m.push(((*s).clone(), r, u));
-    }
+            Ok((r, u))
+        },
+        |(r, _)| r.rps(),
+    )
+    .await?;
+    let blob1m: Vec<(&Server, LoadResult, Usage)> = all_blob_servers
+        .into_iter()
+        .zip(medians)
+        .map(|(s, (r, u))| (s, r, u))
+        .collect();
 
     let _ = writeln!(
         report.md,

@@ -2,16 +2,16 @@
 //! upstream anything.
 
 use std::fmt::Write as _;
-use std::time::Duration;
 
 use anyhow::Result;
-use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, header};
+use http::{HeaderMap, HeaderValue, header};
 
+use super::{get_load, median_rounds, warm_up};
 use crate::client::Url;
-use crate::load::{self, LoadResult, LoadSpec};
-use crate::suite::meter::{Usage, count_log, median_by, metric};
+use crate::load::{self, LoadResult};
+use crate::suite::meter::{Usage, count_log, metric};
 use crate::suite::report::{ratio, thousands};
+use crate::suite::servers::Kind;
 use crate::suite::{ACCEPT, Bench, TAG};
 
 /// Warm manifest by tag and by digest: req/s, latency, and whether kache asked upstream.
@@ -30,12 +30,12 @@ pub async fn manifest_step(bench: &mut Bench<'_>) -> Result<()> {
         &urls.proxy_metrics,
         &urls.upstream_log,
     );
-    let mut accept = HeaderMap::new();
-    accept.insert(header::ACCEPT, HeaderValue::from_static(ACCEPT));
     if !o.wants("manifest") {
         return Ok(());
     }
-    let servers = [
+    let mut accept = HeaderMap::new();
+    accept.insert(header::ACCEPT, HeaderValue::from_static(ACCEPT));
+    let compared = [
         &servers.kache_proxy,
         &servers.kache_registry,
         &servers.distribution,
@@ -72,39 +72,17 @@ pub async fn manifest_step(bench: &mut Bench<'_>) -> Result<()> {
     );
     let mut kache_requests = 0u64;
     let mut rows: Vec<Vec<(LoadResult, Usage)>> = vec![Vec::new(); 3];
-    for (col, reference) in [TAG, blobs.manifest_digest.as_str()]
-        .into_iter()
-        .enumerate()
-    {
-        eprintln!(
-            "warm manifest by {}, {} connections",
-            if col == 0 { "tag" } else { "digest" },
-            o.connections
-        );
-        let mut rounds: Vec<Vec<(LoadResult, Usage)>> = vec![Vec::new(); 3];
-        for round in 0..o.rounds {
-            for (i, s) in servers.iter().enumerate() {
+    for (by, reference) in [("tag", TAG), ("digest", blobs.manifest_digest.as_str())] {
+        eprintln!("warm manifest by {by}, {} connections", o.connections);
+        let medians = median_rounds(
+            &compared,
+            o.rounds,
+            async |round, s| {
                 let url = Url::parse(&urls.manifest(s.kind, reference), None)?;
-                let spec = LoadSpec {
-                    url,
-                    method: Method::GET,
-                    headers: accept.clone(),
-                    body: Bytes::new(),
-                    connections: o.connections,
-                    duration: o.duration,
-                    requests: None,
-                    rate: None,
-                };
-                let w = load::load(LoadSpec {
-                    requests: Some(o.connections as u64 * 4),
-                    duration: Duration::from_secs(5),
-                    ..spec.clone()
-                })
-                .await?;
-                let before = meter.start(s);
-                let r = load::load(spec).await?;
-                let u = meter.end(s, before);
-                if i < 2 {
+                let spec = get_load(o, url, accept.clone());
+                let w = warm_up(&spec).await?;
+                let (r, u) = meter.measure(s, load::load(spec)).await?;
+                if matches!(s.kind, Kind::KacheProxy | Kind::KacheRegistry) {
                     kache_requests += w.ok + w.errors + r.ok + r.errors;
                 }
                 eprintln!(
@@ -116,19 +94,17 @@ pub async fn manifest_step(bench: &mut Bench<'_>) -> Result<()> {
                     u.cpu_total()
                 );
                 report.note_errors(
-                    &format!(
-                        "manifest by {}, {}",
-                        if col == 0 { "tag" } else { "digest" },
-                        s.label
-                    ),
+                    &format!("manifest by {by}, {}", s.label),
                     r.errors,
                     &r.first_error,
                 );
-                rounds[i].push((r, u));
-            }
-        }
-        for (i, v) in rounds.into_iter().enumerate() {
-            rows[i].push(median_by(v, |(r, _)| r.rps()));
+                Ok((r, u))
+            },
+            |(r, _)| r.rps(),
+        )
+        .await?;
+        for (row, median) in rows.iter_mut().zip(medians) {
+            row.push(median);
         }
     }
     let up_after = count_log(upstream_log, "GET", "/manifests/")
@@ -154,7 +130,7 @@ pub async fn manifest_step(bench: &mut Bench<'_>) -> Result<()> {
         report.md,
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
-    for (s, cells) in servers.iter().zip(&rows) {
+    for (s, cells) in compared.iter().zip(&rows) {
         let (t, d) = (&cells[0], &cells[1]);
         let _ = writeln!(
             report.md,

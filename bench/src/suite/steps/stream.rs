@@ -5,11 +5,12 @@ use std::time::Duration;
 
 use anyhow::Result;
 
+use super::median_rounds;
 use super::memory::{MemRow, MemStep};
 use crate::client::Url;
 use crate::load::{self, StreamResult};
 use crate::suite::Bench;
-use crate::suite::meter::{Usage, median_by};
+use crate::suite::meter::Usage;
 use crate::suite::report::{mb, mib, ratio};
 
 /// Warm large blob, 1 and 4 download streams on every server: MB/s and CPU per GB.
@@ -24,10 +25,10 @@ pub async fn stream_step(bench: &mut Bench<'_>) -> Result<()> {
         memory_rows,
         ..
     } = bench;
-    let all_blob_servers = servers.all();
     if !o.wants("stream") {
         return Ok(());
     }
+    let all_blob_servers = servers.all();
     let _ = writeln!(
         report.md,
         "### Warm {} MiB blob: download throughput, {:?} per cell\n",
@@ -41,18 +42,19 @@ pub async fn stream_step(bench: &mut Bench<'_>) -> Result<()> {
     let mut cells: Vec<Vec<(StreamResult, Usage)>> = Vec::new();
     for streams in [1usize, 4] {
         eprintln!("warm {} MiB blob, {streams} stream(s)", o.big_mib);
-        let mut rounds: Vec<Vec<(StreamResult, Usage)>> = vec![Vec::new(); 4];
-        for round in 0..o.rounds {
-            for (i, s) in all_blob_servers.iter().enumerate() {
+        let medians = median_rounds(
+            &all_blob_servers,
+            o.rounds,
+            async |round, s| {
                 let url = Url::parse(&urls.blob(s.kind, &blobs.big), None)?;
                 if round == 0 && streams == 1 {
                     // Warm-up: the file in the page cache, the connection paths hot.
                     let _ = load::stream(&url, 1, Duration::ZERO, Duration::from_secs(120)).await?;
                 }
-                let before = meter.start(s);
-                let r = load::stream(&url, streams, o.stream_duration, Duration::from_secs(120))
+                let limit = Duration::from_secs(120);
+                let (r, u) = meter
+                    .measure(s, load::stream(&url, streams, o.stream_duration, limit))
                     .await?;
-                let u = meter.end(s, before);
                 eprintln!(
                     "  round {}: {}: {:.0} MB/s, cpu {:.2} s",
                     round + 1,
@@ -65,15 +67,12 @@ pub async fn stream_step(bench: &mut Bench<'_>) -> Result<()> {
                     r.errors,
                     &r.first_error,
                 );
-                rounds[i].push((r, u));
-            }
-        }
-        cells.push(
-            rounds
-                .into_iter()
-                .map(|v| median_by(v, |(r, _)| r.bps()))
-                .collect(),
-        );
+                Ok((r, u))
+            },
+            |(r, _)| r.bps(),
+        )
+        .await?;
+        cells.push(medians);
     }
     let cpu_per_gb = |(r, u): &(StreamResult, Usage)| u.cpu_total() / (r.bytes as f64 / 1e9);
     for (i, s) in all_blob_servers.iter().enumerate() {

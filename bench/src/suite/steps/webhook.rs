@@ -3,12 +3,12 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::Result;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, header};
 
+use super::{get_load, warm_up};
 use crate::client::{self, Url};
 use crate::load::{self, LoadResult, LoadSpec};
 use crate::procs::{self, Proc};
@@ -83,26 +83,14 @@ pub async fn webhook_step(bench: &mut Bench<'_>) -> Result<()> {
         o.connections
     );
     let spec = LoadSpec {
-        url: u,
         method: Method::POST,
-        headers,
         body: body.clone(),
-        connections: o.connections,
-        duration: o.duration,
-        requests: None,
-        rate: None,
+        ..get_load(o, u, headers)
     };
-    let _ = load::load(LoadSpec {
-        requests: Some(o.connections as u64 * 4),
-        duration: Duration::from_secs(5),
-        ..spec.clone()
-    })
-    .await?;
+    warm_up(&spec).await?;
     let mut rounds = Vec::new();
     for round in 0..o.rounds {
-        let before = meter.start(&server);
-        let r = load::load(spec.clone()).await?;
-        let u = meter.end(&server, before);
+        let (r, u) = meter.measure(&server, load::load(spec.clone())).await?;
         eprintln!(
             "  round {}: {:.0} reviews/s, p99 {:.2} ms, cpu {:.2} s",
             round + 1,
@@ -119,13 +107,11 @@ pub async fn webhook_step(bench: &mut Bench<'_>) -> Result<()> {
     // p99 is the latency at its own rate, so it is measured again at 5,000/s, open loop.
     let mut paced_rounds = Vec::new();
     for round in 0..o.rounds {
-        let before = meter.start(&server);
-        let p = load::load(LoadSpec {
+        let paced = LoadSpec {
             rate: Some(WEBHOOK_RATE),
             ..spec.clone()
-        })
-        .await?;
-        let u = meter.end(&server, before);
+        };
+        let (p, u) = meter.measure(&server, load::load(paced)).await?;
         eprintln!(
             "  paced round {}: {:.0} reviews/s, p99 {:.2} ms, cpu {:.2} s",
             round + 1,
