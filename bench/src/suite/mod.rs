@@ -43,6 +43,7 @@ const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 /// What containerd sends when it resolves a tag.
 const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json";
 
+/// The options of `kache-bench suite`.
 #[derive(clap::Args, Debug)]
 pub struct Options {
     /// The kache binary, built with --release.
@@ -105,11 +106,13 @@ pub struct Options {
 }
 
 impl Options {
+    /// Whether `--only` leaves `step` in the run.
     fn wants(&self, step: &str) -> bool {
         self.only.is_empty() || self.only.iter().any(|s| s == step)
     }
 }
 
+/// Runs the suite and prints its report (and writes it to `--out`).
 pub async fn run(o: Options) -> Result<()> {
     std::fs::create_dir_all(&o.work)?;
     let started = Instant::now();
