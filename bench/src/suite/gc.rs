@@ -3,12 +3,24 @@
 //! without a collection and then during collections run back to back, and what a collection
 //! costs: its time and the registry's peak RSS.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
+use anyhow::{Result, anyhow, bail};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use kache_store::fixtures;
 
-use super::*;
+use super::meter::median_by;
+use super::push::call;
+use super::report::{mib, ratio, secs, thousands};
+use super::servers::{kache_command, wait_ready};
+use super::{ACCEPT, Bench, MIB};
+use crate::client::{self, Url};
+use crate::load::{self, LoadSpec};
+use crate::procs::{self, Proc};
 
 /// What the collections of one window did.
 #[derive(Debug, Default)]
@@ -48,9 +60,7 @@ pub(super) async fn gc_step(bench: &mut Bench<'_>) -> Result<()> {
         work,
         kache,
         pids,
-        md,
-        notes,
-        budgets,
+        report,
         ..
     } = bench;
     if !o.wants("gc") {
@@ -175,15 +185,13 @@ pub(super) async fn gc_step(bench: &mut Bench<'_>) -> Result<()> {
                 ..spec_for(url, headers)?
             })
             .await?;
-            note_errors(
-                notes,
+            report.note_errors(
                 &format!("gc step warm-up, {what}"),
                 warm.errors,
                 &warm.first_error,
             );
             let without = load::load(spec_for(url, headers)?).await?;
-            note_errors(
-                notes,
+            report.note_errors(
                 &format!("gc step, {what}"),
                 without.errors,
                 &without.first_error,
@@ -204,8 +212,7 @@ pub(super) async fn gc_step(bench: &mut Bench<'_>) -> Result<()> {
             stop.store(true, Ordering::Relaxed);
             let c = collector.await.map_err(|e| anyhow!("{e}"))??;
             peak_loaded = peak_loaded.max(procs::memory(registry.pid).map_or(0, |m| m.1));
-            note_errors(
-                notes,
+            report.note_errors(
                 &format!("gc step during collections, {what}"),
                 during.errors,
                 &during.first_error,
@@ -228,13 +235,13 @@ pub(super) async fn gc_step(bench: &mut Bench<'_>) -> Result<()> {
     registry.stop();
 
     let _ = writeln!(
-        md,
+        report.md,
         "### Garbage collection: a store of {} blobs and {} manifests\n",
         thousands(made.blobs as f64),
         thousands(made.manifests as f64)
     );
     let _ = writeln!(
-        md,
+        report.md,
         "{} repositories; one manifest in five untagged (with its config and own layers: {} blobs of garbage). The registry answered `/v2/` {} after it was started on the store. {} connections, {:?} per cell; during: collections back to back on the internal listener for the whole cell, the first sweeping new garbage.\n",
         thousands(made.repositories as f64),
         thousands(made.garbage_blobs as f64),
@@ -243,16 +250,16 @@ pub(super) async fn gc_step(bench: &mut Bench<'_>) -> Result<()> {
         o.duration
     );
     let _ = writeln!(
-        md,
+        report.md,
         "| pulls | without: req/s | p50 ms | p99 ms | during: req/s | p50 ms | p99 ms | collections | p99 during / without |"
     );
     let _ = writeln!(
-        md,
+        report.md,
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for (what, without, during, runs) in &rows {
         let _ = writeln!(
-            md,
+            report.md,
             "| {what} | {} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {runs} | {} |",
             thousands(without.rps()),
             without.ms(0.5),
@@ -271,7 +278,7 @@ pub(super) async fn gc_step(bench: &mut Bench<'_>) -> Result<()> {
         }
     };
     let _ = writeln!(
-        md,
+        report.md,
         "\nOne collection alone removed {} blobs ({}) in {:.2} s, of which it worked {:.2} s (the registry's default `--gc-cpu 10%`); registry peak RSS (VmHWM) during it {}. During the pulls, each cell's first collection swept the 10,000 blobs of the 1,000 images untagged before it ({} blobs in all); the later ones, with nothing left to sweep, marked the store in {:.2} s, {:.2} s of work (medians of {}). Peak RSS with the pulls: {}. Medians of {} round(s), by the ratio.\n",
         thousands(alone.removed_blobs as f64),
         mib(alone.removed_bytes),
@@ -286,24 +293,24 @@ pub(super) async fn gc_step(bench: &mut Bench<'_>) -> Result<()> {
         o.rounds,
     );
     for (what, without, during, _) in &rows {
-        budgets.push(budget(
+        report.budget(
             format!("gc: {what} p99 during collections ≤ 1.2× without"),
             format!("{:.2} ms vs {:.2} ms", during.ms(0.99), without.ms(0.99)),
-            Some(during.ms(0.99) <= 1.2 * without.ms(0.99)),
-        ));
+            during.ms(0.99) <= 1.2 * without.ms(0.99),
+        );
     }
-    budgets.push(budget(
+    report.budget(
         format!(
             "gc: registry RSS under 64 MiB collecting {} blobs",
             thousands(made.blobs as f64)
         ),
         mib(alone_peak),
-        Some(alone_peak < 64 * MIB),
-    ));
-    budgets.push(budget(
+        alone_peak < 64 * MIB,
+    );
+    report.budget(
         "gc: the collection removed exactly the garbage",
         format!("{} of {} blobs", alone.removed_blobs, made.garbage_blobs),
-        Some(alone.removed_blobs as usize == made.garbage_blobs),
-    ));
+        alone.removed_blobs as usize == made.garbage_blobs,
+    );
     Ok(())
 }

@@ -6,9 +6,18 @@
 //!
 //! The node and control plane come from the tests' kit (tests/support), compiled in here.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use super::*;
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+
+use super::meter::{count_log, median_by};
+use super::push::{push_body_distribution, put_manifest};
+use super::report::{ratio, secs};
+use super::{Bench, MIB};
+use crate::client;
 
 #[path = "../../../tests/support/helm.rs"]
 #[allow(dead_code)]
@@ -52,20 +61,22 @@ pub(super) async fn pod_step(bench: &mut Bench<'_>) -> Result<()> {
         work,
         kache,
         urls,
-        md,
-        notes,
+        report,
         ..
     } = bench;
     if !o.wants("pod") {
         return Ok(());
     }
     let _ = writeln!(
-        md,
+        report.md,
         "### Pod start on a real node ({} MiB image)\n",
         o.pod_image_mib
     );
     if std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m))? != 0 {
-        let _ = writeln!(md, "Skipped: a node (kubelet, containerd) needs root.\n");
+        let _ = writeln!(
+            report.md,
+            "Skipped: a node (kubelet, containerd) needs root.\n"
+        );
         return Ok(());
     }
     let dir = work.join("pod");
@@ -158,8 +169,8 @@ pub(super) async fn pod_step(bench: &mut Bench<'_>) -> Result<()> {
     let starts = match starts {
         Ok(s) => s,
         Err(e) => {
-            notes.push(format!("pod: {e:#}"));
-            let _ = writeln!(md, "Failed: {e:#}\n");
+            report.note(format!("pod: {e:#}"));
+            let _ = writeln!(report.md, "Failed: {e:#}\n");
             return Ok(());
         }
     };
@@ -167,7 +178,7 @@ pub(super) async fn pod_step(bench: &mut Bench<'_>) -> Result<()> {
     drop(kube);
 
     let _ = writeln!(
-        md,
+        report.md,
         "Median of {} round(s); each pod's image is new to the node (the warm one after the node \
          forgot it, content included). The pull is the kubelet's own measure (its `Pulled` event); \
          Running also waits for the kubelet's status loop, which moves in steps of about a \
@@ -188,7 +199,7 @@ pub(super) async fn pod_step(bench: &mut Bench<'_>) -> Result<()> {
     for (i, label) in labels.iter().enumerate() {
         let pull = median(i, |s| s.pull);
         let _ = writeln!(
-            md,
+            report.md,
             "| {label} | {} | {} | {} | {} |",
             secs(median(i, |s| s.took)),
             secs(pull),
@@ -196,7 +207,7 @@ pub(super) async fn pod_step(bench: &mut Bench<'_>) -> Result<()> {
             starts.iter().map(|s| s[i].upstream_gets).max().unwrap_or(0)
         );
     }
-    let _ = writeln!(md);
+    let _ = writeln!(report.md);
     Ok(())
 }
 

@@ -1,0 +1,140 @@
+//! The blobs every server holds: pseudo-random files of the sizes the options ask for, and an
+//! image manifest of two of them.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, anyhow};
+use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
+
+use super::{MIB, OCI_MANIFEST, Options};
+
+/// A file and its size and digest.
+#[derive(Debug, Clone)]
+pub struct Blob {
+    pub path: PathBuf,
+    pub size: u64,
+    pub digest: String,
+}
+
+impl Blob {
+    /// The file's name, which is its path on nginx.
+    pub fn file_name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// Writes `size` pseudo-random bytes (xorshift, distinct per seed) and hashes them on the way.
+fn make_blob(path: &Path, size: u64, seed: u64) -> Result<Blob> {
+    let mut f = std::fs::File::create(path)?;
+    let mut h = Sha256::new();
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut buf = vec![0u8; MIB as usize];
+    let mut left = size;
+    while left > 0 {
+        for chunk in buf.chunks_exact_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            chunk.copy_from_slice(&state.to_le_bytes());
+        }
+        let n = left.min(buf.len() as u64) as usize;
+        h.update(&buf[..n]);
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    Ok(Blob {
+        path: path.to_owned(),
+        size,
+        digest: format!("sha256:{}", hex::encode(h.finalize())),
+    })
+}
+
+fn write_blob(path: &Path, bytes: &[u8]) -> Result<Blob> {
+    std::fs::write(path, bytes)?;
+    Ok(Blob {
+        path: path.to_owned(),
+        size: bytes.len() as u64,
+        digest: format!("sha256:{}", hex::encode(Sha256::digest(bytes))),
+    })
+}
+
+/// The blobs of the run, one for each use, and the manifest of `small` and `big`.
+#[derive(Debug)]
+pub struct Blobs {
+    pub config: Blob,
+    /// 1 MiB: the request-rate step.
+    pub small: Blob,
+    /// `--big-mib`: the download-throughput step.
+    pub big: Blob,
+    /// `--huge-mib`: the memory step (a few bytes when that step is not run).
+    pub huge: Blob,
+    /// `--big-mib`, only on the upstream: the single cold pull.
+    pub cold: Blob,
+    /// `--cold-clients-mib`, only on the upstream: the concurrent cold pulls.
+    pub cold_many: Blob,
+    pub manifest: Bytes,
+    pub manifest_digest: String,
+}
+
+/// Writes the blobs into `dir`.
+pub async fn make_blobs(o: &Options, dir: &Path) -> Result<Blobs> {
+    std::fs::create_dir_all(dir)?;
+    let mk = |name: &str, mib: u64, seed: u64| {
+        let p = dir.join(name);
+        async move {
+            tokio::task::spawn_blocking(move || make_blob(&p, mib * MIB, seed))
+                .await
+                .map_err(|e| anyhow!("{e}"))?
+        }
+    };
+    let small = mk("small.bin", 1, 1).await?;
+    let big = mk("big.bin", o.big_mib, 2).await?;
+    let huge = if o.wants("memory") {
+        mk("huge.bin", o.huge_mib, 3).await?
+    } else {
+        write_blob(&dir.join("huge.bin"), b"not measured")?
+    };
+    let cold = mk("cold.bin", o.big_mib, 4).await?;
+    let cold_many = mk("cold-many.bin", o.cold_clients_mib, 5).await?;
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [&small.digest, &big.digest]},
+    });
+    let config = write_blob(&dir.join("config.json"), &serde_json::to_vec(&config)?)?;
+    let layer = |b: &Blob| {
+        serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": b.digest,
+            "size": b.size,
+        })
+    };
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": config.digest,
+            "size": config.size,
+        },
+        "layers": [layer(&small), layer(&big)],
+    });
+    let manifest = Bytes::from(serde_json::to_vec_pretty(&manifest)?);
+    let manifest_digest = format!("sha256:{}", hex::encode(Sha256::digest(&manifest)));
+    Ok(Blobs {
+        config,
+        small,
+        big,
+        huge,
+        cold,
+        cold_many,
+        manifest,
+        manifest_digest,
+    })
+}
