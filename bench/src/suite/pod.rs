@@ -19,25 +19,10 @@ use super::report::{ratio, secs};
 use super::{Bench, MIB};
 use crate::client;
 
-#[path = "../../../tests/support/helm.rs"]
-#[allow(dead_code)]
-mod helm;
-#[path = "../../../tests/support/image.rs"]
-#[allow(dead_code)]
-mod image;
-#[path = "../../../tests/support/kube.rs"]
-#[allow(dead_code)]
-mod kube;
-#[path = "../../../tests/support/node.rs"]
-#[allow(dead_code)]
-mod node;
-#[path = "../../../tests/support/pki.rs"]
-#[allow(dead_code)]
-mod pki;
-
-use image::{Content as _, Flavor, ImageBuilder};
-use kube::{KubeServer, Version};
-use node::{KacheOnNode, KubeNode};
+use kache_testkit::image::{Content as _, Flavor, ImageBuilder};
+use kache_testkit::kube::{KubeServer, Version};
+use kache_testkit::node::{KacheOnNode, KubeNode};
+use kache_testkit::{image, kube, node};
 
 const KACHE_IMAGE: &str = "bench.invalid/kache:bench";
 const NS: &str = "bench";
