@@ -2,11 +2,14 @@
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::DynamicObject;
-use kube::core::admission::{AdmissionRequest, AdmissionReview};
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::dispatch::onto_ephemeral_containers;
 use super::*;
-use crate::rules::Scope;
+use crate::rules::{self, Scope};
+use crate::view::Form;
 
 /// What `review` did before it read the body in one pass, and the reference for its answers:
 /// the body as a `Value`, the envelope through kube's `AdmissionReview`, the object as a
