@@ -26,6 +26,7 @@
 //! assert!(patch.contains("localhost:7439/docker.io/library/nginx:1.27"));
 //! ```
 
+pub mod pattern;
 pub mod review;
 pub mod rules;
 #[cfg(feature = "server")]
@@ -34,10 +35,11 @@ pub mod server;
 pub mod tls;
 mod view;
 
+pub use pattern::{Pattern, PatternError};
 pub use review::{BadReview, Reviewed, Unhandled, review};
 pub use rules::{
-    ContainerKind, Pattern, PatternError, Policy, Rewrite, Scope, SkipReason, Skipped,
-    annotation_key, original_images, parse_annotation_key, rewrite,
+    ContainerKind, Policy, Rewrite, Scope, SkipReason, Skipped, annotation_key, original_images,
+    parse_annotation_key, rewrite,
 };
 #[cfg(feature = "server")]
 pub use server::{MAX_BODY, Webhook, WebhookMetrics};
