@@ -10,8 +10,8 @@ use kache_oci::{Digest, media_type};
 use kache_proxy::{Proxy, ProxyConfig, ProxyMetrics};
 use kache_registry::{Access, Metrics, Registry};
 use kache_store::Store;
+use kache_testkit::inproc::{client, closed_port, push_image, serve};
 use reqwest::{Client, Method, StatusCode};
-use serde_json::json;
 
 struct Served {
     addr: std::net::SocketAddr,
@@ -32,20 +32,6 @@ impl Served {
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
             .unwrap_or(0.0)
     }
-}
-
-fn client() -> Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    Client::new()
-}
-
-async fn serve(app: axum::Router) -> std::net::SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        let _ = axum::serve(l, app).await;
-    });
-    addr
 }
 
 fn upstream_client(host: &str) -> Upstream {
@@ -121,50 +107,6 @@ async fn proxy_with(registry: &str, upstream_host: &str, timeout: Duration, hype
     }
 }
 
-/// Pushes a one-layer image; returns (manifest bytes, layer digest).
-async fn push_image(
-    c: &Client,
-    base: &str,
-    repo: &str,
-    tag: &str,
-    layer: &[u8],
-) -> (Vec<u8>, Digest) {
-    let mut digests = Vec::new();
-    for b in [&b"{}"[..], layer] {
-        let d = Digest::sha256(b);
-        let r = c
-            .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"))
-            .body(b.to_vec())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::CREATED);
-        digests.push(d);
-    }
-    let m = serde_json::to_vec(&json!({
-        "schemaVersion": 2, "mediaType": media_type::OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digests[0].to_string(), "size": 2},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digests[1].to_string(), "size": layer.len()}],
-    }))
-    .unwrap();
-    let r = c
-        .put(format!("{base}/v2/{repo}/manifests/{tag}"))
-        .header("content-type", media_type::OCI_MANIFEST)
-        .body(m.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
-    (m, digests[1].clone())
-}
-
-fn closed_port() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let a = l.local_addr().unwrap();
-    drop(l);
-    format!("http://{a}")
-}
-
 #[tokio::test]
 async fn pulls_go_through_the_registry_and_count_hits_and_misses() {
     pulls_through(false).await;
@@ -179,7 +121,7 @@ async fn pulls_through(hyper: bool) {
     let c = client();
     let up = registry(None).await;
     let uh = up.addr.to_string();
-    let (m, ld) = push_image(&c, &up.base(), "app", "v1", b"layer bytes").await;
+    let (m, ld) = push_image(&c, &up.base(), "app", "v1", b"layer bytes", None).await;
     let cache = registry(Some(&uh)).await;
     let p = proxy_with(&cache.base(), &uh, Duration::from_secs(2), hyper).await;
     let repo = format!("127.0.0.1_{}/app", up.addr.port());
@@ -235,7 +177,7 @@ async fn an_unreachable_registry_means_straight_to_upstream() {
     let c = client();
     let up = registry(None).await;
     let uh = up.addr.to_string();
-    let (m, ld) = push_image(&c, &up.base(), "app", "v1", b"fallback layer").await;
+    let (m, ld) = push_image(&c, &up.base(), "app", "v1", b"fallback layer", None).await;
     let p = proxy(&closed_port(), &uh, Duration::from_secs(2)).await;
     let repo = format!("127.0.0.1_{}/app", up.addr.port());
     let r = c
@@ -301,7 +243,7 @@ async fn a_failing_or_silent_registry_means_upstream_but_a_404_is_the_answer() {
     let c = client();
     let up = registry(None).await;
     let uh = up.addr.to_string();
-    let (m, _) = push_image(&c, &up.base(), "app", "v1", b"x").await;
+    let (m, _) = push_image(&c, &up.base(), "app", "v1", b"x", None).await;
     let repo = format!("127.0.0.1_{}/app", up.addr.port());
     let upstream_gets =
         || up.count(r#"kache_registry_requests_total{route="manifest",method="GET",status="200"}"#);
@@ -542,11 +484,11 @@ async fn stack(layer: &[u8]) -> (Served, Served, Served, String, Vec<u8>, Digest
     let c = client();
     let up = registry(None).await;
     let uh = up.addr.to_string();
-    let (m, ld) = push_image(&c, &up.base(), "app", "v1", layer).await;
+    let (m, ld) = push_image(&c, &up.base(), "app", "v1", layer, None).await;
     let cache = registry(Some(&uh)).await;
     let p = proxy(&cache.base(), &uh, Duration::from_secs(5)).await;
     let repo = format!("127.0.0.1_{}/app", up.addr.port());
-    (up, cache, p, repo, m, ld)
+    (up, cache, p, repo, m, ld.parse().unwrap())
 }
 
 #[tokio::test]
@@ -875,7 +817,7 @@ async fn blobs_the_registry_fails_or_sends_chunked_still_arrive() {
     let up = registry(None).await;
     let uh = up.addr.to_string();
     let layer = pattern(150 * 1024);
-    let (_, ld) = push_image(&c, &up.base(), "app", "v1", &layer).await;
+    let (_, ld) = push_image(&c, &up.base(), "app", "v1", &layer, None).await;
     let repo = format!("127.0.0.1_{}/app", up.addr.port());
     let upstream_blob_gets =
         || up.count(r#"kache_registry_requests_total{route="blob",method="GET",status="200"}"#);

@@ -9,7 +9,8 @@ use kache_oci::upstream::{Upstream, UpstreamConfig};
 use kache_oci::{Digest, media_type};
 use kache_registry::{Access, Metrics, Registry};
 use kache_store::Store;
-use reqwest::{Client, StatusCode};
+use kache_testkit::inproc::{client, error_code as code, push_image};
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 struct Node {
@@ -71,62 +72,6 @@ async fn start(upstream_of: Option<&str>, ttl: Duration, access: Access) -> Node
         task,
         _dir: dir,
     }
-}
-
-fn client() -> Client {
-    Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
-}
-
-async fn push_blob(c: &Client, base: &str, repo: &str, bytes: &[u8]) -> Digest {
-    let d = Digest::sha256(bytes);
-    let r = c
-        .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"))
-        .body(bytes.to_vec())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
-    d
-}
-
-/// Pushes an image of one config and one layer; returns (manifest bytes, layer digest).
-async fn push_image(
-    c: &Client,
-    base: &str,
-    repo: &str,
-    tag: &str,
-    layer: &[u8],
-    platform: Option<(&str, &str)>,
-) -> (Vec<u8>, Digest) {
-    let config = match platform {
-        Some((os, arch)) => format!(r#"{{"os":"{os}","architecture":"{arch}"}}"#),
-        None => "{}".to_owned(),
-    };
-    let cd = push_blob(c, base, repo, config.as_bytes()).await;
-    let ld = push_blob(c, base, repo, layer).await;
-    let m = serde_json::to_vec(&json!({
-        "schemaVersion": 2, "mediaType": media_type::OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd.to_string(), "size": config.len()},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": ld.to_string(), "size": layer.len()}],
-    }))
-    .unwrap();
-    let r = c
-        .put(format!("{base}/v2/{repo}/manifests/{tag}"))
-        .header("content-type", media_type::OCI_MANIFEST)
-        .body(m.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
-    (m, ld)
-}
-
-async fn code(r: reqwest::Response) -> String {
-    let v: Value = r.json().await.unwrap();
-    v["errors"][0]["code"].as_str().unwrap().to_owned()
 }
 
 fn cache_repo(upstream: &Node, path: &str) -> String {
@@ -538,15 +483,27 @@ async fn warm_caches_the_asked_platforms_of_an_index_and_nothing_else() {
 
     let repo: kache_oci::RepoName = cache_repo(&up, "multi").parse().unwrap();
     assert!(
-        cache.store.stat_blob(&repo, &layers[0]).unwrap().is_some(),
+        cache
+            .store
+            .stat_blob(&repo, &layers[0].parse().unwrap())
+            .unwrap()
+            .is_some(),
         "amd64 layer cached"
     );
     assert!(
-        cache.store.stat_blob(&repo, &layers[1]).unwrap().is_some(),
+        cache
+            .store
+            .stat_blob(&repo, &layers[1].parse().unwrap())
+            .unwrap()
+            .is_some(),
         "arm64 layer cached"
     );
     assert!(
-        cache.store.stat_blob(&repo, &layers[2]).unwrap().is_none(),
+        cache
+            .store
+            .stat_blob(&repo, &layers[2].parse().unwrap())
+            .unwrap()
+            .is_none(),
         "s390x layer not fetched"
     );
 

@@ -4,6 +4,8 @@
 //! upstreams (CNCF distribution, open or behind Basic or token auth, and its token server), an
 //! upstream that fails on demand, and a private containerd pulling through hosts.toml mirrors.
 //!
+//! The crates' own async tests use [`inproc`]: a router on a free port, a client, pushes.
+//!
 //! The tests use it as `support` (`use kache_testkit as support;`).
 
 pub mod background;
@@ -15,6 +17,7 @@ pub mod gc;
 pub mod helm;
 pub mod http;
 pub mod image;
+pub mod inproc;
 pub mod kube;
 pub mod metrics;
 pub mod node;
