@@ -6,6 +6,31 @@
 //!   registry asked to warm it for the nodes' platforms, expiry set, cleared or carried out.
 //! - The registry is told which images the cluster keeps, and which are pinned ([`kept`]).
 //! - Only the replica holding the Lease runs them ([`lease`]).
+//!
+//! What they decide is pure ([`decide`]), so it can be asked without a cluster: when does an
+//! image no pod uses any more leave the cache?
+//!
+//! ```
+//! use std::time::Duration;
+//!
+//! use k8s_openapi::jiff::Timestamp;
+//! use kache_api::CachedImageSpec;
+//! use kache_controller::decide::{self, Expiry};
+//!
+//! let spec = CachedImageSpec {
+//!     source_image: "docker.io/library/nginx:1.27".into(),
+//!     ..CachedImageSpec::default()
+//! };
+//! let now = Timestamp::from_second(1_800_000_000).unwrap();
+//! let delay = Duration::from_secs(24 * 3600);
+//! // A live pod uses it: it stays.
+//! assert_eq!(decide::expiry(&spec, 1, now, delay), Expiry::Keep);
+//! // None does: it goes a day from now...
+//! assert_eq!(decide::expiry(&spec, 0, now, delay), Expiry::At(decide::add(now, delay)));
+//! // ...unless it is retained.
+//! let retained = CachedImageSpec { retain: true, ..spec };
+//! assert_eq!(decide::expiry(&retained, 0, now, delay), Expiry::Keep);
+//! ```
 
 pub mod decide;
 mod ensure;

@@ -5,6 +5,48 @@
 //! broken cache never stops a pod from starting. A registry 4xx (an image the upstream does
 //! not have, a bad request) is the answer and is passed on as it is. Bodies are streamed both
 //! ways, never buffered; nothing on the request path calls the Kubernetes API.
+//!
+//! A proxy in front of a registry that holds a blob (served here on 127.0.0.1):
+//!
+//! ```
+//! use axum::body::Body;
+//! use http::Request;
+//! use http_body_util::BodyExt;
+//! use kache_http::ServerKind;
+//! use kache_oci::upstream::{Upstream, UpstreamConfig};
+//! use kache_proxy::{Proxy, ProxyConfig, ProxyMetrics};
+//! use tower::ServiceExt;
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! # let _ = rustls::crypto::ring::default_provider().install_default();
+//! let dir = tempfile::tempdir().unwrap();
+//! let mut prom = prometheus_client::registry::Registry::default();
+//! let metrics = kache_registry::Metrics::new(&mut prom);
+//! let (registry, _) = kache_registry::Registry::open(dir.path(), metrics, None).await.unwrap();
+//! let digest = kache_oci::Digest::sha256(b"a layer");
+//! let push = Request::post(format!("/v2/docker.io/library/demo/blobs/uploads/?digest={digest}"))
+//!     .body(Body::from("a layer"))
+//!     .unwrap();
+//! registry.router().oneshot(push).await.unwrap();
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+//! let url = format!("http://{}", listener.local_addr().unwrap());
+//! let app = registry.router();
+//! tokio::spawn(kache_registry::serve(app, listener, ServerKind::Kache, std::future::pending()));
+//!
+//! let proxy = Proxy::new(
+//!     ProxyConfig { registry: url.parse().unwrap(), registry_timeout: std::time::Duration::from_secs(5) },
+//!     Upstream::new(UpstreamConfig::default()).unwrap(),
+//!     ProxyMetrics::new(&mut prom),
+//! );
+//! // What the kubelet asks for localhost:7439/docker.io/library/demo: the registry has it.
+//! let pull = Request::get(format!("/v2/docker.io/library/demo/blobs/{digest}"))
+//!     .body(Body::empty())
+//!     .unwrap();
+//! let answer = proxy.router().oneshot(pull).await.unwrap();
+//! assert_eq!(answer.status(), http::StatusCode::OK);
+//! assert_eq!(answer.into_body().collect().await.unwrap().to_bytes(), "a layer");
+//! # });
+//! ```
 
 mod metrics;
 #[cfg(target_os = "linux")]

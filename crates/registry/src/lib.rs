@@ -3,6 +3,37 @@
 //!
 //! Every request is routed by [`Route::parse`] from its raw path, then handled in
 //! [`api`]; every failure is an [`error::Error`] with the spec's code and JSON body.
+//!
+//! A registry over a store of its own, asked in process (a listener is served with
+//! [`serve`]):
+//!
+//! ```
+//! use axum::body::Body;
+//! use http::{Request, StatusCode};
+//! use http_body_util::BodyExt;
+//! use kache_registry::{Metrics, Registry};
+//! use tower::ServiceExt;
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let dir = tempfile::tempdir().unwrap();
+//! let mut prom = prometheus_client::registry::Registry::default();
+//! let (registry, _recovered) = Registry::open(dir.path(), Metrics::new(&mut prom), None)
+//!     .await
+//!     .unwrap();
+//!
+//! let digest = kache_oci::Digest::sha256(b"a layer");
+//! let push = Request::post(format!("/v2/demo/blobs/uploads/?digest={digest}"))
+//!     .body(Body::from("a layer"))
+//!     .unwrap();
+//! let answer = registry.router().oneshot(push).await.unwrap();
+//! assert_eq!(answer.status(), StatusCode::CREATED);
+//!
+//! let pull = Request::get(format!("/v2/demo/blobs/{digest}")).body(Body::empty()).unwrap();
+//! let answer = registry.router().oneshot(pull).await.unwrap();
+//! assert_eq!(answer.into_body().collect().await.unwrap().to_bytes(), "a layer");
+//! registry.close().await.unwrap();
+//! # });
+//! ```
 
 mod admin;
 mod api;
