@@ -247,23 +247,9 @@ disabled_plugins = [
 
     /// Stops containerd: SIGTERM, then SIGKILL if it has not exited within a bound.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        // std has no SIGTERM; the kill(1) utility sends it by pid.
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status();
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if let Some(mut child) = self.child.take() {
+            crate::process::terminate(&mut child, STOP_TIMEOUT);
         }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 
     fn wait_ready(&mut self) {

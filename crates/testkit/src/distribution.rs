@@ -6,6 +6,7 @@
 //! the response) to stdout and its application log to stderr, and has no setting to write either
 //! to a file, so the child's stdout goes to `access.log` and stderr to `registry.log`.
 
+use crate::process::{self, NotServing};
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener};
@@ -246,8 +247,7 @@ impl Distribution {
     /// Kills distribution (SIGKILL) and reaps it; storage and logs stay.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            process::kill(&mut child);
             self.note("killed with SIGKILL");
         }
     }
@@ -405,30 +405,24 @@ http:
     /// Polls `GET /v2/` until it answers 200 or 401, the child exits, or the timeout passes.
     fn wait_ready(&mut self) -> Result<(), String> {
         let url = format!("{}/v2/", self.base_url());
-        let deadline = Instant::now() + READY_TIMEOUT;
-        let mut last = String::from("no answer yet");
-        while Instant::now() < deadline {
-            let child = self.child.as_mut().expect("child is running");
-            if let Some(status) = child.try_wait().expect("poll child") {
+        let child = self.child.as_mut().expect("child is running");
+        match process::wait_serving(child, &url, READY_TIMEOUT, |s| s == 200 || s == 401) {
+            Ok(()) => Ok(()),
+            Err(NotServing::Exited(status)) => {
                 self.child = None;
-                return Err(format!(
+                Err(format!(
                     "distribution exited with {status} before serving {url}:\n{}",
                     self.log_tail()
-                ));
+                ))
             }
-            let timeout = Duration::from_secs(1);
-            match super::http::try_request_within(timeout, "GET", &url, &[], &[]) {
-                Ok(r) if r.status == 200 || r.status == 401 => return Ok(()),
-                Ok(r) => last = format!("status {} body {:?}", r.status, r.text()),
-                Err(e) => last = e.to_string(),
+            Err(NotServing::Silent(last)) => {
+                self.stop();
+                Err(format!(
+                    "distribution did not answer on {url} within {READY_TIMEOUT:?} (last: {last}):\n{}",
+                    self.log_tail()
+                ))
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
-        self.stop();
-        Err(format!(
-            "distribution did not answer on {url} within {READY_TIMEOUT:?} (last: {last}):\n{}",
-            self.log_tail()
-        ))
     }
 
     /// Marks an event in the application log, so restarts are visible when reading it.

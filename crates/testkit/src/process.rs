@@ -1,4 +1,5 @@
-//! Child commands run to completion within a deadline, their output kept in files.
+//! Child processes: commands run to completion within a deadline (their output kept in files),
+//! and servers waited for, then stopped as Kubernetes stops them.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
@@ -62,4 +63,73 @@ pub fn run_bounded(mut command: Command, dir: &Path, timeout: Duration) -> Ran {
         stdout: read(&stdout_path),
         stderr: read(&stderr_path),
     }
+}
+
+/// How [`terminate`] ended a child.
+#[derive(Debug)]
+pub enum Stopped {
+    /// It exited on SIGTERM, with this status.
+    Exited(ExitStatus),
+    /// It was still running past the bound, and was killed.
+    Killed,
+}
+
+/// Stops `child` the way Kubernetes does: SIGTERM, so that it shuts down cleanly, then SIGKILL
+/// if it has not exited `within`; reaps it either way.
+pub fn terminate(child: &mut std::process::Child, within: Duration) -> Stopped {
+    // std has no SIGTERM; the kill(1) utility sends it by pid.
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Stopped::Exited(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill(child);
+    Stopped::Killed
+}
+
+/// Kills `child` with SIGKILL (no chance to clean up) and reaps it.
+pub fn kill(child: &mut std::process::Child) {
+    // std's Child::kill is SIGKILL on Unix.
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Why a child did not come to serve.
+#[derive(Debug)]
+pub enum NotServing {
+    /// It exited first, with this status.
+    Exited(ExitStatus),
+    /// It ran, but `url` gave no ready answer in time; the last thing it said.
+    Silent(String),
+}
+
+/// Polls `GET url` until its status is one `ready` takes, `child` exits, or `within` passes.
+/// One poll waits at most a second, so a server that accepts but never answers cannot outlast
+/// the bound.
+pub fn wait_serving(
+    child: &mut std::process::Child,
+    url: &str,
+    within: Duration,
+    ready: impl Fn(u16) -> bool,
+) -> Result<(), NotServing> {
+    let deadline = Instant::now() + within;
+    let mut last = String::from("no answer yet");
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("poll child") {
+            return Err(NotServing::Exited(status));
+        }
+        match crate::http::try_request_within(Duration::from_secs(1), "GET", url, &[], &[]) {
+            Ok(r) if ready(r.status) => return Ok(()),
+            Ok(r) => last = format!("status {} body {:?}", r.status, r.text()),
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(NotServing::Silent(last))
 }

@@ -1,13 +1,14 @@
 //! A `kache proxy` child process on 127.0.0.1: the node proxy in front of a kache registry, for
 //! tests that pull the way a kubelet (or containerd in mirror mode) does.
 
+use crate::process::{self, NotServing};
 use std::ffi::OsString;
 use std::fs::OpenOptions;
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tempfile::TempDir;
 
@@ -80,8 +81,7 @@ impl KacheProxy {
     /// Kills the child with SIGKILL and reaps it.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            process::kill(&mut child);
             self.note("killed with SIGKILL");
         }
     }
@@ -122,23 +122,19 @@ impl KacheProxy {
 
     fn wait_ready(&mut self) {
         let url = format!("{}/v2/", self.base_url());
-        let deadline = Instant::now() + READY_TIMEOUT;
-        let mut last = String::from("no answer yet");
-        while Instant::now() < deadline {
-            let child = self.child.as_mut().expect("child is running");
-            if let Some(status) = child.try_wait().expect("poll child") {
+        let child = self.child.as_mut().expect("child is running");
+        match process::wait_serving(child, &url, READY_TIMEOUT, |s| s == 200) {
+            Ok(()) => {}
+            Err(NotServing::Exited(status)) => {
                 self.child = None;
                 panic!("kache proxy exited with {status} before serving {url} (log below)");
             }
-            let timeout = Duration::from_secs(1);
-            match super::http::try_request_within(timeout, "GET", &url, &[], &[]) {
-                Ok(r) if r.status == 200 => return,
-                Ok(r) => last = format!("status {} body {:?}", r.status, r.text()),
-                Err(e) => last = e.to_string(),
+            Err(NotServing::Silent(last)) => {
+                panic!(
+                    "kache proxy did not answer 200 on {url} within {READY_TIMEOUT:?} (last: {last})"
+                )
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("kache proxy did not answer 200 on {url} within {READY_TIMEOUT:?} (last: {last})");
     }
 
     fn note(&self, what: &str) {

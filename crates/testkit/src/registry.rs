@@ -1,12 +1,13 @@
 //! A `kache registry` child process on 127.0.0.1, for tests that talk to it like a client would.
 
+use crate::process::{self, NotServing, Stopped};
 use std::ffi::OsString;
 use std::fs::OpenOptions;
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tempfile::TempDir;
 
@@ -140,9 +141,7 @@ impl KacheRegistry {
     /// Kills the child with SIGKILL (no chance to clean up) and reaps it.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // std's Child::kill is SIGKILL on Unix.
-            let _ = child.kill();
-            let _ = child.wait();
+            process::kill(&mut child);
             self.note("killed with SIGKILL");
         }
     }
@@ -150,27 +149,14 @@ impl KacheRegistry {
     /// Stops the child the way Kubernetes does (SIGTERM, so it shuts down cleanly), with
     /// SIGKILL if it has not exited within a bound, and reaps it; the data dir stays.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        // std has no SIGTERM; the kill(1) utility sends it by pid.
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status();
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                self.note(&format!("stopped with SIGTERM: {status}"));
-                return;
+        if let Some(mut child) = self.child.take() {
+            match process::terminate(&mut child, STOP_TIMEOUT) {
+                Stopped::Exited(status) => self.note(&format!("stopped with SIGTERM: {status}")),
+                Stopped::Killed => self.note(&format!(
+                    "no exit within {STOP_TIMEOUT:?} of SIGTERM; killed"
+                )),
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = child.kill();
-        let _ = child.wait();
-        self.note(&format!(
-            "no exit within {STOP_TIMEOUT:?} of SIGTERM; killed"
-        ));
     }
 
     pub fn is_running(&self) -> bool {
@@ -233,27 +219,18 @@ impl KacheRegistry {
     /// Polls `GET /v2/` until it answers 200, the child exits, or [`READY_TIMEOUT`] passes.
     fn wait_ready(&mut self) {
         let url = format!("{}/v2/", self.base_url());
-        let deadline = Instant::now() + READY_TIMEOUT;
-        let mut last = String::from("no answer yet");
-        while Instant::now() < deadline {
-            let child = self.child.as_mut().expect("child is running");
-            if let Some(status) = child.try_wait().expect("poll child") {
+        let child = self.child.as_mut().expect("child is running");
+        match process::wait_serving(child, &url, READY_TIMEOUT, |s| s == 200) {
+            Ok(()) => {}
+            Err(NotServing::Exited(status)) => {
                 self.child = None;
                 panic!("kache registry exited with {status} before serving {url} (log below)");
             }
-            // One poll must not outlast the deadline if the server accepts but never answers.
-            let timeout = Duration::from_secs(1);
-            match super::http::try_request_within(timeout, "GET", &url, &[], &[]) {
-                Ok(r) if r.status == 200 => return,
-                Ok(r) => last = format!("status {} body {:?}", r.status, r.text()),
-                Err(e) => last = e.to_string(),
-            }
-            std::thread::sleep(Duration::from_millis(50));
+            Err(NotServing::Silent(last)) => panic!(
+                "kache registry did not answer 200 on {url} within {READY_TIMEOUT:?} \
+                 (last: {last}; log below)"
+            ),
         }
-        panic!(
-            "kache registry did not answer 200 on {url} within {READY_TIMEOUT:?} \
-             (last: {last}; log below)"
-        );
     }
 
     /// Marks an event in the log, so restarts are visible when reading it.
