@@ -8,14 +8,8 @@
 //! - nothing here knows HTTP, so the registry, the pull-through path and GC share it;
 //! - garbage collection runs while everything else goes on: gate.rs says how.
 //!
-//! On disk, under the data directory:
-//!
-//! ```text
-//! blobs/<alg>/<first two hex>/<hex>   every blob and manifest, named by its digest
-//! tmp/<uuid>                          writes in progress (removed at open: they never finished)
-//! uploads/<uuid>                      upload sessions; the file's length is the offset
-//! index.redb                          the index (index.rs lists its tables)
-//! ```
+//! On disk, the data directory holds the blob files, writes in progress, upload sessions and the
+//! index: `Layout` (fs.rs) draws the tree, beside the code that builds each of its paths.
 
 mod access;
 mod blobs;
