@@ -10,6 +10,34 @@
 //!
 //! On disk, the data directory holds the blob files, writes in progress, upload sessions and the
 //! index: `Layout` (fs.rs) draws the tree, beside the code that builds each of its paths.
+//!
+//! A blob put into a repository and read back:
+//!
+//! ```
+//! use bytes::Bytes;
+//! use kache_oci::{Digest, RepoName};
+//! use kache_store::{Recovery, Store};
+//! use tokio::io::AsyncReadExt;
+//!
+//! let dir = tempfile::tempdir().unwrap();
+//! let (store, recovery) = Store::open(dir.path()).unwrap();
+//! assert_eq!(recovery, Recovery::default(), "a new store has nothing to repair");
+//!
+//! tokio::runtime::Runtime::new().unwrap().block_on(async {
+//!     let repo: RepoName = "team/app".parse().unwrap();
+//!     let digest = Digest::sha256(b"a layer");
+//!     let body = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from("a layer"))]);
+//!     assert_eq!(store.put_blob(&repo, &digest, body).await.unwrap(), 7);
+//!
+//!     let mut blob = store.open_blob(&repo, &digest).await.unwrap();
+//!     let mut bytes = Vec::new();
+//!     blob.file.read_to_end(&mut bytes).await.unwrap();
+//!     assert_eq!(bytes, b"a layer");
+//!     // Only repositories that hold it (pushed, mounted or pulled there) may serve it.
+//!     let other: RepoName = "team/other".parse().unwrap();
+//!     assert_eq!(store.stat_blob(&other, &digest).unwrap(), None);
+//! });
+//! ```
 
 mod access;
 mod blobs;
