@@ -11,7 +11,14 @@ use crate::error::{Result, StoreError};
 /// Reads and writes of 256 KiB: large enough that syscalls and task hops stay off the profile.
 pub(crate) const IO_BUF: usize = 256 * 1024;
 
-/// The directory layout under `--data-dir`.
+/// The directory layout under `--data-dir`: every path the store uses is built here.
+///
+/// ```text
+/// blobs/<alg>/<first two hex>/<hex>   every blob and manifest, named by its digest
+/// tmp/<uuid>                          writes in progress (removed at open: they never finished)
+/// uploads/<uuid>                      upload sessions; the file's length is the offset
+/// index.redb                          the index (index.rs lists its tables)
+/// ```
 #[derive(Debug, Clone)]
 pub(crate) struct Layout {
     root: PathBuf,

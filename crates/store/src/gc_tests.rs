@@ -81,7 +81,7 @@ async fn image(
 
 fn files(store: &Store) -> BTreeSet<Digest> {
     let mut out = BTreeSet::new();
-    crate::for_each_blob_file(&store.layout, |d, _| {
+    crate::recovery::for_each_blob_file(&store.layout, |d, _| {
         out.insert(d);
         Ok(())
     })

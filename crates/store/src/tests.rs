@@ -1,5 +1,11 @@
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use futures_util::Stream;
+use kache_oci::{Algorithm, ParsedManifest, Reference, RepoName, media_type};
+
 use super::*;
-use kache_oci::media_type;
+use crate::index::NewManifest;
 
 fn repo(s: &str) -> RepoName {
     s.parse().unwrap()
