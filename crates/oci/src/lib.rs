@@ -1,7 +1,7 @@
 //! The vocabulary of the OCI Distribution and Image specs that every other kache crate speaks:
-//! repository names, tags, digests, media types, image references and the parts of a manifest
-//! a registry must read; with the `upstream` feature, the client that fetches from upstream
-//! registries.
+//! repository names, tags, digests, media types, image references, the parts of a manifest
+//! a registry must read, and registry credentials in docker's `config.json` format; with the
+//! `upstream` feature, the client that fetches from upstream registries.
 //!
 //! An image as a pod names it, the cache repository kache keeps it under, and back:
 //!
@@ -21,6 +21,7 @@
 //! ```
 
 pub mod api;
+pub mod credentials;
 pub mod digest;
 pub mod manifest;
 pub mod media_type;

@@ -14,8 +14,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use base64::Engine as _;
 use futures_util::StreamExt as _;
+use kache_oci::credentials::{Credentials, DockerConfig};
 use kache_oci::media_type;
-use kache_oci::upstream::{Credentials, DockerConfig, Upstream, UpstreamConfig, UpstreamError};
+use kache_oci::upstream::{Upstream, UpstreamConfig, UpstreamError};
 use kache_oci::{Digest, ParsedManifest};
 
 const MANIFEST: &str = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855","size":0},"layers":[]}"#;

@@ -14,7 +14,6 @@
 //! the next request for the same repository carries one from the start.
 
 mod auth;
-mod credentials;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -30,8 +29,7 @@ use crate::api::{ErrorCode, Route};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 
-pub use credentials::{Credentials, CredentialsError, DockerConfig};
-
+use crate::credentials::{self, Credentials, DockerConfig};
 use crate::digest::Digest;
 use crate::media_type::MANIFEST_TYPES;
 use crate::name::{Reference, RepoName};
