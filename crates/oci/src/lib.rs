@@ -1,7 +1,8 @@
 //! The vocabulary of the OCI Distribution and Image specs that every other kache crate speaks:
 //! repository names, tags, digests, media types, image references, the parts of a manifest
-//! a registry must read, and registry credentials in docker's `config.json` format; with the
-//! `upstream` feature, the client that fetches from upstream registries.
+//! a registry must read, the Distribution API's routes and error body, and registry credentials
+//! in docker's `config.json` format. It is pure: no HTTP client, no runtime (the `net` feature
+//! aside). The client that fetches from upstream registries is kache-upstream.
 //!
 //! An image as a pod names it, the cache repository kache keeps it under, and back:
 //!
@@ -29,8 +30,6 @@ pub mod name;
 #[cfg(feature = "net")]
 pub mod net;
 pub mod reference;
-#[cfg(feature = "upstream")]
-pub mod upstream;
 
 pub use digest::{Algorithm, Digest, DigestError, Hasher};
 pub use manifest::{Descriptor, ManifestError, ParsedManifest};

@@ -26,7 +26,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use kache_oci::api::{ErrorCode, Intent, Route};
 use kache_oci::split_cache_repository;
-use kache_oci::upstream::{Upstream, UpstreamError, UpstreamResponse};
+use kache_upstream::{Upstream, UpstreamError, UpstreamResponse};
 use kache_wire::{CACHE_HEADER, CacheOutcome};
 
 pub use metrics::ProxyMetrics;

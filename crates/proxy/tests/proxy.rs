@@ -4,11 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kache_oci::upstream::{Upstream, UpstreamConfig};
 use kache_oci::{Digest, media_type};
 use kache_proxy::{Proxy, ProxyConfig, ProxyMetrics};
 use kache_registry::{Access, Metrics, Registry};
 use kache_store::Store;
+use kache_upstream::{Upstream, UpstreamConfig};
 use reqwest::{Client, Method, StatusCode};
 use serde_json::json;
 

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kache_oci::upstream::{Upstream, UpstreamConfig};
 use kache_oci::{Digest, media_type};
 use kache_registry::{Access, Metrics, Registry};
 use kache_store::Store;
+use kache_upstream::{Upstream, UpstreamConfig};
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
 

@@ -16,8 +16,8 @@ use base64::Engine as _;
 use futures_util::StreamExt as _;
 use kache_oci::credentials::{Credentials, DockerConfig};
 use kache_oci::media_type;
-use kache_oci::upstream::{Upstream, UpstreamConfig, UpstreamError};
 use kache_oci::{Digest, ParsedManifest};
+use kache_upstream::{Upstream, UpstreamConfig, UpstreamError};
 
 const MANIFEST: &str = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855","size":0},"layers":[]}"#;
 
@@ -77,7 +77,7 @@ fn oci_error(status: StatusCode, code: &str, message: &str) -> Response {
         .into_response()
 }
 
-async fn collect(resp: kache_oci::upstream::UpstreamResponse) -> Vec<u8> {
+async fn collect(resp: kache_upstream::UpstreamResponse) -> Vec<u8> {
     let mut out = Vec::new();
     let mut stream = std::pin::pin!(resp.into_stream());
     while let Some(chunk) = stream.next().await {

@@ -1,4 +1,5 @@
-//! The client kache fetches manifests and blobs from upstream registries with.
+//! The client kache fetches manifests and blobs from upstream registries with. The names,
+//! references, routes and credentials it speaks are kache-oci's; this crate adds the HTTP.
 //!
 //! kache has its own thin client over reqwest rather than `oci-client`, because the cache needs
 //! what a general-purpose client hides: bodies come back as streams handed straight to the
@@ -25,16 +26,15 @@ use futures_util::{Stream, TryStreamExt as _};
 use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderMap, Method, StatusCode};
 
-use crate::api::{ErrorCode, Route};
+use auth::{AuthCache, Challenge, DEFAULT_TOKEN_LIFETIME};
+use kache_oci::api::{ErrorCode, Route};
+use kache_oci::credentials::{self, Credentials, DockerConfig};
+use kache_oci::digest::Digest;
+use kache_oci::media_type::MANIFEST_TYPES;
+use kache_oci::name::{Reference, RepoName};
+use kache_oci::reference::{registry_endpoint, valid_registry};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
-
-use crate::credentials::{self, Credentials, DockerConfig};
-use crate::digest::Digest;
-use crate::media_type::MANIFEST_TYPES;
-use crate::name::{Reference, RepoName};
-use crate::reference::{registry_endpoint, valid_registry};
-use auth::{AuthCache, Challenge, DEFAULT_TOKEN_LIFETIME};
 
 /// The header registries put a content digest in.
 pub const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
@@ -658,7 +658,7 @@ fn summarize(body: &[u8]) -> String {
         error_description: Option<String>,
     }
     let text = match (
-        crate::api::ErrorBody::parse(body),
+        kache_oci::api::ErrorBody::parse(body),
         serde_json::from_slice::<Body>(body),
     ) {
         (Some(errors), _) => errors.summary(),
