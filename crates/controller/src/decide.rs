@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::{Node, Pod, PodSpec};
 use k8s_openapi::jiff::Timestamp;
 use kache_api::{CachedImageSpec, SecretReference};
 use kache_oci::ImageReference;
-use kache_oci::upstream::{Credentials, DockerConfig};
+use kache_oci::credentials::{Credentials, DockerConfig};
 
 /// The platform assumed when the cluster has no nodes yet.
 pub const DEFAULT_PLATFORM: &str = "linux/amd64";

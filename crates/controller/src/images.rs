@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kache_api::{CachedImage, CachedImageStatus, FINALIZER, UsedBy, cached_image_name};
-use kache_oci::upstream::DockerConfig;
+use kache_oci::credentials::DockerConfig;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{self, Event as Finalizing};

@@ -22,7 +22,7 @@ impl RegistryClient {
     /// `base` is the internal listener's URL (`http://kache-registry-internal.kache:5001`).
     pub fn new(base: &str, token: Option<String>, timeout: Duration) -> anyhow::Result<Self> {
         // The same roots as the upstream client: the kache image holds no system CA store.
-        let tls = kache_oci::upstream::tls_config(&[])?;
+        let tls = kache_upstream::tls_config(&[])?;
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .timeout(timeout)

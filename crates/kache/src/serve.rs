@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use kache_http::{ServerKind, ops_router, shutdown};
-use kache_oci::upstream::{DockerConfig, Upstream, UpstreamConfig};
+use kache_oci::credentials::DockerConfig;
 use kache_proxy::{Proxy, ProxyConfig, ProxyMetrics};
 use kache_registry::{Access, Metrics, Registry};
 use kache_store::Store;
+use kache_upstream::{Upstream, UpstreamConfig};
 use prometheus_client::registry::Registry as PromRegistry;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;

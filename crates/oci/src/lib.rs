@@ -1,7 +1,7 @@
 //! The vocabulary of the OCI Distribution and Image specs that every other kache crate speaks:
-//! repository names, tags, digests, media types, image references and the parts of a manifest
-//! a registry must read; with the `upstream` feature, the client that fetches from upstream
-//! registries.
+//! repository names, tags, digests, media types, image references, the parts of a manifest
+//! a registry must read, the Distribution API's routes and error body, and registry credentials
+//! in docker's `config.json` format. It is pure: no HTTP client, no runtime. The client that fetches from upstream registries is kache-upstream.
 //!
 //! An image as a pod names it, the cache repository kache keeps it under, and back:
 //!
@@ -21,13 +21,12 @@
 //! ```
 
 pub mod api;
+pub mod credentials;
 pub mod digest;
 pub mod manifest;
 pub mod media_type;
 pub mod name;
 pub mod reference;
-#[cfg(feature = "upstream")]
-pub mod upstream;
 
 pub use digest::{Algorithm, Digest, DigestError, Hasher};
 pub use manifest::{Descriptor, ManifestError, ParsedManifest};

@@ -153,8 +153,9 @@ fn valid_label(label: &str) -> bool {
         && b.iter().all(|&c| c.is_ascii_alphanumeric() || c == b'-')
 }
 
-/// `host` or `host:port`, where host is dot-separated labels of letters, digits and inner `-`.
-pub(crate) fn valid_registry(registry: &str) -> bool {
+/// Whether `registry` is `host` or `host:port`, where host is dot-separated labels of letters,
+/// digits and inner `-`.
+pub fn valid_registry(registry: &str) -> bool {
     let host = match registry.split_once(':') {
         Some((host, port)) => {
             if !valid_port(port) {

@@ -13,7 +13,7 @@
 //! use http::Request;
 //! use http_body_util::BodyExt;
 //! use kache_http::ServerKind;
-//! use kache_oci::upstream::{Upstream, UpstreamConfig};
+//! use kache_upstream::{Upstream, UpstreamConfig};
 //! use kache_proxy::{Proxy, ProxyConfig, ProxyMetrics};
 //! use tower::ServiceExt;
 //!
@@ -68,7 +68,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use kache_oci::api::{ErrorCode, Intent, Route};
 use kache_oci::split_cache_repository;
-use kache_oci::upstream::{Upstream, UpstreamError, UpstreamResponse};
+use kache_upstream::{Upstream, UpstreamError, UpstreamResponse};
 use kache_wire::{CACHE_HEADER, CacheOutcome};
 
 pub use metrics::ProxyMetrics;

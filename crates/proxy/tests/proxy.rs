@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kache_http::ServerKind;
-use kache_oci::upstream::{Upstream, UpstreamConfig};
 use kache_oci::{Digest, media_type};
 use kache_proxy::{Proxy, ProxyConfig, ProxyMetrics};
 use kache_registry::{Access, Metrics, Registry};
 use kache_store::Store;
 use kache_testkit::inproc::{client, closed_port, push_image, serve};
+use kache_upstream::{Upstream, UpstreamConfig};
 use reqwest::{Client, Method, StatusCode};
 
 struct Served {

@@ -53,8 +53,8 @@ use axum::http::{HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 use kache_http::ServerKind;
 use kache_oci::api::{Intent, Route};
-use kache_oci::upstream::Upstream;
 use kache_store::{Recovery, Store};
+use kache_upstream::Upstream;
 use kache_wire::{GC_PATH, IMAGES_PATH, WARM_PATH};
 
 pub use gc::{Collector, GcConfig, Schedule, Trigger};

@@ -15,12 +15,13 @@ use std::time::Duration;
 
 use futures_util::TryStreamExt;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
+use kache_oci::credentials::Credentials;
 use kache_oci::reference::split_cache_repository;
-use kache_oci::upstream::{Credentials, Upstream, UpstreamError};
 use kache_oci::{Digest, ParsedManifest, Reference, RepoName};
 use kache_store::{
     FetchError, FetchFailure, FlightStream, MAX_MANIFEST_SIZE, Manifest, Source, Store, StoreError,
 };
+use kache_upstream::{Upstream, UpstreamError};
 
 use kache_wire::CacheOutcome;
 

@@ -2,9 +2,9 @@
 //! optionally with credentials that serve this one fetch and are never stored.
 
 use futures_util::{StreamExt, TryStreamExt};
+use kache_oci::credentials::Credentials;
 use kache_oci::manifest::Platform;
 use kache_oci::reference::ImageReference;
-use kache_oci::upstream::Credentials;
 use kache_oci::{Digest, ParsedManifest, Reference, RepoName};
 use kache_wire::{PlatformResult, PlatformStatus, WarmRequest, WarmResponse};
 

@@ -5,11 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kache_http::ServerKind;
-use kache_oci::upstream::{Upstream, UpstreamConfig};
 use kache_oci::{Digest, media_type};
 use kache_registry::{Access, Metrics, Registry};
 use kache_store::Store;
 use kache_testkit::inproc::{client, error_code as code, push_image};
+use kache_upstream::{Upstream, UpstreamConfig};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 

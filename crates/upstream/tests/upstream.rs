@@ -14,18 +14,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use base64::Engine as _;
 use futures_util::StreamExt as _;
+use kache_oci::credentials::{Credentials, DockerConfig};
 use kache_oci::media_type;
-use kache_oci::upstream::{Credentials, DockerConfig, Upstream, UpstreamConfig, UpstreamError};
 use kache_oci::{Digest, ParsedManifest};
+use kache_testkit::inproc::serve;
+use kache_upstream::{Upstream, UpstreamConfig, UpstreamError};
 
 const MANIFEST: &str = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855","size":0},"layers":[]}"#;
-
-async fn serve(app: Router) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
-}
 
 fn upstream(cfg: UpstreamConfig) -> Upstream {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -76,7 +71,7 @@ fn oci_error(status: StatusCode, code: &str, message: &str) -> Response {
         .into_response()
 }
 
-async fn collect(resp: kache_oci::upstream::UpstreamResponse) -> Vec<u8> {
+async fn collect(resp: kache_upstream::UpstreamResponse) -> Vec<u8> {
     let mut out = Vec::new();
     let mut stream = std::pin::pin!(resp.into_stream());
     while let Some(chunk) = stream.next().await {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use sha2::Digest as _;
 
-use super::credentials::Credentials;
+use kache_oci::credentials::Credentials;
 
 /// A challenge from a `401 Unauthorized`.
 #[derive(Debug, Clone, PartialEq, Eq)]

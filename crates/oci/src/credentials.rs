@@ -117,7 +117,7 @@ impl Entry {
 
 /// The registry host a docker config key or a reference's registry names: scheme and path
 /// dropped, lowercased, Docker Hub's aliases folded into `docker.io`.
-pub(crate) fn registry_host(key: &str) -> String {
+pub fn registry_host(key: &str) -> String {
     let key = key.trim();
     let rest = ["https://", "http://"]
         .iter()
