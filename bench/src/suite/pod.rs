@@ -1,10 +1,10 @@
 //! The pod step: time from a pod's creation to Running on a real node (the test bed's kubelet,
 //! containerd and runc; scripts/kube-test-node) for an image of about 100 MiB, pulled straight
 //! from the upstream, through kache cold, and through kache warm after the node forgot it. kache
-//! runs as users run it (tests/manifests/kache-on-node.yaml, the image scripts/build-image makes
+//! runs as users run it (crates/testkit/manifests/kache-on-node.yaml, the image scripts/build-image makes
 //! from the release binary). Needs root, as a node does.
 //!
-//! The node and control plane come from the tests' kit (tests/support), compiled in here.
+//! The node and control plane come from the tests' kit (kache-testkit).
 
 use std::fmt::Write as _;
 use std::sync::Arc;

@@ -15,7 +15,7 @@ use super::pki::{certificates, free_addr};
 /// How long kache's pods get to become Ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// kache as tests/manifests/kache-on-node.yaml runs it on the node: where each component
+/// kache as crates/testkit/manifests/kache-on-node.yaml runs it on the node: where each component
 /// listens (on the node's 127.0.0.1) and what it is given.
 #[derive(Debug, Clone)]
 pub struct KacheOnNode {
@@ -54,7 +54,7 @@ impl KacheOnNode {
         }
     }
 
-    /// tests/manifests/kache-on-node.yaml with every placeholder filled in.
+    /// crates/testkit/manifests/kache-on-node.yaml with every placeholder filled in.
     fn manifests(&self, api_port: &str, tls_dir: &Path, ca: &str) -> String {
         let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
         let read = |name: &str| std::fs::read(tls_dir.join(name)).expect("the webhook's pair");
@@ -317,7 +317,7 @@ impl KubeNode {
     }
 
     /// Runs kache on the node as users will (the CRD, the chart's controller RBAC, then
-    /// tests/manifests/kache-on-node.yaml, in the namespace `kache`) and waits until every
+    /// crates/testkit/manifests/kache-on-node.yaml, in the namespace `kache`) and waits until every
     /// component is Ready. The webhook's certificate is made in `tls_dir`.
     pub fn deploy_kache(&self, kube: &KubeServer, kache: &KacheOnNode, tls_dir: &Path) {
         kube.namespace("kache");
