@@ -304,23 +304,35 @@ impl Conn {
             self.tcp.write_all(&out).await?;
             return Ok(keep);
         }
+        let mut pending = Some(out);
+        // Body bytes already sent another way, to be skipped in the body's frames.
+        let mut skip: u64 = 0;
         #[cfg(target_os = "linux")]
         if let Framing::Length(n) = framing
             && let Some(file) = parts.extensions.get::<SendFile>()
             && file.len() == n
         {
-            drop(body);
-            self.tcp.write_all(&out).await?;
-            file.send(&self.tcp).await?;
-            return Ok(keep);
+            self.tcp
+                .write_all(&pending.take().unwrap_or_default())
+                .await?;
+            skip = file.send(&self.tcp).await?;
+            if skip == n {
+                return Ok(keep);
+            }
+            // A growing file that will not be completed: the body has the rest.
         }
         let mut sent: u64 = 0;
-        let mut pending = Some(out);
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| io::Error::other(format!("answer body: {e}")))?;
-            let Ok(data) = frame.into_data() else {
+            let Ok(mut data) = frame.into_data() else {
                 continue;
             };
+            if skip > 0 {
+                let dropped = skip.min(data.len() as u64);
+                skip -= dropped;
+                sent += dropped;
+                data = data.slice(dropped as usize..);
+            }
             if data.is_empty() {
                 continue;
             }

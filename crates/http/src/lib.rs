@@ -44,7 +44,7 @@ pub use graceful::serve_hyper;
 #[cfg(feature = "tls")]
 pub use graceful::serve_tls;
 pub use ops::ops_router;
-pub use send_file::SendFile;
+pub use send_file::{Growth, SendFile};
 pub use server::{Bodies, Intercept, NoIntercept, Server, ServerKind};
 #[cfg(target_os = "linux")]
 pub use splice::Broken;

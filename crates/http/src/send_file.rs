@@ -1,18 +1,39 @@
 //! File bodies with sendfile(2): page cache → socket, no copy through user space.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use prometheus_client::metrics::counter::Counter;
 
+/// How far a file that is still being written may be sent. Called with the offset sent up to,
+/// it waits until bytes past it may go and answers the offset they may go up to (exclusive),
+/// or `None` when the file will not be completed: the rest of the answer then comes from the
+/// response's body, after the bytes already sent.
+pub type Growth = Arc<
+    dyn Fn(u64) -> Pin<Box<dyn Future<Output = std::io::Result<Option<u64>>> + Send>> + Send + Sync,
+>;
+
 /// A response extension: the body is `len` bytes of `file` from `start`. kache's server sends
 /// them with sendfile(2) and drops the response's body unread; another server (hyper, for
 /// HTTP/2) streams the body instead, so the body must be those same bytes.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct SendFile {
     file: Arc<std::fs::File>,
     start: u64,
     len: u64,
     sent: Option<Counter>,
+    growth: Option<Growth>,
+}
+
+impl std::fmt::Debug for SendFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendFile")
+            .field("start", &self.start)
+            .field("len", &self.len)
+            .field("growing", &self.growth.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl SendFile {
@@ -22,12 +43,20 @@ impl SendFile {
             start,
             len,
             sent: None,
+            growth: None,
         }
     }
 
     /// Counts the bytes sent into `counter`, as the body's stream would have.
     pub fn counting(mut self, counter: Counter) -> SendFile {
         self.sent = Some(counter);
+        self
+    }
+
+    /// The file is still being written (a blob fetched as it is served): each stretch is sent
+    /// once `growth` says it may be.
+    pub fn growing(mut self, growth: Growth) -> SendFile {
+        self.growth = Some(growth);
         self
     }
 
@@ -53,9 +82,11 @@ mod linux {
     pub(super) const STRETCH: u64 = 1024 * 1024;
 
     impl SendFile {
-        /// Writes the bytes to `dst`. An error after some of them leaves the client with a
-        /// short body: the caller closes the connection.
-        pub(crate) async fn send(&self, dst: &TcpStream) -> io::Result<()> {
+        /// Writes the bytes to `dst`; how many it wrote, short of [`SendFile::len`] only when a
+        /// growing file will not be completed (the caller sends the rest from the body). An
+        /// error after some of them leaves the client with a short body: the caller closes
+        /// the connection.
+        pub(crate) async fn send(&self, dst: &TcpStream) -> io::Result<u64> {
             self.send_as(dst, cached).await
         }
 
@@ -64,11 +95,25 @@ mod linux {
             &self,
             dst: &TcpStream,
             cached: impl Fn(&std::fs::File, u64, u64) -> bool,
-        ) -> io::Result<()> {
+        ) -> io::Result<u64> {
             let end = self.start + self.len;
             let mut pos = self.start;
+            // Where the bytes that may be sent end: the file's growth says, when it grows.
+            let mut ready = if self.growth.is_some() { pos } else { end };
             while pos < end {
-                let want = (end - pos).min(STRETCH);
+                if pos >= ready {
+                    let growth = self.growth.as_ref().expect("only a growing file waits");
+                    match growth(pos).await? {
+                        Some(limit) if limit > pos => ready = limit.min(end),
+                        Some(_) => {
+                            return Err(io::Error::other(format!(
+                                "the file's growth answered no byte past {pos}"
+                            )));
+                        }
+                        None => return Ok(pos - self.start),
+                    }
+                }
+                let want = (ready - pos).min(STRETCH);
                 let n = if cached(&self.file, pos, want) {
                     self.sendfile(dst, pos, want).await?
                 } else {
@@ -85,7 +130,7 @@ mod linux {
                     c.inc_by(n);
                 }
             }
-            Ok(())
+            Ok(self.len)
         }
 
         /// One sendfile(2) once the socket takes bytes; what it sent (0: the file ended).

@@ -294,3 +294,135 @@ async fn an_idle_connection_is_closed_after_90_s() {
     let waited = closed_after(&mut tcp).await;
     assert!(waited.as_secs() == 90, "{waited:?}");
 }
+
+/// A file written in steps while it is served: `grow` appends the next step and says how far
+/// the file is; `Growth` follows it, and gives up at `give_up` when asked to.
+struct Growing {
+    _dir: tempfile::TempDir,
+    file: Arc<std::fs::File>,
+    writer: std::fs::File,
+    data: Vec<u8>,
+    written: tokio::sync::watch::Sender<u64>,
+}
+
+impl Growing {
+    fn new(len: usize) -> Growing {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("growing");
+        let writer = std::fs::File::create(&path).unwrap();
+        Growing {
+            file: Arc::new(std::fs::File::open(&path).unwrap()),
+            _dir: dir,
+            writer,
+            data: content(len),
+            written: tokio::sync::watch::channel(0).0,
+        }
+    }
+
+    fn grow(&mut self, to: usize) {
+        let from = *self.written.borrow() as usize;
+        self.writer.write_all(&self.data[from..to]).unwrap();
+        self.written.send_replace(to as u64);
+    }
+
+    /// Follows the file as `grow` extends it, up to `give_up` at most; asked for more than
+    /// that, it gives up (`None`).
+    fn growth(&self, give_up: Option<u64>) -> kache_http::Growth {
+        let written = self.written.clone();
+        Arc::new(move |sent| {
+            let mut rx = written.subscribe();
+            Box::pin(async move {
+                if give_up.is_some_and(|g| sent >= g) {
+                    return Ok(None);
+                }
+                loop {
+                    let now = (*rx.borrow_and_update()).min(give_up.unwrap_or(u64::MAX));
+                    if now > sent {
+                        return Ok(Some(now));
+                    }
+                    rx.changed().await.map_err(std::io::Error::other)?;
+                }
+            })
+        })
+    }
+}
+
+/// `GET /` answers the growing file: a SendFile that follows it, and a body that is the file's
+/// bytes from `real_from` on and filler before: a client that gets the file's bytes whole got
+/// them from the file up to there.
+fn growing_app(g: &Growing, give_up: Option<u64>, real_from: usize) -> Router {
+    let mut data = g.data.clone();
+    data[..real_from].fill(b'#');
+    let (file, growth) = (g.file.clone(), g.growth(give_up));
+    Router::new().route(
+        "/",
+        get(move || {
+            let (file, data, growth) = (file.clone(), data.clone(), growth.clone());
+            async move {
+                let len = data.len() as u64;
+                let mut resp = Body::from(data).into_response();
+                resp.extensions_mut()
+                    .insert(SendFile::new(file, 0, len).growing(growth));
+                resp
+            }
+        }),
+    )
+}
+
+#[tokio::test]
+async fn a_growing_file_is_sent_as_it_grows_and_whole() {
+    let len = 3 * 1024 * 1024 + 77;
+    let mut g = Growing::new(len);
+    let addr = spawn(Server::new(growing_app(&g, None, len))).await;
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let reading = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let answer = read_response(&mut tcp, &mut buf).await;
+        (answer, tcp)
+    });
+    // Steps written while the server sends: however they interleave, the client gets every
+    // byte once, in order.
+    for step in [1, 64 * 1024, 1024 * 1024, 2 * 1024 * 1024 + 5, len] {
+        g.grow(step);
+        tokio::task::yield_now().await;
+    }
+    let ((status, body), mut tcp) = reading.await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        body.as_deref() == Some(&g.data[..]),
+        "the whole file, in order"
+    );
+    // The connection stays usable.
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let (status, body) = read_response(&mut tcp, &mut buf).await;
+    assert_eq!(status, 200);
+    assert_eq!(body.map(|b| b.len()), Some(len));
+}
+
+#[tokio::test]
+async fn a_file_that_stops_growing_is_finished_from_the_body() {
+    let len = 2 * 1024 * 1024 + 11;
+    let give_up = 1024 * 1024 + 3;
+    let mut g = Growing::new(len);
+    g.grow(len);
+    // The growth lets the file go up to `give_up`, then gives up: the rest can only come from
+    // the body.
+    let addr = spawn(Server::new(growing_app(&g, Some(give_up as u64), give_up))).await;
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let (status, body) = read_response(&mut tcp, &mut buf).await;
+    assert_eq!(status, 200);
+    assert!(
+        body.as_deref() == Some(&g.data[..]),
+        "the file's bytes, then the body's from where the file stopped"
+    );
+}

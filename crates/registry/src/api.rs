@@ -235,10 +235,28 @@ impl Registry {
                 h.insert(header::CONTENT_LENGTH, hv(size.to_string()));
             }
             let counter = self.inner.metrics.bytes_out.clone();
-            let body = flight.body.inspect_ok(move |b| {
-                counter.inc_by(b.len() as u64);
+            let body = flight.body.inspect_ok({
+                let counter = counter.clone();
+                move |b| {
+                    counter.inc_by(b.len() as u64);
+                }
             });
-            return Ok((StatusCode::OK, h, Body::from_stream(body)).into_response());
+            let mut resp = (StatusCode::OK, h, Body::from_stream(body)).into_response();
+            // kache's own server sends the flight's file as it grows with sendfile(2), rather
+            // than reading it into user space to write it out again.
+            if let (Some(size), Some(follow)) = (flight.size, flight.follow) {
+                let file = follow.file.clone();
+                let growth: kache_http::Growth = Arc::new(move |sent| {
+                    let follow = follow.clone();
+                    Box::pin(async move { follow.ready(sent).await })
+                });
+                resp.extensions_mut().insert(
+                    SendFile::new(file, 0, size)
+                        .growing(growth)
+                        .counting(counter),
+                );
+            }
+            return Ok(resp);
         };
         if origin.is_some() {
             self.count_cache("blob", CacheOutcome::Hit);

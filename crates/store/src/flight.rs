@@ -146,6 +146,51 @@ impl Flights {
 pub struct FlightStream {
     pub size: Option<u64>,
     pub body: Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>,
+    /// The same bytes as the flight's file grows, for a server that sends files itself;
+    /// `None` when they come from the source instead (the store could not keep the blob).
+    pub follow: Option<Follow>,
+}
+
+/// The flight's file, from the blob's first byte, and how much of it may be sent: everything
+/// written but the last byte until the whole blob is verified, as [`FlightStream::body`] does.
+#[derive(Clone)]
+pub struct Follow {
+    pub file: Arc<std::fs::File>,
+    rx: watch::Receiver<State>,
+}
+
+impl std::fmt::Debug for Follow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Follow")
+            .field("state", &*self.rx.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Follow {
+    /// Waits until bytes past `sent` may be sent, and answers how many may. `None` when the
+    /// store gave up on the blob: the rest of it comes from [`FlightStream::body`], which
+    /// switches to the source. An error when the fetch failed (the client must not get a
+    /// complete body).
+    pub async fn ready(&self, sent: u64) -> std::io::Result<Option<u64>> {
+        let mut rx = self.rx.clone();
+        loop {
+            let limit = match &*rx.borrow_and_update() {
+                State::Verified { size } | State::Done { size, .. } => return Ok(Some(*size)),
+                State::Running { written, .. } => written.saturating_sub(1),
+                State::Starting => 0,
+                State::Unstored => return Ok(None),
+                State::Refused(e) => return Err(std::io::Error::other(e.to_string())),
+                State::Broken(m) => return Err(std::io::Error::other(m.to_string())),
+            };
+            if limit > sent {
+                return Ok(Some(limit));
+            }
+            if rx.changed().await.is_err() {
+                return Err(std::io::Error::other("fetch ended without a result"));
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for FlightStream {
@@ -200,6 +245,7 @@ impl Store {
         let relay = |size| FlightStream {
             size,
             body: Box::pin(relay(None, flight.source.clone(), digest.clone(), size)),
+            follow: None,
         };
         let size = match state {
             State::Refused(e) => return Err(FetchFailure::Source(e)),
@@ -217,10 +263,16 @@ impl Store {
                 // Finished between our join and now: it is an ordinary stored blob.
                 self.mount_blob(repo, digest, None).await?;
                 let blob = self.open_blob(repo, digest).await?;
-                let reader = Reader::new(blob.file.into_std().await, rx, &flight, digest);
+                let file = Arc::new(blob.file.into_std().await);
+                let follow = Follow {
+                    file: file.clone(),
+                    rx: rx.clone(),
+                };
+                let reader = Reader::new(file, rx, &flight, digest);
                 return Ok(FlightStream {
                     size: Some(blob.size),
                     body: Box::pin(reader.done_at(blob.size).stream()),
+                    follow: Some(follow),
                 });
             }
             State::Running { size, .. } => size,
@@ -239,10 +291,16 @@ impl Store {
             }
             Err(e) => return Err(StoreError::from(e).into()),
         };
-        let reader = Reader::new(file.into_std().await, rx, &flight, digest);
+        let file = Arc::new(file.into_std().await);
+        let follow = Follow {
+            file: file.clone(),
+            rx: rx.clone(),
+        };
+        let reader = Reader::new(file, rx, &flight, digest);
         Ok(FlightStream {
             size,
             body: Box::pin(reader.stream()),
+            follow: Some(follow),
         })
     }
 }

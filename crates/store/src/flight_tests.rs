@@ -64,7 +64,7 @@ fn reader(
         state: watch::channel(State::Starting).0,
         repos: Mutex::new(Vec::new()),
     };
-    Reader::new(file, rx, &flight, digest).stream()
+    Reader::new(Arc::new(file), rx, &flight, digest).stream()
 }
 
 fn never_called() -> SourceFn {
@@ -392,4 +392,66 @@ async fn the_whole_a_switched_reader_sends_is_what_gets_verified() {
     let (got, end) = switch_to_the_source(Bytes::from(late)).await;
     assert!(end.unwrap_err().to_string().contains("hashing to"));
     assert!(got.len() < 300 * 1024);
+}
+
+/// What a server sending the flight's file itself may send: all but the last byte written
+/// while the flight runs, all of it once verified, nothing more once the store gives up or
+/// the fetch fails.
+#[tokio::test]
+async fn follow_answers_what_may_be_sent_as_the_flight_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("blob");
+    std::fs::write(&p, data(1000)).unwrap();
+    let (tx, rx) = watch::channel(State::Starting);
+    let follow = Follow {
+        file: Arc::new(std::fs::File::open(&p).unwrap()),
+        rx,
+    };
+    let waiting = tokio::spawn({
+        let follow = follow.clone();
+        async move { follow.ready(0).await }
+    });
+    tx.send_replace(State::Running {
+        size: Some(1000),
+        written: 1,
+    });
+    tokio::task::yield_now().await;
+    assert!(
+        !waiting.is_finished(),
+        "one byte written: the last one, held back"
+    );
+    tx.send_replace(State::Running {
+        size: Some(1000),
+        written: 600,
+    });
+    assert_eq!(waiting.await.unwrap().unwrap(), Some(599));
+    assert!(
+        follow.ready(599).now_or_never().is_none(),
+        "past what was written, it waits"
+    );
+    tx.send_replace(State::Verified { size: 1000 });
+    assert_eq!(follow.ready(599).await.unwrap(), Some(1000));
+    tx.send_replace(State::Done {
+        size: 1000,
+        stored: true,
+    });
+    assert_eq!(follow.ready(0).await.unwrap(), Some(1000));
+
+    tx.send_replace(State::Unstored);
+    assert_eq!(
+        follow.ready(599).await.unwrap(),
+        None,
+        "the body takes over"
+    );
+    tx.send_replace(State::Broken("source sent 600 of 1000 bytes".into()));
+    let e = follow.ready(599).await.unwrap_err();
+    assert!(e.to_string().contains("600 of 1000"), "{e}");
+    drop(tx);
+    let (tx, rx) = watch::channel(State::Starting);
+    drop(tx);
+    let orphan = Follow { rx, ..follow };
+    assert!(
+        orphan.ready(0).await.is_err(),
+        "a fetch that ended without a result"
+    );
 }

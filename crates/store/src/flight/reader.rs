@@ -25,13 +25,13 @@ pub(super) struct Reader {
 
 impl Reader {
     pub(super) fn new(
-        file: std::fs::File,
+        file: Arc<std::fs::File>,
         rx: watch::Receiver<State>,
         f: &Flight,
         digest: &Digest,
     ) -> Self {
         Reader {
-            file: Arc::new(file),
+            file,
             pos: 0,
             rx,
             done: None,
