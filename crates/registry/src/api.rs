@@ -13,34 +13,19 @@ mod uploads;
 use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use http_body_util::BodyExt;
 use kache_oci::RepoName;
 use kache_oci::api::Route;
-use kache_wire::{CACHE_HEADER, CacheOutcome, WarmRequest};
+use kache_wire::{CACHE_HEADER, CacheOutcome};
 use uuid::Uuid;
 
-use self::headers::{params, unsupported};
+pub(crate) use self::headers::unsupported;
+
+use self::headers::params;
 use crate::Registry;
-use crate::error::{Code, Error, Result};
+use crate::error::Result;
 use crate::pull::{Origin, PullThrough};
 
 impl Registry {
-    /// `POST /kache/v1/warm` with a JSON [`WarmRequest`].
-    pub(crate) async fn warm_endpoint(&self, req: Request) -> Result<Response> {
-        if req.method() != Method::POST {
-            return Err(unsupported(req.method(), "POST"));
-        }
-        let bad = |m: String| Error::new(Code::Unsupported, m).status(StatusCode::BAD_REQUEST);
-        let body = http_body_util::Limited::new(req.into_body(), 64 * 1024)
-            .collect()
-            .await
-            .map_err(|e| bad(format!("reading the warm request failed: {e}")))?
-            .to_bytes();
-        let warm: WarmRequest =
-            serde_json::from_slice(&body).map_err(|e| bad(format!("not a warm request: {e}")))?;
-        Ok(axum::Json(self.warm(warm).await?).into_response())
-    }
-
     pub(crate) async fn dispatch(&self, route: Route, req: Request) -> Result<Response> {
         let method = req.method().clone();
         match (route, method) {

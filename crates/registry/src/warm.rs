@@ -1,7 +1,11 @@
 //! The warm call: the controller asks the registry to cache an image for some platforms,
 //! optionally with credentials that serve this one fetch and are never stored.
 
+use axum::extract::Request;
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
 use futures_util::{StreamExt, TryStreamExt};
+use http_body_util::BodyExt;
 use kache_oci::credentials::Credentials;
 use kache_oci::manifest::Platform;
 use kache_oci::reference::ImageReference;
@@ -9,6 +13,7 @@ use kache_oci::{Digest, ParsedManifest, Reference, RepoName};
 use kache_wire::{PlatformResult, PlatformStatus, WarmRequest, WarmResponse};
 
 use crate::Registry;
+use crate::api::unsupported;
 use crate::error::{Code, Error, Result};
 use crate::pull::{Origin, PullThrough};
 
@@ -31,6 +36,22 @@ fn matches(entry: &Platform, want: &str) -> bool {
 }
 
 impl Registry {
+    /// `POST /kache/v1/warm` with a JSON [`WarmRequest`].
+    pub(crate) async fn warm_endpoint(&self, req: Request) -> Result<Response> {
+        if req.method() != Method::POST {
+            return Err(unsupported(req.method(), "POST"));
+        }
+        let bad = |m: String| Error::new(Code::Unsupported, m).status(StatusCode::BAD_REQUEST);
+        let body = http_body_util::Limited::new(req.into_body(), 64 * 1024)
+            .collect()
+            .await
+            .map_err(|e| bad(format!("reading the warm request failed: {e}")))?
+            .to_bytes();
+        let warm: WarmRequest =
+            serde_json::from_slice(&body).map_err(|e| bad(format!("not a warm request: {e}")))?;
+        Ok(axum::Json(self.warm(warm).await?).into_response())
+    }
+
     pub(crate) async fn warm(&self, req: WarmRequest) -> Result<WarmResponse> {
         let pull = self.inner.pull.as_ref().ok_or_else(|| {
             Error::new(

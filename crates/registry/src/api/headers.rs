@@ -21,7 +21,7 @@ pub(super) fn params(req: &Request) -> Params {
         .unwrap_or_default()
 }
 
-pub(super) fn unsupported(method: &Method, allow: &'static str) -> Error {
+pub(crate) fn unsupported(method: &Method, allow: &'static str) -> Error {
     Error::new(
         Code::Unsupported,
         format!("method {method} is not supported here"),
