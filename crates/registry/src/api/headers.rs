@@ -117,21 +117,48 @@ fn parse_content_range(h: &str) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use RangeSpec::{Bytes, Ignore, Unsatisfiable};
 
     #[test]
     fn ranges() {
-        assert_eq!(parse_range("bytes=0-9", 100), RangeSpec::Bytes(0, 9));
-        assert_eq!(parse_range("bytes=90-", 100), RangeSpec::Bytes(90, 99));
-        assert_eq!(parse_range("bytes=90-1000", 100), RangeSpec::Bytes(90, 99));
-        assert_eq!(parse_range("bytes=-10", 100), RangeSpec::Bytes(90, 99));
-        assert_eq!(parse_range("bytes=-1000", 100), RangeSpec::Bytes(0, 99));
-        assert_eq!(parse_range("bytes=100-", 100), RangeSpec::Unsatisfiable);
-        assert_eq!(parse_range("bytes=-0", 100), RangeSpec::Unsatisfiable);
-        assert_eq!(parse_range("bytes=0-", 0), RangeSpec::Unsatisfiable);
-        assert_eq!(parse_range("bytes=5-2", 100), RangeSpec::Ignore);
-        assert_eq!(parse_range("bytes=0-1,5-6", 100), RangeSpec::Ignore);
-        assert_eq!(parse_range("items=0-1", 100), RangeSpec::Ignore);
-        assert_eq!(parse_range("bytes=x-1", 100), RangeSpec::Ignore);
+        let cases = [
+            ("bytes=0-9", 100, Bytes(0, 9)),
+            ("bytes=90-", 100, Bytes(90, 99)),
+            ("bytes=90-1000", 100, Bytes(90, 99)),
+            ("bytes=-10", 100, Bytes(90, 99)),
+            ("bytes=-1000", 100, Bytes(0, 99)),
+            ("bytes=100-", 100, Unsatisfiable),
+            ("bytes=-0", 100, Unsatisfiable),
+            ("bytes=0-", 0, Unsatisfiable),
+            ("bytes=5-2", 100, Ignore),
+            ("bytes=0-1,5-6", 100, Ignore),
+            ("items=0-1", 100, Ignore),
+            ("bytes=x-1", 100, Ignore),
+            // One byte: the first, the last, and the last counted from the end.
+            ("bytes=0-0", 100, Bytes(0, 0)),
+            ("bytes=99-99", 100, Bytes(99, 99)),
+            ("bytes=-1", 100, Bytes(99, 99)),
+            ("bytes=0-0", 1, Bytes(0, 0)),
+            // A suffix of an empty blob has no byte to give.
+            ("bytes=-5", 0, Unsatisfiable),
+            // A start past the end wins over an end before it.
+            ("bytes=200-100", 100, Unsatisfiable),
+            ("bytes=100-100", 100, Unsatisfiable),
+            // Spaces around the header and its numbers are tolerated.
+            (" bytes=0-9 ", 100, Bytes(0, 9)),
+            ("bytes= 10 - 19", 100, Bytes(10, 19)),
+            // Not a range: no dash, no numbers, a bad end, an overflowing start.
+            ("bytes=", 100, Ignore),
+            ("bytes=10", 100, Ignore),
+            ("bytes=-", 100, Ignore),
+            ("bytes=-x", 100, Ignore),
+            ("bytes=1-x", 100, Ignore),
+            ("bytes=18446744073709551616-", 100, Ignore),
+            ("", 100, Ignore),
+        ];
+        for (h, size, want) in cases {
+            assert_eq!(parse_range(h, size), want, "{h:?} of {size} bytes");
+        }
     }
 
     #[test]
