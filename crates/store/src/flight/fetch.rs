@@ -104,17 +104,26 @@ async fn fetch(
         size: src.size,
         written: 0,
     });
-    // One batch queued while one is hashed and written: the next one is received meanwhile.
-    let (tx, rx) = mpsc::channel(1);
+    // Writing and hashing run side by side, each on a thread of its own, each with one batch
+    // queued while it works on another: readers follow what is written, and only the last
+    // byte waits for the hash, so a cold pull goes at the pace of the slower of the two
+    // rather than of both in turn.
+    let (to_writer, writer_rx) = mpsc::channel(1);
+    let (to_hasher, hasher_rx) = mpsc::channel(1);
     let writer = {
-        let (flight, size, hasher) = (flight.clone(), src.size, digest.algorithm().hasher());
-        tokio::task::spawn_blocking(move || write_batches(rx, file, hasher, &flight, size))
+        let (flight, size) = (flight.clone(), src.size);
+        tokio::task::spawn_blocking(move || write_batches(writer_rx, file, &flight, size))
     };
-    let received = receive(src.body, src.size, tx).await;
-    // Ended either way: the sender is gone, so the writer stops after what it has.
+    let hashing = {
+        let hasher = digest.algorithm().hasher();
+        tokio::task::spawn_blocking(move || hash_batches(hasher_rx, hasher))
+    };
+    let received = receive(src.body, src.size, to_writer, to_hasher).await;
+    // Ended either way: the senders are gone, so both stop after what they have.
     let written = writer.await.map_err(|e| unstored(&e))?;
+    let hasher = hashing.await.map_err(|e| unstored(&e))?;
     let received = received?;
-    let (file, hasher, written) = match written {
+    let (file, written) = match written {
         Ok(w) => w,
         Err(e) => {
             if is_no_space(&e) {
@@ -190,12 +199,14 @@ async fn fetch(
     }
 }
 
-/// Receives the source's body in batches of about [`IO_BUF`] for the writer; the number of bytes
-/// received. Stops early (Ok) if the writer has stopped: its error is the one to report.
+/// Receives the source's body in batches of about [`IO_BUF`] for the writer and the hasher; the
+/// number of bytes received. Stops early (Ok) if the writer has stopped: its error is the one
+/// to report.
 async fn receive(
     mut body: ByteStream,
     size: Option<u64>,
-    tx: mpsc::Sender<Vec<Bytes>>,
+    to_writer: mpsc::Sender<Vec<Bytes>>,
+    to_hasher: mpsc::Sender<Vec<Bytes>>,
 ) -> Result<u64, FetchEnd> {
     let mut received = 0u64;
     let mut ended = false;
@@ -234,7 +245,10 @@ async fn receive(
         }
         if !batch.is_empty() {
             received += len as u64;
-            if tx.send(batch).await.is_err() {
+            // The chunks are shared, not copied: the hasher and the writer read the same bytes.
+            // The hasher only ends when its sender goes, so its send cannot fail first.
+            if to_hasher.send(batch.clone()).await.is_err() || to_writer.send(batch).await.is_err()
+            {
                 break;
             }
         }
@@ -242,20 +256,16 @@ async fn receive(
     Ok(received)
 }
 
-/// The writer, on a blocking thread: hashes and writes each batch, then publishes how much is on
-/// disk. Ends when the receiving side is done (or gone).
+/// The writer, on a blocking thread: writes each batch, then publishes how much is on disk.
+/// Ends when the receiving side is done (or gone).
 fn write_batches(
     mut rx: mpsc::Receiver<Vec<Bytes>>,
     mut file: std::fs::File,
-    mut hasher: Hasher,
     flight: &Flight,
     size: Option<u64>,
-) -> std::io::Result<(std::fs::File, Hasher, u64)> {
+) -> std::io::Result<(std::fs::File, u64)> {
     let mut written = 0u64;
     while let Some(batch) = rx.blocking_recv() {
-        for chunk in &batch {
-            hasher.update(chunk);
-        }
         // The received buffers as they are: no copy into one.
         let mut slices: Vec<IoSlice<'_>> = batch.iter().map(|c| IoSlice::new(c)).collect();
         let mut rest = &mut slices[..];
@@ -272,5 +282,15 @@ fn write_batches(
         }
         flight.state.send_replace(State::Running { size, written });
     }
-    Ok((file, hasher, written))
+    Ok((file, written))
+}
+
+/// The hasher, on a blocking thread of its own: hashes each batch as it comes.
+fn hash_batches(mut rx: mpsc::Receiver<Vec<Bytes>>, mut hasher: Hasher) -> Hasher {
+    while let Some(batch) = rx.blocking_recv() {
+        for chunk in &batch {
+            hasher.update(chunk);
+        }
+    }
+    hasher
 }
