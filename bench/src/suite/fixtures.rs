@@ -75,6 +75,9 @@ pub struct Blobs {
     pub huge: Blob,
     /// `--big-mib`, only on the upstream: the single cold pull.
     pub cold: Blob,
+    /// `--cold-huge-mib`, only on the upstream: the second single cold pull (a few bytes when
+    /// the cold step is not run or the size is 0).
+    pub cold_huge: Blob,
     /// `--cold-clients-mib`, only on the upstream: the concurrent cold pulls.
     pub cold_many: Blob,
     pub manifest: Bytes,
@@ -100,6 +103,11 @@ pub async fn make_blobs(o: &Options, dir: &Path) -> Result<Blobs> {
         write_blob(&dir.join("huge.bin"), b"not measured")?
     };
     let cold = mk("cold.bin", o.big_mib, 4).await?;
+    let cold_huge = if o.wants("cold") && o.cold_huge_mib > 0 {
+        mk("cold-huge.bin", o.cold_huge_mib, 6).await?
+    } else {
+        write_blob(&dir.join("cold-huge.bin"), b"not measured")?
+    };
     let cold_many = mk("cold-many.bin", o.cold_clients_mib, 5).await?;
     let config = serde_json::json!({
         "architecture": "amd64",
@@ -133,6 +141,7 @@ pub async fn make_blobs(o: &Options, dir: &Path) -> Result<Blobs> {
         big,
         huge,
         cold,
+        cold_huge,
         cold_many,
         manifest,
         manifest_digest,

@@ -49,7 +49,7 @@ pub struct Options {
     /// The kache binary, built with --release.
     #[arg(long, default_value = "target/release/kache")]
     kache: PathBuf,
-    /// Scratch directory for blobs, stores and logs (about 12 GiB at the default sizes).
+    /// Scratch directory for blobs, stores and logs (about 24 GiB at the default sizes).
     #[arg(long)]
     work: PathBuf,
     /// Length of each load step (1 MiB blob, manifests).
@@ -67,6 +67,9 @@ pub struct Options {
     /// Size of the blob of the memory run, MiB.
     #[arg(long, default_value_t = 2048)]
     huge_mib: u64,
+    /// Size of the second blob of the single cold pull, MiB (0: only `--big-mib`).
+    #[arg(long, default_value_t = 4096)]
+    cold_huge_mib: u64,
     /// Clients of the concurrent cold pull.
     #[arg(long, default_value_t = 32)]
     cold_clients: usize,

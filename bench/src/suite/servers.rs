@@ -306,7 +306,14 @@ pub async fn start(
 /// the warm ones to distribution and to kache, which also holds the one of the memory step.
 /// nginx serves the files themselves.
 pub async fn fill(urls: &Urls, b: &Blobs) -> Result<()> {
-    for blob in [&b.config, &b.small, &b.big, &b.cold, &b.cold_many] {
+    for blob in [
+        &b.config,
+        &b.small,
+        &b.big,
+        &b.cold,
+        &b.cold_huge,
+        &b.cold_many,
+    ] {
         push_blob_distribution(&urls.upstream, REPO, blob).await?;
     }
     put_manifest(&urls.upstream, REPO, &b.manifest).await?;
