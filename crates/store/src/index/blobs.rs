@@ -1,11 +1,29 @@
 //! Blobs and their links: which files the store holds and which repository may serve each.
 
 use kache_oci::{Digest, RepoName};
-use redb::{ReadableDatabase, ReadableTable};
+use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use super::{BLOBS, Index, LINKS, dec, enc, key, now, parse_digest, suffix};
 use crate::error::Result;
+
+/// Adds the record of `digest`, a file now in place, unless the store has one already; whether
+/// it is new. Pushes, pulls and manifests all come this way, in their own transactions.
+pub(super) fn record_blob(tx: &WriteTransaction, digest: &str, size: u64) -> Result<bool> {
+    let mut blobs = tx.open_table(BLOBS)?;
+    let new = blobs.get(digest)?.is_none();
+    if new {
+        blobs.insert(
+            digest,
+            enc(&BlobRecord {
+                size,
+                created: now(),
+            })
+            .as_slice(),
+        )?;
+    }
+    Ok(new)
+}
 
 /// A blob file the store holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,18 +70,7 @@ impl Index {
     ) -> Result<bool> {
         self.write(|tx| {
             let d = digest.to_string();
-            let mut blobs = tx.open_table(BLOBS)?;
-            let new = blobs.get(d.as_str())?.is_none();
-            if new {
-                blobs.insert(
-                    d.as_str(),
-                    enc(&BlobRecord {
-                        size,
-                        created: now(),
-                    })
-                    .as_slice(),
-                )?;
-            }
+            let new = record_blob(tx, &d, size)?;
             if let Some(repo) = repo {
                 tx.open_table(LINKS)?
                     .insert(key(repo, &d).as_str(), now())?;

@@ -6,9 +6,10 @@ use kache_oci::{Digest, RepoName};
 use redb::{ReadableDatabase, ReadableTable};
 use serde::{Deserialize, Serialize};
 
+use super::blobs::record_blob;
 use super::{
-    BLOBS, BlobRecord, Index, LINKS, MANIFESTS, REFERRERS, REFS, TAGS, TagRecord, dec, enc, key,
-    now, parse_digest, repo_range,
+    BLOBS, Index, LINKS, MANIFESTS, REFERRERS, REFS, TAGS, TagRecord, dec, enc, key, now,
+    parse_digest, repo_range,
 };
 use crate::error::{Result, StoreError};
 
@@ -53,17 +54,7 @@ impl Index {
                     }
                 }
             }
-            let mut blobs = tx.open_table(BLOBS)?;
-            if blobs.get(d.as_str())?.is_none() {
-                blobs.insert(
-                    d.as_str(),
-                    enc(&BlobRecord {
-                        size: m.record.size,
-                        created: now(),
-                    })
-                    .as_slice(),
-                )?;
-            }
+            record_blob(tx, &d, m.record.size)?;
             let mut refs = tx.open_multimap_table(REFS)?;
             for r in &m.references {
                 refs.insert(d.as_str(), r.to_string().as_str())?;

@@ -4,7 +4,8 @@ use kache_oci::{Digest, RepoName};
 use redb::{ReadableDatabase, ReadableTable};
 use serde::{Deserialize, Serialize};
 
-use super::{BLOBS, BlobRecord, Index, LINKS, UPLOADS, dec, enc, key, now};
+use super::blobs::record_blob;
+use super::{Index, LINKS, UPLOADS, dec, enc, key, now};
 use crate::error::Result;
 
 /// An upload session; its bytes are in `uploads/<id>`, whose length is the offset.
@@ -47,18 +48,7 @@ impl Index {
         self.write(|tx| {
             tx.open_table(UPLOADS)?.remove(id)?;
             let d = digest.to_string();
-            let mut blobs = tx.open_table(BLOBS)?;
-            let new = blobs.get(d.as_str())?.is_none();
-            if new {
-                blobs.insert(
-                    d.as_str(),
-                    enc(&BlobRecord {
-                        size,
-                        created: now(),
-                    })
-                    .as_slice(),
-                )?;
-            }
+            let new = record_blob(tx, &d, size)?;
             tx.open_table(LINKS)?
                 .insert(key(repo, &d).as_str(), now())?;
             Ok(new)
