@@ -133,3 +133,25 @@ pub fn wait_serving(
     }
     Err(NotServing::Silent(last))
 }
+
+/// `kache <role>` as the tests run it: stdout and stderr appended to `log`, no colour (the log
+/// is read as text), and no HTTP proxy of the environment (the tests' upstreams are local).
+pub fn kache_logged(role: &str, log: &Path) -> Command {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap_or_else(|e| panic!("open {}: {e}", log.display()));
+    let stdout = file.try_clone().expect("clone log handle");
+    let mut command = Command::new(crate::kache_bin());
+    command
+        .arg(role)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(file)
+        .env("NO_COLOR", "1");
+    for var in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+        command.env_remove(var);
+    }
+    command
+}

@@ -7,7 +7,7 @@ use std::fs::OpenOptions;
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use tempfile::TempDir;
@@ -88,30 +88,15 @@ impl KacheProxy {
 
     fn spawn(&mut self) {
         assert!(self.child.is_none(), "proxy already running");
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .expect("open proxy log");
-        let stdout = log.try_clone().expect("clone log handle");
-        let mut command = Command::new(crate::kache_bin());
+        let mut command = process::kache_logged("proxy", &self.log_path);
         command
-            .arg("proxy")
             .arg("--listen")
             .arg(self.addr.to_string())
             .arg("--registry")
             .arg(&self.registry)
             .arg("--metrics-listen")
             .arg(self.metrics_addr.to_string())
-            .args(&self.extra_args)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(log)
-            .env("NO_COLOR", "1");
-        // Proxies of the environment must not reach the child: the tests' upstreams are local.
-        for var in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
-            command.env_remove(var);
-        }
+            .args(&self.extra_args);
         self.note(&format!("starting {command:?}"));
         let child = command
             .spawn()

@@ -172,15 +172,8 @@ impl KacheRegistry {
 
     fn spawn(&mut self) {
         assert!(self.child.is_none(), "registry already running");
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .expect("open registry log");
-        let stdout = log.try_clone().expect("clone log handle");
-        let mut command = Command::new(crate::kache_bin());
+        let mut command = process::kache_logged("registry", &self.log_path);
         command
-            .arg("registry")
             .arg("--listen")
             .arg(self.addr.to_string())
             .arg("--data-dir")
@@ -194,20 +187,10 @@ impl KacheRegistry {
         if !self.extra_args.iter().any(|a| a == "--min-free") {
             command.arg("--min-free=0");
         }
-        command
-            .args(&self.extra_args)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(log);
-        // Proxies of the environment must not reach the child: the tests' upstreams are local.
-        for var in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
-            command.env_remove(var);
-        }
+        command.args(&self.extra_args);
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "info");
         }
-        // The log is a file: colour escapes only get in the way of reading it.
-        command.env("NO_COLOR", "1");
         self.note(&format!("starting {command:?}"));
         let child = command
             .spawn()
