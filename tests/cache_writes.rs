@@ -271,6 +271,19 @@ fn unauthenticated_writes_cannot_poison_the_cache_and_the_token_or_internal_list
     registry.stop();
     let report = fsck(registry.data_dir());
     assert!(report.success && report.bad == 0, "{}", report.output);
+    // It says how far it has come as it goes, and ends at every blob.
+    assert!(report.progress.len() >= 2, "{}", report.output);
+    assert!(
+        report.progress.windows(2).all(|w| w[0].0 < w[1].0),
+        "{:?}",
+        report.progress
+    );
+    assert_eq!(
+        report.progress.last(),
+        Some(&(report.blobs, report.blobs)),
+        "{}",
+        report.output
+    );
 }
 
 #[test]

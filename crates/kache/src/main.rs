@@ -56,7 +56,8 @@ enum Command {
     Certs(certs::CertsArgs),
     /// Exit 0 when a listener answers 2xx: the healthcheck of containers run by an engine.
     Health(health::HealthArgs),
-    /// Re-hash every blob in a (stopped) store and report what does not verify.
+    /// Re-hash every blob in a (stopped) store and report what does not verify, with its
+    /// progress on stderr.
     Fsck {
         #[arg(long, env = "KACHE_DATA_DIR")]
         data_dir: PathBuf,

@@ -11,7 +11,7 @@ use kache_http::{ServerKind, ops_router, shutdown};
 use kache_oci::credentials::DockerConfig;
 use kache_proxy::{Proxy, ProxyConfig, ProxyMetrics};
 use kache_registry::{Access, Metrics, Registry};
-use kache_store::Store;
+use kache_store::{Store, VerifyProgress};
 use kache_upstream::{Upstream, UpstreamConfig};
 use prometheus_client::registry::Registry as PromRegistry;
 use tokio::net::TcpListener;
@@ -333,7 +333,7 @@ pub async fn fsck(data_dir: &Path) -> anyhow::Result<()> {
             )
         })?;
     println!("recovery: {recovery:?}");
-    let report = store.verify().await?;
+    let report = store.verify_with(fsck_progress()).await?;
     println!(
         "blobs: {}  bytes: {}  bad: {}",
         report.blobs,
@@ -347,6 +347,26 @@ pub async fn fsck(data_dir: &Path) -> anyhow::Result<()> {
         Ok(())
     } else {
         anyhow::bail!("{} blobs do not verify", report.bad.len())
+    }
+}
+
+/// What `kache fsck` says on stderr while it checks: a line at every tenth of the blobs, and at
+/// least every few seconds when blobs are large, so a check of hours shows it is moving.
+fn fsck_progress() -> impl FnMut(&VerifyProgress) + Send + 'static {
+    const AT_LEAST_EVERY: Duration = Duration::from_secs(5);
+    let mut last = (0, std::time::Instant::now());
+    move |p| {
+        let tenth = p.checked * 10 / p.total.max(1);
+        if tenth > last.0 || last.1.elapsed() >= AT_LEAST_EVERY {
+            eprintln!(
+                "fsck: checked {} of {} blobs ({} MB), {} bad",
+                p.checked,
+                p.total,
+                p.bytes / 1_000_000,
+                p.bad
+            );
+            last = (tenth, std::time::Instant::now());
+        }
     }
 }
 

@@ -30,6 +30,9 @@ pub struct Spec {
     pub blob_size: usize,
     /// Written and last used this long ago (seconds): older than any grace period.
     pub age_secs: u64,
+    /// Tags beside `v<m>` on the sample image (`t00000`, `t00001`...): one repository with a
+    /// long tag list.
+    pub extra_tags: usize,
 }
 
 /// What was made.
@@ -168,6 +171,16 @@ pub fn make(root: &Path, spec: &Spec) -> Result<Made> {
                     digest.clone(),
                     layers[layers.len() - 1].clone(),
                 ));
+                for t in 0..spec.extra_tags {
+                    batch.tags.push((
+                        repo.clone(),
+                        format!("t{t:05}"),
+                        TagRecord {
+                            digest: digest.clone(),
+                            updated: then,
+                        },
+                    ));
+                }
             }
             batch.tags.push((
                 repo.clone(),
@@ -210,6 +223,7 @@ mod tests {
             untagged_every: 4,
             blob_size: 100,
             age_secs: 7200,
+            extra_tags: 30,
         };
         let made = make(dir.path(), &spec).unwrap();
         // Configs, own layers, the shared pool, manifests.
@@ -225,6 +239,12 @@ mod tests {
             .unwrap();
         assert_eq!(m.digest, digest);
         assert!(store.stat_blob(&repo, &layer).unwrap().is_some());
+        let extra = store.list_tags(&repo, Some("t00009"), 21).unwrap();
+        assert_eq!(extra.len(), 21, "{extra:?}");
+        assert_eq!(
+            (&*extra[0], &*extra[19], &*extra[20]),
+            ("t00010", "t00029", &*tag),
+        );
         let store = std::sync::Arc::new(store);
         let report = store
             .collect(crate::GcOptions {

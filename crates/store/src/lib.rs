@@ -73,7 +73,7 @@ pub use read::read_range;
 pub use recovery::Recovery;
 pub use space::{Limits, MinFree, SpaceError, parse_size};
 pub use upload::UploadStatus;
-pub use verify::VerifyReport;
+pub use verify::{VerifyProgress, VerifyReport};
 
 use fs::Layout;
 use gate::Gate;

@@ -38,14 +38,16 @@ pub(crate) fn recover(layout: &Layout, index: &Index) -> Result<(Recovery, u64)>
     })?;
     rec.missing_blobs_forgotten = missing.len();
     index.forget_blobs(&missing)?;
+    let mut orphans = Vec::new();
     for_each_blob_file(layout, |d, size| {
         if index.blob(&d)?.is_none() {
-            index.add_blob(None, &d, size)?;
-            total += size;
-            rec.orphan_blobs_adopted += 1;
+            orphans.push((d, size));
         }
         Ok(())
     })?;
+    index.adopt_blobs(&orphans)?;
+    total += orphans.iter().map(|(_, size)| size).sum::<u64>();
+    rec.orphan_blobs_adopted = orphans.len();
 
     rec.stale_uploads_removed = upload::recover(layout, index)?;
     if rec != Recovery::default() {

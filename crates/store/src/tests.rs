@@ -306,6 +306,36 @@ async fn verify_finds_a_corrupted_blob() {
 }
 
 #[tokio::test]
+async fn verify_reports_its_progress_after_every_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path()).unwrap();
+    let blobs: [&[u8]; 3] = [b"one", b"two bytes", b"three"];
+    for b in blobs {
+        store
+            .put_blob(&repo("r"), &Digest::sha256(b), body(b))
+            .await
+            .unwrap();
+    }
+    std::fs::write(store.blob_path(&Digest::sha256(b"two bytes")), b"tampered!").unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let report = store
+        .verify_with({
+            let seen = seen.clone();
+            move |p| seen.lock().unwrap().push(*p)
+        })
+        .await
+        .unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    for (i, p) in seen.iter().enumerate() {
+        assert_eq!((p.checked, p.total), (i as u64 + 1, 3), "{p:?}");
+    }
+    let last = seen[2];
+    assert_eq!((last.bytes, last.bad), (3 + 5, 1), "{last:?}");
+    assert_eq!(report.bad.len(), 1, "{report:?}");
+}
+
+#[tokio::test]
 async fn expired_uploads_are_removed() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path()).unwrap();

@@ -265,6 +265,8 @@ pub struct FsckReport {
     pub blobs: u64,
     pub bytes: u64,
     pub bad: u64,
+    /// `(checked, total)` of each `fsck: checked A of B blobs` line on stderr, in order.
+    pub progress: Vec<(u64, u64)>,
 }
 
 /// Runs `kache fsck --data-dir data_dir` (the registry on it must be stopped) and reads its
@@ -296,8 +298,19 @@ pub fn fsck(data_dir: &Path) -> FsckReport {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no {name} in fsck summary {summary:?}"))
     };
+    let progress = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("fsck: checked ")?;
+            let mut words = rest.split_whitespace();
+            let checked = words.next()?.parse().ok()?;
+            let total = words.nth(1)?.parse().ok()?;
+            Some((checked, total))
+        })
+        .collect();
     FsckReport {
         success: out.status.success(),
+        progress,
         blobs: field("blobs:"),
         bytes: field("bytes:"),
         bad: field("bad:"),

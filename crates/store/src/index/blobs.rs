@@ -1,7 +1,7 @@
 //! Blobs and their links: which files the store holds and which repository may serve each.
 
 use kache_oci::{Digest, RepoName};
-use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use super::{BLOBS, Index, LINKS, dec, enc, key, now, parse_digest, suffix};
@@ -138,6 +138,25 @@ impl Index {
             f(parse_digest(k.value())?, dec(v.value())?);
         }
         Ok(())
+    }
+
+    /// Records blob files found in place without an index entry, all in one transaction (one
+    /// commit for a whole recovery, not one per file).
+    pub(crate) fn adopt_blobs(&self, found: &[(Digest, u64)]) -> Result<()> {
+        if found.is_empty() {
+            return Ok(());
+        }
+        self.write(|tx| {
+            for (d, size) in found {
+                record_blob(tx, &d.to_string(), *size)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// How many blobs the index holds.
+    pub(crate) fn blob_count(&self) -> Result<u64> {
+        Ok(self.db.begin_read()?.open_table(BLOBS)?.len()?)
     }
 
     /// Forgets blobs whose files are gone (and their links), in one transaction.
