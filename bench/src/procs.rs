@@ -183,3 +183,10 @@ pub fn reset_peak(pid: u32) -> Result<()> {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
         .with_context(|| format!("resetting the peak RSS of {pid} (needs root or the owner)"))
 }
+
+/// Writes back and drops the kernel's page cache, as a node's reboot leaves it, so that a start
+/// is measured reading the disk; whether it could (it needs root).
+pub fn drop_page_cache() -> bool {
+    Command::new("sync").status().is_ok_and(|s| s.success())
+        && std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+}

@@ -79,6 +79,7 @@ pub(super) async fn gc_step(bench: &mut Bench<'_>) -> Result<()> {
         untagged_every: 5,
         blob_size: 1024,
         age_secs: 2 * 86400,
+        extra_tags: 0,
     };
     eprintln!("gc: making a store of {} manifests", spec.manifests);
     let t = Instant::now();

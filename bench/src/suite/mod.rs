@@ -10,8 +10,8 @@
 //!
 //! The run, module by module: [`fixtures`] writes the blobs; [`servers`] starts the servers
 //! and fills them through [`push`]; the [`steps`] measure, with [`meter`] reading what the
-//! servers spend; [`gc`] and [`pod`] start servers of their own; [`report`] holds the Markdown
-//! and ends it with the budgets.
+//! servers spend; [`gc`], [`scale`] and [`pod`] start servers of their own; [`report`] holds
+//! the Markdown and ends it with the budgets.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -32,6 +32,7 @@ mod meter;
 mod pod;
 mod push;
 mod report;
+mod scale;
 mod servers;
 mod steps;
 
@@ -83,11 +84,17 @@ pub struct Options {
     /// blobs a manifest).
     #[arg(long, default_value_t = 10_000)]
     gc_manifests: usize,
+    /// Repositories of the scale step's store (one image of ten blobs each).
+    #[arg(long, default_value_t = 10_000)]
+    scale_repositories: usize,
+    /// Tags of the scale step's long tag list.
+    #[arg(long, default_value_t = 10_000)]
+    scale_tags: usize,
     /// Size of the image of the pod step, MiB.
     #[arg(long, default_value_t = 100)]
     pod_image_mib: u64,
     /// Only these steps (comma-separated): blob, stream, manifest, cold, memory, webhook, gc,
-    /// pod.
+    /// scale, pod.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The whole run is stopped after this long.
@@ -214,6 +221,7 @@ async fn suite(o: &Options) -> Result<String> {
     steps::memory_step(&mut bench).await?;
     steps::webhook_step(&mut bench).await?;
     gc::gc_step(&mut bench).await?;
+    scale::scale_step(&mut bench).await?;
     pod::pod_step(&mut bench).await?;
     Ok(bench.report.finish(&processes.deaths()))
 }
