@@ -6,7 +6,6 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
 
 use anyhow::{Result, anyhow, bail};
 use bytes::Bytes;
@@ -16,11 +15,11 @@ use kache_store::fixtures;
 use super::meter::median_by;
 use super::push::call;
 use super::report::{mib, ratio, secs, thousands};
-use super::servers::{kache_command, wait_ready};
+use super::synthetic::{StoreRegistry, make_store, start_registry};
 use super::{ACCEPT, Bench, MIB};
 use crate::client::{self, Url};
 use crate::load::{self, LoadSpec};
-use crate::procs::{self, Proc};
+use crate::procs;
 
 /// What the collections of one window did.
 #[derive(Debug, Default)]
@@ -81,46 +80,13 @@ pub(super) async fn gc_step(bench: &mut Bench<'_>) -> Result<()> {
         age_secs: 2 * 86400,
         extra_tags: 0,
     };
-    eprintln!("gc: making a store of {} manifests", spec.manifests);
-    let t = Instant::now();
-    let data = dir.join("data");
-    let made = {
-        let (data, spec) = (data.clone(), spec.clone());
-        tokio::task::spawn_blocking(move || fixtures::make(&data, &spec))
-            .await
-            .map_err(|e| anyhow!("{e}"))??
-    };
-    eprintln!(
-        "  {} blobs, {} manifests in {} repositories, made in {:.1} s",
-        made.blobs,
-        made.manifests,
-        made.repositories,
-        t.elapsed().as_secs_f64()
-    );
-
-    let (port, internal_port, metrics_port) = (
-        procs::free_port()?,
-        procs::free_port()?,
-        procs::free_port()?,
-    );
-    let mut cmd = kache_command(kache);
-    cmd.arg("registry")
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--internal-listen")
-        .arg(format!("127.0.0.1:{internal_port}"))
-        .arg("--metrics-listen")
-        .arg(format!("127.0.0.1:{metrics_port}"))
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--gc-schedule")
-        .arg("off");
-    let started = Instant::now();
-    let mut registry = Proc::spawn("kache-registry-gc", cmd, &dir, pids)?;
-    let base = format!("http://127.0.0.1:{port}");
-    let internal = format!("http://127.0.0.1:{internal_port}");
-    wait_ready(&mut registry, &format!("{base}/v2/")).await?;
-    let ready = started.elapsed();
+    let (data, made) = make_store("gc", &dir, &spec, |_| Ok(())).await?;
+    let StoreRegistry {
+        proc: mut registry,
+        base,
+        internal,
+        ready,
+    } = start_registry(kache, &data, &dir, pids, "kache-registry-gc").await?;
 
     let (repo, tag, _, layer) = &made.sample;
     let mut accept = HeaderMap::new();

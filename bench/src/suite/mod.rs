@@ -35,6 +35,7 @@ mod report;
 mod scale;
 mod servers;
 mod steps;
+mod synthetic;
 
 const MIB: u64 = 1 << 20;
 /// The repository of the blobs in distribution, and the upstream path kache caches.

@@ -13,11 +13,12 @@ use http::{HeaderMap, Method};
 use kache_store::fixtures;
 
 use super::report::{mib, secs, thousands};
-use super::servers::{kache_command, wait_ready};
+use super::servers::kache_command;
+use super::synthetic::{StoreRegistry, make_store, start_registry};
 use super::{Bench, MIB};
 use crate::client::Url;
 use crate::load::{self, LoadResult, LoadSpec};
-use crate::procs::{self, Proc};
+use crate::procs;
 
 /// Temporary files and unrecorded blob files the step leaves, as a crash mid-write would.
 const TEMP_FILES: usize = 100;
@@ -50,45 +51,15 @@ pub(super) async fn scale_step(bench: &mut Bench<'_>) -> Result<()> {
         age_secs: 2 * 86400,
         extra_tags: o.scale_tags,
     };
-    eprintln!("scale: making a store of {images} repositories");
-    let t = Instant::now();
-    let data = dir.join("data");
-    let made = {
-        let (data, spec) = (data.clone(), spec.clone());
-        tokio::task::spawn_blocking(move || {
-            let made = fixtures::make(&data, &spec)?;
-            leave_unclean(&data)?;
-            anyhow::Ok(made)
-        })
-        .await
-        .map_err(|e| anyhow!("{e}"))??
-    };
+    let (data, made) = make_store("scale", &dir, &spec, leave_unclean).await?;
     let blobs = made.blobs + ORPHANS;
-    eprintln!(
-        "  {} blobs, {} manifests in {} repositories, made in {:.1} s",
-        blobs,
-        made.manifests,
-        made.repositories,
-        t.elapsed().as_secs_f64()
-    );
-
-    let (port, metrics_port) = (procs::free_port()?, procs::free_port()?);
-    let mut cmd = kache_command(kache);
-    cmd.arg("registry")
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--metrics-listen")
-        .arg(format!("127.0.0.1:{metrics_port}"))
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--gc-schedule")
-        .arg("off");
     let cold = procs::drop_page_cache();
-    let started = Instant::now();
-    let mut registry = Proc::spawn("kache-registry-scale", cmd, &dir, pids)?;
-    let base = format!("http://127.0.0.1:{port}");
-    wait_ready(&mut registry, &format!("{base}/v2/")).await?;
-    let ready = started.elapsed();
+    let StoreRegistry {
+        proc: mut registry,
+        base,
+        ready,
+        ..
+    } = start_registry(kache, &data, &dir, pids, "kache-registry-scale").await?;
     let (rss_ready, _) = procs::memory(registry.pid).unwrap_or_default();
     let log = std::fs::read_to_string(&registry.stderr)?;
     let repaired = log.contains(&format!("orphan_blobs_adopted: {ORPHANS}"))
