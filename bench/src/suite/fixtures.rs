@@ -54,12 +54,32 @@ fn make_blob(path: &Path, size: u64, seed: u64) -> Result<Blob> {
     })
 }
 
+/// `sha256:<hex>` of `bytes`.
+pub fn digest_of(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// Where a kache store under `data` keeps the blob `digest` (`sha256:<hex>`).
+pub fn kache_blob_file(data: &Path, digest: &str) -> PathBuf {
+    let hex = digest.trim_start_matches("sha256:");
+    data.join("blobs/sha256").join(&hex[..2]).join(hex)
+}
+
+/// Where distribution's filesystem storage under `root` keeps the blob `digest`.
+pub fn distribution_blob_file(root: &Path, digest: &str) -> PathBuf {
+    let hex = digest.trim_start_matches("sha256:");
+    root.join("docker/registry/v2/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .join("data")
+}
+
 fn write_blob(path: &Path, bytes: &[u8]) -> Result<Blob> {
     std::fs::write(path, bytes)?;
     Ok(Blob {
         path: path.to_owned(),
         size: bytes.len() as u64,
-        digest: format!("sha256:{}", hex::encode(Sha256::digest(bytes))),
+        digest: digest_of(bytes),
     })
 }
 
@@ -134,7 +154,7 @@ pub async fn make_blobs(o: &Options, dir: &Path) -> Result<Blobs> {
         "layers": [layer(&small), layer(&big)],
     });
     let manifest = Bytes::from(serde_json::to_vec_pretty(&manifest)?);
-    let manifest_digest = format!("sha256:{}", hex::encode(Sha256::digest(&manifest)));
+    let manifest_digest = digest_of(&manifest);
     Ok(Blobs {
         config,
         small,

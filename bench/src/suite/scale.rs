@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Method};
 use kache_store::fixtures;
 
+use super::fixtures::{digest_of, kache_blob_file};
 use super::report::{mib, secs, thousands};
 use super::servers::kache_command;
 use super::synthetic::{StoreRegistry, make_store, start_registry};
@@ -215,10 +216,9 @@ fn leave_unclean(data: &Path) -> Result<()> {
     }
     for i in 0..ORPHANS {
         let bytes = format!("a blob written just before the crash, number {i}");
-        let digest = sha256_hex(bytes.as_bytes());
-        let shard = data.join("blobs/sha256").join(&digest[..2]);
-        std::fs::create_dir_all(&shard)?;
-        std::fs::write(shard.join(&digest), bytes)?;
+        let file = kache_blob_file(data, &digest_of(bytes.as_bytes()));
+        std::fs::create_dir_all(file.parent().expect("blob files have a parent"))?;
+        std::fs::write(file, bytes)?;
     }
     Ok(())
 }
@@ -230,9 +230,4 @@ fn cache_state(dropped: bool) -> &'static str {
     } else {
         " with the page cache as it was (dropping it needs root)"
     }
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest as _;
-    hex::encode(sha2::Sha256::digest(bytes))
 }

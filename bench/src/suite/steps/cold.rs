@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::client::Url;
 use crate::load::{self, ColdResult};
-use crate::suite::fixtures::Blob;
+use crate::suite::fixtures::{Blob, distribution_blob_file, kache_blob_file};
 use crate::suite::meter::count_log;
 use crate::suite::report::{mb, ratio, secs};
 use crate::suite::{Bench, REPO};
@@ -42,12 +42,7 @@ pub async fn cold_step(bench: &mut Bench<'_>) -> Result<()> {
     // The upstream's files into the page cache first: every path then reads them from
     // memory, and none pays for a disk read the others skip.
     for blob in sizes.iter().map(|(_, b)| *b).chain([&blobs.cold_many]) {
-        let hex = blob.digest.trim_start_matches("sha256:");
-        let data = work
-            .join("upstream/storage/docker/registry/v2/blobs/sha256")
-            .join(&hex[..2])
-            .join(hex)
-            .join("data");
+        let data = distribution_blob_file(&work.join("upstream/storage"), &blob.digest);
         let mut f = std::fs::File::open(&data)
             .with_context(|| format!("the upstream's copy of {}", blob.digest))?;
         std::io::copy(&mut f, &mut std::io::sink())?;
@@ -175,15 +170,12 @@ pub async fn cold_step(bench: &mut Bench<'_>) -> Result<()> {
         report.md,
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
-    let _ = writeln!(
-        report.md,
-        "| straight from the upstream distribution (its page cache) | {} | {} | {} | {} | 1.00x | {} | {} |",
-        secs(direct_many.ttfb(0.5)),
-        secs(direct_many.ttfb(1.0)),
-        secs(direct_many.total(0.5)),
-        secs(direct_many.total(1.0)),
-        direct_many.errors,
-        o.cold_clients,
+    many_row(
+        &mut report.md,
+        "straight from the upstream distribution (its page cache)",
+        &direct_many,
+        &direct_many,
+        o.cold_clients.to_string(),
     );
     let mut many = Vec::new();
     for (label, url, file) in [
@@ -213,20 +205,12 @@ pub async fn cold_step(bench: &mut Bench<'_>) -> Result<()> {
             secs(r.total(1.0)),
             g1 - g0
         );
-        let _ = writeln!(
-            report.md,
-            "| {label} | {} | {} | {} | {} | {} | {} | {} ({}) |",
-            secs(r.ttfb(0.5)),
-            secs(r.ttfb(1.0)),
-            secs(r.total(0.5)),
-            secs(r.total(1.0)),
-            ratio(
-                r.total(1.0).as_secs_f64(),
-                direct_many.total(1.0).as_secs_f64()
-            ),
-            r.errors,
-            g1 - g0,
-            h1 - h0
+        many_row(
+            &mut report.md,
+            label,
+            &r,
+            &direct_many,
+            format!("{} ({})", g1 - g0, h1 - h0),
         );
         many.push((r, g1 - g0));
     }
@@ -295,21 +279,32 @@ pub async fn cold_step(bench: &mut Bench<'_>) -> Result<()> {
     Ok(())
 }
 
+/// A row of the many-clients table: `r` against `reference`, the same clients straight from the
+/// upstream.
+fn many_row(md: &mut String, label: &str, r: &ColdResult, reference: &ColdResult, gets: String) {
+    let _ = writeln!(
+        md,
+        "| {label} | {} | {} | {} | {} | {} | {} | {gets} |",
+        secs(r.ttfb(0.5)),
+        secs(r.ttfb(1.0)),
+        secs(r.total(0.5)),
+        secs(r.total(1.0)),
+        ratio(
+            r.total(1.0).as_secs_f64(),
+            reference.total(1.0).as_secs_f64()
+        ),
+        r.errors,
+    );
+}
+
 /// The kache registry's file of `digest` once it holds the blob.
 fn kache_file(work: &Path, digest: &str) -> PathBuf {
-    let hex = digest.trim_start_matches("sha256:");
-    work.join("kache-registry/data/blobs/sha256")
-        .join(&hex[..2])
-        .join(hex)
+    kache_blob_file(&work.join("kache-registry/data"), digest)
 }
 
 /// Distribution's proxy's file of `digest` once it holds the blob.
 fn distribution_file(work: &Path, digest: &str) -> PathBuf {
-    let hex = digest.trim_start_matches("sha256:");
-    work.join("distribution-proxy/storage/docker/registry/v2/blobs/sha256")
-        .join(&hex[..2])
-        .join(hex)
-        .join("data")
+    distribution_blob_file(&work.join("distribution-proxy/storage"), digest)
 }
 
 /// How long after `start` the cache held the blob at `file` (both cache by renaming a verified
