@@ -100,6 +100,10 @@ pub struct Blobs {
     pub cold_huge: Blob,
     /// `--cold-clients-mib`, only on the upstream: the concurrent cold pulls.
     pub cold_many: Blob,
+    /// `cold` and `cold_huge` again, new bytes, for the pulls through the paced link (a few
+    /// bytes each when it is not used).
+    pub cold_paced: Blob,
+    pub cold_huge_paced: Blob,
     pub manifest: Bytes,
     pub manifest_digest: String,
 }
@@ -129,6 +133,20 @@ pub async fn make_blobs(o: &Options, dir: &Path) -> Result<Blobs> {
         write_blob(&dir.join("cold-huge.bin"), b"not measured")?
     };
     let cold_many = mk("cold-many.bin", o.cold_clients_mib, 5).await?;
+    let paced = o.wants("cold") && o.cold_link_mbs > 0;
+    let cold_paced = if paced {
+        mk("cold-paced.bin", o.big_mib, 7).await?
+    } else {
+        write_blob(&dir.join("cold-paced.bin"), b"not measured, paced")?
+    };
+    let cold_huge_paced = if paced && o.cold_huge_mib > 0 {
+        mk("cold-huge-paced.bin", o.cold_huge_mib, 8).await?
+    } else {
+        write_blob(
+            &dir.join("cold-huge-paced.bin"),
+            b"not measured, paced huge",
+        )?
+    };
     let config = serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
@@ -163,6 +181,8 @@ pub async fn make_blobs(o: &Options, dir: &Path) -> Result<Blobs> {
         cold,
         cold_huge,
         cold_many,
+        cold_paced,
+        cold_huge_paced,
         manifest,
         manifest_digest,
     })

@@ -28,6 +28,7 @@ use steps::memory::MemRow;
 
 mod fixtures;
 mod gc;
+mod link;
 mod meter;
 mod pod;
 mod push;
@@ -51,7 +52,7 @@ pub struct Options {
     /// The kache binary, built with --release.
     #[arg(long, default_value = "target/release/kache")]
     kache: PathBuf,
-    /// Scratch directory for blobs, stores and logs (about 24 GiB at the default sizes).
+    /// Scratch directory for blobs, stores and logs (about 40 GiB at the default sizes).
     #[arg(long)]
     work: PathBuf,
     /// Length of each load step (1 MiB blob, manifests).
@@ -78,6 +79,10 @@ pub struct Options {
     /// Size of the blob of the concurrent cold pull, MiB.
     #[arg(long, default_value_t = 64)]
     cold_clients_mib: u64,
+    /// Pace of the upstream's link for the single cold pulls, MB/s per connection (250: a
+    /// 2 Gbit/s link); 0 pulls over loopback only.
+    #[arg(long, default_value_t = 250)]
+    cold_link_mbs: u64,
     /// Rounds of each warm step (servers interleaved in every round); the median is reported.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
@@ -99,7 +104,7 @@ pub struct Options {
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The whole run is stopped after this long.
-    #[arg(long, value_parser = parse_duration, default_value = "15m")]
+    #[arg(long, value_parser = parse_duration, default_value = "25m")]
     max_time: Duration,
     /// Start and fill the servers, print their addresses, keep them up this long, then stop
     /// without measuring (for profiling one of them by hand).

@@ -10,6 +10,7 @@ use anyhow::{Result, bail};
 use http::{HeaderMap, Method};
 
 use super::fixtures::{Blob, Blobs};
+use super::link::Link;
 use super::push::{push_blob_distribution, push_blob_kache, put_manifest};
 use super::{Options, REPO, TAG};
 use crate::client::{self, Url};
@@ -44,6 +45,10 @@ pub struct ServersUnderTest {
     pub kache_registry: Server,
     pub distribution: Server,
     pub nginx: Server,
+    /// The caches of the cold step beside kache: distribution's proxy of the upstream, and the
+    /// one of the paced link when it runs.
+    pub distribution_proxy: Server,
+    pub distribution_proxy_paced: Option<Server>,
 }
 
 impl ServersUnderTest {
@@ -75,6 +80,21 @@ pub struct Urls {
     pub kache_repo: String,
     /// The upstream distribution's access log, where upstream requests are counted.
     pub upstream_log: PathBuf,
+    /// The same upstream behind a link at `--cold-link-mbs`, for the cold step.
+    pub paced: Option<PacedUrls>,
+}
+
+/// The upstream behind a paced link ([`Link`]), and the caches in front of it.
+#[derive(Debug)]
+pub struct PacedUrls {
+    /// The link's pace, bytes per second per connection.
+    pub bytes_per_s: u64,
+    /// The upstream, through the link.
+    pub upstream: String,
+    /// A distribution proxy of its own whose remote is the link.
+    pub dproxy: String,
+    /// The repository kache caches the link's under (the kache registry and proxy of the run).
+    pub kache_repo: String,
 }
 
 impl Urls {
@@ -113,6 +133,8 @@ pub struct Processes {
     upstream: Proc,
     distribution: Proc,
     nginx: Proc,
+    /// The paced link and the distribution proxy behind it, when the cold step uses them.
+    paced: Option<(Link, Proc)>,
 }
 
 impl Processes {
@@ -146,6 +168,18 @@ impl Processes {
                 procs: vec![("nginx", self.nginx.pid)],
                 track_memory: false,
             },
+            distribution_proxy: Server {
+                kind: Kind::Distribution,
+                label: "distribution proxy",
+                procs: vec![("distribution proxy", self.distribution_proxy.pid)],
+                track_memory: false,
+            },
+            distribution_proxy_paced: self.paced.as_ref().map(|(_, p)| Server {
+                kind: Kind::Distribution,
+                label: "distribution proxy (paced link)",
+                procs: vec![("distribution proxy", p.pid)],
+                track_memory: false,
+            }),
         }
     }
 
@@ -160,39 +194,54 @@ impl Processes {
             &mut self.kache_proxy,
         ]
         .into_iter()
+        .chain(self.paced.as_mut().map(|(_, p)| p))
         .filter_map(|p| p.check_alive().err())
         .collect()
     }
 
     /// Every server's address, pid and blob URL, for `--hold`.
     pub fn describe(&self, urls: &Urls, b: &Blobs) -> String {
-        format!(
-            "nginx {nginx}/{small} (pid {np})\ndistribution {dist}/v2/{REPO}/blobs/{sd} (pid {dp})\nupstream {upstream} (pid {up}), access log {log}\ndistribution proxy {dproxy} (pid {pp})\nkache registry {registry}/v2/{kache_repo}/blobs/{sd} (pid {rp}), internal {registry_internal}, metrics {registry_metrics}\nkache proxy {proxy}/v2/{kache_repo}/blobs/{sd} (pid {xp}), metrics {proxy_metrics}\nblobs: small {sd}, big {bd}, huge {hd}, cold {cd}, cold-many {cmd}; manifest {md} (tag {TAG})\n",
-            nginx = urls.nginx,
-            dist = urls.dist,
-            upstream = urls.upstream,
-            dproxy = urls.dproxy,
-            registry = urls.registry,
-            registry_internal = urls.registry_internal,
-            registry_metrics = urls.registry_metrics,
-            proxy = urls.proxy,
-            proxy_metrics = urls.proxy_metrics,
-            kache_repo = urls.kache_repo,
-            small = b.small.file_name(),
-            np = self.nginx.pid,
-            dp = self.distribution.pid,
-            up = self.upstream.pid,
-            pp = self.distribution_proxy.pid,
-            rp = self.kache_registry.pid,
-            xp = self.kache_proxy.pid,
-            log = urls.upstream_log.display(),
-            sd = b.small.digest,
-            bd = b.big.digest,
-            hd = b.huge.digest,
-            cd = b.cold.digest,
-            cmd = b.cold_many.digest,
-            md = b.manifest_digest,
-        )
+        let paced = match (&urls.paced, &self.paced) {
+            (Some(u), Some((_, p))) => format!(
+                "paced link {} ({} MB/s per connection); distribution proxy behind it {} (pid {}); kache holds it as {}; blobs {}, {}\n",
+                u.upstream,
+                u.bytes_per_s / 1_000_000,
+                u.dproxy,
+                p.pid,
+                u.kache_repo,
+                b.cold_paced.digest,
+                b.cold_huge_paced.digest,
+            ),
+            _ => String::new(),
+        };
+        paced
+            + &format!(
+                "nginx {nginx}/{small} (pid {np})\ndistribution {dist}/v2/{REPO}/blobs/{sd} (pid {dp})\nupstream {upstream} (pid {up}), access log {log}\ndistribution proxy {dproxy} (pid {pp})\nkache registry {registry}/v2/{kache_repo}/blobs/{sd} (pid {rp}), internal {registry_internal}, metrics {registry_metrics}\nkache proxy {proxy}/v2/{kache_repo}/blobs/{sd} (pid {xp}), metrics {proxy_metrics}\nblobs: small {sd}, big {bd}, huge {hd}, cold {cd}, cold-many {cmd}; manifest {md} (tag {TAG})\n",
+                nginx = urls.nginx,
+                dist = urls.dist,
+                upstream = urls.upstream,
+                dproxy = urls.dproxy,
+                registry = urls.registry,
+                registry_internal = urls.registry_internal,
+                registry_metrics = urls.registry_metrics,
+                proxy = urls.proxy,
+                proxy_metrics = urls.proxy_metrics,
+                kache_repo = urls.kache_repo,
+                small = b.small.file_name(),
+                np = self.nginx.pid,
+                dp = self.distribution.pid,
+                up = self.upstream.pid,
+                pp = self.distribution_proxy.pid,
+                rp = self.kache_registry.pid,
+                xp = self.kache_proxy.pid,
+                log = urls.upstream_log.display(),
+                sd = b.small.digest,
+                bd = b.big.digest,
+                hd = b.huge.digest,
+                cd = b.cold.digest,
+                cmd = b.cold_many.digest,
+                md = b.manifest_digest,
+            )
     }
 }
 
@@ -217,6 +266,34 @@ pub async fn start(
     let upstream_host = upstream_url.trim_start_matches("http://").to_owned();
     let upstream_log = work.join("upstream").join("upstream.out");
     let kache_repo = format!("{}/{REPO}", upstream_host.replace(':', "_"));
+    // The same upstream at a network's pace, with a distribution proxy of its own.
+    let mut paced = None;
+    let mut paced_urls = None;
+    if o.wants("cold") && o.cold_link_mbs > 0 {
+        let bytes_per_s = o.cold_link_mbs * 1_000_000;
+        let link = Link::start(upstream_host.parse()?, bytes_per_s).await?;
+        let link_url = format!("http://{}", link.addr);
+        let (mut dproxy, dproxy_url) = start_distribution(
+            "distribution-proxy-paced",
+            work,
+            pids,
+            true,
+            Some(&link_url),
+        )?;
+        wait_ready(&mut dproxy, &format!("{dproxy_url}/v2/")).await?;
+        paced_urls = Some(PacedUrls {
+            bytes_per_s,
+            kache_repo: format!("{}/{REPO}", link.addr.to_string().replace(':', "_")),
+            upstream: link_url,
+            dproxy: dproxy_url,
+        });
+        paced = Some((link, dproxy));
+    }
+    // kache may fetch over plain HTTP from the upstream, and from the link in front of it.
+    let insecure = match &paced {
+        Some((link, _)) => format!("{upstream_host},{}", link.addr),
+        None => upstream_host.clone(),
+    };
 
     let (reg_port, reg_internal, reg_metrics) = (
         procs::free_port()?,
@@ -236,7 +313,7 @@ pub async fn start(
         .arg("--data-dir")
         .arg(reg_dir.join("data"))
         .arg("--insecure-registry")
-        .arg(&upstream_host)
+        .arg(&insecure)
         // Longer than the run: a warm tag is never re-validated in the middle of it.
         .arg("--tag-ttl")
         .arg("1h");
@@ -260,7 +337,7 @@ pub async fn start(
         .arg("--metrics-listen")
         .arg(format!("127.0.0.1:{px_metrics}"))
         .arg("--insecure-registry")
-        .arg(&upstream_host);
+        .arg(&insecure);
     if let Some(server) = &o.proxy_http_server {
         cmd.arg("--http-server").arg(server);
     }
@@ -285,6 +362,7 @@ pub async fn start(
         upstream,
         distribution: dist,
         nginx,
+        paced,
     };
     let urls = Urls {
         nginx: nginx_url,
@@ -298,6 +376,7 @@ pub async fn start(
         proxy_metrics,
         kache_repo,
         upstream_log,
+        paced: paced_urls,
     };
     Ok((processes, urls))
 }
@@ -313,8 +392,20 @@ pub async fn fill(urls: &Urls, b: &Blobs) -> Result<()> {
         &b.cold,
         &b.cold_huge,
         &b.cold_many,
+        &b.cold_paced,
+        &b.cold_huge_paced,
     ] {
         push_blob_distribution(&urls.upstream, REPO, blob).await?;
+    }
+    // The cold blobs live on in the upstream only: their files go, which saves a copy of each.
+    for blob in [
+        &b.cold,
+        &b.cold_huge,
+        &b.cold_many,
+        &b.cold_paced,
+        &b.cold_huge_paced,
+    ] {
+        std::fs::remove_file(&blob.path)?;
     }
     put_manifest(&urls.upstream, REPO, &b.manifest).await?;
     for blob in [&b.config, &b.small, &b.big] {
