@@ -65,7 +65,7 @@ pub async fn cold_step(bench: &mut Bench<'_>) -> Result<()> {
     );
     // Each single blob through each path, over loopback and then through the paced link.
     let mut singles: Vec<Single> = Vec::new();
-    let mut links = vec![Link {
+    let mut routes = vec![Route {
         pace: None,
         upstream: upstream_url,
         dproxy: dproxy_url,
@@ -75,7 +75,7 @@ pub async fn cold_step(bench: &mut Bench<'_>) -> Result<()> {
         blobs: loopback,
     }];
     if let (Some(p), Some(s)) = (&urls.paced, &servers.distribution_proxy_paced) {
-        links.push(Link {
+        routes.push(Route {
             pace: Some(p.bytes_per_s),
             upstream: &p.upstream,
             dproxy: &p.dproxy,
@@ -85,7 +85,7 @@ pub async fn cold_step(bench: &mut Bench<'_>) -> Result<()> {
             blobs: paced,
         });
     }
-    for Link {
+    for Route {
         pace,
         upstream,
         dproxy,
@@ -93,7 +93,7 @@ pub async fn cold_step(bench: &mut Bench<'_>) -> Result<()> {
         dproxy_server,
         kache_repo,
         blobs,
-    } in links
+    } in routes
     {
         for blob in blobs {
             let mib = blob.size / MIB;
@@ -384,8 +384,9 @@ fn distribution_file(work: &Path, dir: &str, digest: &str) -> PathBuf {
     distribution_blob_file(&work.join(dir).join("storage"), digest)
 }
 
-/// How the upstream is reached, and the caches in front of it.
-struct Link<'a> {
+/// How the upstream is reached (over loopback, or through the paced `link::Link`), and the
+/// caches in front of it.
+struct Route<'a> {
     /// `None` over loopback, else bytes per second per connection.
     pace: Option<u64>,
     upstream: &'a str,
