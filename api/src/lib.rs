@@ -1,5 +1,6 @@
-//! The `kache.io` Kubernetes API: the cluster-scoped `CachedImage` resource, and the marks
-//! kache puts on pods ([`pod_marks`]).
+//! The `kache.io` Kubernetes API: the cluster-scoped `CachedImage` resource, the marks kache
+//! puts on pods ([`pod_marks`]), and which pods and images it takes ([`policy`]): the contracts
+//! the webhook and the controller share without importing each other.
 //!
 //! One CachedImage stands for one source image (a normalised reference such as
 //! `docker.io/library/nginx:1.27`). The controller creates them for the images pods and workloads
@@ -8,7 +9,10 @@
 //! `api/` and in the chart cannot say something the code does not.
 
 mod name;
+mod pattern;
 pub mod pod_marks;
+pub mod policy;
+mod selector;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::CustomResource;

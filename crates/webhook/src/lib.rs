@@ -1,7 +1,8 @@
 //! kache's mutating admission webhook: pod images are rewritten to the node proxy
 //! (`nginx` → `localhost:7439/docker.io/library/nginx:latest`), the original kept in an annotation.
 //!
-//! [`rules`] is the pure part (a Pod and a [`Policy`] in, a JSON patch out); [`review()`] answers
+//! [`rules`] is the pure part (a Pod and a [`Policy`] in, a JSON patch out; the policy is
+//! kache-api's, shared with the controller); [`review()`] answers
 //! one AdmissionReview body with it; [`server`] serves that over TLS with a certificate that is
 //! reloaded when its files change ([`tls`]).
 //!
@@ -26,7 +27,6 @@
 //! assert!(patch.contains("localhost:7439/docker.io/library/nginx:1.27"));
 //! ```
 
-pub mod pattern;
 pub mod review;
 pub mod rules;
 #[cfg(feature = "server")]
@@ -35,11 +35,10 @@ pub mod server;
 pub mod tls;
 mod view;
 
-pub use pattern::{Pattern, PatternError};
 pub use review::{BadReview, Reviewed, Unhandled, review};
 pub use rules::{
-    ContainerKind, Policy, Rewrite, Scope, SkipReason, Skipped, annotation_key, original_images,
-    parse_annotation_key, rewrite,
+    ContainerKind, Pattern, PatternError, PodSkip, Policy, Rewrite, Scope, Selector, SkipReason,
+    Skipped, annotation_key, original_images, parse_annotation_key, rewrite,
 };
 #[cfg(feature = "server")]
 pub use server::{MAX_BODY, Webhook, WebhookMetrics};

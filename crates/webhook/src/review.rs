@@ -13,7 +13,7 @@ use base64::Engine as _;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::rules::{Policy, Skipped};
+use crate::rules::{PodSkip, Policy, Skipped};
 use crate::view::{EitherForm, Object};
 
 use dispatch::decide;
@@ -71,8 +71,9 @@ pub struct Reviewed {
     pub rewritten: usize,
     /// Containers left alone.
     pub skipped: Vec<Skipped>,
-    /// The pod opted out with `kache.io/image-caching-policy: ignore`.
-    pub opted_out: bool,
+    /// Why the whole pod was left alone, if it was (the opt-out label, its namespace, the object
+    /// selector).
+    pub pod_skipped: Option<PodSkip>,
     /// Set when the review was answered without applying the rules, with a reason for the log.
     pub unhandled: Option<(Unhandled, String)>,
 }
@@ -112,7 +113,7 @@ fn answer<'a, O: Object<'a>>(
         uid: String::new(),
         rewritten: 0,
         skipped: Vec::new(),
-        opted_out: false,
+        pod_skipped: None,
         unhandled: None,
     };
     let mut answer = Answer {
@@ -131,7 +132,7 @@ fn answer<'a, O: Object<'a>>(
         Ok((rewrite, checked)) => {
             out.rewritten = rewrite.rewritten;
             out.skipped = rewrite.skipped;
-            out.opted_out = rewrite.opted_out;
+            out.pod_skipped = rewrite.pod_skipped;
             if !rewrite.warnings.is_empty() {
                 answer.response.warnings = Some(rewrite.warnings);
             }

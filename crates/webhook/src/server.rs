@@ -59,7 +59,7 @@ impl WebhookMetrics {
         );
         r.register(
             "skipped",
-            "Images left as they were (or whole reviews: not_pod, operation, unparsable_object, invalid_patch, pod_opt_out), by reason",
+            "Images left as they were (or whole reviews: not_pod, operation, unparsable_object, invalid_patch, pod_opt_out, pod_ignored_namespace, pod_not_selected), by reason",
             m.skipped.clone(),
         );
         r.register(
@@ -116,8 +116,8 @@ async fn mutate(State(hook): State<Webhook>, body: Bytes) -> Response {
     for s in &reviewed.skipped {
         m.skip(s.reason.as_str());
     }
-    if reviewed.opted_out {
-        m.skip("pod_opt_out");
+    if let Some(skip) = reviewed.pod_skipped {
+        m.skip(skip.as_str());
     }
     match &reviewed.unhandled {
         Some((reason, why)) => {

@@ -3,8 +3,8 @@
 //!
 //! Reading a review's object as a whole `Pod` allocated every string of it (managed fields,
 //! volumes, environment) only for the rules to look at a handful. The view keeps the containers'
-//! names, images and pull policies, the two labels the rules test and the annotations they write;
-//! everything else is skipped. What it keeps has the types a `Pod` gives it, and every level it
+//! names, images and pull policies, the labels (the policy's object selector may test any) and
+//! the annotations the rules write; everything else is skipped. What it keeps has the types a `Pod` gives it, and every level it
 //! passes through must be a JSON object (or array) as in a `Pod`, so that a patch path it vouches
 //! for exists in the object as sent.
 
@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-use kache_api::pod_marks::{ContainerKind, MANAGED_LABEL, ORIGINAL_IMAGE_PREFIX, POLICY_LABEL};
+use kache_api::pod_marks::{ContainerKind, ORIGINAL_IMAGE_PREFIX};
 
 /// A pod as the rules read it.
 #[derive(Debug, Default)]
@@ -56,9 +56,7 @@ impl<'a> PodView<'a> {
         let m = &pod.metadata;
         let labels = m.labels.as_ref().map(|l| {
             Labels(Entries(
-                [POLICY_LABEL, MANAGED_LABEL]
-                    .into_iter()
-                    .filter_map(|k| l.get_key_value(k))
+                l.iter()
                     .map(|(k, v)| (Text::from(k), Text::from(v)))
                     .collect(),
             ))
@@ -112,7 +110,7 @@ impl<'a> PodView<'a> {
         }
     }
 
-    /// The value of a label the rules test ([`POLICY_LABEL`], [`MANAGED_LABEL`]).
+    /// The value of a label.
     pub fn label(&self, key: &str) -> Option<&str> {
         self.labels()?.0.get(key)
     }
@@ -380,7 +378,8 @@ impl Entries<'_> {
     }
 }
 
-/// The labels the rules test: [`POLICY_LABEL`] and [`MANAGED_LABEL`].
+/// The labels, every one: the opt-out and managed labels, and whatever the object selector
+/// tests.
 #[derive(Debug, Default)]
 pub(crate) struct Labels<'a>(Entries<'a>);
 
@@ -402,8 +401,7 @@ impl<'de> Visitor<'de> for EntriesVisitor {
 
 impl<'de: 'a, 'a> Deserialize<'de> for Labels<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_map(EntriesVisitor(|k| k == POLICY_LABEL || k == MANAGED_LABEL))
-            .map(Labels)
+        d.deserialize_map(EntriesVisitor(|_| true)).map(Labels)
     }
 }
 

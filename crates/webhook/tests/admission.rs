@@ -4,7 +4,7 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use k8s_openapi::api::core::v1::Pod;
-use kache_webhook::{ContainerKind, Pattern, Policy, review};
+use kache_webhook::{ContainerKind, Pattern, PodSkip, Policy, review};
 use serde_json::{Value, json};
 
 fn fixture(name: &str) -> Value {
@@ -423,7 +423,7 @@ fn ephemeral_containers_object() {
     ignored["request"]["object"]["metadata"]["labels"] =
         json!({"kache.io/image-caching-policy": "ignore"});
     let reviewed = review(&serde_json::to_vec(&ignored).unwrap(), &policy).unwrap();
-    assert!(reviewed.opted_out && reviewed.unhandled.is_none());
+    assert!(reviewed.pod_skipped == Some(PodSkip::OptedOut) && reviewed.unhandled.is_none());
     let (response, object) = admit(&ignored, &policy);
     assert!(response.get("patch").is_none(), "{response}");
     assert_eq!(object, ignored["request"]["object"]);

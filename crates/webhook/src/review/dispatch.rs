@@ -63,7 +63,8 @@ pub(super) fn decide<'a, O: Object<'a>>(
     } else {
         None
     };
-    let mut rewrite = rules::rewrite_view(&pod, policy, old.as_ref());
+    let namespace = request.namespace.as_deref();
+    let mut rewrite = rules::rewrite_view(&pod, namespace, policy, old.as_ref());
     let patch = std::mem::take(&mut rewrite.patch);
     let patch = match form {
         Form::Pod => patch,

@@ -60,7 +60,7 @@ pub(super) struct Request<'a, O> {
     #[serde(default)]
     name: String,
     #[serde(default)]
-    namespace: Option<String>,
+    pub(super) namespace: Option<String>,
     pub(super) operation: Operation,
     user_info: UserInfo,
     pub(super) object: Option<O>,

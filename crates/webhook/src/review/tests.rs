@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use super::dispatch::onto_ephemeral_containers;
 use super::*;
-use crate::rules::{self, Scope};
+use crate::rules::{self, Scope, Selector};
 use crate::view::Form;
 
 /// What `review` did before it read the body in one pass, and the reference for its answers:
@@ -33,7 +33,7 @@ fn through_kube(body: &[u8], policy: &Policy) -> Result<Reference, &'static str>
         Ok((rewrite, checked)) => {
             out.rewritten = rewrite.rewritten;
             out.skipped = rewrite.skipped;
-            out.opted_out = rewrite.opted_out;
+            out.pod_skipped = rewrite.pod_skipped;
             if !rewrite.warnings.is_empty() {
                 response.warnings = Some(rewrite.warnings);
             }
@@ -57,7 +57,7 @@ struct Reference {
     body: String,
     rewritten: usize,
     skipped: Vec<Skipped>,
-    opted_out: bool,
+    pod_skipped: Option<PodSkip>,
     unhandled: Option<Unhandled>,
 }
 
@@ -79,7 +79,7 @@ fn outcome(reviewed: Result<Reviewed, BadReview>) -> Result<Reference, &'static 
             body: String::from_utf8(r.body).unwrap(),
             rewritten: r.rewritten,
             skipped: r.skipped,
-            opted_out: r.opted_out,
+            pod_skipped: r.pod_skipped,
             unhandled: r.unhandled.map(|(reason, _)| reason),
         }),
         Err(BadReview::Json(_)) => Err("json"),
@@ -113,7 +113,9 @@ fn reference_decide(
         return Err((Unhandled::Operation, String::new()));
     }
     let mut doc = object.ok_or_else(|| (Unhandled::BadObject, String::new()))?;
-    let pod = reference_pod(&doc, form)?;
+    let mut pod = reference_pod(&doc, form)?;
+    // The request names the namespace; the object may not.
+    pod.metadata.namespace = request.namespace.clone();
     let old;
     let scope = if ephemeral_update {
         let old_doc = old_object.ok_or_else(|| (Unhandled::BadObject, String::new()))?;
@@ -167,11 +169,22 @@ fn fixtures() -> Vec<(String, Vec<u8>)> {
     out
 }
 
-fn policies() -> [Policy; 2] {
+fn policies() -> [Policy; 4] {
     [
         Policy::default(),
         Policy {
             skip_mutable: true,
+            ..Policy::default()
+        },
+        Policy {
+            ignored_namespaces: vec!["prod".into()],
+            ..Policy::default()
+        },
+        Policy {
+            object_selector: Selector::from_json(
+                r#"{"matchExpressions":[{"key":"app","operator":"NotIn","values":["web"]}]}"#,
+            )
+            .unwrap(),
             ..Policy::default()
         },
     ]

@@ -206,7 +206,7 @@ fn opt_out_label() {
     p.metadata.labels = Some([(POLICY_LABEL.to_owned(), "ignore".to_owned())].into());
     let r = rewrite(&p, &Policy::default(), Scope::Create);
     assert!(r.patch.0.is_empty() && r.warnings.is_empty() && r.skipped.is_empty());
-    assert!(r.opted_out);
+    assert_eq!(r.pod_skipped, Some(PodSkip::OptedOut));
 }
 
 #[test]
