@@ -49,6 +49,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kache_api::CachedImage;
+use kache_api::policy::Policy;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client};
@@ -70,6 +71,9 @@ pub struct Config {
     pub resync: Duration,
     /// Workload kinds whose pod templates are pre-cached.
     pub workloads: Vec<WorkloadKind>,
+    /// Which pods and images are cached: the webhook's policy, so that a workload's images are
+    /// pre-cached only when its pods will be rewritten.
+    pub policy: Arc<Policy>,
     /// Leader election; `None` runs the controllers at once (a single replica).
     pub lease: Option<LeaseConfig>,
     /// The name events are reported under.
@@ -143,6 +147,13 @@ pub async fn run(
                     controllers.abort();
                     metrics.set_leader(false);
                     metrics.count_images(None);
+                    // Bounded: the pod's grace period is short, and a Lease left behind only
+                    // delays the next leader by its duration.
+                    match tokio::time::timeout(renew, lease::release(&client, &lease)).await {
+                        Ok(Ok(())) => info!("leader election: Lease released"),
+                        Ok(Err(e)) => warn!(error = %e, "leader election: cannot release the Lease"),
+                        Err(_) => warn!("leader election: no answer while releasing the Lease"),
+                    }
                     return;
                 }
                 _ = tokio::time::sleep(renew) => {}
@@ -272,7 +283,12 @@ async fn run_controllers(
         .watches_stream(pods, images::images_of_pod)
         .run(images::reconcile, images::error_policy, ctx)
         .for_each(|_| async {});
-    let workloads = workloads::run(client.clone(), config.workloads.clone(), ensurer.clone());
+    let workloads = workloads::run(
+        client.clone(),
+        config.workloads.clone(),
+        config.policy.clone(),
+        ensurer.clone(),
+    );
     tokio::join!(
         pods_ready_signal,
         image_controller,

@@ -1,10 +1,15 @@
-//! Pre-caching: the images of workloads' pod templates get CachedImages before any pod exists.
+//! Pre-caching: the images of workloads' pod templates get CachedImages before any pod exists,
+//! exactly those the webhook will rewrite in their pods: the same [`Policy`], read from the same
+//! flags, decides both.
 
 use std::str::FromStr;
+use std::sync::Arc;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::PodSpec;
 use kache_api::PRECACHE_ANNOTATION;
+use kache_api::pod_marks::ContainerKind;
+use kache_api::policy::{ContainerImage, Policy};
 use kube::api::{DynamicObject, GroupVersionKind};
 use kube::discovery::pinned_kind;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -95,8 +100,11 @@ pub fn template_spec(
     Some((spec, labels))
 }
 
-/// The normalised images a workload's pod template would run, unless the workload opted out.
-pub fn workload_images(kind: WorkloadKind, obj: &DynamicObject) -> Vec<String> {
+/// The normalised images of a workload's pod template that its pods will pull through the proxy:
+/// none when the workload opted out (`kache.io/precache: "false"`) or is owned by another, and
+/// otherwise what `policy` takes of the template in the workload's namespace, as the webhook
+/// will decide for each of its pods.
+pub fn workload_images(kind: WorkloadKind, obj: &DynamicObject, policy: &Policy) -> Vec<String> {
     if obj
         .annotations()
         .get(PRECACHE_ANNOTATION)
@@ -112,21 +120,30 @@ pub fn workload_images(kind: WorkloadKind, obj: &DynamicObject) -> Vec<String> {
     let Some((spec, labels)) = template_spec(kind, &obj.data) else {
         return Vec::new();
     };
-    if labels
-        .get(kache_api::pod_marks::POLICY_LABEL)
-        .and_then(|v| v.as_str())
-        == Some(kache_api::pod_marks::POLICY_IGNORE)
-    {
+    let label = |k: &str| labels.get(k).and_then(|v| v.as_str());
+    if policy.pod(obj.namespace().as_deref(), label).is_err() {
         return Vec::new();
     }
-    let mut images: Vec<String> = spec
+    let containers = spec
         .containers
         .iter()
-        .chain(spec.init_containers.iter().flatten())
-        .filter_map(|c| c.image.as_deref())
-        .filter_map(decide::normalise)
-        // Already pointing at a proxy: a pod's image, not an upstream one.
-        .filter(|i| !i.starts_with("localhost:") && !i.starts_with("127.0.0.1:"))
+        .map(|c| (ContainerKind::Container, c))
+        .chain(
+            spec.init_containers
+                .iter()
+                .flatten()
+                .map(|c| (ContainerKind::Init, c)),
+        );
+    let mut images: Vec<String> = containers
+        .filter_map(|(kind, c)| {
+            let taken = policy.image(&ContainerImage {
+                kind,
+                name: &c.name,
+                image: c.image.as_deref(),
+                pull_policy: c.image_pull_policy.as_deref(),
+            });
+            Some(taken.ok()?.source.to_string())
+        })
         .collect();
     images.sort();
     images.dedup();
@@ -134,7 +151,12 @@ pub fn workload_images(kind: WorkloadKind, obj: &DynamicObject) -> Vec<String> {
 }
 
 /// Watches every configured kind the API server serves; a kind it does not serve is skipped.
-pub(crate) async fn run(client: Client, kinds: Vec<WorkloadKind>, ensurer: Ensurer) {
+pub(crate) async fn run(
+    client: Client,
+    kinds: Vec<WorkloadKind>,
+    policy: Arc<Policy>,
+    ensurer: Ensurer,
+) {
     let mut tasks = Vec::new();
     for kind in kinds {
         let mut found = None;
@@ -157,12 +179,14 @@ pub(crate) async fn run(client: Client, kinds: Vec<WorkloadKind>, ensurer: Ensur
         };
         let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
         let ensurer = ensurer.clone();
+        let policy = policy.clone();
         tasks.push(async move {
             watcher(api, watcher::Config::default())
                 .default_backoff()
                 .applied_objects()
                 .for_each(|obj| {
                     let ensurer = ensurer.clone();
+                    let policy = policy.clone();
                     async move {
                         let obj = match obj {
                             Ok(o) => o,
@@ -175,7 +199,7 @@ pub(crate) async fn run(client: Client, kinds: Vec<WorkloadKind>, ensurer: Ensur
                         let secrets = template_spec(kind, &obj.data)
                             .map(|(spec, _)| decide::pull_secrets(&ns, Some(&spec)))
                             .unwrap_or_default();
-                        for image in workload_images(kind, &obj) {
+                        for image in workload_images(kind, &obj, &policy) {
                             if let Err(e) = ensurer.ensure(&image, &secrets, None).await {
                                 warn!(%image, workload = %format!("{}/{ns}/{}", kind.kind(), obj.name_any()),
                                     error = %e, "cannot pre-cache");
@@ -217,7 +241,7 @@ mod tests {
             }}}
         }));
         assert_eq!(
-            workload_images(WorkloadKind::Deployment, &deploy),
+            workload_images(WorkloadKind::Deployment, &deploy, &Policy::default()),
             [
                 "docker.io/library/busybox:1",
                 "docker.io/library/nginx:1.27"
@@ -228,7 +252,7 @@ mod tests {
             "spec": {"jobTemplate": {"spec": {"template": {"spec": {"containers": [{"name": "c", "image": "ghcr.io/o/job:2"}]}}}}}
         }));
         assert_eq!(
-            workload_images(WorkloadKind::CronJob, &cron),
+            workload_images(WorkloadKind::CronJob, &cron, &Policy::default()),
             ["ghcr.io/o/job:2"]
         );
     }
@@ -242,21 +266,90 @@ mod tests {
             }))
         };
         let plain = base(serde_json::json!({"name": "r"}), serde_json::json!({}));
-        assert_eq!(workload_images(WorkloadKind::ReplicaSet, &plain).len(), 1);
+        assert_eq!(
+            workload_images(WorkloadKind::ReplicaSet, &plain, &Policy::default()).len(),
+            1
+        );
         let opted_out = base(
             serde_json::json!({"name": "r", "annotations": {"kache.io/precache": "false"}}),
             serde_json::json!({}),
         );
-        assert!(workload_images(WorkloadKind::ReplicaSet, &opted_out).is_empty());
+        assert!(
+            workload_images(WorkloadKind::ReplicaSet, &opted_out, &Policy::default()).is_empty()
+        );
         let owned = base(
             serde_json::json!({"name": "r", "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "d", "uid": "u"}]}),
             serde_json::json!({}),
         );
-        assert!(workload_images(WorkloadKind::ReplicaSet, &owned).is_empty());
+        assert!(workload_images(WorkloadKind::ReplicaSet, &owned, &Policy::default()).is_empty());
         let ignored = base(
             serde_json::json!({"name": "r"}),
             serde_json::json!({"kache.io/image-caching-policy": "ignore"}),
         );
-        assert!(workload_images(WorkloadKind::ReplicaSet, &ignored).is_empty());
+        assert!(workload_images(WorkloadKind::ReplicaSet, &ignored, &Policy::default()).is_empty());
+    }
+
+    /// Each of the webhook's exclusions leaves the workload's images alone too, and only the
+    /// image it excludes: the same policy decides both.
+    #[test]
+    fn what_the_webhook_leaves_alone_is_not_pre_cached() {
+        let policy = Policy {
+            ignored_namespaces: vec!["kube-system".into(), "kache".into()],
+            object_selector: kache_api::policy::Selector::from_json(
+                r#"{"matchExpressions":[{"key":"team","operator":"NotIn","values":["infra"]}]}"#,
+            )
+            .unwrap(),
+            ignore_registries: vec![
+                kache_api::policy::Pattern::registry("private.example").unwrap(),
+            ],
+            accept: vec![
+                kache_api::policy::Pattern::image("docker.io/*").unwrap(),
+                kache_api::policy::Pattern::image("private.example").unwrap(),
+            ],
+            ..Policy::default()
+        };
+        let deployment = |ns: &str, labels: serde_json::Value, images: &[&str]| {
+            obj(serde_json::json!({
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "d", "namespace": ns},
+                "spec": {"template": {"metadata": {"labels": labels}, "spec": {"containers":
+                    images.iter().enumerate().map(|(i, image)| serde_json::json!({"name": format!("c{i}"), "image": image, "imagePullPolicy": "IfNotPresent"})).collect::<Vec<_>>()
+                }}}
+            }))
+        };
+        let images = |d: &DynamicObject| workload_images(WorkloadKind::Deployment, d, &policy);
+        let all = [
+            "nginx:1",
+            "private.example/app:1",
+            "quay.io/o/x:1",
+            "localhost:5000/dev:1",
+        ];
+        assert_eq!(
+            images(&deployment("shop", serde_json::json!({}), &all)),
+            ["docker.io/library/nginx:1"],
+            "an ignored registry, an image not accepted and a loopback registry are left out"
+        );
+        for (ns, labels) in [
+            ("kube-system", serde_json::json!({})),
+            ("kache", serde_json::json!({})),
+            ("shop", serde_json::json!({"team": "infra"})),
+            (
+                "shop",
+                serde_json::json!({"kache.io/image-caching-policy": "ignore"}),
+            ),
+        ] {
+            assert!(
+                images(&deployment(ns, labels.clone(), &all)).is_empty(),
+                "{ns} {labels}"
+            );
+        }
+        let never = obj(serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d", "namespace": "shop"},
+            "spec": {"template": {"spec": {"containers": [{"name": "c", "image": "nginx:1", "imagePullPolicy": "Never"}]}}}
+        }));
+        assert!(
+            images(&never).is_empty(),
+            "imagePullPolicy: Never is never pulled"
+        );
     }
 }

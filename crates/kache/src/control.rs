@@ -10,6 +10,7 @@ use crate::ControllerArgs;
 use crate::serve;
 
 pub async fn controller(a: ControllerArgs) -> anyhow::Result<()> {
+    let policy = Arc::new(a.policy.policy()?);
     let workloads = if a.precache_kinds.iter().any(|k| k == "none") {
         Vec::new()
     } else {
@@ -46,6 +47,7 @@ pub async fn controller(a: ControllerArgs) -> anyhow::Result<()> {
             expiry_delay: a.expiry_delay,
             resync: a.resync,
             workloads,
+            policy,
             lease,
             instance: identity,
         },

@@ -224,6 +224,73 @@ struct ProxyArgs {
     upstream: UpstreamArgs,
 }
 
+/// Which pods and images kache takes: the webhook rewrites them, the controller pre-caches the
+/// workloads whose pods it will rewrite. Give both the same values (the chart does).
+#[derive(clap::Args, Debug)]
+struct PolicyArgs {
+    /// The node proxy's port: images become localhost:<port>/<upstream host>/<path>.
+    #[arg(long, env = "KACHE_PROXY_PORT", default_value_t = kache_api::policy::DEFAULT_PROXY_PORT)]
+    proxy_port: u16,
+    /// Leave the pods of this namespace alone; repeatable. Giving any replaces the default.
+    #[arg(
+        long = "ignore-namespace",
+        env = "KACHE_IGNORE_NAMESPACES",
+        value_delimiter = ',',
+        default_values_t = kache_api::policy::DEFAULT_IGNORED_NAMESPACES.iter().map(|n| n.to_string())
+    )]
+    ignore_namespaces: Vec<String>,
+    /// Take only pods whose labels this selects: the JSON of a label selector, as a
+    /// MutatingWebhookConfiguration's objectSelector holds it
+    /// (`{"matchExpressions":[{"key":"team","operator":"NotIn","values":["infra"]}]}`).
+    #[arg(long, env = "KACHE_OBJECT_SELECTOR", value_parser = parse_selector, default_value = "")]
+    object_selector: kache_api::policy::Selector,
+    /// Leave images of this registry alone (host, glob like `*.internal`, or `regex:<re>`);
+    /// repeatable.
+    #[arg(
+        long = "ignore-registry",
+        env = "KACHE_IGNORE_REGISTRIES",
+        value_delimiter = ','
+    )]
+    ignore_registries: Vec<String>,
+    /// Take only images matching one of these (glob like `docker.io/library/*` or
+    /// `*.example.com`, or `regex:<re>`); repeatable (the variable holds one pattern).
+    #[arg(long, env = "KACHE_ACCEPT")]
+    accept: Vec<String>,
+    /// Leave mutable images alone: `imagePullPolicy: Always`, or tag `latest` or none, unless
+    /// pinned by digest.
+    #[arg(long, env = "KACHE_SKIP_MUTABLE")]
+    skip_mutable: bool,
+}
+
+fn parse_selector(s: &str) -> Result<kache_api::policy::Selector, String> {
+    kache_api::policy::Selector::from_json(s).map_err(|e| e.to_string())
+}
+
+impl PolicyArgs {
+    fn policy(&self) -> anyhow::Result<kache_api::policy::Policy> {
+        use anyhow::Context as _;
+        use kache_api::policy::Pattern;
+        Ok(kache_api::policy::Policy {
+            proxy_port: self.proxy_port,
+            ignored_namespaces: self.ignore_namespaces.clone(),
+            object_selector: self.object_selector.clone(),
+            ignore_registries: self
+                .ignore_registries
+                .iter()
+                .map(|p| Pattern::registry(p))
+                .collect::<Result<_, _>>()
+                .context("--ignore-registry")?,
+            accept: self
+                .accept
+                .iter()
+                .map(|p| Pattern::image(p))
+                .collect::<Result<_, _>>()
+                .context("--accept")?,
+            skip_mutable: self.skip_mutable,
+        })
+    }
+}
+
 #[derive(clap::Args, Debug)]
 struct WebhookArgs {
     /// Address of the HTTPS admission endpoint (POST /mutate).
@@ -235,25 +302,8 @@ struct WebhookArgs {
     /// Its private key (PEM, tls.key).
     #[arg(long, env = "KACHE_TLS_KEY")]
     tls_key: PathBuf,
-    /// The node proxy's port: images become localhost:<port>/<upstream host>/<path>.
-    #[arg(long, env = "KACHE_PROXY_PORT", default_value_t = 7439)]
-    proxy_port: u16,
-    /// Leave images of this registry alone (host, glob like `*.internal`, or `regex:<re>`);
-    /// repeatable.
-    #[arg(
-        long = "ignore-registry",
-        env = "KACHE_IGNORE_REGISTRIES",
-        value_delimiter = ','
-    )]
-    ignore_registries: Vec<String>,
-    /// Rewrite only images matching one of these (glob like `docker.io/library/*` or
-    /// `*.example.com`, or `regex:<re>`); repeatable (the variable holds one pattern).
-    #[arg(long, env = "KACHE_ACCEPT")]
-    accept: Vec<String>,
-    /// Leave mutable images alone: `imagePullPolicy: Always`, or tag `latest` or none, unless
-    /// pinned by digest.
-    #[arg(long, env = "KACHE_SKIP_MUTABLE")]
-    skip_mutable: bool,
+    #[command(flatten)]
+    policy: PolicyArgs,
     /// Address of /metrics, /healthz and /readyz (plain HTTP).
     #[arg(long, env = "KACHE_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
     metrics_listen: SocketAddr,
@@ -295,6 +345,8 @@ struct ControllerArgs {
     /// This replica's identity (the pod name, from the downward API).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    #[command(flatten)]
+    policy: PolicyArgs,
     #[arg(long, env = "KACHE_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
     metrics_listen: SocketAddr,
 }
@@ -399,10 +451,7 @@ fn main() -> anyhow::Result<()> {
                     listen: a.listen,
                     tls_cert: a.tls_cert,
                     tls_key: a.tls_key,
-                    proxy_port: a.proxy_port,
-                    ignore_registries: a.ignore_registries,
-                    accept: a.accept,
-                    skip_mutable: a.skip_mutable,
+                    policy: a.policy.policy()?,
                     shutdown_delay: a.shutdown_delay,
                     metrics_listen: a.metrics_listen,
                 })

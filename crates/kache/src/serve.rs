@@ -50,10 +50,7 @@ pub struct WebhookOptions {
     pub listen: SocketAddr,
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
-    pub proxy_port: u16,
-    pub ignore_registries: Vec<String>,
-    pub accept: Vec<String>,
-    pub skip_mutable: bool,
+    pub policy: kache_webhook::Policy,
     pub metrics_listen: SocketAddr,
     pub shutdown_delay: Duration,
 }
@@ -278,27 +275,11 @@ pub async fn dev(r: RegistryOptions, p: ProxyOptions) -> anyhow::Result<()> {
 }
 
 pub async fn webhook(o: WebhookOptions) -> anyhow::Result<()> {
-    let policy = kache_webhook::Policy {
-        proxy_port: o.proxy_port,
-        ignore_registries: o
-            .ignore_registries
-            .iter()
-            .map(|p| kache_webhook::Pattern::registry(p))
-            .collect::<Result<_, _>>()
-            .context("--ignore-registry")?,
-        accept: o
-            .accept
-            .iter()
-            .map(|p| kache_webhook::Pattern::image(p))
-            .collect::<Result<_, _>>()
-            .context("--accept")?,
-        skip_mutable: o.skip_mutable,
-    };
     let certs = kache_webhook::ReloadingCert::load(&o.tls_cert, &o.tls_key)
         .context("loading the serving certificate")?;
     let tls = kache_webhook::server_config(certs.clone())?;
     let mut prom = PromRegistry::default();
-    let hook = kache_webhook::Webhook::new(policy, kache_webhook::WebhookMetrics::new(&mut prom));
+    let hook = kache_webhook::Webhook::new(o.policy, kache_webhook::WebhookMetrics::new(&mut prom));
     let mut servers = Servers::default();
     let listener = bind(o.listen, "the webhook").await?;
     let delay = o.shutdown_delay;
