@@ -363,11 +363,27 @@ fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry(v
         |code, v| (code == 200 && v["status"]["digest"] == batch.digest()).then_some(()),
     );
 
-    // The leader goes away: the second takes over, and the web image keeps its three pods and
-    // no expiry.
-    let _ = first.child.kill();
-    let _ = first.child.wait();
+    // The leader stops as Kubernetes stops it (SIGTERM): it deletes its Lease on the way out, so
+    // the second does not wait for it to lapse but makes a Lease of its own (no transition
+    // counted, as on a Lease taken over). The web image keeps its three pods and no expiry.
+    let lease_path = "/apis/coordination.k8s.io/v1/namespaces/kache/leases/kache-controller";
+    assert_eq!(
+        kube.ok("GET", lease_path, None)["spec"]["holderIdentity"],
+        "first"
+    );
+    match support::process::terminate(&mut first.child, Duration::from_secs(10)) {
+        support::process::Stopped::Exited(status) => assert!(status.success(), "{status}"),
+        support::process::Stopped::Killed => panic!("the leader did not stop on SIGTERM"),
+    }
+    assert!(
+        read_log("first.log").contains("Lease released"),
+        "{}",
+        read_log("first.log")
+    );
     wait_leader(&second, 1.0, &|| read_log("second.log"));
+    let lease = kube.ok("GET", lease_path, None);
+    assert_eq!(lease["spec"]["holderIdentity"], "second", "{lease}");
+    assert_eq!(lease["spec"]["leaseTransitions"], 0, "{lease}");
     let after = kube.ok("GET", &web_path, None);
     assert_eq!(after["status"]["usedBy"]["count"], 3, "{after}");
     assert!(after["spec"].get("expiresAt").is_none(), "{after}");

@@ -3,14 +3,16 @@
 //! A candidate takes the Lease when it is absent or its holder let it lapse, and renews it
 //! every `duration / 3`. Every write carries the resourceVersion it read, so two candidates
 //! racing for one Lease cannot both win: the loser gets 409 and reads again. A leader that
-//! cannot renew within `duration` steps down before anyone else may take over.
+//! cannot renew within `duration` steps down before anyone else may take over. A leader that
+//! stops deletes its Lease ([`release`]): another replica takes over at its next round instead
+//! of after `duration`, and an uninstall leaves no Lease behind.
 
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ObjectMeta, PostParams};
+use kube::api::{DeleteParams, ObjectMeta, PostParams, Preconditions};
 use kube::{Api, Client};
 
 /// Where the Lease is and who this replica is.
@@ -95,6 +97,35 @@ pub async fn try_acquire(client: &Client, cfg: &LeaseConfig) -> kube::Result<Hel
                 Err(e) => Err(e),
             }
         }
+    }
+}
+
+/// Deletes the Lease if this replica still holds it: only the Lease as read (a precondition on
+/// its resourceVersion), so a replica that took it meanwhile keeps it.
+pub async fn release(client: &Client, cfg: &LeaseConfig) -> kube::Result<()> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
+    let Some(lease) = api.get_opt(&cfg.name).await? else {
+        return Ok(());
+    };
+    let holder = lease
+        .spec
+        .as_ref()
+        .and_then(|s| s.holder_identity.as_deref());
+    if holder != Some(cfg.identity.as_str()) {
+        return Ok(());
+    }
+    let dp = DeleteParams {
+        preconditions: Some(Preconditions {
+            resource_version: lease.metadata.resource_version.clone(),
+            uid: lease.metadata.uid.clone(),
+        }),
+        ..DeleteParams::default()
+    };
+    match api.delete(&cfg.name, &dp).await {
+        Ok(_) => Ok(()),
+        // Gone, or changed hands since it was read: not ours to delete.
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
