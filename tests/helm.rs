@@ -16,11 +16,10 @@ use support::kube::{KubeServer, Version, documents};
 const VARIANTS: &[&[&str]] = &[
     &[],
     &["--set", "registry.writeAccess=token"],
+    // An emptyDir store is collected on schedule like any other.
     &[
         "--set",
         "registry.persistence.enabled=false",
-        "--set",
-        "registry.gc.schedule=off",
         "--set",
         "registry.emptyDirSizeLimit=10Gi",
     ],
@@ -113,10 +112,6 @@ fn contradictory_or_invalid_values_fail_before_anything_is_applied() {
     let chart = chart_path();
     let cases: &[(&[&str], &str)] = &[
         (
-            &["--set", "registry.persistence.enabled=false"],
-            "registry.persistence.enabled=false keeps the store in an emptyDir",
-        ),
-        (
             &["--set", "certManager.enabled=false"],
             "certManager.enabled=false needs webhook.tls.existingSecret",
         ),
@@ -127,7 +122,7 @@ fn contradictory_or_invalid_values_fail_before_anything_is_applied() {
         (
             &[
                 "--set",
-                "registry.persistence.enabled=false,registry.gc.schedule=off",
+                "registry.persistence.enabled=false",
                 "--set",
                 "registry.persistence.existingClaim=data",
             ],
@@ -193,6 +188,192 @@ fn contradictory_or_invalid_values_fail_before_anything_is_applied() {
         let err = helm.fails(&all);
         assert!(err.contains(want), "{args:?}: wanted {want:?} in:\n{err}");
     }
+}
+
+/// The arguments of the first container of the workload `kind/name` in rendered `objects`.
+fn container_args(objects: &[Value], kind: &str, name: &str) -> Vec<String> {
+    let o = objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"));
+    o["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The flags that make the caching policy.
+const POLICY_FLAGS: &[&str] = &[
+    "--proxy-port=",
+    "--ignore-namespace=",
+    "--object-selector=",
+    "--ignore-registry=",
+    "--accept=",
+    "--skip-mutable",
+];
+
+#[test]
+fn the_webhook_and_the_controller_are_given_one_caching_policy() {
+    let helm = Helm::offline();
+    let dir = tempfile::tempdir().unwrap();
+    let values = dir.path().join("values.json");
+    std::fs::write(
+        &values,
+        json!({
+            "proxy": {"port": 7500, "metricsPort": 7501},
+            "webhook": {
+                "ignoredNamespaces": ["batch", "kube-system"],
+                "objectSelector": {"matchExpressions": [
+                    {"key": "team", "operator": "NotIn", "values": ["infra", "ops"]},
+                    {"key": "tier", "operator": "Exists"},
+                ]},
+                "ignoredRegistries": ["*.internal", "regex:^quay\\.io$"],
+                "acceptedImages": ["docker.io/library/*"],
+                "skipMutableTags": true,
+            },
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let objects = documents(&helm.template(&["-f", values.to_str().unwrap()]));
+    let policy = |args: Vec<String>| -> Vec<String> {
+        args.into_iter()
+            .filter(|a| POLICY_FLAGS.iter().any(|f| a.starts_with(f)))
+            .collect()
+    };
+    let webhook = policy(container_args(&objects, "Deployment", "kache-webhook"));
+    let controller = policy(container_args(&objects, "Deployment", "kache-controller"));
+    assert_eq!(webhook, controller);
+    assert_eq!(
+        webhook,
+        [
+            "--proxy-port=7500",
+            "--ignore-namespace=kube-system",
+            "--ignore-namespace=kache",
+            "--ignore-namespace=batch",
+            r#"--object-selector={"matchExpressions":[{"key":"team","operator":"NotIn","values":["infra","ops"]},{"key":"tier","operator":"Exists"}]}"#,
+            "--ignore-registry=*.internal",
+            "--ignore-registry=regex:^quay\\.io$",
+            "--accept=docker.io/library/*",
+            "--skip-mutable",
+        ]
+    );
+    // The webhook configuration asks the API server for the same namespaces and selector.
+    let config = objects
+        .iter()
+        .find(|o| o["kind"] == "MutatingWebhookConfiguration")
+        .unwrap();
+    let hook = &config["webhooks"][0];
+    assert_eq!(
+        hook["namespaceSelector"]["matchExpressions"][0]["values"],
+        json!(["kube-system", "kache", "batch"])
+    );
+    assert_eq!(
+        hook["objectSelector"]["matchExpressions"],
+        json!([
+            {"key": "kache.io/image-caching-policy", "operator": "NotIn", "values": ["ignore"]},
+            {"key": "team", "operator": "NotIn", "values": ["infra", "ops"]},
+            {"key": "tier", "operator": "Exists"},
+        ])
+    );
+    // And both roles read them: each starts past its flags and stops only where it needs a
+    // cluster (the controller) or a certificate (the webhook); a selector the API server would
+    // refuse stops both at once, saying why.
+    let run = |role: &str, policy: &[String]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kache"));
+        cmd.arg(role)
+            .args(policy)
+            .env("KUBECONFIG", dir.path().join("absent"))
+            .env_remove("KUBERNETES_SERVICE_HOST");
+        if role == "webhook" {
+            cmd.args([
+                "--tls-cert",
+                "/absent/tls.crt",
+                "--tls-key",
+                "/absent/tls.key",
+            ]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(run("webhook", &webhook).contains("serving certificate"));
+    assert!(run("controller", &controller).contains("Kubernetes API"));
+    let bad: Vec<String> = webhook
+        .iter()
+        .map(|a| match a.starts_with("--object-selector=") {
+            true => {
+                r#"--object-selector={"matchExpressions":[{"key":"team","operator":"Is"}]}"#.into()
+            }
+            false => a.clone(),
+        })
+        .collect();
+    for role in ["webhook", "controller"] {
+        let err = run(role, &bad);
+        assert!(
+            err.contains("--object-selector") && err.contains("\"Is\""),
+            "{err}"
+        );
+    }
+
+    // Defaults: the cluster's own namespace and the release's, nothing else.
+    let objects = documents(&helm.template(&[]));
+    assert_eq!(
+        policy(container_args(&objects, "Deployment", "kache-controller")),
+        [
+            "--proxy-port=7439",
+            "--ignore-namespace=kube-system",
+            "--ignore-namespace=kache",
+        ]
+    );
+}
+
+#[test]
+fn an_empty_dir_store_is_kept_below_its_size_limit() {
+    let helm = Helm::offline();
+    let registry_args = |args: &[&str]| {
+        let objects = documents(&helm.template(args));
+        container_args(&objects, "StatefulSet", "kache-registry")
+    };
+    let max_size = |args: Vec<String>| -> Option<String> {
+        args.into_iter()
+            .find_map(|a| a.strip_prefix("--max-size=").map(str::to_owned))
+    };
+    let off = ["--set", "registry.persistence.enabled=false"];
+    for (limit, want) in [
+        ("10Gi", "9663676416"),
+        ("500Mi", "471859200"),
+        ("1.5G", "1350000000"),
+        ("2000", "1800"),
+    ] {
+        let limit = format!("registry.emptyDirSizeLimit={limit}");
+        let args = registry_args(&[off[0], off[1], "--set-string", &limit]);
+        assert_eq!(max_size(args).as_deref(), Some(want), "{limit}");
+    }
+    // A cap of the user's own wins; without a limit there is none.
+    let args = registry_args(&[
+        off[0],
+        off[1],
+        "--set",
+        "registry.emptyDirSizeLimit=10Gi,registry.maxSize=5Gi",
+    ]);
+    assert_eq!(max_size(args).as_deref(), Some("5Gi"));
+    assert_eq!(max_size(registry_args(&off)), None);
+    // And the store is an emptyDir of that limit, with the schedule still on.
+    let objects =
+        documents(&helm.template(&[off[0], off[1], "--set", "registry.emptyDirSizeLimit=10Gi"]));
+    let sts = objects.iter().find(|o| o["kind"] == "StatefulSet").unwrap();
+    let data = sts["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "data")
+        .unwrap();
+    assert_eq!(data["emptyDir"]["sizeLimit"], "10Gi");
+    assert!(sts["spec"].get("volumeClaimTemplates").is_none());
+    assert!(registry_args(&off).contains(&"--gc-schedule=0 3 * * *".to_owned()));
 }
 
 /// The README's values table: every row's key, in order.
@@ -269,16 +450,12 @@ fn changed(key: &str, default: &Value) -> (Value, Vec<&'static str>) {
         "registry.minFree" => Some((json!("10Gi"), vec![])),
         "registry.maxSize" => Some((json!("100Gi"), vec![])),
         "registry.persistence.size" => Some((json!("7Gi"), vec![])),
-        "registry.emptyDirSizeLimit" => Some((
-            json!("7Gi"),
-            vec![
-                "registry.persistence.enabled=false",
-                "registry.gc.schedule=off",
-            ],
-        )),
+        "registry.emptyDirSizeLimit" => {
+            Some((json!("7Gi"), vec!["registry.persistence.enabled=false"]))
+        }
         "registry.persistence.accessModes" => Some((json!(["ReadWriteOncePod"]), vec![])),
         "registry.persistence.storageClass" => Some((json!("fast"), vec![])),
-        "registry.persistence.enabled" => Some((json!(false), vec!["registry.gc.schedule=off"])),
+        "registry.persistence.enabled" => Some((json!(false), vec![])),
         "certManager.enabled" => Some((
             json!(false),
             vec![
@@ -451,6 +628,7 @@ fn the_api_server_accepts_the_rendered_chart_on_both_versions() {
         let dir = tempfile::tempdir().unwrap();
         let (tls, secret) = provided_tls(dir.path(), "kache");
         kube.ok("POST", "/api/v1/namespaces/kache/secrets", Some(&secret));
+        default_storage_class(&kube);
         let mut variants: Vec<Vec<String>> = VARIANTS
             .iter()
             // The Prometheus Operator's kinds are not served here.
@@ -507,6 +685,22 @@ fn the_api_server_accepts_the_rendered_chart_on_both_versions() {
     }
 }
 
+/// A StorageClass marked as the cluster's default, as most clusters have one (it provisions
+/// nothing: no claim is bound here).
+fn default_storage_class(kube: &KubeServer) {
+    kube.ok(
+        "POST",
+        "/apis/storage.k8s.io/v1/storageclasses",
+        Some(&json!({
+            "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+            "metadata": {"name": "standard", "annotations": {
+                "storageclass.kubernetes.io/is-default-class": "true"}},
+            "provisioner": "kubernetes.io/no-provisioner",
+            "volumeBindingMode": "WaitForFirstConsumer",
+        })),
+    );
+}
+
 /// On 1.20 (the oldest version kache supports, where current cert-manager releases do not run)
 /// the chart installs with a certificate from `kache certs`, upgrades and uninstalls through a
 /// real API server, without root and without a node (tests/helm_node.rs adds the node).
@@ -521,6 +715,25 @@ fn helm_installs_upgrades_and_uninstalls_on_the_oldest_version() {
     let chart = chart_path();
     let mut args = vec!["install", "kache", &chart, "-n", "kache"];
     args.extend(tls.iter().map(String::as_str));
+    // No StorageClass: the claim could never bind, and the install says so at once, creating
+    // nothing (rather than waiting for a Pending claim until it times out).
+    let err = helm.fails(&args);
+    assert!(
+        err.contains("the cluster has no default StorageClass")
+            && err.contains("registry.persistence.enabled=false"),
+        "{err}"
+    );
+    assert_release_gone(&kube, &["/apis/apps/v1/namespaces/kache/statefulsets"]);
+    assert_eq!(
+        kube.request(
+            "GET",
+            "/api/v1/namespaces/kache/secrets/sh.helm.release.v1.kache.v1",
+            None
+        )
+        .0,
+        404
+    );
+    default_storage_class(&kube);
     helm.ok(&args);
 
     let crd = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/cachedimages.kache.io";

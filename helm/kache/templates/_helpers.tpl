@@ -164,6 +164,34 @@ annotations:
 {{- end }}
 {{- end }}
 
+{{/* The namespaces left alone, as a JSON list: kube-system, the release's, and
+webhook.ignoredNamespaces. */}}
+{{- define "kache.ignoredNamespaces" -}}
+{{- concat (list "kube-system" .Release.Namespace) .Values.webhook.ignoredNamespaces | uniq | toJson }}
+{{- end }}
+
+{{/* The caching policy, the same flags for the webhook (what it rewrites) and the controller
+(what it pre-caches): an exclusion leaves the pod and the cache alike untouched. */}}
+{{- define "kache.policyArgs" -}}
+{{- $w := .Values.webhook -}}
+- --proxy-port={{ .Values.proxy.port }}
+{{- range include "kache.ignoredNamespaces" . | fromJsonArray }}
+- {{ printf "--ignore-namespace=%s" . | quote }}
+{{- end }}
+{{- with $w.objectSelector.matchExpressions }}
+- {{ printf "--object-selector=%s" (dict "matchExpressions" . | toJson) | quote }}
+{{- end }}
+{{- range $w.ignoredRegistries }}
+- {{ printf "--ignore-registry=%s" . | quote }}
+{{- end }}
+{{- range $w.acceptedImages }}
+- {{ printf "--accept=%s" . | quote }}
+{{- end }}
+{{- if $w.skipMutableTags }}
+- --skip-mutable
+{{- end }}
+{{- end }}
+
 {{- define "kache.upstreamMounts" -}}
 {{- if .Values.upstream.dockerConfigSecret }}
 - name: docker-config
@@ -190,6 +218,15 @@ annotations:
   configMap:
     name: {{ include "kache.fullname" . }}-upstream-ca
 {{- end }}
+{{- end }}
+
+{{/* 90% of registry.emptyDirSizeLimit (a quantity the schema has checked), in bytes. */}}
+{{- define "kache.emptyDirMaxSize" -}}
+{{- $q := toString .Values.registry.emptyDirSizeLimit -}}
+{{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" $q -}}
+{{- $units := dict "" 1.0 "K" 1e3 "Ki" 1024.0 "M" 1e6 "Mi" 1048576.0 "G" 1e9 "Gi" 1073741824.0 "T" 1e12 "Ti" 1099511627776.0 "P" 1e15 "Pi" 1125899906842624.0 "E" 1e18 "Ei" 1152921504606846976.0 -}}
+{{- $unit := get $units (trimPrefix $number $q) -}}
+{{- printf "%.0f" (floor (mulf (mulf (float64 $number) $unit) 0.9)) -}}
 {{- end }}
 
 {{/* policy/v1 where served (1.21+), policy/v1beta1 before (1.20). */}}
