@@ -29,7 +29,7 @@ pub mod name;
 pub mod reference;
 
 pub use digest::{Algorithm, Digest, DigestError, Hasher};
-pub use manifest::{Descriptor, ManifestError, ParsedManifest};
+pub use manifest::{Descriptor, MAX_MANIFEST_SIZE, ManifestError, ParsedManifest};
 pub use name::{NameError, Reference, RepoName, Tag};
 pub use reference::{
     ImageReference, ReferenceError, mirror_repository, registry_endpoint, split_cache_repository,

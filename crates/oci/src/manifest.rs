@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 use crate::digest::Digest;
 use crate::media_type::{self, MANIFEST_TYPES};
 
+/// Largest manifest kache takes, pushed or pulled: the limit distribution and most clients use.
+pub const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
+
 /// Why bytes are not a manifest kache accepts.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ManifestError {

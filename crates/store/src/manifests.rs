@@ -8,8 +8,7 @@ use crate::fs;
 use crate::index::{self, ManifestRecord, NewManifest, TagRecord};
 use crate::{Store, blocking};
 
-/// Largest manifest accepted: the limit distribution and most clients use.
-pub const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
+pub use kache_oci::MAX_MANIFEST_SIZE;
 
 /// A manifest as served: its bytes, digest and media type.
 #[derive(Debug, Clone)]

@@ -30,6 +30,10 @@ pub enum UpstreamError {
     Transport(String),
     #[error("upstream body is larger than {0} bytes")]
     TooLarge(u64),
+    /// The upstream answered, but with what kache refuses to take: bytes that do not hash to
+    /// their digest, or a manifest of no kind kache knows.
+    #[error("upstream sent what kache refuses: {0}")]
+    Invalid(String),
     #[error("upstream client configuration: {0}")]
     Config(String),
 }

@@ -31,6 +31,7 @@
 //! ```
 
 mod auth;
+mod checked;
 mod client;
 mod config;
 mod error;
@@ -38,6 +39,7 @@ mod response;
 mod tls;
 mod token;
 
+pub use checked::CheckedManifest;
 pub use client::Upstream;
 pub use config::UpstreamConfig;
 pub use error::{UpstreamAnswer, UpstreamError};
