@@ -74,7 +74,7 @@ use kache_wire::{CACHE_HEADER, CacheOutcome};
 pub use metrics::ProxyMetrics;
 
 /// Headers of a registry answer worth passing on (hop-by-hop ones are not).
-const PASSED_HEADERS: [&str; 10] = [
+const PASSED_HEADERS: [&str; 11] = [
     "content-type",
     "content-length",
     "content-range",
@@ -85,6 +85,7 @@ const PASSED_HEADERS: [&str; 10] = [
     "retry-after",
     "www-authenticate",
     CACHE_HEADER,
+    kache_wire::FAILURE_HEADER,
 ];
 
 /// Request headers worth forwarding.
@@ -353,6 +354,12 @@ async fn handle(State(p): State<Proxy>, req: Request) -> Response {
             m.count(&pull.host, cache_result(resp.headers()));
             return relay(resp, m);
         }
+        // The registry asked the upstream and it failed, or sent what the registry refused:
+        // asking it again from here would fail the same way, or relay those very bytes.
+        Ok(resp) if upstream_failed(resp.headers()) => {
+            m.count(&pull.host, "error");
+            return relay(resp, m);
+        }
         Ok(resp) => {
             tracing::warn!(path = %pull.path, status = resp.status().as_u16(), "registry failed; going upstream")
         }
@@ -363,7 +370,18 @@ async fn handle(State(p): State<Proxy>, req: Request) -> Response {
     fallback(&p, &pull).await
 }
 
-/// The registry could not answer: the upstream the repository names, straight.
+/// Whether a registry answer says the upstream failed it ([`kache_wire::FAILURE_HEADER`]).
+pub(crate) fn upstream_failed(headers: &HeaderMap) -> bool {
+    kache_wire::upstream_failed(
+        headers
+            .get(kache_wire::FAILURE_HEADER)
+            .and_then(|v| v.to_str().ok()),
+    )
+}
+
+/// The registry could not answer: the upstream the repository names, straight, held to the
+/// rules the registry holds it to (kache-upstream's checks): a manifest is answered only once
+/// it verified, a blob's last bytes only once the whole of it did.
 pub(crate) async fn fallback(p: &Proxy, pull: &Pull) -> Response {
     let m = &p.inner.metrics;
     let host = &pull.host;
@@ -378,16 +396,23 @@ pub(crate) async fn fallback(p: &Proxy, pull: &Pull) -> Response {
     };
     let head = pull.method == Method::HEAD;
     let up = &p.inner.upstream;
-    let (answer, unknown) = match &pull.route {
-        Route::Manifest(_, reference) => (
-            up.manifest(registry, upstream_path, &reference.to_string(), head, None)
-                .await,
-            ErrorCode::ManifestUnknown,
-        ),
-        Route::Blob(_, digest) => (
-            up.blob(registry, upstream_path, digest, None).await,
-            ErrorCode::BlobUnknown,
-        ),
+    let answer = match &pull.route {
+        Route::Manifest(_, reference) => {
+            let got = up
+                .manifest(registry, upstream_path, &reference.to_string(), head, None)
+                .await;
+            match got {
+                Ok(resp) if head => head_of_manifest(resp),
+                Ok(resp) => manifest_answer(resp, reference).await,
+                Err(e) => Err(e),
+            }
+            .map_err(|e| (e, ErrorCode::ManifestUnknown))
+        }
+        Route::Blob(_, digest) => up
+            .blob(registry, upstream_path, digest, None)
+            .await
+            .map(|resp| blob_answer(resp, digest, head, m))
+            .map_err(|e| (e, ErrorCode::BlobUnknown)),
         _ => {
             m.count(host, "error");
             return error(
@@ -400,15 +425,71 @@ pub(crate) async fn fallback(p: &Proxy, pull: &Pull) -> Response {
     match answer {
         Ok(resp) => {
             m.count(host, "fallback");
-            upstream_response(resp, head, m)
+            resp
         }
-        Err(e) => {
+        Err((e, unknown)) => {
             m.count(host, "error");
             m.upstream_error(host);
             tracing::warn!(%path, upstream = %registry, error = %e, "upstream failed too");
             upstream_error(&e, unknown)
         }
     }
+}
+
+/// A manifest's HEAD from the upstream: its headers, refused when it announces more than any
+/// manifest may hold.
+fn head_of_manifest(resp: UpstreamResponse) -> Result<Response, UpstreamError> {
+    if resp
+        .content_length()
+        .is_some_and(|l| l > kache_oci::MAX_MANIFEST_SIZE)
+    {
+        return Err(UpstreamError::Invalid(format!(
+            "the manifest is larger than {} bytes",
+            kache_oci::MAX_MANIFEST_SIZE
+        )));
+    }
+    Ok((resp.status, pass_headers(&resp.headers)).into_response())
+}
+
+/// A manifest from the upstream, read whole and answered only once it passed every check.
+async fn manifest_answer(
+    resp: UpstreamResponse,
+    reference: &kache_oci::Reference,
+) -> Result<Response, UpstreamError> {
+    let m = resp.checked_manifest(reference).await?;
+    let headers = [
+        (http::header::CONTENT_TYPE, m.parsed.media_type.clone()),
+        (
+            http::header::HeaderName::from_static("docker-content-digest"),
+            m.digest.to_string(),
+        ),
+        (http::header::CONTENT_LENGTH, m.bytes.len().to_string()),
+    ];
+    Ok((StatusCode::OK, headers.map(|(k, v)| (k, v)), m.bytes).into_response())
+}
+
+/// A blob from the upstream, streamed with its last bytes held until it verified: a body that
+/// does not verify ends short of its length, with an error, so no client holds it whole.
+fn blob_answer(
+    resp: UpstreamResponse,
+    digest: &kache_oci::Digest,
+    head: bool,
+    m: &ProxyMetrics,
+) -> Response {
+    let mut headers = pass_headers(&resp.headers);
+    headers.insert(
+        "docker-content-digest",
+        HeaderValue::from_str(&digest.to_string()).expect("a digest is a header value"),
+    );
+    let status = resp.status;
+    if head {
+        return (status, headers).into_response();
+    }
+    let counter = m.bytes.clone();
+    let body = resp.into_verified_stream(digest).inspect_ok(move |b| {
+        counter.inc_by(b.len() as u64);
+    });
+    (status, headers, Body::from_stream(body)).into_response()
 }
 
 /// Sends the request to the registry; Ok once its response headers arrived in time.
@@ -467,20 +548,6 @@ fn relay(resp: http::Response<hyper::body::Incoming>, m: &ProxyMetrics) -> Respo
         f
     });
     (status, headers, Body::new(body)).into_response()
-}
-
-/// An upstream's answer, streamed.
-fn upstream_response(resp: UpstreamResponse, head: bool, m: &ProxyMetrics) -> Response {
-    let headers = pass_headers(&resp.headers);
-    let status = resp.status;
-    if head {
-        return (status, headers).into_response();
-    }
-    let counter = m.bytes.clone();
-    let body = resp.into_stream().inspect_ok(move |b| {
-        counter.inc_by(b.len() as u64);
-    });
-    (status, headers, Body::from_stream(body)).into_response()
 }
 
 #[cfg(test)]

@@ -61,6 +61,8 @@ impl Proxy {
     ) -> io::Result<bool> {
         let m = &self.inner.metrics;
         let answer = match self.inner.raw.get(&pull).await {
+            // The upstream failed the registry: its answer is the one to pass on (below).
+            Ok(a) if a.status.is_server_error() && crate::upstream_failed(&a.headers) => Some(a),
             Ok(a) if a.status.is_server_error() => {
                 tracing::warn!(path = %pull.path, status = a.status.as_u16(), "registry failed; going upstream");
                 None

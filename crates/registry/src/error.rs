@@ -48,6 +48,16 @@ impl Error {
         self
     }
 
+    /// Marks the answer as the upstream's failure, not this registry's
+    /// ([`kache_wire::FAILURE_HEADER`]): a node proxy passes it on rather than asking the
+    /// upstream itself.
+    pub fn of_upstream(self) -> Self {
+        self.header(
+            HeaderName::from_static(kache_wire::FAILURE_HEADER),
+            kache_wire::UPSTREAM_FAILURE,
+        )
+    }
+
     /// A fault of this server, never of the client's input.
     pub fn internal(e: impl std::fmt::Display) -> Self {
         tracing::error!(error = %e, "internal error");

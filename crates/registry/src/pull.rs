@@ -17,10 +17,8 @@ use futures_util::TryStreamExt;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use kache_oci::credentials::Credentials;
 use kache_oci::reference::split_cache_repository;
-use kache_oci::{Digest, ParsedManifest, Reference, RepoName};
-use kache_store::{
-    FetchError, FetchFailure, FlightStream, MAX_MANIFEST_SIZE, Manifest, Source, Store, StoreError,
-};
+use kache_oci::{Digest, Reference, RepoName};
+use kache_store::{FetchError, FetchFailure, FlightStream, Manifest, Source, Store, StoreError};
 use kache_upstream::{Upstream, UpstreamError};
 
 use kache_wire::CacheOutcome;
@@ -61,23 +59,27 @@ impl From<UpstreamError> for PullError {
     }
 }
 
-/// The client's error for an upstream failure; `unknown` is the code of a 404.
+/// The client's error for an upstream failure, marked as the upstream's; `unknown` is the code
+/// of a 404.
 pub fn upstream_error(e: &UpstreamError, unknown: Code) -> Error {
     let a = e.answer(unknown);
     let status = http::StatusCode::from_u16(a.status).unwrap_or(http::StatusCode::BAD_GATEWAY);
-    a.headers.into_iter().fold(
-        Error::new(a.code, a.message).status(status),
-        |err, (name, value)| err.header(http::HeaderName::from_static(name), value),
-    )
+    a.headers
+        .into_iter()
+        .fold(
+            Error::new(a.code, a.message).status(status),
+            |err, (name, value)| err.header(http::HeaderName::from_static(name), value),
+        )
+        .of_upstream()
 }
 
 impl PullError {
     pub fn into_error(self, unknown: Code) -> Error {
         match self {
             PullError::Upstream(e) => upstream_error(&e, unknown),
-            PullError::Invalid(m) => {
-                Error::new(Code::Unavailable, m).status(http::StatusCode::BAD_GATEWAY)
-            }
+            PullError::Invalid(m) => Error::new(Code::Unavailable, m)
+                .status(http::StatusCode::BAD_GATEWAY)
+                .of_upstream(),
             PullError::Store(m) => Error::internal(m),
         }
     }
@@ -246,7 +248,8 @@ impl PullThrough {
                 Err(match e.downcast_ref::<UpstreamError>() {
                     Some(u) => upstream_error(u, Code::BlobUnknown),
                     None => Error::new(Code::Unavailable, e.to_string())
-                        .status(http::StatusCode::BAD_GATEWAY),
+                        .status(http::StatusCode::BAD_GATEWAY)
+                        .of_upstream(),
                 })
             }
             Err(FetchFailure::Store(e)) => Err(e.into()),
@@ -260,7 +263,8 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// GETs a manifest upstream, checks it, stores it.
+/// GETs a manifest upstream, checks it (kache-upstream's rules, the same a node proxy holds an
+/// upstream to), stores it.
 async fn fetch_manifest(
     store: Arc<Store>,
     upstream: Upstream,
@@ -269,7 +273,7 @@ async fn fetch_manifest(
     reference: Reference,
     creds: Option<Credentials>,
 ) -> Result<Manifest, PullError> {
-    let resp = upstream
+    let checked = upstream
         .manifest(
             &origin.registry,
             &origin.path,
@@ -277,27 +281,16 @@ async fn fetch_manifest(
             false,
             creds.as_ref(),
         )
+        .await?
+        .checked_manifest(&reference)
         .await?;
-    let announced = resp.digest();
-    let content_type = resp.content_type().map(str::to_owned);
-    let bytes = resp.bytes_limited(MAX_MANIFEST_SIZE).await?;
-    if let Some(a) = &announced {
-        let actual = Digest::compute(a.algorithm(), &bytes);
-        if actual != *a {
-            return Err(PullError::Invalid(format!(
-                "upstream manifest hashes to {actual}, but the upstream announced {a}"
-            )));
-        }
-    }
-    let parsed = ParsedManifest::parse(&bytes, content_type.as_deref())
-        .map_err(|e| PullError::Invalid(format!("upstream manifest: {e}")))?;
     let digest = store
-        .put_pulled_manifest(&repo, &reference, bytes.clone(), &parsed)
+        .put_pulled_manifest(&repo, &reference, checked.bytes.clone(), &checked.parsed)
         .await?;
     Ok(Manifest {
         digest,
-        media_type: parsed.media_type,
-        bytes,
+        media_type: checked.parsed.media_type,
+        bytes: checked.bytes,
     })
 }
 

@@ -40,6 +40,10 @@ pub enum Fault {
     /// The right bytes without a Content-Length, in chunked encoding, as registries behind
     /// some proxies and CDNs send them: nobody knows the size before the end.
     Chunked,
+    /// Other bytes in place of the body, announced with their own digest and this media type:
+    /// an answer honest about itself that a cache must still refuse (a schema1 manifest, one
+    /// over the size limit).
+    Replace { bytes: Vec<u8>, media_type: String },
 }
 
 impl Fault {
@@ -382,6 +386,14 @@ fn is_manifest(blob: &Blob) -> bool {
 /// The answer for a manifest or blob, with a body fault applied. Honours a single
 /// `Range: bytes=a-b` on blobs, as distribution does (clients resume with it).
 fn serve_blob(kind: &str, blob: &Blob, fault: Option<&Fault>, headers: &HeaderMap) -> Response {
+    if let Some(Fault::Replace { bytes, media_type }) = fault {
+        let replaced = Blob {
+            media_type: media_type.clone(),
+            digest: super::image::sha256_digest(bytes),
+            bytes: bytes.clone(),
+        };
+        return serve_blob(kind, &replaced, None, headers);
+    }
     let mut bytes = blob.bytes.clone();
     if let (Some(Fault::WrongBytes), Some(last)) = (fault, bytes.last_mut()) {
         *last ^= 0xff;

@@ -16,6 +16,23 @@
 use kache_oci::Digest;
 use serde::{Deserialize, Serialize};
 
+/// The registry's header on an error answer that is about the upstream, not about kache: the
+/// upstream failed (down, rate-limiting, refusing), or what it sent broke a rule the registry
+/// holds every upstream to (a digest that does not match, a manifest too large or of no kind
+/// kache takes). A node proxy passes such an answer on and does not ask the upstream itself:
+/// it would only fail again, or relay the very bytes the registry refused. Its one value is
+/// [`UPSTREAM_FAILURE`]; an error without it is the registry failing, which the proxy works
+/// around by going upstream.
+pub const FAILURE_HEADER: &str = "x-kache-failure";
+
+/// The value of [`FAILURE_HEADER`]: the upstream failed, or its answer was refused.
+pub const UPSTREAM_FAILURE: &str = "upstream";
+
+/// Whether an answer's [`FAILURE_HEADER`] says the upstream failed it.
+pub fn upstream_failed(value: Option<&str>) -> bool {
+    value == Some(UPSTREAM_FAILURE)
+}
+
 /// Caches an image (`POST`, a [`WarmRequest`]; the answer is a [`WarmResponse`]), on the
 /// registry's internal listener: what the controller asks for each CachedImage.
 pub const WARM_PATH: &str = "/kache/v1/warm";
