@@ -201,7 +201,7 @@ fn the_stack_pulls_through_the_proxy_and_serves_from_the_cache_when_the_upstream
     build_kache_image(
         Path::new(env!("CARGO_BIN_EXE_kache")),
         &images.path().join("kache"),
-        kache,
+        Some(kache),
     );
     // The official registry image runs `registry serve` and has busybox's wget; so does this one.
     let upstream_archive = build_program_image(

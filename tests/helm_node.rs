@@ -1,29 +1,35 @@
-//! `helm install` as a cluster admin runs it, on the test bed's real node (scripts/kube-test-node)
-//! of each Kubernetes version. On the current one, cert-manager first (its controller, webhook
-//! and cainjector built from its Go module and packed as images the way kache's is, installed
-//! from its own chart), then kache from helm/kache; on 1.20, where current cert-manager releases
-//! do not run, kache with a certificate from `kache certs`. Then, in one sequence per version
-//! (one node per machine):
+//! `helm install` as a cluster admin runs it, following README "Install on a cluster" on the
+//! test bed's real node (scripts/kube-test-node) of each Kubernetes version. On the current one,
+//! cert-manager first, with the README's own command (its controller, webhook, cainjector and
+//! cmctl built from its Go module and packed as images the way kache's is, installed from its own
+//! chart); on 1.20, where current cert-manager releases do not run, a certificate from `kache
+//! certs`. kache's image is built and imported as step 2 says (scripts/build-image, its default
+//! name, `ctr images import`). Then, in one sequence per version (one node per machine):
 //!
-//! - every pod is Ready, and the webhook configuration trusts the webhook's CA (cert-manager
-//!   issued the certificate and injected its CA, or the chart set the one given);
-//! - a Deployment in another namespace is rewritten, pulled through the proxy and Running, and
-//!   its CachedImage is Cached;
-//! - the certificate is renewed (as `cmctl renew` asks, or `kache certs` run again and the
-//!   Secret updated): the webhook serves the new one without a restart, and the API server still
-//!   trusts it;
-//! - `helm upgrade` with changed values rolls every component while pods keep starting, none with
-//!   a failed pull from 1.22 on (the proxy surges; before, the kubelet retries);
-//! - `helm uninstall` leaves only the CRD and the registry's claim, and a pod created afterwards
-//!   is not rewritten;
-//! - installed again with a certificate from `kache certs`: the registry finds its store on the
-//!   kept claim, and pods are rewritten and start.
+//! - without a default StorageClass the README's `helm install` stops at once and says what to
+//!   set; a rollout whose image is on no node fails, and `helm status` points at step 2; with the
+//!   README's way out (an emptyDir) it installs (on 1.20, a claim bound to a volume of the node);
+//! - every pod is Ready, and the webhook configuration trusts the webhook's CA;
+//! - step 4: a Deployment is rewritten, pulled through the proxy, Running and Cached, and
+//!   `kubectl get cachedimages` also lists the workloads that were there before (cert-manager's);
+//! - the certificate is renewed: the webhook serves the new one without a restart;
+//! - `helm upgrade` with changed values (and every exclusion) rolls every component while pods
+//!   keep starting, none with a failed pull from 1.22 on;
+//! - every exclusion (an ignored namespace, an ignored registry holding a private image, the object
+//!   selector, the accepted images, the opt-out label, `kache.io/precache: "false"`) leaves the pod
+//!   and the cache untouched, and kache sends the upstream no request for them;
+//! - `helm uninstall` leaves exactly what the README says, and a pod created afterwards is not
+//!   rewritten;
+//! - installed again with a certificate from `kache certs`: pods are rewritten and start (on 1.20
+//!   the registry finds its store on the kept claim);
+//! - removed as the README says: nothing of kache is left.
 //!
 //! The test bed has no kube-proxy and no cluster DNS, and the node's address is 127.0.0.1: the
 //! registry runs on the node's network (registry.hostNetwork) and the proxies and the controller
 //! are pointed at it (proxy.registryURL, controller.registryURL; pods reach the node's loopback
 //! at the bridge's address, see scripts/kube-test-node). The API server calls both webhooks at
-//! their pods' addresses (--enable-aggregator-routing).
+//! their pods' addresses (--enable-aggregator-routing). Those values, and HTTPS_PROXY set to the
+//! closed port that pins every public registry, are the only ones the README's commands get here.
 
 use kache_testkit as support;
 
@@ -35,14 +41,24 @@ use kache_api::cached_image_name;
 use serde_json::{Value, json};
 use support::containerd::skip_unless_root;
 use support::helm::{Helm, assert_release_gone, chart};
-use support::kube::{KubeServer, Version, non_loopback_name};
+use support::kube::{KubeServer, Version, non_loopback_name, pull_secret};
 use support::metrics;
 use support::node::{KubeNode, build_kache_image, build_program_image};
 use support::pki::free_addr;
 use support::pull::Scratch;
-use support::{Content as _, Distribution, DistributionKind, Image, ImageBuilder};
+use support::{Content, Distribution, DistributionKind, Image, ImageBuilder};
 
 const CERT_MANAGER: &str = "v1.11.5";
+/// cert-manager's programs and the images its chart runs them from (ctl: the start-up check).
+const CERT_MANAGER_IMAGES: [(&str, &str); 4] = [
+    ("controller", "cert-manager-controller"),
+    ("webhook", "cert-manager-webhook"),
+    ("cainjector", "cert-manager-cainjector"),
+    ("ctl", "cert-manager-ctl"),
+];
+/// Where the test bed pins every public registry (scripts/kube-test-node): a closed port. kache's
+/// own upstream traffic to them goes there too, through HTTPS_PROXY.
+const CLOSED: &str = "http://127.0.0.1:1";
 const NS: &str = "kache";
 const APPS: &str = "apps";
 /// Long enough for a pull or a rollout on a slow machine; every wait ends as soon as its
@@ -162,14 +178,10 @@ fn secret_pem(kube: &KubeServer, name: &str, key: &str) -> Option<String> {
     Some(String::from_utf8(bytes).unwrap())
 }
 
-/// cert-manager's three images, built from its Go module by the test bed and packed by
+/// cert-manager's images, built from its Go module by the test bed and packed by
 /// scripts/build-image, then imported under the names its chart uses.
 fn import_cert_manager(kube: &KubeServer, node: &KubeNode, dir: &Path) {
-    for (bin, image) in [
-        ("controller", "cert-manager-controller"),
-        ("webhook", "cert-manager-webhook"),
-        ("cainjector", "cert-manager-cainjector"),
-    ] {
+    for (bin, image) in CERT_MANAGER_IMAGES {
         let archive = build_program_image(
             &kube.cert_manager.join("bin").join(bin),
             &dir.join(image),
@@ -237,6 +249,150 @@ fn kache_certs(dir: &Path) -> Value {
     })
 }
 
+/// A Deployment `name` in `ns` of `image` (label `app: <name>`), with more template labels,
+/// workload annotations, a replica count and a pull secret.
+struct Workload {
+    name: &'static str,
+    ns: &'static str,
+    image: String,
+    labels: Value,
+    annotations: Value,
+    replicas: u32,
+    pull_secret: Option<&'static str>,
+}
+
+impl Workload {
+    fn new(name: &'static str, ns: &'static str, image: String) -> Self {
+        Workload {
+            name,
+            ns,
+            image,
+            labels: json!({}),
+            annotations: json!({}),
+            replicas: 1,
+            pull_secret: None,
+        }
+    }
+
+    fn create(&self, kube: &KubeServer) {
+        let mut labels = json!({"app": self.name});
+        labels
+            .as_object_mut()
+            .unwrap()
+            .extend(self.labels.as_object().unwrap().clone());
+        let secrets: Vec<Value> = self
+            .pull_secret
+            .map(|n| json!({"name": n}))
+            .into_iter()
+            .collect();
+        kube.ok(
+            "POST",
+            &format!("/apis/apps/v1/namespaces/{}/deployments", self.ns),
+            Some(&json!({
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": self.name, "annotations": self.annotations},
+                "spec": {
+                    "replicas": self.replicas,
+                    "selector": {"matchLabels": {"app": self.name}},
+                    "template": {"metadata": {"labels": labels}, "spec": {
+                        "terminationGracePeriodSeconds": 0,
+                        "imagePullSecrets": secrets,
+                        "containers": [{"name": "app", "image": self.image}],
+                    }},
+                },
+            })),
+        );
+    }
+}
+
+/// The first pod of the Deployment `name` in `ns`, as admitted.
+fn first_pod(kube: &KubeServer, ns: &str, name: &str) -> Value {
+    kube.wait_for(
+        &format!("/api/v1/namespaces/{ns}/pods?labelSelector=app%3D{name}"),
+        WAIT,
+        |_, v| v["items"].as_array()?.first().cloned(),
+    )
+}
+
+/// The requests kache (its user agent) made to `upstream` whose path holds `fragment`.
+fn kache_requests(upstream: &Distribution, fragment: &str) -> Vec<String> {
+    upstream
+        .access_log_lines()
+        .into_iter()
+        .filter(|l| l.user_agent.starts_with("kache/") && l.uri.contains(fragment))
+        .map(|l| format!("{} {} {}", l.method, l.uri, l.status))
+        .collect()
+}
+
+/// The names of the objects of each kind left in the release's namespace: everything a release
+/// or its components could leave there.
+fn left_in_namespace(kube: &KubeServer) -> Vec<(&'static str, Vec<String>)> {
+    let kinds = [
+        ("secrets", "/api/v1/namespaces/kache/secrets"),
+        ("configmaps", "/api/v1/namespaces/kache/configmaps"),
+        (
+            "serviceaccounts",
+            "/api/v1/namespaces/kache/serviceaccounts",
+        ),
+        (
+            "persistentvolumeclaims",
+            "/api/v1/namespaces/kache/persistentvolumeclaims",
+        ),
+        ("pods", "/api/v1/namespaces/kache/pods"),
+        ("services", "/api/v1/namespaces/kache/services"),
+        (
+            "leases",
+            "/apis/coordination.k8s.io/v1/namespaces/kache/leases",
+        ),
+        (
+            "roles",
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/kache/roles",
+        ),
+        (
+            "rolebindings",
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/kache/rolebindings",
+        ),
+    ];
+    kinds
+        .into_iter()
+        .map(|(kind, path)| {
+            let list = kube.ok("GET", path, None);
+            let mut names: Vec<String> = list["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                // What Kubernetes makes in every namespace, and 1.20's ServiceAccount tokens.
+                .filter(|o| {
+                    let name = o["metadata"]["name"].as_str().unwrap_or("");
+                    o["type"] != "kubernetes.io/service-account-token"
+                        && name != "kube-root-ca.crt"
+                        && !(kind == "serviceaccounts" && name == "default")
+                })
+                .map(|o| o["metadata"]["name"].as_str().unwrap().to_owned())
+                .collect();
+            names.sort();
+            (kind, names)
+        })
+        .collect()
+}
+
+/// The release's objects in every collection a kache release writes to.
+const RELEASE_COLLECTIONS: &[&str] = &[
+    "/apis/apps/v1/namespaces/kache/statefulsets",
+    "/apis/apps/v1/namespaces/kache/deployments",
+    "/apis/apps/v1/namespaces/kache/daemonsets",
+    "/api/v1/namespaces/kache/services",
+    "/api/v1/namespaces/kache/serviceaccounts",
+    "/api/v1/namespaces/kache/configmaps",
+    "/apis/networking.k8s.io/v1/namespaces/kache/networkpolicies",
+    "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+    "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+    "/apis/rbac.authorization.k8s.io/v1/namespaces/kache/roles",
+    "/apis/rbac.authorization.k8s.io/v1/namespaces/kube-system/roles",
+    "/apis/rbac.authorization.k8s.io/v1/namespaces/kube-system/rolebindings",
+    "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
+];
+
 /// One node per machine: the current version (with cert-manager), then 1.20 (with a
 /// certificate from `kache certs`, as current cert-manager releases do not run there).
 #[test]
@@ -255,40 +411,60 @@ fn install_on_a_real_node(version: Version) {
     let helm = Helm::new(&kube);
     let s = Scratch::new("kache-e2e-helm");
 
-    // The images: kache's under the chart's default name, cert-manager's under its chart's.
-    let kache_image = format!("ghcr.io/kache-io/kache:{}", env!("CARGO_PKG_VERSION"));
+    // README step 2: kache's image built with scripts/build-image under its default name (the
+    // chart's default), imported into the node's containerd. cert-manager's under its chart's.
     build_kache_image(
         Path::new(env!("CARGO_BIN_EXE_kache")),
         &s.path("kache-image"),
-        &kache_image,
+        None,
     );
     node.import(&s.path("kache-image").join("kache-image.tar"));
+    let kache_image = format!("ghcr.io/kache-io/kache:{}", env!("CARGO_PKG_VERSION"));
+    assert!(node.images().contains(&kache_image), "{:?}", node.images());
     if current {
         import_cert_manager(&kube, &node, &s.path("cert-manager-images"));
     }
 
-    // The upstream and its images.
+    // The upstreams and their images: an open one, and one that wants a password (private).
     let pause = std::fs::read(kube.bin.join("pause")).expect("the release's pause program");
     let upstream = Distribution::start(DistributionKind::Open);
     let host = non_loopback_name(&upstream.host());
-    let (app, during, after) = (
-        runnable(&pause, 11),
-        runnable(&pause, 12),
-        runnable(&pause, 13),
-    );
-    let src = s.layout(
-        "src",
-        &[("app", &app), ("during", &during), ("after", &after)],
-    );
-    for tag in ["app", "during", "after"] {
+    let private = Distribution::start(DistributionKind::htpasswd("team", "s3cret"));
+    let private_host = non_loopback_name(&private.host());
+    let tags = [
+        "app", "during", "after", "ns", "selector", "ignored", "precache", "control",
+    ];
+    let images: Vec<Image> = (0..tags.len() as u64 + 2)
+        .map(|i| runnable(&pause, 11 + i))
+        .collect();
+    let app = &images[0];
+    let mut tagged: Vec<(&str, &dyn Content)> = tags
+        .iter()
+        .zip(&images)
+        .map(|(t, i)| (*t, i as &dyn Content))
+        .collect();
+    tagged.push(("other", &images[tags.len()]));
+    tagged.push(("secret", &images[tags.len() + 1]));
+    let src = s.layout("src", &tagged);
+    for tag in tags {
         s.skopeo.copy(
             &format!("{src}:{tag}"),
             &format!("docker://{host}/e2e/{tag}:v1"),
             &[],
         );
     }
+    s.skopeo.copy(
+        &format!("{src}:other"),
+        &format!("docker://{host}/other/app:v1"),
+        &[],
+    );
+    s.skopeo.copy(
+        &format!("{src}:secret"),
+        &format!("docker://{private_host}/e2e/secret:v1"),
+        &["--dest-creds", "team:s3cret"],
+    );
 
-    // 1. cert-manager, from its chart (on 1.20, a certificate from `kache certs` instead).
+    // README step 1: cert-manager, with its command (`installCRDs`: this chart is before 1.15).
     let cm_chart = kube.cert_manager.join("chart");
     if current {
         helm.ok(&[
@@ -300,23 +476,15 @@ fn install_on_a_real_node(version: Version) {
             "--create-namespace",
             "--set",
             "installCRDs=true",
-            // Its start-up check runs cmctl, which is not built here; the waits below do its job.
-            "--set",
-            "startupapicheck.enabled=false",
-            // The Secrets it writes go with their Certificates (so with `helm uninstall`).
-            "--set",
-            "extraArgs={--enable-certificate-owner-ref=true}",
             "--wait",
-            "--timeout",
-            "5m",
         ]);
     }
 
-    // 2. kache, from helm/kache, with the test bed's addresses.
-    registry_volume(&kube, &s.path("registry-data"));
+    // README step 3, with the test bed's addresses.
     let (registry, internal, registry_metrics, proxy_metrics) =
         (free_addr(), free_addr(), free_addr(), free_addr());
     let values = s.path("values.yaml");
+    let https_proxy = json!([{"name": "HTTPS_PROXY", "value": CLOSED}]);
     std::fs::write(
         &values,
         serde_json::to_string_pretty(&json!({
@@ -325,17 +493,17 @@ fn install_on_a_real_node(version: Version) {
                 "port": port(&registry),
                 "internalPort": port(&internal),
                 "metricsPort": port(&registry_metrics),
-                "persistence": {"storageClass": "kache-test", "size": "1Gi"},
                 // The volume is the machine's disk, whose free space is not the test's.
                 "minFree": "0",
+                "extraEnv": https_proxy,
             },
             "proxy": {
                 "registryURL": format!("http://{registry}"),
                 "metricsPort": port(&proxy_metrics),
+                "extraEnv": https_proxy,
             },
             "controller": {"registryURL": format!("http://10.244.77.1:{}", port(&internal))},
-            "upstream": {"insecureRegistries": [host]},
-            "webhook": {"ignoredNamespaces": ["cert-manager"]},
+            "upstream": {"insecureRegistries": [host, private_host]},
         }))
         .unwrap(),
     )
@@ -349,8 +517,6 @@ fn install_on_a_real_node(version: Version) {
         "-f",
         values.to_str().unwrap(),
         "--wait",
-        "--timeout",
-        "5m",
     ];
     let certs = s.path("certs");
     let ca_file = format!("webhook.tls.caBundle={}", certs.join("ca.crt").display());
@@ -362,9 +528,25 @@ fn install_on_a_real_node(version: Version) {
         "--set-file",
         &ca_file,
     ];
-    let mut args = vec!["install"];
+    // The store: the README's emptyDir on the current version, a claim on 1.20.
+    let store: [&str; 4] = if current {
+        [
+            "--set",
+            "registry.persistence.enabled=false",
+            "--set",
+            "registry.emptyDirSizeLimit=1Gi",
+        ]
+    } else {
+        [
+            "--set",
+            "registry.persistence.storageClass=kache-test",
+            "--set",
+            "registry.persistence.size=1Gi",
+        ]
+    };
+    let mut first_install = vec!["install"];
     if current {
-        args.push("--create-namespace");
+        first_install.push("--create-namespace");
     } else {
         kube.namespace(NS);
         let secret = kache_certs(&certs);
@@ -373,11 +555,61 @@ fn install_on_a_real_node(version: Version) {
             &format!("/api/v1/namespaces/{NS}/secrets"),
             Some(&secret),
         );
-        args.extend(provided);
+        first_install.extend(provided);
     }
-    args.extend(install);
-    helm.ok(&args);
+    first_install.extend(install);
+    // The test bed has no StorageClass: the README's command stops at once, saying what to set,
+    // and nothing is installed.
+    let refused = helm.fails(&first_install);
+    assert!(
+        refused.contains("the cluster has no default StorageClass")
+            && refused.contains("registry.persistence.storageClass")
+            && refused.contains("registry.persistence.enabled=false"),
+        "{refused}"
+    );
+    assert!(helm.run(&["status", "kache", "-n", NS]).status.code() != Some(0));
+    if current {
+        // A rollout whose image is on no node fails; `helm status` then points at README step 2.
+        let mut missing = first_install.clone();
+        missing.extend(store);
+        missing.extend(["--set", "image.tag=not-loaded", "--timeout", "20s"]);
+        helm.fails(&missing);
+        let status = helm.ok(&["status", "kache", "-n", NS]);
+        assert!(
+            status
+                .contains("ErrImagePull or ImagePullBackOff on ghcr.io/kache-io/kache:not-loaded")
+                && status.contains("kache's image is not")
+                && status.contains("scripts/build-image")
+                && status.contains("step 2"),
+            "{status}"
+        );
+        helm.ok(&["uninstall", "kache", "-n", NS, "--wait"]);
+    } else {
+        registry_volume(&kube, &s.path("registry-data"));
+    }
+    let mut args = first_install.clone();
+    args.extend(store);
+    let notes = helm.ok(&args);
     wait_kache_ready(&kube, &node);
+    if current {
+        assert!(
+            notes.contains("every restart of its pod")
+                && notes.contains("kache-ca and kache-webhook-tls"),
+            "{notes}"
+        );
+        let sts = kube.ok(
+            "GET",
+            &format!("/apis/apps/v1/namespaces/{NS}/statefulsets/kache-registry"),
+            None,
+        );
+        let args = &sts["spec"]["template"]["spec"]["containers"][0]["args"];
+        assert!(
+            args.as_array()
+                .unwrap()
+                .contains(&json!(format!("--max-size={}", (1u64 << 30) * 9 / 10))),
+            "the emptyDir store is kept under its limit: {args}"
+        );
+    }
     let tls_secret = if current {
         "kache-webhook-tls"
     } else {
@@ -430,7 +662,8 @@ fn install_on_a_real_node(version: Version) {
         );
     }
 
-    // 3. A Deployment in another namespace: rewritten, pulled through the proxy, Running, Cached.
+    // README step 4: a Deployment in another namespace: rewritten, pulled through the proxy,
+    // Running, Cached.
     kube.namespace(APPS);
     let app_image = format!("{host}/e2e/app:v1");
     let first = kube.deployment(APPS, "app", &app_image, WAIT);
@@ -466,8 +699,18 @@ fn install_on_a_real_node(version: Version) {
         WAIT,
         |code, v| (code == 200 && v["status"]["phase"] == "Cached").then_some(()),
     );
+    // `kubectl get cachedimages` lists the workloads that were there before kache too, as the
+    // README says: cert-manager's (their registry is closed here, so they are not Cached).
+    if current {
+        let (_, rows) = kube.table("/apis/kache.io/v1alpha1/cachedimages");
+        let listed: Vec<&str> = rows.iter().map(|r| r[1].as_str()).collect();
+        for (_, image) in &CERT_MANAGER_IMAGES[..3] {
+            let want = format!("quay.io/jetstack/{image}:{CERT_MANAGER}");
+            assert!(listed.contains(&want.as_str()), "{want} in {listed:?}");
+        }
+    }
 
-    // 4. The certificate renewed (as `cmctl renew` asks cert-manager for it; on 1.20, `kache
+    // The certificate renewed (as `cmctl renew` asks cert-manager for it; on 1.20, `kache
     // certs` run again and the Secret updated): the webhook's pods serve the new one from their
     // updated volume, without a restart, and admission goes on.
     let webhooks = pods(&kube, NS, "app.kubernetes.io/component%3Dwebhook");
@@ -544,14 +787,30 @@ fn install_on_a_real_node(version: Version) {
     );
     node.wait_running(&kube, APPS, "after-renewal", WAIT);
 
-    // 5. `helm upgrade` with changed values: every component rolls while pods keep starting,
-    // each pulling its image (Always) through whichever proxy is there; no pull fails.
+    // `helm upgrade` with changed values, every exclusion among them: every component rolls
+    // while pods keep starting, each pulling its image (Always) through whichever proxy is
+    // there; no pull fails.
+    let exclusions = s.path("exclusions.yaml");
+    std::fs::write(
+        &exclusions,
+        serde_json::to_string_pretty(&json!({"webhook": {
+            "ignoredNamespaces": ["excluded"],
+            "objectSelector": {"matchExpressions": [
+                {"key": "kache-test", "operator": "NotIn", "values": ["skip"]},
+            ]},
+            "ignoredRegistries": [private_host],
+            "acceptedImages": [format!("{host}/e2e/*"), format!("{private_host}/*")],
+        }}))
+        .unwrap(),
+    )
+    .unwrap();
     let proxies_before = pods(&kube, NS, "app.kubernetes.io/component%3Dproxy");
     let upgrade = {
         let helm = Helm::new(&kube);
         let mut args: Vec<String> = ["upgrade", "--reuse-values", "--set", "logFormat=text"]
             .map(String::from)
             .to_vec();
+        args.extend(["-f".to_owned(), exclusions.to_str().unwrap().to_owned()]);
         args.extend(install.iter().map(|a| a.to_string()));
         std::thread::spawn(move || helm.ok(&args))
     };
@@ -594,25 +853,146 @@ fn install_on_a_real_node(version: Version) {
         "the proxy did not roll: {proxies_after:?}"
     );
 
-    // 6. `helm uninstall`: everything goes but the CRD and the registry's claim, and pods are no
-    // longer rewritten.
-    helm.ok(&["uninstall", "kache", "-n", NS, "--wait", "--timeout", "5m"]);
-    let collections = [
-        "/apis/apps/v1/namespaces/kache/statefulsets",
-        "/apis/apps/v1/namespaces/kache/deployments",
-        "/apis/apps/v1/namespaces/kache/daemonsets",
-        "/api/v1/namespaces/kache/services",
-        "/api/v1/namespaces/kache/serviceaccounts",
-        "/api/v1/namespaces/kache/configmaps",
-        "/apis/networking.k8s.io/v1/namespaces/kache/networkpolicies",
-        "/apis/rbac.authorization.k8s.io/v1/clusterroles",
-        "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
-        "/apis/rbac.authorization.k8s.io/v1/namespaces/kache/roles",
-        "/apis/rbac.authorization.k8s.io/v1/namespaces/kube-system/roles",
-        "/apis/rbac.authorization.k8s.io/v1/namespaces/kube-system/rolebindings",
-        "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
+    // The webhook's and the controller's pods all run with the exclusions (none of the old ones
+    // is left to answer).
+    for component in ["webhook", "controller"] {
+        let flag = json!(format!("--ignore-registry={private_host}"));
+        kube.wait_for(
+            &format!("/api/v1/namespaces/{NS}/pods?labelSelector=app.kubernetes.io/component%3D{component}"),
+            WAIT,
+            |_, v| {
+                let pods = v["items"].as_array()?;
+                (pods.len() == 2
+                    && pods.iter().all(|p| {
+                        p["metadata"].get("deletionTimestamp").is_none()
+                            && p["spec"]["containers"][0]["args"]
+                                .as_array()
+                                .is_some_and(|a| a.contains(&flag))
+                    }))
+                .then_some(())
+            },
+        );
+    }
+
+    // Every exclusion leaves the pod and the cache untouched. Each excluded Deployment below
+    // comes before a last one that is not excluded, which the controller's watch of Deployments
+    // (one stream, handled in order) pre-caches only once it has seen them all.
+    kube.namespace("excluded");
+    kube.ok(
+        "POST",
+        &format!("/api/v1/namespaces/{APPS}/secrets"),
+        Some(&pull_secret(
+            "private-pull",
+            &private_host,
+            "team",
+            "s3cret",
+        )),
+    );
+    let excluded = [
+        Workload::new("in-ignored-ns", "excluded", format!("{host}/e2e/ns:v1")),
+        Workload {
+            pull_secret: Some("private-pull"),
+            ..Workload::new("private", APPS, format!("{private_host}/e2e/secret:v1"))
+        },
+        Workload {
+            labels: json!({"kache-test": "skip"}),
+            ..Workload::new("not-selected", APPS, format!("{host}/e2e/selector:v1"))
+        },
+        Workload::new("not-accepted", APPS, format!("{host}/other/app:v1")),
+        Workload {
+            labels: json!({"kache.io/image-caching-policy": "ignore"}),
+            ..Workload::new("opted-out", APPS, format!("{host}/e2e/ignored:v1"))
+        },
+        // No pods: its pods would be rewritten (the opt-out is of pre-caching only).
+        Workload {
+            annotations: json!({"kache.io/precache": "false"}),
+            replicas: 0,
+            ..Workload::new("no-precache", APPS, format!("{host}/e2e/precache:v1"))
+        },
     ];
-    assert_release_gone(&kube, &collections);
+    for w in &excluded {
+        w.create(&kube);
+    }
+    // Last by creation and by name (an initial list comes sorted by namespace, then name).
+    kube.namespace("zz-control");
+    let control_image = format!("{host}/e2e/control:v1");
+    Workload {
+        replicas: 0,
+        ..Workload::new("control", "zz-control", control_image.clone())
+    }
+    .create(&kube);
+    kube.wait_for(
+        &format!(
+            "/apis/kache.io/v1alpha1/cachedimages/{}",
+            cached_image_name(&control_image)
+        ),
+        WAIT,
+        // No pods: cached, then Expiring at once.
+        |code, v| (code == 200 && v["status"]["digest"].is_string()).then_some(()),
+    );
+    for w in &excluded {
+        if w.replicas > 0 {
+            let pod = first_pod(&kube, w.ns, w.name);
+            assert_eq!(
+                pod["spec"]["containers"][0]["image"], w.image,
+                "{}: {pod}",
+                w.name
+            );
+            assert!(
+                pod["metadata"]["labels"].get("kache.io/managed").is_none(),
+                "{}: {pod}",
+                w.name
+            );
+        }
+        let (code, ci) = kube.request(
+            "GET",
+            &format!(
+                "/apis/kache.io/v1alpha1/cachedimages/{}",
+                cached_image_name(&w.image)
+            ),
+            None,
+        );
+        assert_eq!(code, 404, "{} was pre-cached: {ci}", w.name);
+    }
+    for fragment in [
+        "/e2e/ns/",
+        "/e2e/selector/",
+        "/other/app/",
+        "/e2e/ignored/",
+        "/e2e/precache/",
+    ] {
+        let asked = kache_requests(&upstream, fragment);
+        assert!(asked.is_empty(), "kache fetched {fragment}: {asked:?}");
+    }
+    let asked = kache_requests(&private, "/v2/");
+    assert!(
+        asked.is_empty(),
+        "kache fetched the private image: {asked:?}"
+    );
+    // So the private image is not in the cache for anyone to pull without a password.
+    let through_proxy = support::get(
+        &format!(
+            "http://127.0.0.1:7439/v2/{}/manifests/v1",
+            support::pull::cache_repo(&private_host, "e2e/secret")
+        ),
+        &support::pull::manifest_headers(),
+    );
+    assert_eq!(through_proxy.status, 401, "{}", through_proxy.text());
+    for w in &excluded {
+        kube.ok(
+            "DELETE",
+            &format!("/apis/apps/v1/namespaces/{}/deployments/{}", w.ns, w.name),
+            None,
+        );
+    }
+
+    // `helm uninstall`: the release's objects go, and it leaves exactly what the README says:
+    // the CRD and the CachedImages, the claim (1.20: the emptyDir went with its pod on the
+    // current version) and cert-manager's Secrets (the README's cert-manager runs without
+    // --enable-certificate-owner-ref), and the controllers' Lease (the uninstall took the
+    // leader's rights away before it stopped).
+    helm.ok(&["uninstall", "kache", "-n", NS, "--wait", "--timeout", "5m"]);
+    assert_release_gone(&kube, RELEASE_COLLECTIONS);
     if current {
         assert_release_gone(
             &kube,
@@ -628,28 +1008,53 @@ fn install_on_a_real_node(version: Version) {
             &["/apis/policy/v1beta1/namespaces/kache/poddisruptionbudgets"],
         );
     }
-    // cert-manager's Secrets go with their Certificates, through the garbage collector.
-    kube.wait_for(
-        "/api/v1/namespaces/kache/secrets?labelSelector=app.kubernetes.io/instance%3Dkache",
-        WAIT,
-        |_, v| (v["items"] == json!([])).then_some(()),
-    );
+    // Pods go as the garbage collector gets to them.
+    kube.wait_for(&format!("/api/v1/namespaces/{NS}/pods"), WAIT, |_, v| {
+        (v["items"] == json!([])).then_some(())
+    });
+    let left = left_in_namespace(&kube);
+    let want: Vec<(&str, Vec<String>)> = vec![
+        (
+            "secrets",
+            if current {
+                vec!["kache-ca".into(), "kache-webhook-tls".into()]
+            } else {
+                vec!["webhook-provided".into()]
+            },
+        ),
+        ("configmaps", vec![]),
+        ("serviceaccounts", vec![]),
+        (
+            "persistentvolumeclaims",
+            if current {
+                vec![]
+            } else {
+                vec!["data-kache-registry-0".into()]
+            },
+        ),
+        ("pods", vec![]),
+        ("services", vec![]),
+        ("leases", vec!["kache-controller".into()]),
+        ("roles", vec![]),
+        ("rolebindings", vec![]),
+    ];
+    assert_eq!(left, want);
+    let crd = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/cachedimages.kache.io";
     assert_eq!(
-        kube.request(
-            "GET",
-            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/cachedimages.kache.io",
-            None
-        )
-        .0,
+        kube.request("GET", crd, None).0,
         200,
         "the CRD went with the release"
     );
-    let claim = kube.ok(
-        "GET",
-        "/api/v1/namespaces/kache/persistentvolumeclaims/data-kache-registry-0",
-        None,
-    );
-    assert_eq!(claim["status"]["phase"], "Bound", "{claim}");
+    let cached = kube.ok("GET", "/apis/kache.io/v1alpha1/cachedimages", None);
+    assert!(!cached["items"].as_array().unwrap().is_empty(), "{cached}");
+    if !current {
+        let claim = kube.ok(
+            "GET",
+            "/api/v1/namespaces/kache/persistentvolumeclaims/data-kache-registry-0",
+            None,
+        );
+        assert_eq!(claim["status"]["phase"], "Bound", "{claim}");
+    }
     let plain = create_pod(
         &kube,
         "after-uninstall",
@@ -660,10 +1065,20 @@ fn install_on_a_real_node(version: Version) {
         plain["spec"]["containers"][0]["image"],
         format!("{host}/e2e/after:v1")
     );
+    if current {
+        // The README's removal of what cert-manager wrote.
+        for secret in ["kache-ca", "kache-webhook-tls"] {
+            kube.ok(
+                "DELETE",
+                &format!("/api/v1/namespaces/{NS}/secrets/{secret}"),
+                None,
+            );
+        }
+    }
 
-    // 7. Installed again, without cert-manager, with a certificate from `kache certs` (on 1.20,
-    // the Secret is still there): the registry finds its store on the kept claim, and pods are
-    // rewritten and start again.
+    // Installed again, without cert-manager, with a certificate from `kache certs` (on 1.20,
+    // the Secret is still there): pods are rewritten and start again, and on 1.20 the registry
+    // finds its store on the kept claim.
     if current {
         let secret = kache_certs(&certs);
         kube.ok(
@@ -675,28 +1090,76 @@ fn install_on_a_real_node(version: Version) {
     let mut args = vec!["install"];
     args.extend(provided);
     args.extend(install);
+    args.extend(store);
     helm.ok(&args);
     wait_kache_ready(&kube, &node);
     assert_eq!(
         kube.webhook_ca_bundle("kache"),
         std::fs::read_to_string(certs.join("ca.crt")).unwrap()
     );
-    // The app's manifest, by digest, straight from the kept store: the upstream is not asked.
-    let asked = upstream.count_requests("GET", "/v2/e2e/app/manifests/");
-    let kept = support::get(
-        &format!(
-            "http://{registry}/v2/{}/manifests/{}",
-            support::pull::cache_repo(&host, "e2e/app"),
-            app.digest()
-        ),
-        &support::pull::manifest_headers(),
-    );
-    assert_eq!(kept.status, 200, "the reinstalled registry lost its store");
-    assert_eq!(
-        upstream.count_requests("GET", "/v2/e2e/app/manifests/"),
-        asked
-    );
+    if !current {
+        // The app's manifest, by digest, straight from the kept store: the upstream is not
+        // asked.
+        let asked = upstream.count_requests("GET", "/v2/e2e/app/manifests/");
+        let kept = support::get(
+            &format!(
+                "http://{registry}/v2/{}/manifests/{}",
+                support::pull::cache_repo(&host, "e2e/app"),
+                app.digest()
+            ),
+            &support::pull::manifest_headers(),
+        );
+        assert_eq!(kept.status, 200, "the reinstalled registry lost its store");
+        assert_eq!(
+            upstream.count_requests("GET", "/v2/e2e/app/manifests/"),
+            asked
+        );
+    }
     let again = create_pod(&kube, "reinstalled", &app_image, "Always");
     assert_rewritten(&again, "the reinstalled webhook does not rewrite");
     node.wait_running(&kube, APPS, "reinstalled", WAIT);
+
+    // Removed as the README says: the release; the CachedImages' finalizer, which only the
+    // controller removes, cleared so that the CRD can go; the claim, the Lease and (already)
+    // cert-manager's Secrets.
+    // Nothing of kache is left but the Secret the user made.
+    helm.ok(&["uninstall", "kache", "-n", NS, "--wait", "--timeout", "5m"]);
+    let images_path = "/apis/kache.io/v1alpha1/cachedimages";
+    let listed = kube.ok("GET", images_path, None);
+    for ci in listed["items"].as_array().unwrap() {
+        let name = ci["metadata"]["name"].as_str().unwrap();
+        kube.ok(
+            "PATCH",
+            &format!("{images_path}/{name}"),
+            Some(&json!({"metadata": {"finalizers": null}})),
+        );
+    }
+    kube.ok("DELETE", crd, None);
+    kube.wait_for(crd, WAIT, |code, _| (code == 404).then_some(()));
+    let (code, _) = kube.request(
+        "DELETE",
+        &format!("/api/v1/namespaces/{NS}/persistentvolumeclaims/data-kache-registry-0"),
+        None,
+    );
+    assert_eq!(code, if current { 404 } else { 200 });
+    kube.ok(
+        "DELETE",
+        &format!("/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/kache-controller"),
+        None,
+    );
+    assert_release_gone(&kube, RELEASE_COLLECTIONS);
+    kube.wait_for(&format!("/api/v1/namespaces/{NS}/pods"), WAIT, |_, v| {
+        (v["items"] == json!([])).then_some(())
+    });
+    kube.wait_for(
+        &format!("/api/v1/namespaces/{NS}/persistentvolumeclaims"),
+        WAIT,
+        |_, v| (v["items"] == json!([])).then_some(()),
+    );
+    let left = left_in_namespace(&kube);
+    assert!(
+        left.iter().all(|(kind, names)| names.is_empty()
+            || (*kind == "secrets" && names == &["webhook-provided"])),
+        "{left:?}"
+    );
 }

@@ -16,7 +16,7 @@ const NAME: &str = "test.invalid/kache:e2e";
 
 /// Packages the test build of kache into `out`; the manifest digest it printed.
 fn build_image(out: &Path) -> String {
-    build_kache_image(Path::new(env!("CARGO_BIN_EXE_kache")), out, NAME)
+    build_kache_image(Path::new(env!("CARGO_BIN_EXE_kache")), out, Some(NAME))
 }
 
 fn blob(layout: &Path, digest: &str) -> Vec<u8> {

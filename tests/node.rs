@@ -140,7 +140,7 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
     build_kache_image(
         Path::new(env!("CARGO_BIN_EXE_kache")),
         &image_dir,
-        KACHE_IMAGE,
+        Some(KACHE_IMAGE),
     );
     node.import(&image_dir.join("kache-image.tar"));
 

@@ -72,7 +72,7 @@ pub(super) async fn pod_step(bench: &mut Bench<'_>) -> Result<()> {
         let kube = KubeServer::start(Version::Current);
         let node = KubeNode::start(&kube);
         let out = dir2.join("image");
-        node::build_kache_image(&kache, &out, KACHE_IMAGE);
+        node::build_kache_image(&kache, &out, Some(KACHE_IMAGE));
         node.import(&out.join("kache-image.tar"));
         let pause = std::fs::read(kube.bin.join("pause")).expect("the pause program");
         (kube, node, pause)

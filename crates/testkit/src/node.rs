@@ -118,18 +118,19 @@ pub fn build_program_image(
         args.push(format!("{}={as_name}", path.display()));
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    build_image(binary, out, name, &args);
+    build_image(binary, out, Some(name), &args);
     out.join(format!("{program}-image.tar"))
 }
 
-/// Runs `scripts/build-image` on `binary`; returns the manifest digest it printed.
-fn build_image(binary: &Path, out: &Path, name: &str, extra: &[&str]) -> String {
+/// Runs `scripts/build-image` on `binary`; returns the manifest digest it printed. Without a
+/// name, the image gets the script's default (the chart's default image).
+fn build_image(binary: &Path, out: &Path, name: Option<&str>, extra: &[&str]) -> String {
     let o = Command::new(script("build-image"))
         .arg("--binary")
         .arg(binary)
         .arg("--out")
         .arg(out)
-        .args(["--name", name])
+        .args(name.map(|n| ["--name", n]).into_iter().flatten())
         .args(extra)
         .output()
         .expect("run scripts/build-image");
@@ -141,9 +142,10 @@ fn build_image(binary: &Path, out: &Path, name: &str, extra: &[&str]) -> String 
     String::from_utf8(o.stdout).unwrap().trim().to_owned()
 }
 
-/// Packages a kache binary with `scripts/build-image` into `out` under `name`; returns the
-/// manifest digest it printed. `out/kache-image.tar` is the archive.
-pub fn build_kache_image(binary: &Path, out: &Path, name: &str) -> String {
+/// Packages a kache binary with `scripts/build-image` into `out` under `name` (the script's
+/// default, `ghcr.io/kache-io/kache:<version>`, when `None`); returns the manifest digest it
+/// printed. `out/kache-image.tar` is the archive.
+pub fn build_kache_image(binary: &Path, out: &Path, name: Option<&str>) -> String {
     build_image(binary, out, name, &[])
 }
 
@@ -355,8 +357,11 @@ impl KubeNode {
                         && s["numberReady"] == s["desiredNumberScheduled"]
                         && s["updatedNumberScheduled"] == s["desiredNumberScheduled"]
                 } else {
-                    s["readyReplicas"].as_u64().unwrap_or(0) >= 1
+                    // The controller has seen the latest spec, and every replica runs it.
+                    s["observedGeneration"].as_u64() >= v["metadata"]["generation"].as_u64()
+                        && s["readyReplicas"].as_u64().unwrap_or(0) >= 1
                         && s["readyReplicas"] == v["spec"]["replicas"]
+                        && s["updatedReplicas"] == v["spec"]["replicas"]
                         && s["replicas"] == v["spec"]["replicas"]
                 };
             if ready {
