@@ -52,6 +52,7 @@ on_both_servers!(
     deletes_of_tags_manifests_and_blobs,
     bad_input_gets_the_spec_error_and_changes_nothing,
     wrong_digest_on_chunked_upload_keeps_nothing,
+    a_manifest_push_names_its_media_type,
 );
 
 /// The registry on a free port, answered by `kind`: kache's own server (the default) or hyper
@@ -1017,4 +1018,54 @@ async fn wrong_digest_on_chunked_upload_keeps_nothing(s: Server) {
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
     assert_eq!(s.snapshot(), before);
+}
+
+/// A manifest is pushed with its media type in `Content-Type`, as the spec says and
+/// distribution requires: without one, or with one that names no manifest, it is refused with
+/// MANIFEST_INVALID naming what was sent, and nothing is stored.
+async fn a_manifest_push_names_its_media_type(s: Server) {
+    let config = s.push_blob("typed", b"{}").await;
+    let body = image_manifest(&config, 2, &[], json!({}));
+    let put = |ct: Option<&'static str>| {
+        let mut r = s
+            .client
+            .put(s.url("/v2/typed/manifests/v1"))
+            .body(body.clone());
+        if let Some(ct) = ct {
+            r = r.header("content-type", ct);
+        }
+        r.send()
+    };
+    for (ct, says) in [
+        (None, "Content-Type, one of"),
+        (
+            Some("text/plain"),
+            "\"text/plain\" is not a manifest media type",
+        ),
+        (Some("application/json"), "\"application/json\""),
+        (Some("garbage;;;"), "\"garbage;;;\""),
+        (
+            Some("application/vnd.docker.distribution.manifest.v1+prettyjws"),
+            "manifest.v1+prettyjws",
+        ),
+    ] {
+        let r = put(ct).await.unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{ct:?}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["errors"][0]["code"], "MANIFEST_INVALID", "{ct:?}: {v}");
+        let message = v["errors"][0]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{ct:?}: {message}");
+        assert_eq!(
+            s.req(Method::GET, "/v2/typed/manifests/v1").await.status(),
+            StatusCode::NOT_FOUND
+        );
+    }
+    let r = put(Some(
+        "application/vnd.oci.image.manifest.v1+json; charset=utf-8",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = s.req(Method::GET, "/v2/typed/manifests/v1").await;
+    assert_eq!(r.headers()["content-type"], media_type::OCI_MANIFEST);
 }

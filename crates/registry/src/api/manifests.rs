@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use kache_oci::api::Route;
-use kache_oci::{ParsedManifest, Reference, RepoName};
+use kache_oci::{ParsedManifest, Reference, RepoName, media_type};
 use kache_store::MAX_MANIFEST_SIZE;
 
 use super::headers::{DOCKER_CONTENT_DIGEST, OCI_SUBJECT, content_length, hv};
@@ -51,14 +51,10 @@ impl Registry {
         if content_length(&req).is_some_and(|l| l > MAX_MANIFEST_SIZE) {
             return Err(too_large());
         }
-        let content_type = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let content_type = pushed_type(req.headers())?;
         let bytes = read_manifest(req.into_body()).await?;
         self.inner.metrics.bytes_in.inc_by(bytes.len() as u64);
-        let parsed = ParsedManifest::parse(&bytes, content_type.as_deref())
+        let parsed = ParsedManifest::parse(&bytes, Some(&content_type))
             .map_err(|e| Error::new(Code::ManifestInvalid, e.to_string()))?;
         let digest = self
             .inner
@@ -86,6 +82,34 @@ impl Registry {
         self.inner.store.delete_manifest(repo, reference).await?;
         Ok(StatusCode::ACCEPTED.into_response())
     }
+}
+
+/// The media type a manifest is pushed as: the spec has the client name it in `Content-Type`,
+/// and a registry serves it back with it, so a push without one, or with one that names no
+/// manifest kache takes, is refused as distribution refuses it.
+fn pushed_type(headers: &HeaderMap) -> Result<String> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Err(Error::new(
+            Code::ManifestInvalid,
+            format!(
+                "a manifest is pushed with its media type in Content-Type, one of {}",
+                media_type::MANIFEST_TYPES.join(", ")
+            ),
+        ));
+    };
+    let text = value.to_str().unwrap_or("");
+    let essence = media_type::essence(text);
+    if !media_type::MANIFEST_TYPES.contains(&essence) {
+        return Err(Error::new(
+            Code::ManifestInvalid,
+            format!(
+                "Content-Type {:?} is not a manifest media type kache takes ({})",
+                String::from_utf8_lossy(value.as_bytes()),
+                media_type::MANIFEST_TYPES.join(", ")
+            ),
+        ));
+    }
+    Ok(essence.to_owned())
 }
 
 fn too_large() -> Error {
