@@ -113,6 +113,8 @@ impl RouteError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     Base,
+    /// `/v2/_catalog`: the repositories a registry holds.
+    Catalog,
     Tags(RepoName),
     Manifest(RepoName, Reference),
     Blob(RepoName, Digest),
@@ -126,6 +128,7 @@ impl Route {
     pub fn label(&self) -> &'static str {
         match self {
             Route::Base => "base",
+            Route::Catalog => "catalog",
             Route::Tags(_) => "tags",
             Route::Manifest(..) => "manifest",
             Route::Blob(..) => "blob",
@@ -137,7 +140,7 @@ impl Route {
     /// The repository the route is about, if any.
     pub fn repo(&self) -> Option<&RepoName> {
         match self {
-            Route::Base => None,
+            Route::Base | Route::Catalog => None,
             Route::Tags(r)
             | Route::Manifest(r, _)
             | Route::Blob(r, _)
@@ -151,6 +154,7 @@ impl Route {
     pub fn map_repo<E>(self, f: impl FnOnce(RepoName) -> Result<RepoName, E>) -> Result<Route, E> {
         Ok(match self {
             Route::Base => Route::Base,
+            Route::Catalog => Route::Catalog,
             Route::Tags(r) => Route::Tags(f(r)?),
             Route::Manifest(r, x) => Route::Manifest(f(r)?, x),
             Route::Blob(r, d) => Route::Blob(f(r)?, d),
@@ -165,6 +169,7 @@ impl Route {
     pub fn path(&self) -> String {
         match self {
             Route::Base => "/v2/".to_owned(),
+            Route::Catalog => "/v2/_catalog".to_owned(),
             Route::Tags(r) => format!("/v2/{r}/tags/list"),
             Route::Manifest(r, x) => format!("/v2/{r}/manifests/{x}"),
             Route::Blob(r, d) => format!("/v2/{r}/blobs/{d}"),
@@ -200,6 +205,9 @@ impl Route {
         let not_found = || RouteError::NotFound(path.to_owned());
         if path == "/v2" || path == "/v2/" {
             return Ok(Route::Base);
+        }
+        if path == "/v2/_catalog" {
+            return Ok(Route::Catalog);
         }
         let rest = path.strip_prefix("/v2").ok_or_else(not_found)?;
         let name = |n: &str| -> Result<RepoName, RouteError> {
@@ -403,6 +411,9 @@ mod tests {
     fn recognises_every_endpoint_with_nested_names() {
         let r = |s: &str| Route::parse(s).unwrap();
         assert_eq!(r("/v2/"), Route::Base);
+        assert_eq!(r("/v2/_catalog"), Route::Catalog);
+        // A repository may not be named so: `_catalog` is never a name.
+        assert!(Route::parse("/v2/_catalog/tags/list").is_err());
         assert_eq!(r("/v2/docker.io/library/nginx/tags/list").label(), "tags");
         assert!(
             matches!(r(&format!("/v2/a/b/manifests/{}", d())), Route::Manifest(n, Reference::Digest(_)) if n.as_str() == "a/b")
@@ -513,6 +524,7 @@ mod tests {
             }
         }
         assert_eq!(Route::parse(&Route::Base.path()), Ok(Route::Base));
+        assert_eq!(Route::parse(&Route::Catalog.path()), Ok(Route::Catalog));
         assert_eq!(
             Route::Upload(repo("a"), UploadId(1)).path(),
             "/v2/a/blobs/uploads/00000000-0000-0000-0000-000000000001"

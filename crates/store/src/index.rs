@@ -21,6 +21,7 @@ mod fixtures;
 mod gc;
 mod kept;
 mod manifests;
+mod repositories;
 mod tags;
 mod uploads;
 

@@ -212,6 +212,12 @@ impl Store {
             .ok_or(StoreError::NameUnknown)
     }
 
+    /// Up to `n` repository names after `last`, in lexical order: every repository with a blob
+    /// or manifest in the store (the catalog).
+    pub fn repositories(&self, last: Option<&str>, n: usize) -> Result<Vec<String>> {
+        self.index.repositories(last, n)
+    }
+
     /// Manifests of `repo` that name `subject` as their subject.
     pub fn referrers(&self, repo: &RepoName, subject: &Digest) -> Result<Vec<Referrer>> {
         Ok(self

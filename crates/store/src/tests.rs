@@ -407,3 +407,64 @@ async fn the_index_transaction_rechecks_blobs_a_manifest_needs() {
         "nothing of the refused manifest is recorded"
     );
 }
+
+#[tokio::test]
+async fn the_catalog_lists_every_repository_once_in_order_and_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path()).unwrap();
+    assert!(store.repositories(None, 10).unwrap().is_empty());
+    let names = ["b", "a/b", "a", "a/b/c", "a-b", "docker.io/library/nginx"];
+    for (i, n) in names.iter().enumerate() {
+        // Several blobs in some: a name is listed once however many it holds.
+        for j in 0..=(i % 3) {
+            let bytes = format!("{n} {j}");
+            let d = Digest::sha256(bytes.as_bytes());
+            let b = Bytes::from(bytes);
+            store
+                .put_blob(
+                    &repo(n),
+                    &d,
+                    futures_util::stream::iter([Ok::<_, std::io::Error>(b)]),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    // A repository that holds only a manifest (a pulled one is not linked as a blob) counts.
+    let config = Digest::sha256(b"{}");
+    let layer = Digest::sha256(b"layer");
+    let m = image_manifest(&config, &layer);
+    let parsed = ParsedManifest::parse(&m, Some(media_type::OCI_MANIFEST)).unwrap();
+    store
+        .put_pulled_manifest(
+            &repo("m/only"),
+            &Reference::Tag("v1".parse().unwrap()),
+            m,
+            &parsed,
+        )
+        .await
+        .unwrap();
+    let names = [&names[..], &["m/only"]].concat();
+    let all = store.repositories(None, 100).unwrap();
+    let mut want: Vec<&str> = names.to_vec();
+    want.sort();
+    assert_eq!(all, want);
+    // Pages of two, each after the last name of the one before.
+    let mut paged = Vec::new();
+    let mut last: Option<String> = None;
+    loop {
+        let page = store.repositories(last.as_deref(), 2).unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 2);
+        last = page.last().cloned();
+        paged.extend(page);
+    }
+    assert_eq!(paged, want);
+    // After a name that is not one: from where it would sort.
+    assert_eq!(
+        store.repositories(Some("a/a"), 2).unwrap(),
+        ["a/b", "a/b/c"]
+    );
+}
