@@ -10,15 +10,82 @@ use http::{HeaderMap, Method, StatusCode};
 use kache_oci::api::Route;
 use kache_oci::credentials::{self, Credentials, DockerConfig};
 use kache_oci::digest::Digest;
-use kache_oci::media_type::MANIFEST_TYPES;
+use kache_oci::media_type::{MANIFEST_TYPES, OCI_INDEX};
 use kache_oci::name::{Reference, RepoName};
 use kache_oci::reference::{registry_endpoint, valid_registry};
+use kache_oci::{Descriptor, MAX_MANIFEST_SIZE};
 
 use crate::auth::{self, AuthCache, Challenge, TokenKey};
 use crate::config::UpstreamConfig;
 use crate::error::{UpstreamError, describe};
 use crate::response::{UpstreamResponse, check};
 use crate::tls::tls_config;
+
+/// Tags asked for per page of a tag list.
+pub const TAGS_PAGE: usize = 1000;
+/// The most tags read of one repository: a bound on what one listing costs.
+pub const MAX_TAGS: usize = 100_000;
+/// The largest page of tags read (1000 tags of 128 characters, with room to spare).
+const TAGS_PAGE_BYTES: u64 = 4 << 20;
+
+/// A page of a tag list.
+#[derive(serde::Deserialize)]
+struct TagList {
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+/// The index a referrers listing (or the tag schema's fallback) answers with.
+#[derive(serde::Deserialize)]
+struct ReferrerIndex {
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+}
+
+/// The `last` of a tag list's `Link: <...?n=..&last=..>; rel="next"`: only the position is
+/// taken from it, never a URL to follow (the next request is built as the first was, on the
+/// same host).
+fn next_last(link: &str) -> Option<String> {
+    link.split(',').find_map(|part| {
+        let (target, params) = part.split_once(';')?;
+        if !params.contains("rel=\"next\"") && !params.contains("rel=next") {
+            return None;
+        }
+        let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
+        let query = target.split_once('?')?.1;
+        let raw = query.split('&').find_map(|kv| kv.strip_prefix("last="))?;
+        percent_decode(raw)
+    })
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'%' => {
+                let hex = [bytes.next()?, bytes.next()?];
+                out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// A query value with everything but unreserved characters percent-encoded.
+fn encode_query_value(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
 
 /// A repository path on an upstream, checked: it ends up in a URL, and nothing that could
 /// change the URL's meaning may pass.
@@ -106,7 +173,7 @@ impl Upstream {
         let method = if head { Method::HEAD } else { Method::GET };
         let accept = MANIFEST_TYPES.join(", ");
         let route = Route::Manifest(upstream_repository(repository)?, reference);
-        self.fetch(method, registry, &route, Some(&accept), creds)
+        self.fetch(method, registry, &route, None, Some(&accept), creds)
             .await
     }
 
@@ -118,8 +185,116 @@ impl Upstream {
         digest: &Digest,
         creds: Option<&Credentials>,
     ) -> Result<UpstreamResponse, UpstreamError> {
+        self.blob_request(Method::GET, registry, repository, digest, creds)
+            .await
+    }
+
+    /// HEAD of a blob: its size (`Content-Length`) without its body. Only a 2xx answer is
+    /// `Ok`.
+    pub async fn blob_head(
+        &self,
+        registry: &str,
+        repository: &str,
+        digest: &Digest,
+        creds: Option<&Credentials>,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        self.blob_request(Method::HEAD, registry, repository, digest, creds)
+            .await
+    }
+
+    async fn blob_request(
+        &self,
+        method: Method,
+        registry: &str,
+        repository: &str,
+        digest: &Digest,
+        creds: Option<&Credentials>,
+    ) -> Result<UpstreamResponse, UpstreamError> {
         let route = Route::Blob(upstream_repository(repository)?, digest.clone());
-        self.fetch(Method::GET, registry, &route, None, creds).await
+        self.fetch(method, registry, &route, None, None, creds)
+            .await
+    }
+
+    /// Every tag of a repository, in the upstream's order: page after page of [`TAGS_PAGE`]
+    /// (`n`, then `last` as each page's `Link` says), up to [`MAX_TAGS`].
+    pub async fn tags(
+        &self,
+        registry: &str,
+        repository: &str,
+        creds: Option<&Credentials>,
+    ) -> Result<Vec<String>, UpstreamError> {
+        let route = Route::Tags(upstream_repository(repository)?);
+        let mut tags: Vec<String> = Vec::new();
+        let mut last: Option<String> = None;
+        loop {
+            let query = match &last {
+                None => format!("n={TAGS_PAGE}"),
+                Some(l) => format!("n={TAGS_PAGE}&last={}", encode_query_value(l)),
+            };
+            let resp = self
+                .fetch(Method::GET, registry, &route, Some(&query), None, creds)
+                .await?;
+            let next = resp
+                .headers
+                .get(http::header::LINK)
+                .and_then(|v| v.to_str().ok())
+                .and_then(next_last);
+            let body = resp.bytes_limited(TAGS_PAGE_BYTES).await?;
+            let page: TagList = serde_json::from_slice(&body)
+                .map_err(|e| UpstreamError::Invalid(format!("the tag list is not one: {e}")))?;
+            let advanced = !page.tags.is_empty();
+            tags.extend(page.tags);
+            if tags.len() >= MAX_TAGS {
+                tags.truncate(MAX_TAGS);
+                return Ok(tags);
+            }
+            match next {
+                // A next page that would start where this one did is no next page.
+                Some(n) if advanced && last.as_deref() != Some(n.as_str()) => last = Some(n),
+                _ => return Ok(tags),
+            }
+        }
+    }
+
+    /// The referrers of `subject` in a repository: from the upstream's referrers API, or where
+    /// it has none (404), from the index the tag schema keeps under `sha256-<hex>`; none when
+    /// neither holds one.
+    pub async fn referrers(
+        &self,
+        registry: &str,
+        repository: &str,
+        subject: &Digest,
+        creds: Option<&Credentials>,
+    ) -> Result<Vec<Descriptor>, UpstreamError> {
+        let repo = upstream_repository(repository)?;
+        let route = Route::Referrers(repo.clone(), subject.clone());
+        let api = self
+            .fetch(Method::GET, registry, &route, None, Some(OCI_INDEX), creds)
+            .await;
+        let index = match api {
+            Ok(resp) => resp.bytes_limited(MAX_MANIFEST_SIZE).await?,
+            Err(UpstreamError::NotFound(_)) => {
+                let tag = format!("{}-{}", subject.algorithm().as_str(), subject.hex());
+                let reference: Reference = tag
+                    .parse()
+                    .map_err(|e| UpstreamError::Config(format!("referrers tag {tag:?}: {e}")))?;
+                let route = Route::Manifest(repo, reference);
+                let accept = MANIFEST_TYPES.join(", ");
+                match self
+                    .fetch(Method::GET, registry, &route, None, Some(&accept), creds)
+                    .await
+                {
+                    Ok(resp) => resp.bytes_limited(MAX_MANIFEST_SIZE).await?,
+                    Err(UpstreamError::NotFound(_)) => return Ok(Vec::new()),
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        let list: ReferrerIndex = serde_json::from_slice(&index).map_err(|e| {
+            UpstreamError::Invalid(format!("the referrers of {subject} are not an index: {e}"))
+        })?;
+        Ok(list.manifests)
     }
 
     /// One request, and after a `401` one more with what the challenge asks for.
@@ -128,12 +303,14 @@ impl Upstream {
         method: Method,
         registry: &str,
         route: &Route,
+        query: Option<&str>,
         accept: Option<&str>,
         creds: Option<&Credentials>,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let inner = &*self.inner;
         let repository = route.repo().map_or("", RepoName::as_str);
-        let (registry_key, host, url) = self.locate(registry, route)?;
+        let (registry_key, host, mut url) = self.locate(registry, route)?;
+        url.set_query(query);
 
         let stored;
         let creds = match creds {
@@ -291,5 +468,36 @@ impl Upstream {
                 "{host}: no response within {timeout:?}"
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_page_of_tags_is_its_position_only() {
+        for (link, want) in [
+            (r#"</v2/a/tags/list?n=2&last=v2>; rel="next""#, Some("v2")),
+            (
+                r#"</v2/a/tags/list?last=1.0%2Bbuild&n=2>; rel="next""#,
+                Some("1.0+build"),
+            ),
+            (
+                r#"<https://elsewhere.example/v2/a/tags/list?n=2&last=b>; rel=next"#,
+                Some("b"),
+            ),
+            (r#"</v2/a/tags/list?n=2&last=v2>; rel="prev""#, None),
+            (r#"</v2/a/tags/list?n=2>; rel="next""#, None),
+            ("garbage", None),
+            (r#"</v2/a/tags/list?last=%zz>; rel="next""#, None),
+        ] {
+            assert_eq!(next_last(link).as_deref(), want, "{link}");
+        }
+        assert_eq!(encode_query_value("1.0+build/x"), "1.0%2Bbuild%2Fx");
+        assert_eq!(
+            percent_decode(&encode_query_value("a b+c%d")).as_deref(),
+            Some("a b+c%d")
+        );
     }
 }
