@@ -74,7 +74,7 @@ use kache_wire::{CACHE_HEADER, CacheOutcome};
 pub use metrics::ProxyMetrics;
 
 /// Headers of a registry answer worth passing on (hop-by-hop ones are not).
-const PASSED_HEADERS: [&str; 11] = [
+const PASSED_HEADERS: [&str; 14] = [
     "content-type",
     "content-length",
     "content-range",
@@ -84,6 +84,10 @@ const PASSED_HEADERS: [&str; 11] = [
     "etag",
     "retry-after",
     "www-authenticate",
+    // A tag list's or catalog's next page, and the referrers API's answers.
+    "link",
+    "oci-filters-applied",
+    "oci-subject",
     CACHE_HEADER,
     kache_wire::FAILURE_HEADER,
 ];

@@ -31,6 +31,8 @@ impl Registry {
         match (route, method) {
             (Route::Base, Method::GET | Method::HEAD) => Ok(StatusCode::OK.into_response()),
             (Route::Base, m) => Err(unsupported(&m, "GET, HEAD")),
+            (Route::Catalog, Method::GET) => self.catalog(&params(&req)),
+            (Route::Catalog, m) => Err(unsupported(&m, "GET")),
 
             (Route::Blob(repo, d), m @ (Method::GET | Method::HEAD)) => {
                 self.get_blob(&repo, &d, m == Method::HEAD, req.headers())
@@ -59,9 +61,11 @@ impl Registry {
                 }
             }
 
-            (Route::Tags(repo), Method::GET) => self.list_tags(&repo, &params(&req)),
+            (Route::Tags(repo), Method::GET) => self.list_tags(&repo, &params(&req)).await,
             (Route::Tags(..), m) => Err(unsupported(&m, "GET")),
-            (Route::Referrers(repo, d), Method::GET) => self.referrers(&repo, &d, &params(&req)),
+            (Route::Referrers(repo, d), Method::GET) => {
+                self.referrers(&repo, &d, &params(&req)).await
+            }
             (Route::Referrers(..), m) => Err(unsupported(&m, "GET")),
         }
     }

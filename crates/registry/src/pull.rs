@@ -11,13 +11,13 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::TryStreamExt;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use kache_oci::credentials::Credentials;
 use kache_oci::reference::split_cache_repository;
-use kache_oci::{Digest, Reference, RepoName};
+use kache_oci::{Descriptor, Digest, Reference, RepoName};
 use kache_store::{FetchError, FetchFailure, FlightStream, Manifest, Source, Store, StoreError};
 use kache_upstream::{Upstream, UpstreamError};
 
@@ -85,14 +85,17 @@ impl PullError {
     }
 }
 
-type ManifestFlight = Shared<BoxFuture<'static, Result<Manifest, PullError>>>;
-
 /// The pull-through side of the registry.
 #[derive(Debug)]
 pub struct PullThrough {
     upstream: Upstream,
     tag_ttl: Duration,
-    manifests: Mutex<HashMap<String, ManifestFlight>>,
+    /// Manifests being fetched, by reference (and `?revalidate` for a tag's HEAD).
+    manifests: Flights<Manifest>,
+    /// Tag lists of cached repositories, as the upstream last gave them.
+    tags: Listings<Vec<String>>,
+    /// Referrers of subjects in cached repositories, as the upstream last gave them.
+    referrers: Listings<Vec<Descriptor>>,
     metrics: Metrics,
 }
 
@@ -101,9 +104,58 @@ impl PullThrough {
         PullThrough {
             upstream,
             tag_ttl,
-            manifests: Mutex::default(),
+            manifests: Flights::default(),
+            tags: Listings::default(),
+            referrers: Listings::default(),
             metrics,
         }
+    }
+
+    /// The upstream's tags of a cached repository: kept for the tag TTL, served stale when the
+    /// upstream cannot answer, one upstream listing however many ask.
+    pub async fn tags(
+        &self,
+        repo: &RepoName,
+        origin: &Origin,
+    ) -> Result<(Arc<Vec<String>>, CacheOutcome), Error> {
+        let (up, o) = (self.upstream.clone(), origin.clone());
+        let fetch = async move { Ok(up.tags(&o.registry, &o.path, None).await?) };
+        self.tags
+            .get(repo.to_string(), self.tag_ttl, fetch, &self.metrics)
+            .await
+            .map_err(|e| e.into_error(Code::NameUnknown))
+    }
+
+    /// The upstream's referrers of `subject` in a cached repository (its referrers API, or the
+    /// tag schema's index), kept and served as [`PullThrough::tags`] are.
+    pub async fn referrers(
+        &self,
+        repo: &RepoName,
+        origin: &Origin,
+        subject: &Digest,
+    ) -> Result<(Arc<Vec<Descriptor>>, CacheOutcome), Error> {
+        let (up, o, d) = (self.upstream.clone(), origin.clone(), subject.clone());
+        let fetch = async move { Ok(up.referrers(&o.registry, &o.path, &d, None).await?) };
+        self.referrers
+            .get(
+                format!("{repo}@{subject}"),
+                self.tag_ttl,
+                fetch,
+                &self.metrics,
+            )
+            .await
+            .map_err(|e| e.into_error(Code::ManifestUnknown))
+    }
+
+    /// The size of a blob the store lacks, as the upstream's HEAD says it: what a HEAD is
+    /// answered with, without fetching the body.
+    pub async fn blob_size(&self, origin: &Origin, digest: &Digest) -> Result<u64, UpstreamError> {
+        let head = self
+            .upstream
+            .blob_head(&origin.registry, &origin.path, digest, None)
+            .await?;
+        head.content_length()
+            .ok_or_else(|| UpstreamError::Invalid("the blob's HEAD has no Content-Length".into()))
     }
 
     /// The upstream of `repo`, if its first component names a registry.
@@ -117,34 +169,9 @@ impl PullThrough {
         key: String,
         fut: impl Future<Output = Result<Manifest, PullError>> + Send + 'static,
     ) -> Result<Manifest, PullError> {
-        let flight = {
-            let mut map = self.manifests.lock().expect("manifest flights poisoned");
-            map.entry(key.clone())
-                .or_insert_with(|| {
-                    // A task of its own: it completes (and fills the cache) when its client leaves.
-                    let errors = self.metrics.upstream_errors.clone();
-                    let task = tokio::spawn(async move {
-                        let r = fut.await;
-                        if r.is_err() {
-                            errors.inc();
-                        }
-                        r
-                    });
-                    async move {
-                        task.await
-                            .unwrap_or_else(|e| Err(PullError::Store(e.to_string().into())))
-                    }
-                    .boxed()
-                    .shared()
-                })
-                .clone()
-        };
-        let result = flight.clone().await;
-        let mut map = self.manifests.lock().expect("manifest flights poisoned");
-        if map.get(&key).is_some_and(|f| f.ptr_eq(&flight)) {
-            map.remove(&key);
-        }
-        result
+        self.manifests
+            .join(key, fut, &self.metrics.upstream_errors)
+            .await
     }
 
     /// A manifest of a cached repository: from the store when fresh, else from upstream.
@@ -253,6 +280,143 @@ impl PullThrough {
                 })
             }
             Err(FetchFailure::Store(e)) => Err(e.into()),
+        }
+    }
+}
+
+/// The most listings kept (tag lists, referrers); past it the oldest goes.
+const MAX_LISTINGS: usize = 10_000;
+
+type Flight<T> = Shared<BoxFuture<'static, Result<T, PullError>>>;
+
+/// What is being fetched upstream, by key: everyone asking for a key while it is joins the one
+/// request, which runs as a task of its own (it completes, and fills the cache, when its client
+/// leaves).
+struct Flights<T> {
+    map: Mutex<HashMap<String, Flight<T>>>,
+}
+
+impl<T> Default for Flights<T> {
+    fn default() -> Self {
+        Flights {
+            map: Mutex::default(),
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for Flights<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.map.lock().map_or(0, |m| m.len());
+        f.debug_struct("Flights").field("in_flight", &n).finish()
+    }
+}
+
+impl<T: Clone + Send + Sync + 'static> Flights<T> {
+    async fn join(
+        &self,
+        key: String,
+        fut: impl Future<Output = Result<T, PullError>> + Send + 'static,
+        errors: &prometheus_client::metrics::counter::Counter,
+    ) -> Result<T, PullError> {
+        let flight = {
+            let mut map = self.map.lock().expect("flights poisoned");
+            map.entry(key.clone())
+                .or_insert_with(|| {
+                    let errors = errors.clone();
+                    let task = tokio::spawn(async move {
+                        let r = fut.await;
+                        if r.is_err() {
+                            errors.inc();
+                        }
+                        r
+                    });
+                    async move {
+                        task.await
+                            .unwrap_or_else(|e| Err(PullError::Store(e.to_string().into())))
+                    }
+                    .boxed()
+                    .shared()
+                })
+                .clone()
+        };
+        let result = flight.clone().await;
+        let mut map = self.map.lock().expect("flights poisoned");
+        if map.get(&key).is_some_and(|f| f.ptr_eq(&flight)) {
+            map.remove(&key);
+        }
+        result
+    }
+}
+
+/// Lists the upstream gives (tags, referrers) by key: kept for a TTL and served stale when the
+/// upstream cannot answer; one upstream request per key however many ask at once.
+struct Listings<T> {
+    kept: Mutex<HashMap<String, (Instant, Arc<T>)>>,
+    flights: Flights<Arc<T>>,
+}
+
+impl<T> Default for Listings<T> {
+    fn default() -> Self {
+        Listings {
+            kept: Mutex::default(),
+            flights: Flights::default(),
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for Listings<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kept = self.kept.lock().map_or(0, |k| k.len());
+        f.debug_struct("Listings").field("kept", &kept).finish()
+    }
+}
+
+impl<T: Send + Sync + 'static> Listings<T> {
+    async fn get(
+        &self,
+        key: String,
+        ttl: Duration,
+        fetch: impl Future<Output = Result<T, PullError>> + Send + 'static,
+        metrics: &Metrics,
+    ) -> Result<(Arc<T>, CacheOutcome), PullError> {
+        let kept = self
+            .kept
+            .lock()
+            .expect("listings poisoned")
+            .get(&key)
+            .cloned();
+        if let Some((at, v)) = &kept
+            && at.elapsed() < ttl
+        {
+            return Ok((v.clone(), CacheOutcome::Hit));
+        }
+        let fetch = async move { fetch.await.map(Arc::new) };
+        match self
+            .flights
+            .join(key.clone(), fetch, &metrics.upstream_errors)
+            .await
+        {
+            Ok(v) => {
+                let mut kept = self.kept.lock().expect("listings poisoned");
+                if kept.len() >= MAX_LISTINGS
+                    && !kept.contains_key(&key)
+                    && let Some(oldest) = kept
+                        .iter()
+                        .min_by_key(|(_, (at, _))| *at)
+                        .map(|(k, _)| k.clone())
+                {
+                    kept.remove(&oldest);
+                }
+                kept.insert(key, (Instant::now(), v.clone()));
+                Ok((v, CacheOutcome::Miss))
+            }
+            Err(e) => match kept {
+                Some((_, v)) => {
+                    tracing::warn!(%key, error = ?e, "upstream could not list; serving the kept list");
+                    Ok((v, CacheOutcome::Stale))
+                }
+                None => Err(e),
+            },
         }
     }
 }

@@ -555,7 +555,7 @@ async fn a_blob_fetched_for_one_repository_is_not_fetched_again_for_another() {
 }
 
 #[tokio::test]
-async fn a_head_on_a_missing_blob_answers_from_the_cache_alone() {
+async fn a_head_on_a_missing_blob_answers_from_the_upstream_s_head() {
     let up = start(None, Duration::ZERO, Access::ReadWrite).await;
     let c = client();
     let (_, ld) = push_image(&c, &up.base, "app", "v1", b"only upstream", None).await;
@@ -566,18 +566,39 @@ async fn a_head_on_a_missing_blob_answers_from_the_cache_alone() {
     )
     .await;
     let url = format!("{}/v2/{}/blobs/{ld}", cache.base, cache_repo(&up, "app"));
-    // What a pushing client asks before uploading: not cached means 404, upstream untouched.
+    // Not cached: answered as the GET would be, from the upstream's HEAD, without the body.
+    let h = c.head(&url).send().await.unwrap();
+    assert_eq!(h.status(), StatusCode::OK);
+    assert_eq!(h.headers()["content-length"], "13");
     assert_eq!(
-        c.head(&url).send().await.unwrap().status(),
-        StatusCode::NOT_FOUND
+        h.headers()["docker-content-digest"],
+        ld.to_string().as_str()
+    );
+    assert_eq!(h.headers()["x-kache-cache"], "miss");
+    assert_eq!(
+        up.count(r#"kache_registry_requests_total{route="blob",method="HEAD",status="200"}"#),
+        1.0
     );
     assert_eq!(
         up.count(r#"kache_registry_requests_total{route="blob",method="GET",status="200"}"#),
         0.0
     );
+    // One the upstream lacks is unknown; so is one of an upstream that is down.
+    let absent = kache_oci::Digest::sha256(b"nowhere");
+    let absent_url = format!(
+        "{}/v2/{}/blobs/{absent}",
+        cache.base,
+        cache_repo(&up, "app")
+    );
+    assert_eq!(
+        c.head(&absent_url).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
     assert_eq!(
         c.get(&url).send().await.unwrap().bytes().await.unwrap(),
         "only upstream"
     );
-    assert_eq!(c.head(&url).send().await.unwrap().status(), StatusCode::OK);
+    let h = c.head(&url).send().await.unwrap();
+    assert_eq!(h.status(), StatusCode::OK);
+    assert_eq!(h.headers()["x-kache-cache"], "hit");
 }

@@ -35,11 +35,26 @@ impl Registry {
             .local_blob(repo, digest, head, origin.is_some())
             .await?
         else {
-            // A HEAD answers from the cache alone: pushing clients ask it before uploading
-            // (and must hear 404, not wait for an upstream), while pulls GET.
-            let Some((pull, origin)) = origin.filter(|_| !head) else {
+            let Some((pull, origin)) = origin else {
                 return Err(kache_store::StoreError::BlobUnknown.into());
             };
+            if head {
+                // As the GET would answer, from the upstream's HEAD, without the body. A blob
+                // the upstream will not size (absent, refused, unreachable) is unknown here: a
+                // client pushing into a cached repository asks before uploading, and hears
+                // 404 then.
+                return match pull.blob_size(&origin, digest).await {
+                    Ok(size) => {
+                        self.cache_outcome("blob", CacheOutcome::Miss, &mut h);
+                        h.insert(header::CONTENT_LENGTH, hv(size.to_string()));
+                        Ok((StatusCode::OK, h).into_response())
+                    }
+                    Err(e) => Err(Error::new(
+                        Code::BlobUnknown,
+                        format!("blob unknown to the cache, and upstream: {e}"),
+                    )),
+                };
+            }
             // Range is ignored on a miss (RFC 9110 allows it).
             let flight = pull
                 .blob(&self.inner.store, repo, &origin, digest, None)

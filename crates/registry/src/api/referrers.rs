@@ -1,4 +1,6 @@
 //! The referrers of a subject digest, as an OCI index, optionally filtered by `artifactType`.
+//! A cached repository lists the upstream's referrers (its referrers API, or the tag schema's
+//! index) with the cache's own, kept and served stale as tags are.
 
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
@@ -10,19 +12,19 @@ use crate::Registry;
 use crate::error::Result;
 
 impl Registry {
-    pub(super) fn referrers(
+    pub(super) async fn referrers(
         &self,
         repo: &RepoName,
         subject: &Digest,
         p: &Params,
     ) -> Result<Response> {
         let filter = p.get("artifactType");
-        let manifests: Vec<Descriptor> = self
+        let mut h = HeaderMap::new();
+        let mut manifests: Vec<Descriptor> = self
             .inner
             .store
             .referrers(repo, subject)?
             .into_iter()
-            .filter(|r| filter.is_none_or(|f| r.record.artifact_type.as_ref() == Some(f)))
             .map(|r| Descriptor {
                 media_type: r.record.media_type,
                 digest: r.digest,
@@ -33,7 +35,23 @@ impl Registry {
                 urls: Vec::new(),
             })
             .collect();
-        let mut h = HeaderMap::new();
+        if let Some((pull, origin)) = self.origin(repo) {
+            match pull.referrers(repo, &origin, subject).await {
+                Ok((upstream, outcome)) => {
+                    self.cache_outcome("referrers", outcome, &mut h);
+                    for d in upstream.iter() {
+                        if !manifests.iter().any(|m| m.digest == d.digest) {
+                            manifests.push(d.clone());
+                        }
+                    }
+                }
+                // The upstream says nothing and kept nothing: the cache's own referrers.
+                Err(e) => {
+                    tracing::warn!(%repo, %subject, error = %e.message, "upstream could not list referrers");
+                }
+            }
+        }
+        manifests.retain(|r| filter.is_none_or(|f| r.artifact_type.as_ref() == Some(f)));
         h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static(media_type::OCI_INDEX),
