@@ -2,13 +2,15 @@
 //! hermetic skopeo runner, an OCI image builder with layout readers and writers, and a small
 //! plain-HTTP client for looking at what the registry serves; and for pull-through tests, real
 //! upstreams (CNCF distribution, open or behind Basic or token auth, and its token server), an
-//! upstream that fails on demand, and a private containerd pulling through hosts.toml mirrors.
+//! upstream that fails on demand, and a private containerd pulling through hosts.toml mirrors;
+//! and the OCI clients users reach for (crane, regctl, oras).
 //!
 //! The crates' own async tests use [`inproc`]: a router on a free port, a client, pushes.
 //!
 //! The tests use it as `support` (`use kache_testkit as support;`).
 
 pub mod background;
+pub mod clients;
 pub mod compose;
 pub mod containerd;
 pub mod distribution;
@@ -30,6 +32,7 @@ pub mod skopeo;
 pub mod token;
 pub mod webhook;
 
+pub use clients::OciClients;
 pub use containerd::Containerd;
 pub use distribution::{Distribution, DistributionKind};
 pub use faulty::{Fault, FaultyUpstream};
