@@ -26,7 +26,7 @@
 use std::fmt;
 
 use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
-use kache_oci::{ImageReference, RepoName, split_cache_repository};
+use kache_oci::{ImageReference, Origin, RepoName};
 
 /// Label set on every pod with at least one rewritten image; the controller watches these.
 pub const MANAGED_LABEL: &str = "kache.io/managed";
@@ -231,8 +231,7 @@ fn upstream_of_proxied(image: &str) -> Option<String> {
         return None;
     }
     let repo: RepoName = r.repository.parse().ok()?;
-    let (registry, path) = split_cache_repository(&repo)?;
-    Some(r.renamed(&format!("{registry}/{path}")))
+    Some(r.renamed(&Origin::of(&repo)?.to_string()))
 }
 
 #[cfg(test)]

@@ -6,15 +6,13 @@
 //! An image as a pod names it, the cache repository kache keeps it under, and back:
 //!
 //! ```
-//! use kache_oci::{ImageReference, split_cache_repository};
+//! use kache_oci::{ImageReference, Origin};
 //!
 //! let image: ImageReference = "registry:5000/team/app:1.2".parse().unwrap();
 //! let repo = image.cache_repository();
 //! assert_eq!(repo.as_str(), "registry_5000/team/app");
-//! assert_eq!(
-//!     split_cache_repository(&repo),
-//!     Some(("registry:5000".to_owned(), "team/app".to_owned()))
-//! );
+//! let origin = Origin::of(&repo).unwrap();
+//! assert_eq!((origin.registry(), origin.path().as_str()), ("registry:5000", "team/app"));
 //! // Docker's short names are normalised as Docker does.
 //! let nginx: ImageReference = "nginx".parse().unwrap();
 //! assert_eq!(nginx.to_string(), "docker.io/library/nginx:latest");
@@ -26,11 +24,11 @@ pub mod digest;
 pub mod manifest;
 pub mod media_type;
 pub mod name;
+pub mod origin;
 pub mod reference;
 
 pub use digest::{Algorithm, Digest, DigestError, Hasher};
 pub use manifest::{Descriptor, MAX_MANIFEST_SIZE, ManifestError, ParsedManifest};
 pub use name::{NameError, Reference, RepoName, Tag};
-pub use reference::{
-    ImageReference, ReferenceError, mirror_repository, registry_endpoint, split_cache_repository,
-};
+pub use origin::Origin;
+pub use reference::{ImageReference, ReferenceError, mirror_repository};

@@ -106,41 +106,12 @@ pub fn mirror_repository(ns: &str, repo: &RepoName) -> Result<RepoName, Referenc
         .cache_repository())
 }
 
-/// Splits a cache repository (`registry_5000/x`) back into the upstream registry host, with its
-/// port restored (`registry:5000`), and the repository path on it (`x`).
-///
-/// `None` when the first component cannot be a registry host (`library/nginx`: no `.`, no
-/// `_<port>`, not `localhost`) or nothing follows it.
-pub fn split_cache_repository(repo: &RepoName) -> Option<(String, String)> {
-    let (first, path) = repo.as_str().split_once('/')?;
-    if path.is_empty() {
-        return None;
-    }
-    let host = match first.rsplit_once('_') {
-        Some((host, port)) if valid_port(port) => format!("{host}:{port}"),
-        Some(_) => return None,
-        None if first.contains('.') || first == "localhost" => first.to_owned(),
-        None => return None,
-    };
-    valid_registry(&host).then(|| (host, path.to_owned()))
-}
-
-/// The host that serves the registry API for `registry` as written in references: Docker Hub
-/// is named `docker.io` but answers at `registry-1.docker.io`.
-pub fn registry_endpoint(registry: &str) -> &str {
-    if registry == DOCKER_HUB {
-        DOCKER_HUB_ENDPOINT
-    } else {
-        registry
-    }
-}
-
 /// Whether a first path component names a registry rather than a Docker Hub namespace.
 fn looks_like_registry(first: &str) -> bool {
     first.contains(['.', ':', '[']) || first == "localhost"
 }
 
-fn valid_port(port: &str) -> bool {
+pub(crate) fn valid_port(port: &str) -> bool {
     // u16 parsing would accept a leading '+'.
     !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok()
 }
@@ -437,7 +408,8 @@ mod tests {
             ("a.b_c/x", None),
         ] {
             let repo: RepoName = cache.parse().unwrap();
-            let got = split_cache_repository(&repo);
+            let got =
+                crate::Origin::of(&repo).map(|o| (o.registry().to_owned(), o.path().to_string()));
             assert_eq!(
                 got,
                 split.map(|(h, p)| (h.to_owned(), p.to_owned())),
@@ -452,17 +424,10 @@ mod tests {
         ] {
             let r = parse(input);
             assert_eq!(
-                split_cache_repository(&r.cache_repository()),
-                Some((r.registry.clone(), r.repository.clone()))
+                crate::Origin::of(&r.cache_repository()),
+                Some(crate::Origin::of_image(&r))
             );
         }
-    }
-
-    #[test]
-    fn endpoints() {
-        assert_eq!(registry_endpoint("docker.io"), "registry-1.docker.io");
-        assert_eq!(registry_endpoint("ghcr.io"), "ghcr.io");
-        assert_eq!(registry_endpoint("registry:5000"), "registry:5000");
     }
 }
 

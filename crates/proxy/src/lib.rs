@@ -67,7 +67,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use kache_oci::api::{ErrorCode, Intent, Route};
-use kache_oci::split_cache_repository;
 use kache_upstream::{Upstream, UpstreamError, UpstreamResponse};
 use kache_wire::{CACHE_HEADER, CacheOutcome};
 
@@ -268,7 +267,7 @@ pub(crate) struct Pull {
     /// The forwarded request headers.
     pub(crate) headers: HeaderMap,
     /// The upstream registry and path the repository names, if any.
-    pub(crate) origin: Option<(String, String)>,
+    pub(crate) origin: Option<kache_oci::Origin>,
     /// The upstream label of the metrics.
     pub(crate) host: String,
 }
@@ -320,10 +319,10 @@ impl Pull {
             }
         }
         // A mirror request's route is already about the cache repository it names.
-        let origin = route.repo().and_then(split_cache_repository);
+        let origin = route.repo().and_then(kache_oci::Origin::of);
         let host = origin
             .as_ref()
-            .map_or("none", |(h, _)| h.as_str())
+            .map_or("none", kache_oci::Origin::registry)
             .to_owned();
         Ok(Pull {
             method: method.clone(),
@@ -390,7 +389,7 @@ pub(crate) async fn fallback(p: &Proxy, pull: &Pull) -> Response {
     let m = &p.inner.metrics;
     let host = &pull.host;
     let path = &pull.path;
-    let Some((registry, upstream_path)) = &pull.origin else {
+    let Some(origin) = &pull.origin else {
         m.count(host, "error");
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -402,9 +401,7 @@ pub(crate) async fn fallback(p: &Proxy, pull: &Pull) -> Response {
     let up = &p.inner.upstream;
     let answer = match &pull.route {
         Route::Manifest(_, reference) => {
-            let got = up
-                .manifest(registry, upstream_path, &reference.to_string(), head, None)
-                .await;
+            let got = up.manifest(origin, reference, head, None).await;
             match got {
                 Ok(resp) if head => head_of_manifest(resp),
                 Ok(resp) => manifest_answer(resp, reference).await,
@@ -413,7 +410,7 @@ pub(crate) async fn fallback(p: &Proxy, pull: &Pull) -> Response {
             .map_err(|e| (e, ErrorCode::ManifestUnknown))
         }
         Route::Blob(_, digest) => up
-            .blob(registry, upstream_path, digest, None)
+            .blob(origin, digest, None)
             .await
             .map(|resp| blob_answer(resp, digest, head, m))
             .map_err(|e| (e, ErrorCode::BlobUnknown)),
@@ -434,7 +431,7 @@ pub(crate) async fn fallback(p: &Proxy, pull: &Pull) -> Response {
         Err((e, unknown)) => {
             m.count(host, "error");
             m.upstream_error(host);
-            tracing::warn!(%path, upstream = %registry, error = %e, "upstream failed too");
+            tracing::warn!(%path, upstream = %origin.registry(), error = %e, "upstream failed too");
             upstream_error(&e, unknown)
         }
     }

@@ -13,8 +13,8 @@ mod uploads;
 use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use kache_oci::RepoName;
 use kache_oci::api::Route;
+use kache_oci::{Origin, RepoName};
 use kache_wire::{CACHE_HEADER, CacheOutcome};
 use uuid::Uuid;
 
@@ -23,7 +23,7 @@ pub(crate) use self::headers::unsupported;
 use self::headers::params;
 use crate::Registry;
 use crate::error::Result;
-use crate::pull::{Origin, PullThrough};
+use crate::pull::PullThrough;
 
 impl Registry {
     pub(crate) async fn dispatch(&self, route: Route, req: Request) -> Result<Response> {

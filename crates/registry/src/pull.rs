@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 use futures_util::TryStreamExt;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use kache_oci::credentials::Credentials;
-use kache_oci::reference::split_cache_repository;
-use kache_oci::{Descriptor, Digest, Reference, RepoName};
+use kache_oci::{Descriptor, Digest, Origin, Reference, RepoName, Tag};
 use kache_store::{FetchError, FetchFailure, FlightStream, Manifest, Source, Store, StoreError};
 use kache_upstream::{Upstream, UpstreamError};
 
@@ -25,13 +24,6 @@ use kache_wire::CacheOutcome;
 
 use crate::Metrics;
 use crate::error::{Code, Error};
-
-/// Where a cached repository comes from.
-#[derive(Debug, Clone)]
-pub struct Origin {
-    pub registry: String,
-    pub path: String,
-}
 
 /// Why a pull-through request failed; cheap to clone for every waiter of a flight.
 #[derive(Debug, Clone)]
@@ -119,7 +111,7 @@ impl PullThrough {
         origin: &Origin,
     ) -> Result<(Arc<Vec<String>>, CacheOutcome), Error> {
         let (up, o) = (self.upstream.clone(), origin.clone());
-        let fetch = async move { Ok(up.tags(&o.registry, &o.path, None).await?) };
+        let fetch = async move { Ok(up.tags(&o, None).await?) };
         self.tags
             .get(repo.to_string(), self.tag_ttl, fetch, &self.metrics)
             .await
@@ -135,7 +127,7 @@ impl PullThrough {
         subject: &Digest,
     ) -> Result<(Arc<Vec<Descriptor>>, CacheOutcome), Error> {
         let (up, o, d) = (self.upstream.clone(), origin.clone(), subject.clone());
-        let fetch = async move { Ok(up.referrers(&o.registry, &o.path, &d, None).await?) };
+        let fetch = async move { Ok(up.referrers(&o, &d, None).await?) };
         self.referrers
             .get(
                 format!("{repo}@{subject}"),
@@ -150,17 +142,14 @@ impl PullThrough {
     /// The size of a blob the store lacks, as the upstream's HEAD says it: what a HEAD is
     /// answered with, without fetching the body.
     pub async fn blob_size(&self, origin: &Origin, digest: &Digest) -> Result<u64, UpstreamError> {
-        let head = self
-            .upstream
-            .blob_head(&origin.registry, &origin.path, digest, None)
-            .await?;
+        let head = self.upstream.blob_head(origin, digest, None).await?;
         head.content_length()
             .ok_or_else(|| UpstreamError::Invalid("the blob's HEAD has no Content-Length".into()))
     }
 
     /// The upstream of `repo`, if its first component names a registry.
     pub fn origin(&self, repo: &RepoName) -> Option<Origin> {
-        split_cache_repository(repo).map(|(registry, path)| Origin { registry, path })
+        Origin::of(repo)
     }
 
     /// Runs `fut` once for every concurrent request with the same `key`.
@@ -213,7 +202,7 @@ impl PullThrough {
                     self.upstream.clone(),
                     repo.clone(),
                     origin.clone(),
-                    t.as_str().to_owned(),
+                    t.clone(),
                     m.clone(),
                     creds,
                 );
@@ -257,7 +246,7 @@ impl PullThrough {
             let (up, origin_c, d, creds) = (up.clone(), origin_c.clone(), d.clone(), creds.clone());
             async move {
                 let r = up
-                    .blob(&origin_c.registry, &origin_c.path, &d, creds.as_ref())
+                    .blob(&origin_c, &d, creds.as_ref())
                     .await
                     .map_err(|e| Arc::new(e) as FetchError)?;
                 let size = r.content_length();
@@ -438,13 +427,7 @@ async fn fetch_manifest(
     creds: Option<Credentials>,
 ) -> Result<Manifest, PullError> {
     let checked = upstream
-        .manifest(
-            &origin.registry,
-            &origin.path,
-            &reference.to_string(),
-            false,
-            creds.as_ref(),
-        )
+        .manifest(&origin, &reference, false, creds.as_ref())
         .await?
         .checked_manifest(&reference)
         .await?;
@@ -464,19 +447,19 @@ async fn revalidate(
     upstream: Upstream,
     repo: RepoName,
     origin: Origin,
-    tag: String,
+    tag: Tag,
     cached: Manifest,
     creds: Option<Credentials>,
 ) -> Result<Manifest, PullError> {
+    let reference = Reference::Tag(tag);
     let head = upstream
-        .manifest(&origin.registry, &origin.path, &tag, true, creds.as_ref())
+        .manifest(&origin, &reference, true, creds.as_ref())
         .await?;
     if head.digest().as_ref() == Some(&cached.digest) {
-        store.touch_tag(&repo, &tag).await?;
+        if let Reference::Tag(t) = &reference {
+            store.touch_tag(&repo, t.as_str()).await?;
+        }
         return Ok(cached);
     }
-    let reference: Reference = tag
-        .parse()
-        .map_err(|e: kache_oci::NameError| PullError::Invalid(e.to_string()))?;
     fetch_manifest(store, upstream, repo, origin, reference, creds).await
 }

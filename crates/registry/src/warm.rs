@@ -15,7 +15,9 @@ use kache_wire::{PlatformResult, PlatformStatus, WarmRequest, WarmResponse};
 use crate::Registry;
 use crate::api::unsupported;
 use crate::error::{Code, Error, Result};
-use crate::pull::{Origin, PullThrough};
+use kache_oci::Origin;
+
+use crate::pull::PullThrough;
 
 /// Whether an index entry's platform is the one asked for (`arm64` and `arm64/v8` are one).
 fn matches(entry: &Platform, want: &str) -> bool {

@@ -12,8 +12,7 @@ use kache_oci::credentials::{self, Credentials, DockerConfig};
 use kache_oci::digest::Digest;
 use kache_oci::media_type::{MANIFEST_TYPES, OCI_INDEX};
 use kache_oci::name::{Reference, RepoName};
-use kache_oci::reference::{registry_endpoint, valid_registry};
-use kache_oci::{Descriptor, MAX_MANIFEST_SIZE};
+use kache_oci::{Descriptor, MAX_MANIFEST_SIZE, Origin};
 
 use crate::auth::{self, AuthCache, Challenge, TokenKey};
 use crate::config::UpstreamConfig;
@@ -87,14 +86,6 @@ fn encode_query_value(s: &str) -> String {
     out
 }
 
-/// A repository path on an upstream, checked: it ends up in a URL, and nothing that could
-/// change the URL's meaning may pass.
-fn upstream_repository(repository: &str) -> Result<RepoName, UpstreamError> {
-    repository
-        .parse()
-        .map_err(|e| UpstreamError::Config(format!("upstream repository: {e}")))
-}
-
 /// A fetcher of manifests and blobs from upstream registries. Cheap to clone; clones share
 /// connections and cached tokens.
 #[derive(Clone)]
@@ -157,35 +148,30 @@ impl Upstream {
         })
     }
 
-    /// GET or HEAD of a manifest; `registry` as in references ("docker.io" → registry-1.docker.io).
-    /// `reference` is a tag or a digest. Only a 2xx answer is `Ok`.
+    /// GET or HEAD of a manifest at `origin`, by tag or digest. Only a 2xx answer is `Ok`.
     pub async fn manifest(
         &self,
-        registry: &str,
-        repository: &str,
-        reference: &str,
+        origin: &Origin,
+        reference: &Reference,
         head: bool,
         creds: Option<&Credentials>,
     ) -> Result<UpstreamResponse, UpstreamError> {
-        let reference: Reference = reference
-            .parse()
-            .map_err(|e| UpstreamError::Config(format!("manifest reference: {e}")))?;
         let method = if head { Method::HEAD } else { Method::GET };
         let accept = MANIFEST_TYPES.join(", ");
-        let route = Route::Manifest(upstream_repository(repository)?, reference);
-        self.fetch(method, registry, &route, None, Some(&accept), creds)
+        let route = Route::Manifest(origin.path().clone(), reference.clone());
+        self.fetch(method, origin, &route, None, Some(&accept), creds)
             .await
     }
 
     /// GET of a blob, following redirects. Only a 2xx answer is `Ok`.
     pub async fn blob(
         &self,
-        registry: &str,
-        repository: &str,
+        origin: &Origin,
         digest: &Digest,
         creds: Option<&Credentials>,
     ) -> Result<UpstreamResponse, UpstreamError> {
-        self.blob_request(Method::GET, registry, repository, digest, creds)
+        let route = Route::Blob(origin.path().clone(), digest.clone());
+        self.fetch(Method::GET, origin, &route, None, None, creds)
             .await
     }
 
@@ -193,25 +179,12 @@ impl Upstream {
     /// `Ok`.
     pub async fn blob_head(
         &self,
-        registry: &str,
-        repository: &str,
+        origin: &Origin,
         digest: &Digest,
         creds: Option<&Credentials>,
     ) -> Result<UpstreamResponse, UpstreamError> {
-        self.blob_request(Method::HEAD, registry, repository, digest, creds)
-            .await
-    }
-
-    async fn blob_request(
-        &self,
-        method: Method,
-        registry: &str,
-        repository: &str,
-        digest: &Digest,
-        creds: Option<&Credentials>,
-    ) -> Result<UpstreamResponse, UpstreamError> {
-        let route = Route::Blob(upstream_repository(repository)?, digest.clone());
-        self.fetch(method, registry, &route, None, None, creds)
+        let route = Route::Blob(origin.path().clone(), digest.clone());
+        self.fetch(Method::HEAD, origin, &route, None, None, creds)
             .await
     }
 
@@ -219,11 +192,10 @@ impl Upstream {
     /// (`n`, then `last` as each page's `Link` says), up to [`MAX_TAGS`].
     pub async fn tags(
         &self,
-        registry: &str,
-        repository: &str,
+        origin: &Origin,
         creds: Option<&Credentials>,
     ) -> Result<Vec<String>, UpstreamError> {
-        let route = Route::Tags(upstream_repository(repository)?);
+        let route = Route::Tags(origin.path().clone());
         let mut tags: Vec<String> = Vec::new();
         let mut last: Option<String> = None;
         loop {
@@ -232,7 +204,7 @@ impl Upstream {
                 Some(l) => format!("n={TAGS_PAGE}&last={}", encode_query_value(l)),
             };
             let resp = self
-                .fetch(Method::GET, registry, &route, Some(&query), None, creds)
+                .fetch(Method::GET, origin, &route, Some(&query), None, creds)
                 .await?;
             let next = resp
                 .headers
@@ -261,15 +233,13 @@ impl Upstream {
     /// neither holds one.
     pub async fn referrers(
         &self,
-        registry: &str,
-        repository: &str,
+        origin: &Origin,
         subject: &Digest,
         creds: Option<&Credentials>,
     ) -> Result<Vec<Descriptor>, UpstreamError> {
-        let repo = upstream_repository(repository)?;
-        let route = Route::Referrers(repo.clone(), subject.clone());
+        let route = Route::Referrers(origin.path().clone(), subject.clone());
         let api = self
-            .fetch(Method::GET, registry, &route, None, Some(OCI_INDEX), creds)
+            .fetch(Method::GET, origin, &route, None, Some(OCI_INDEX), creds)
             .await;
         let index = match api {
             Ok(resp) => resp.bytes_limited(MAX_MANIFEST_SIZE).await?,
@@ -278,10 +248,10 @@ impl Upstream {
                 let reference: Reference = tag
                     .parse()
                     .map_err(|e| UpstreamError::Config(format!("referrers tag {tag:?}: {e}")))?;
-                let route = Route::Manifest(repo, reference);
+                let route = Route::Manifest(origin.path().clone(), reference);
                 let accept = MANIFEST_TYPES.join(", ");
                 match self
-                    .fetch(Method::GET, registry, &route, None, Some(&accept), creds)
+                    .fetch(Method::GET, origin, &route, None, Some(&accept), creds)
                     .await
                 {
                     Ok(resp) => resp.bytes_limited(MAX_MANIFEST_SIZE).await?,
@@ -301,7 +271,7 @@ impl Upstream {
     async fn fetch(
         &self,
         method: Method,
-        registry: &str,
+        origin: &Origin,
         route: &Route,
         query: Option<&str>,
         accept: Option<&str>,
@@ -309,14 +279,15 @@ impl Upstream {
     ) -> Result<UpstreamResponse, UpstreamError> {
         let inner = &*self.inner;
         let repository = route.repo().map_or("", RepoName::as_str);
-        let (registry_key, host, mut url) = self.locate(registry, route)?;
+        let host = origin.endpoint().to_owned();
+        let mut url = self.url(origin, route)?;
         url.set_query(query);
 
         let stored;
         let creds = match creds {
             Some(c) => Some(c),
             None => {
-                stored = inner.credentials.lookup(&registry_key);
+                stored = inner.credentials.lookup(origin.registry());
                 stored.as_ref()
             }
         };
@@ -360,30 +331,17 @@ impl Upstream {
         check(&host, resp).await
     }
 
-    /// Where `route` is on `registry`: the registry as credentials are keyed (`docker.io`), the
-    /// host that serves it (`registry-1.docker.io`) and the URL.
-    fn locate(
-        &self,
-        registry: &str,
-        route: &Route,
-    ) -> Result<(String, String, reqwest::Url), UpstreamError> {
-        // The registry ends up in the URL too: nothing that could change its meaning may pass.
-        let registry_key = credentials::registry_host(registry);
-        if !valid_registry(&registry_key) {
-            return Err(UpstreamError::Config(format!(
-                "upstream registry {registry:?} is not host or host:port"
-            )));
-        }
-        let host = registry_endpoint(&registry_key).to_owned();
+    /// The URL of `route` at `origin`'s endpoint: plain HTTP for a registry named insecure.
+    fn url(&self, origin: &Origin, route: &Route) -> Result<reqwest::Url, UpstreamError> {
         let insecure = &self.inner.insecure;
-        let scheme = if insecure.contains(&registry_key) || insecure.contains(&host) {
+        let scheme = if insecure.contains(origin.registry()) || insecure.contains(origin.endpoint())
+        {
             "http"
         } else {
             "https"
         };
-        let url = reqwest::Url::parse(&format!("{scheme}://{host}{}", route.path()))
-            .map_err(|e| UpstreamError::Config(format!("upstream URL for {registry:?}: {e}")))?;
-        Ok((registry_key, host, url))
+        reqwest::Url::parse(&format!("{scheme}://{}{}", origin.endpoint(), route.path()))
+            .map_err(|e| UpstreamError::Config(format!("upstream URL for {origin}: {e}")))
     }
 
     /// What to send again after a `401` with these `WWW-Authenticate` headers: a fresh token

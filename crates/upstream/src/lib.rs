@@ -16,13 +16,14 @@
 //!
 //! ```no_run
 //! # async fn pull() -> Result<(), kache_upstream::UpstreamError> {
+//! use kache_oci::{Origin, Reference};
 //! use kache_upstream::{Upstream, UpstreamConfig};
 //!
 //! let upstream = Upstream::new(UpstreamConfig::default())?;
+//! let nginx = Origin::of(&"docker.io/library/nginx".parse().unwrap()).unwrap();
+//! let latest: Reference = "latest".parse().unwrap();
 //! // Anonymous: the last argument would be a pod's pull secret.
-//! let manifest = upstream
-//!     .manifest("docker.io", "library/nginx", "latest", false, None)
-//!     .await?;
+//! let manifest = upstream.manifest(&nginx, &latest, false, None).await?;
 //! let digest = manifest.digest();
 //! let bytes = manifest.bytes_limited(4 << 20).await?;
 //! # let _ = (digest, bytes);

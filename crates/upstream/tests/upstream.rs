@@ -16,11 +16,21 @@ use base64::Engine as _;
 use futures_util::StreamExt as _;
 use kache_oci::credentials::{Credentials, DockerConfig};
 use kache_oci::media_type;
-use kache_oci::{Digest, ParsedManifest};
+use kache_oci::{Digest, Origin, ParsedManifest, Reference};
 use kache_testkit::inproc::serve;
 use kache_upstream::{Upstream, UpstreamConfig, UpstreamError};
 
 const MANIFEST: &str = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855","size":0},"layers":[]}"#;
+
+/// The origin `path` on `registry`.
+fn o(registry: impl AsRef<str>, path: &str) -> Origin {
+    Origin::new(registry.as_ref(), path.parse().unwrap()).unwrap()
+}
+
+/// A tag or digest.
+fn tag_or_digest(reference: impl AsRef<str>) -> Reference {
+    reference.as_ref().parse().unwrap()
+}
 
 fn upstream(cfg: UpstreamConfig) -> Upstream {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -113,7 +123,12 @@ async fn anonymous_manifest_get_and_head() {
     let registry = addr.to_string();
 
     let resp = up
-        .manifest(&registry, "library/nginx", "1.27", false, None)
+        .manifest(
+            &o(&registry, "library/nginx"),
+            &tag_or_digest("1.27"),
+            false,
+            None,
+        )
         .await
         .unwrap();
     assert_eq!(resp.status, StatusCode::OK);
@@ -126,7 +141,12 @@ async fn anonymous_manifest_get_and_head() {
 
     let digest = Digest::sha256(MANIFEST.as_bytes()).to_string();
     let resp = up
-        .manifest(&registry, "library/nginx", &digest, true, None)
+        .manifest(
+            &o(&registry, "library/nginx"),
+            &tag_or_digest(&digest),
+            true,
+            None,
+        )
         .await
         .unwrap();
     assert_eq!(resp.content_length(), Some(MANIFEST.len() as u64));
@@ -144,22 +164,17 @@ async fn anonymous_manifest_get_and_head() {
         assert_eq!(auth, &None);
     }
 
-    let err = up
-        .manifest(&registry, "library/nginx", "bad tag!", false, None)
-        .await
-        .unwrap_err();
-    assert!(matches!(err, UpstreamError::Config(_)), "{err}");
-    for (reg, repo) in [
-        ("user@127.0.0.1", "library/nginx"),
-        ("127.0.0.1:1?x=", "library/nginx"),
-        (registry.as_str(), "../etc"),
-        (registry.as_str(), "Library/nginx"),
-    ] {
-        let err = up.manifest(reg, repo, "1", false, None).await.unwrap_err();
+    // What could change a URL's meaning cannot even be said: the typed origin and reference
+    // refuse it before any request.
+    assert!("bad tag!".parse::<kache_oci::Reference>().is_err());
+    for reg in ["user@127.0.0.1", "127.0.0.1:1?x="] {
         assert!(
-            matches!(err, UpstreamError::Config(_)),
-            "{reg} {repo}: {err}"
+            Origin::new(reg, "library/nginx".parse().unwrap()).is_err(),
+            "{reg}"
         );
+    }
+    for repo in ["../etc", "Library/nginx"] {
+        assert!(repo.parse::<kache_oci::RepoName>().is_err(), "{repo}");
     }
 }
 
@@ -202,14 +217,14 @@ async fn basic_auth_is_answered_then_sent_up_front() {
     let registry = addr.to_string();
     let digest = Digest::sha256(b"layer");
 
-    let resp = up.blob(&registry, "o/a", &digest, None).await.unwrap();
+    let resp = up.blob(&o(&registry, "o/a"), &digest, None).await.unwrap();
     assert_eq!(collect(resp).await, b"layer");
     assert_eq!(
         counters.registry.load(Ordering::SeqCst),
         2,
         "401, then Basic"
     );
-    let resp = up.blob(&registry, "o/a", &digest, None).await.unwrap();
+    let resp = up.blob(&o(&registry, "o/a"), &digest, None).await.unwrap();
     assert_eq!(resp.digest(), Some(digest.clone()));
     assert_eq!(
         counters.registry.load(Ordering::SeqCst),
@@ -218,7 +233,7 @@ async fn basic_auth_is_answered_then_sent_up_front() {
     );
 
     let err = up
-        .blob(&registry, "o/a", &digest, Some(&basic("bob", "wrong")))
+        .blob(&o(&registry, "o/a"), &digest, Some(&basic("bob", "wrong")))
         .await
         .unwrap_err();
     match &err {
@@ -230,7 +245,7 @@ async fn basic_auth_is_answered_then_sent_up_front() {
     // Without credentials there is nothing to answer the challenge with.
     let bare = upstream(plain_http(&[addr]));
     let err = bare
-        .blob(&registry, "o/a", &digest, None)
+        .blob(&o(&registry, "o/a"), &digest, None)
         .await
         .unwrap_err();
     assert!(matches!(err, UpstreamError::Unauthorized(_)), "{err}");
@@ -338,20 +353,25 @@ async fn bearer_tokens_are_fetched_with_scope_and_reused() {
     let hits = || fake.counters.registry.load(Ordering::SeqCst);
 
     let resp = up
-        .blob(&registry, "o/a", &digest, Some(&alice))
+        .blob(&o(&registry, "o/a"), &digest, Some(&alice))
         .await
         .unwrap();
     assert_eq!(collect(resp).await, b"secret layer");
     assert_eq!((tokens(), hits()), (1, 2));
     let resp = up
-        .blob(&registry, "o/a", &digest, Some(&alice))
+        .blob(&o(&registry, "o/a"), &digest, Some(&alice))
         .await
         .unwrap();
     assert_eq!(collect(resp).await, b"secret layer");
     assert_eq!((tokens(), hits()), (1, 3), "the cached token goes up front");
-    up.manifest(&registry, "o/a", "v1", false, Some(&alice))
-        .await
-        .unwrap();
+    up.manifest(
+        &o(&registry, "o/a"),
+        &tag_or_digest("v1"),
+        false,
+        Some(&alice),
+    )
+    .await
+    .unwrap();
     assert_eq!((tokens(), hits()), (1, 4), "same scope, same token");
     assert_eq!(
         fake.token_auth.lock().unwrap().as_slice(),
@@ -359,19 +379,23 @@ async fn bearer_tokens_are_fetched_with_scope_and_reused() {
     );
 
     // Anonymous pulls get their own token, asked for without credentials.
-    up.blob(&registry, "o/a", &digest, None).await.unwrap();
+    up.blob(&o(&registry, "o/a"), &digest, None).await.unwrap();
     assert_eq!(tokens(), 2);
     assert_eq!(fake.token_auth.lock().unwrap()[1], None);
 
     // A token the registry stopped honouring is replaced once.
     fake.issued.lock().unwrap().clear();
-    up.blob(&registry, "o/a", &digest, Some(&alice))
+    up.blob(&o(&registry, "o/a"), &digest, Some(&alice))
         .await
         .unwrap();
     assert_eq!(tokens(), 3);
 
     let err = up
-        .blob(&registry, "o/a", &digest, Some(&basic("alice", "wrong")))
+        .blob(
+            &o(&registry, "o/a"),
+            &digest,
+            Some(&basic("alice", "wrong")),
+        )
         .await
         .unwrap_err();
     match &err {
@@ -391,12 +415,12 @@ async fn expired_tokens_are_fetched_again() {
     let digest = Digest::sha256(b"secret layer");
     let tokens = || fake.counters.tokens.load(Ordering::SeqCst);
 
-    up.blob(&registry, "o/a", &digest, None).await.unwrap();
-    up.blob(&registry, "o/a", &digest, None).await.unwrap();
+    up.blob(&o(&registry, "o/a"), &digest, None).await.unwrap();
+    up.blob(&o(&registry, "o/a"), &digest, None).await.unwrap();
     assert_eq!(tokens(), 1);
     // A 2 s token is used for 1.5 s at most.
     tokio::time::sleep(Duration::from_millis(1700)).await;
-    up.blob(&registry, "o/a", &digest, None).await.unwrap();
+    up.blob(&o(&registry, "o/a"), &digest, None).await.unwrap();
     assert_eq!(tokens(), 2);
 }
 
@@ -436,7 +460,7 @@ async fn statuses_map_to_errors() {
     let r = addr.to_string();
 
     let err = up
-        .manifest(&r, "s/limited", "1", false, None)
+        .manifest(&o(&r, "s/limited"), &tag_or_digest("1"), false, None)
         .await
         .unwrap_err();
     assert_eq!(
@@ -449,7 +473,7 @@ async fn statuses_map_to_errors() {
     assert!(err.is_unavailable());
 
     let err = up
-        .manifest(&r, "s/broken", "1", false, None)
+        .manifest(&o(&r, "s/broken"), &tag_or_digest("1"), false, None)
         .await
         .unwrap_err();
     assert!(
@@ -459,7 +483,7 @@ async fn statuses_map_to_errors() {
     assert!(err.is_unavailable());
 
     let err = up
-        .manifest(&r, "s/denied", "1", false, None)
+        .manifest(&o(&r, "s/denied"), &tag_or_digest("1"), false, None)
         .await
         .unwrap_err();
     assert!(
@@ -469,7 +493,7 @@ async fn statuses_map_to_errors() {
     assert!(!err.is_unavailable());
 
     let err = up
-        .manifest(&r, "s/missing", "1", false, None)
+        .manifest(&o(&r, "s/missing"), &tag_or_digest("1"), false, None)
         .await
         .unwrap_err();
     assert!(
@@ -477,7 +501,7 @@ async fn statuses_map_to_errors() {
         "{err}"
     );
     let err = up
-        .manifest(&r, "s/missing", "1", true, None)
+        .manifest(&o(&r, "s/missing"), &tag_or_digest("1"), true, None)
         .await
         .unwrap_err();
     assert!(matches!(err, UpstreamError::NotFound(_)), "HEAD: {err}");
@@ -487,7 +511,7 @@ async fn statuses_map_to_errors() {
         ..plain_http(&[addr])
     });
     let err = impatient
-        .manifest(&r, "s/slow", "1", false, None)
+        .manifest(&o(&r, "s/slow"), &tag_or_digest("1"), false, None)
         .await
         .unwrap_err();
     assert!(matches!(err, UpstreamError::Transport(_)), "{err}");
@@ -502,7 +526,12 @@ async fn unreachable_and_wrong_scheme_are_transport_errors() {
     };
     let up = upstream(plain_http(&[closed]));
     let err = up
-        .manifest(&closed.to_string(), "a/b", "1", false, None)
+        .manifest(
+            &o(closed.to_string(), "a/b"),
+            &tag_or_digest("1"),
+            false,
+            None,
+        )
         .await
         .unwrap_err();
     assert!(
@@ -515,13 +544,23 @@ async fn unreachable_and_wrong_scheme_are_transport_errors() {
     let addr = serve(Router::new().route("/v2/a/b/manifests/1", get(|| async { MANIFEST }))).await;
     let tls_only = upstream(UpstreamConfig::default());
     let err = tls_only
-        .manifest(&addr.to_string(), "a/b", "1", false, None)
+        .manifest(
+            &o(addr.to_string(), "a/b"),
+            &tag_or_digest("1"),
+            false,
+            None,
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, UpstreamError::Transport(_)), "{err}");
     let listed = upstream(plain_http(&[addr]));
     listed
-        .manifest(&addr.to_string(), "a/b", "1", false, None)
+        .manifest(
+            &o(addr.to_string(), "a/b"),
+            &tag_or_digest("1"),
+            false,
+            None,
+        )
         .await
         .unwrap();
 }
@@ -542,13 +581,19 @@ async fn manifests_are_read_up_to_a_limit() {
     let up = upstream(plain_http(&[addr]));
     let r = addr.to_string();
     for tag in ["sized", "chunked"] {
-        let resp = up.manifest(&r, "a/b", tag, false, None).await.unwrap();
+        let resp = up
+            .manifest(&o(&r, "a/b"), &tag_or_digest(tag), false, None)
+            .await
+            .unwrap();
         assert_eq!(
             resp.bytes_limited(9_999).await.unwrap_err(),
             UpstreamError::TooLarge(9_999),
             "{tag}"
         );
-        let resp = up.manifest(&r, "a/b", tag, false, None).await.unwrap();
+        let resp = up
+            .manifest(&o(&r, "a/b"), &tag_or_digest(tag), false, None)
+            .await
+            .unwrap();
         assert_eq!(
             resp.bytes_limited(10_000).await.unwrap().len(),
             10_000,
@@ -597,8 +642,7 @@ async fn redirects_do_not_carry_credentials_to_another_host() {
     let digest = Digest::sha256(payload);
     let resp = up
         .blob(
-            &registry.to_string(),
-            "o/a",
+            &o(registry.to_string(), "o/a"),
             &digest,
             Some(&basic("bob", "pw")),
         )
@@ -631,7 +675,7 @@ async fn too_many_redirects_stop() {
     .await;
     let up = upstream(plain_http(&[addr]));
     let err = up
-        .blob(&addr.to_string(), "o/a", &Digest::sha256(b""), None)
+        .blob(&o(addr.to_string(), "o/a"), &Digest::sha256(b""), None)
         .await
         .unwrap_err();
     assert!(
@@ -723,7 +767,7 @@ mod tls {
             ..Default::default()
         });
         let resp = trusting
-            .manifest(&registry, "o/a", "1", false, None)
+            .manifest(&o(&registry, "o/a"), &tag_or_digest("1"), false, None)
             .await
             .unwrap();
         assert_eq!(
@@ -738,7 +782,7 @@ mod tls {
 
         let default_roots = upstream(UpstreamConfig::default());
         let err = default_roots
-            .manifest(&registry, "o/a", "1", false, None)
+            .manifest(&o(&registry, "o/a"), &tag_or_digest("1"), false, None)
             .await
             .unwrap_err();
         assert!(
