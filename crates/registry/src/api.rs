@@ -14,16 +14,15 @@ use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use kache_oci::api::Route;
-use kache_oci::{Origin, RepoName};
-use kache_wire::{CACHE_HEADER, CacheOutcome};
+use kache_wire::CACHE_HEADER;
 use uuid::Uuid;
 
 pub(crate) use self::headers::unsupported;
 
 use self::headers::params;
 use crate::Registry;
+use crate::content::{Served, Want};
 use crate::error::Result;
-use crate::pull::PullThrough;
 
 impl Registry {
     pub(crate) async fn dispatch(&self, route: Route, req: Request) -> Result<Response> {
@@ -35,8 +34,12 @@ impl Registry {
             (Route::Catalog, m) => Err(unsupported(&m, "GET")),
 
             (Route::Blob(repo, d), m @ (Method::GET | Method::HEAD)) => {
-                self.get_blob(&repo, &d, m == Method::HEAD, req.headers())
-                    .await
+                let want = if m == Method::HEAD {
+                    Want::Head
+                } else {
+                    Want::Get
+                };
+                self.get_blob(&repo, &d, want, req.headers()).await
             }
             (Route::Blob(repo, d), Method::DELETE) => self.delete_blob(&repo, &d).await,
             (Route::Blob(..), m) => Err(unsupported(&m, "GET, HEAD, DELETE")),
@@ -70,22 +73,10 @@ impl Registry {
         }
     }
 
-    /// The pull-through side and the upstream of `repo`, when both exist.
-    fn origin(&self, repo: &RepoName) -> Option<(&PullThrough, Origin)> {
-        let pull = self.inner.pull.as_ref()?;
-        Some((pull, pull.origin(repo)?))
-    }
-
-    /// Counts a cached repository's hit or miss and tells the client which it was.
-    fn cache_outcome(&self, kind: &'static str, outcome: CacheOutcome, h: &mut HeaderMap) {
-        self.inner
-            .metrics
-            .cache
-            .get_or_create(&crate::metrics::CacheLabels {
-                kind,
-                outcome: outcome.as_str(),
-            })
-            .inc();
-        h.insert(CACHE_HEADER, HeaderValue::from_static(outcome.as_str()));
+    /// Tells the client how the cache answered (the content layer counted it).
+    fn cache_header<T>(served: &Served<T>, h: &mut HeaderMap) {
+        if let Some(o) = served.outcome {
+            h.insert(CACHE_HEADER, HeaderValue::from_static(o.as_str()));
+        }
     }
 }

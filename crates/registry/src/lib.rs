@@ -37,9 +37,12 @@
 
 mod admin;
 mod api;
+pub mod content;
 pub mod error;
+mod flights;
 pub mod gc;
 pub mod metrics;
+pub mod plan;
 pub mod pull;
 pub mod warm;
 
@@ -57,6 +60,7 @@ use kache_store::{Recovery, Store};
 use kache_upstream::Upstream;
 use kache_wire::{GC_PATH, IMAGES_PATH, WARM_PATH};
 
+pub use content::{Blob, Content, Purpose, Requester, Served, Want};
 pub use gc::{Collector, GcConfig, Schedule, Trigger};
 pub use metrics::Metrics;
 pub use pull::PullThrough;
@@ -90,7 +94,8 @@ pub struct Registry {
 struct Inner {
     store: Arc<Store>,
     metrics: Metrics,
-    pull: Option<PullThrough>,
+    /// What the API reads: the store's, or pulled through.
+    content: Content,
     gc: Arc<Collector>,
 }
 
@@ -115,7 +120,7 @@ struct Endpoint {
 impl Registry {
     /// A registry over `store` that serves what it holds.
     pub fn new(store: Arc<Store>, metrics: Metrics) -> Self {
-        Self::with(store, metrics, None)
+        Self::with(store, metrics, None, Duration::ZERO)
     }
 
     /// A registry that fetches what it lacks from upstream registries, re-validating cached
@@ -126,19 +131,28 @@ impl Registry {
         upstream: Upstream,
         tag_ttl: Duration,
     ) -> Self {
-        let pull = PullThrough::new(upstream, tag_ttl, metrics.clone());
-        Self::with(store, metrics, Some(pull))
+        Self::with(store, metrics, Some(PullThrough::new(upstream)), tag_ttl)
     }
 
-    fn with(store: Arc<Store>, metrics: Metrics, pull: Option<PullThrough>) -> Self {
+    fn with(
+        store: Arc<Store>,
+        metrics: Metrics,
+        pull: Option<PullThrough>,
+        tag_ttl: Duration,
+    ) -> Self {
         Registry {
             inner: Arc::new(Inner {
                 gc: Collector::new(store.clone(), metrics.clone()),
+                content: Content::new(store.clone(), pull, tag_ttl, metrics.clone()),
                 store,
                 metrics,
-                pull,
             }),
         }
+    }
+
+    /// What the registry's repositories hold, read as the API reads them.
+    pub fn content(&self) -> &Content {
+        &self.inner.content
     }
 
     /// Opens the store in `data_dir`, recovering what a crash left there (off the async

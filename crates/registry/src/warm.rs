@@ -14,10 +14,8 @@ use kache_wire::{PlatformResult, PlatformStatus, WarmRequest, WarmResponse};
 
 use crate::Registry;
 use crate::api::unsupported;
+use crate::content::{Blob, Purpose, Requester, Want};
 use crate::error::{Code, Error, Result};
-use kache_oci::Origin;
-
-use crate::pull::PullThrough;
 
 /// Whether an index entry's platform is the one asked for (`arm64` and `arm64/v8` are one).
 fn matches(entry: &Platform, want: &str) -> bool {
@@ -55,31 +53,35 @@ impl Registry {
     }
 
     pub(crate) async fn warm(&self, req: WarmRequest) -> Result<WarmResponse> {
-        let pull = self.inner.pull.as_ref().ok_or_else(|| {
-            Error::new(
+        let content = &self.inner.content;
+        if !content.pulls_through() {
+            return Err(Error::new(
                 Code::Unsupported,
                 "this registry has no upstream access (pull-through is off)",
-            )
-        })?;
+            ));
+        }
         let image: ImageReference = req
             .image
             .parse()
             .map_err(|e| Error::new(Code::NameInvalid, format!("image {:?}: {e}", req.image)))?;
         let repo = image.cache_repository();
-        let origin = pull.origin(&repo).ok_or_else(|| {
-            Error::new(
+        if !content.is_cached(&repo) {
+            return Err(Error::new(
                 Code::NameInvalid,
                 format!("{repo} does not name an upstream registry"),
-            )
-        })?;
-        let creds = req.credentials.map(|c| Credentials::Basic {
-            username: c.username,
-            password: c.password,
-        });
-        let store = &self.inner.store;
-        let (top, _) = pull
-            .manifest(store, &repo, &origin, &image.reference(), creds.clone())
-            .await?;
+            ));
+        }
+        let who = Requester {
+            credentials: req.credentials.map(|c| Credentials::Basic {
+                username: c.username,
+                password: c.password,
+            }),
+            purpose: Purpose::Warm,
+        };
+        let top = content
+            .manifest(&repo, &image.reference(), &who)
+            .await?
+            .value;
         let parsed =
             ParsedManifest::parse(&top.bytes, Some(&top.media_type)).map_err(Error::internal)?;
         let mut bytes = top.bytes.len() as u64;
@@ -105,13 +107,11 @@ impl Registry {
                     });
                     continue;
                 };
-                let r = self
-                    .warm_image(pull, &repo, &origin, &child.digest, creds.clone())
-                    .await;
+                let r = self.warm_image(&repo, &child.digest, &who).await;
                 platforms.push(result(want, child.digest.clone(), r, &mut bytes));
             }
         } else {
-            let r = self.warm_blobs(pull, &repo, &origin, &parsed, creds).await;
+            let r = self.warm_blobs(&repo, &parsed, &who).await;
             platforms.push(result(String::new(), top.digest.clone(), r, &mut bytes));
         }
         Ok(WarmResponse {
@@ -125,54 +125,40 @@ impl Registry {
     }
 
     /// One platform: its manifest, then its blobs. Returns bytes of both.
-    async fn warm_image(
-        &self,
-        pull: &PullThrough,
-        repo: &RepoName,
-        origin: &Origin,
-        digest: &Digest,
-        creds: Option<Credentials>,
-    ) -> Result<u64> {
-        let (m, _) = pull
-            .manifest(
-                &self.inner.store,
-                repo,
-                origin,
-                &Reference::Digest(digest.clone()),
-                creds.clone(),
-            )
-            .await?;
+    async fn warm_image(&self, repo: &RepoName, digest: &Digest, who: &Requester) -> Result<u64> {
+        let reference = Reference::Digest(digest.clone());
+        let m = self
+            .inner
+            .content
+            .manifest(repo, &reference, who)
+            .await?
+            .value;
         let parsed = ParsedManifest::parse(&m.bytes, Some(&m.media_type))
             .map_err(|e| Error::new(Code::ManifestInvalid, e.to_string()))?;
-        Ok(m.bytes.len() as u64 + self.warm_blobs(pull, repo, origin, &parsed, creds).await?)
+        Ok(m.bytes.len() as u64 + self.warm_blobs(repo, &parsed, who).await?)
     }
 
     /// Every blob of an image manifest, a few at a time; drains fetches so they complete.
     async fn warm_blobs(
         &self,
-        pull: &PullThrough,
         repo: &RepoName,
-        origin: &Origin,
         m: &ParsedManifest,
-        creds: Option<Credentials>,
+        who: &Requester,
     ) -> Result<u64> {
-        let store = &self.inner.store;
+        let content = &self.inner.content;
         let blobs: Vec<Digest> = m.required_blobs().map(|d| d.digest.clone()).collect();
         let sizes = futures_util::stream::iter(blobs)
-            .map(|d| {
-                let creds = creds.clone();
-                async move {
-                    if let Some(size) = store.stat_blob(repo, &d)? {
-                        return Ok(size);
-                    }
-                    let s = pull.blob(store, repo, origin, &d, creds).await?;
-                    s.body
+            .map(|d| async move {
+                match content.blob(repo, &d, Want::Get, who).await?.value {
+                    Blob::Size(size) | Blob::File(_, size) => Ok(size),
+                    Blob::Fetching(s) => s
+                        .body
                         .try_fold(0u64, |n, c| async move { Ok(n + c.len() as u64) })
                         .await
                         .map_err(|e| {
                             Error::new(Code::Unavailable, format!("fetching {d}: {e}"))
                                 .status(http::StatusCode::BAD_GATEWAY)
-                        })
+                        }),
                 }
             })
             .buffer_unordered(3)

@@ -11,6 +11,8 @@ use kache_oci::{Digest, RepoName};
 use kache_store::FlightStream;
 use kache_wire::CacheOutcome;
 
+use crate::content::{Blob, Requester, Want};
+
 use super::headers::{DOCKER_CONTENT_DIGEST, RangeSpec, hv, parse_range};
 use crate::Registry;
 use crate::error::{Code, Error, Result};
@@ -20,7 +22,7 @@ impl Registry {
         &self,
         repo: &RepoName,
         digest: &Digest,
-        head: bool,
+        want: Want,
         headers: &HeaderMap,
     ) -> Result<Response> {
         let mut h = HeaderMap::new();
@@ -30,73 +32,28 @@ impl Registry {
             HeaderValue::from_static("application/octet-stream"),
         );
         h.insert(header::ETAG, hv(format!("\"{digest}\"")));
-        let origin = self.origin(repo);
-        let Some((file, size)) = self
-            .local_blob(repo, digest, head, origin.is_some())
-            .await?
-        else {
-            let Some((pull, origin)) = origin else {
-                return Err(kache_store::StoreError::BlobUnknown.into());
-            };
-            if head {
-                // As the GET would answer, from the upstream's HEAD, without the body. A blob
-                // the upstream will not size (absent, refused, unreachable) is unknown here: a
-                // client pushing into a cached repository asks before uploading, and hears
-                // 404 then.
-                return match pull.blob_size(&origin, digest).await {
-                    Ok(size) => {
-                        self.cache_outcome("blob", CacheOutcome::Miss, &mut h);
-                        h.insert(header::CONTENT_LENGTH, hv(size.to_string()));
-                        Ok((StatusCode::OK, h).into_response())
-                    }
-                    Err(e) => Err(Error::new(
-                        Code::BlobUnknown,
-                        format!("blob unknown to the cache, and upstream: {e}"),
-                    )),
-                };
+        let served = self
+            .inner
+            .content
+            .blob(repo, digest, want, &Requester::client())
+            .await?;
+        Self::cache_header(&served, &mut h);
+        match served.value {
+            Blob::Size(size) => {
+                if served.outcome != Some(CacheOutcome::Miss) {
+                    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+                }
+                h.insert(header::CONTENT_LENGTH, hv(size.to_string()));
+                Ok((StatusCode::OK, h).into_response())
             }
             // Range is ignored on a miss (RFC 9110 allows it).
-            let flight = pull
-                .blob(&self.inner.store, repo, &origin, digest, None)
-                .await?;
-            self.cache_outcome("blob", CacheOutcome::Miss, &mut h);
-            return Ok(self.stream_flight(flight, h));
-        };
-        if origin.is_some() {
-            self.cache_outcome("blob", CacheOutcome::Hit, &mut h);
-        }
-        h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-        let Some(file) = file else {
-            h.insert(header::CONTENT_LENGTH, hv(size.to_string()));
-            return Ok((StatusCode::OK, h).into_response());
-        };
-        let (status, start, len) = byte_range(headers, size, &mut h)?;
-        h.insert(header::CONTENT_LENGTH, hv(len.to_string()));
-        Ok(self.send_file(file, status, start, len, h).await)
-    }
-
-    /// The blob as this registry holds it, when it does: its size, and its file unless only
-    /// its `head` is asked.
-    async fn local_blob(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-        head: bool,
-        cached: bool,
-    ) -> Result<Option<(Option<tokio::fs::File>, u64)>> {
-        let store = &self.inner.store;
-        // A cached repository may serve a blob another one already fetched (same digest, same
-        // bytes): link it rather than download it again.
-        if cached && store.stat_blob(repo, digest)?.is_none() {
-            store.mount_blob(repo, digest, None).await?;
-        }
-        if head {
-            return Ok(store.stat_blob(repo, digest)?.map(|size| (None, size)));
-        }
-        match store.open_blob(repo, digest).await {
-            Ok(b) => Ok(Some((Some(b.file), b.size))),
-            Err(kache_store::StoreError::BlobUnknown) => Ok(None),
-            Err(e) => Err(e.into()),
+            Blob::Fetching(flight) => Ok(self.stream_flight(flight, h)),
+            Blob::File(file, size) => {
+                h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+                let (status, start, len) = byte_range(headers, size, &mut h)?;
+                h.insert(header::CONTENT_LENGTH, hv(len.to_string()));
+                Ok(self.send_file(file, status, start, len, h).await)
+            }
         }
     }
 

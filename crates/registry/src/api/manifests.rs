@@ -12,6 +12,7 @@ use kache_store::MAX_MANIFEST_SIZE;
 
 use super::headers::{DOCKER_CONTENT_DIGEST, OCI_SUBJECT, content_length, hv};
 use crate::Registry;
+use crate::content::Requester;
 use crate::error::{Code, Error, Result};
 
 impl Registry {
@@ -21,16 +22,14 @@ impl Registry {
         reference: &Reference,
         head: bool,
     ) -> Result<Response> {
-        let store = &self.inner.store;
         let mut h = HeaderMap::new();
-        let m = match self.origin(repo) {
-            Some((pull, origin)) => {
-                let (m, outcome) = pull.manifest(store, repo, &origin, reference, None).await?;
-                self.cache_outcome("manifest", outcome, &mut h);
-                m
-            }
-            None => store.get_manifest(repo, reference).await?,
-        };
+        let served = self
+            .inner
+            .content
+            .manifest(repo, reference, &Requester::client())
+            .await?;
+        Self::cache_header(&served, &mut h);
+        let m = served.value;
         h.insert(header::CONTENT_TYPE, hv(&m.media_type));
         h.insert(DOCKER_CONTENT_DIGEST, hv(m.digest.to_string()));
         h.insert(header::ETAG, hv(format!("\"{}\"", m.digest)));

@@ -1,14 +1,14 @@
 //! The referrers of a subject digest, as an OCI index, optionally filtered by `artifactType`.
-//! A cached repository lists the upstream's referrers (its referrers API, or the tag schema's
-//! index) with the cache's own, kept and served stale as tags are.
+//! A cached repository's are the upstream's with the cache's own ([`crate::content`]).
 
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use kache_oci::{Descriptor, Digest, RepoName, media_type};
+use kache_oci::{Digest, RepoName, media_type};
 use serde_json::json;
 
 use super::headers::{OCI_FILTERS_APPLIED, Params};
 use crate::Registry;
+use crate::content::Requester;
 use crate::error::Result;
 
 impl Registry {
@@ -20,37 +20,13 @@ impl Registry {
     ) -> Result<Response> {
         let filter = p.get("artifactType");
         let mut h = HeaderMap::new();
-        let mut manifests: Vec<Descriptor> = self
+        let served = self
             .inner
-            .store
-            .referrers(repo, subject)?
-            .into_iter()
-            .map(|r| Descriptor {
-                media_type: r.record.media_type,
-                digest: r.digest,
-                size: r.record.size,
-                artifact_type: r.record.artifact_type,
-                annotations: r.record.annotations,
-                platform: None,
-                urls: Vec::new(),
-            })
-            .collect();
-        if let Some((pull, origin)) = self.origin(repo) {
-            match pull.referrers(repo, &origin, subject).await {
-                Ok((upstream, outcome)) => {
-                    self.cache_outcome("referrers", outcome, &mut h);
-                    for d in upstream.iter() {
-                        if !manifests.iter().any(|m| m.digest == d.digest) {
-                            manifests.push(d.clone());
-                        }
-                    }
-                }
-                // The upstream says nothing and kept nothing: the cache's own referrers.
-                Err(e) => {
-                    tracing::warn!(%repo, %subject, error = %e.message, "upstream could not list referrers");
-                }
-            }
-        }
+            .content
+            .referrers(repo, subject, &Requester::client())
+            .await?;
+        Self::cache_header(&served, &mut h);
+        let mut manifests = served.value;
         manifests.retain(|r| filter.is_none_or(|f| r.artifact_type.as_ref() == Some(f)));
         h.insert(
             header::CONTENT_TYPE,

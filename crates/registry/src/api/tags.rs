@@ -1,17 +1,15 @@
 //! Tag lists and the catalog: sorted names, paged with `n` and `last` and a `Link` to the next
-//! page. A cached repository lists the upstream's tags with the cache's own (the upstream's
-//! kept for the tag TTL, and served from the cache when the upstream is down).
-
-use std::collections::BTreeSet;
+//! page. A cached repository's tags are the upstream's with the cache's own
+//! ([`crate::content`]).
 
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use kache_oci::RepoName;
-use kache_store::StoreError;
 use serde_json::json;
 
 use super::headers::{Params, hv};
 use crate::Registry;
+use crate::content::Requester;
 use crate::error::{Code, Error, Result};
 
 /// `n` and `last` of a listing.
@@ -66,41 +64,14 @@ impl<'a> Page<'a> {
 impl Registry {
     pub(super) async fn list_tags(&self, repo: &RepoName, p: &Params) -> Result<Response> {
         let page = Page::of(p)?;
-        let store = &self.inner.store;
         let mut h = HeaderMap::new();
-        let tags = match self.origin(repo) {
-            None => store.list_tags(repo, page.last, page.want())?,
-            Some((pull, origin)) => {
-                let local = match store.list_tags(repo, None, usize::MAX) {
-                    Ok(t) => Some(t),
-                    Err(StoreError::NameUnknown) => None,
-                    Err(e) => return Err(e.into()),
-                };
-                let upstream = match pull.tags(repo, &origin).await {
-                    Ok((tags, outcome)) => {
-                        self.cache_outcome("tags", outcome, &mut h);
-                        Some(tags)
-                    }
-                    // The upstream says nothing and kept nothing: the cache's own tags.
-                    Err(e) if local.is_some() => {
-                        tracing::warn!(%repo, error = %e.message, "upstream could not list tags");
-                        None
-                    }
-                    Err(e) => return Err(e),
-                };
-                let all: BTreeSet<&str> = local
-                    .iter()
-                    .flatten()
-                    .chain(upstream.iter().flat_map(|t| t.iter()))
-                    .map(String::as_str)
-                    .collect();
-                all.into_iter()
-                    .filter(|t| page.last.is_none_or(|l| *t > l))
-                    .take(page.want())
-                    .map(str::to_owned)
-                    .collect()
-            }
-        };
+        let served = self
+            .inner
+            .content
+            .tags(repo, page.last, page.want(), &Requester::client())
+            .await?;
+        Self::cache_header(&served, &mut h);
+        let tags = served.value;
         let (h, tags) = page.answer(tags, &format!("/v2/{repo}/tags/list"), h);
         Ok((
             h,
