@@ -32,6 +32,7 @@ pub mod net;
 mod ops;
 mod send_file;
 mod server;
+mod servers;
 pub mod shutdown;
 #[cfg(target_os = "linux")]
 mod splice;
@@ -46,6 +47,8 @@ pub use graceful::serve_tls;
 pub use ops::ops_router;
 pub use send_file::{Growth, SendFile};
 pub use server::{Bodies, Intercept, NoIntercept, Server, ServerKind};
+pub use servers::Servers;
+pub use shutdown::Shutdown;
 #[cfg(target_os = "linux")]
 pub use splice::Broken;
 

@@ -9,7 +9,10 @@ use kache_controller::{Config, ControllerMetrics, LeaseConfig, RegistryClient, W
 use crate::ControllerArgs;
 use crate::serve;
 
-pub async fn controller(a: ControllerArgs) -> anyhow::Result<()> {
+pub async fn controller(
+    a: ControllerArgs,
+    ready_file: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     let policy = Arc::new(a.policy.policy()?);
     let workloads = if a.precache_kinds.iter().any(|k| k == "none") {
         Vec::new()
@@ -39,7 +42,15 @@ pub async fn controller(a: ControllerArgs) -> anyhow::Result<()> {
     let mut prom = prometheus_client::registry::Registry::default();
     let metrics = ControllerMetrics::register(&mut prom);
     let scraped = metrics.clone();
-    let ops = serve::spawn_ops(a.metrics_listen, Arc::new(prom), move || scraped.refresh()).await?;
+    let shutdown = kache_http::Shutdown::on_signal(Duration::ZERO);
+    let ops = serve::spawn_ops(
+        a.metrics_listen,
+        Arc::new(prom),
+        move || scraped.refresh(),
+        shutdown.clone(),
+        ready_file,
+    )
+    .await?;
     tracing::info!(registry = %a.registry.registry, expiry_delay = ?a.expiry_delay, ?workloads, "controller starting");
     kache_controller::run(
         client,
@@ -53,7 +64,7 @@ pub async fn controller(a: ControllerArgs) -> anyhow::Result<()> {
         },
         registry,
         metrics,
-        kache_http::shutdown::signal(),
+        shutdown.wait(),
     )
     .await;
     ops.abort();

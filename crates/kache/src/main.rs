@@ -26,6 +26,10 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, env = "KACHE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Once every listener is bound, write their addresses here (JSON, `{"listen": "ADDR",
+    /// ...}`): with a `:0` address, where the system put it.
+    #[arg(long, global = true, env = "KACHE_READY_FILE")]
+    ready_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -413,6 +417,7 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let ready = cli.ready_file.as_deref();
     rt.block_on(async {
         match cli.command {
             Command::Registry(a) => {
@@ -420,49 +425,53 @@ fn main() -> anyhow::Result<()> {
                     Some(p) => Some(serve::read_token(p)?),
                     None => None,
                 };
-                serve::registry(serve::RegistryOptions {
-                    listen: a.listen,
-                    internal_listen: a.internal_listen,
-                    write_token,
-                    open_writes: false,
-                    metrics_listen: a.metrics_listen,
-                    data_dir: a.data_dir,
-                    upload_timeout: a.upload_timeout,
-                    tag_ttl: a.tag_ttl,
-                    server: a.server,
-                    gc: a.gc.config(a.upload_timeout),
-                    upstream: serve::upstream_config(&a.upstream)?,
-                })
+                serve::registry(
+                    serve::RegistryOptions {
+                        listen: a.listen,
+                        internal_listen: a.internal_listen,
+                        write_token,
+                        open_writes: false,
+                        metrics_listen: a.metrics_listen,
+                        data_dir: a.data_dir,
+                        upload_timeout: a.upload_timeout,
+                        tag_ttl: a.tag_ttl,
+                        server: a.server,
+                        gc: a.gc.config(a.upload_timeout),
+                        upstream: serve::upstream_config(&a.upstream)?,
+                    },
+                    ready,
+                )
                 .await
             }
             Command::Proxy(a) => {
-                serve::proxy(serve::ProxyOptions {
-                    listen: a.listen,
-                    registry: a.registry,
-                    registry_timeout: a.registry_timeout,
-                    metrics_listen: a.metrics_listen,
-                    upstream: serve::upstream_config(&a.upstream)?,
-                    server: a.server,
-                })
+                serve::proxy(
+                    serve::ProxyOptions {
+                        listen: a.listen,
+                        registry: a.registry,
+                        registry_timeout: a.registry_timeout,
+                        metrics_listen: a.metrics_listen,
+                        upstream: serve::upstream_config(&a.upstream)?,
+                        server: a.server,
+                    },
+                    ready,
+                )
                 .await
             }
             Command::Webhook(a) => {
-                serve::webhook(serve::WebhookOptions {
-                    listen: a.listen,
-                    tls_cert: a.tls_cert,
-                    tls_key: a.tls_key,
-                    policy: a.policy.policy()?,
-                    shutdown_delay: a.shutdown_delay,
-                    metrics_listen: a.metrics_listen,
-                })
+                serve::webhook(
+                    serve::WebhookOptions {
+                        listen: a.listen,
+                        tls_cert: a.tls_cert,
+                        tls_key: a.tls_key,
+                        policy: a.policy.policy()?,
+                        shutdown_delay: a.shutdown_delay,
+                        metrics_listen: a.metrics_listen,
+                    },
+                    ready,
+                )
                 .await
             }
             Command::Dev(a) => {
-                tracing::info!(
-                    "kache dev: pull through the proxy with `skopeo copy --src-tls-verify=false docker://{}/docker.io/library/<image>:<tag> ...`; push to the registry at {}",
-                    a.proxy_listen,
-                    a.listen
-                );
                 let upstream = serve::upstream_config(&a.upstream)?;
                 let registry = serve::RegistryOptions {
                     listen: a.listen,
@@ -485,9 +494,9 @@ fn main() -> anyhow::Result<()> {
                     upstream,
                     server: ServerKind::Kache,
                 };
-                serve::dev(registry, proxy).await
+                serve::dev(registry, proxy, ready).await
             }
-            Command::Controller(a) => control::controller(a).await,
+            Command::Controller(a) => control::controller(a, ready).await,
             Command::Crds => {
                 print!("{}", kache_api::crds_yaml());
                 Ok(())

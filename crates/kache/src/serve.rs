@@ -1,21 +1,21 @@
-//! Wiring: each role's listeners, its metrics endpoint, and the order it stops in.
+//! Wiring: each process binds its roles' listeners (`:0` allowed), says where they are, and
+//! runs the roles (their lifecycle is theirs: kache-registry's `RegistryRole`, the proxy's,
+//! the webhook's and the controller's `run`) beside one metrics listener.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use kache_http::{ServerKind, ops_router, shutdown};
+use kache_http::{ServerKind, Servers, Shutdown, ops_router};
 use kache_oci::credentials::DockerConfig;
 use kache_proxy::{Proxy, ProxyConfig, ProxyMetrics};
-use kache_registry::{Access, Metrics, Registry};
+use kache_registry::{Access, RegistryRole, RoleConfig};
 use kache_store::{Store, VerifyProgress};
 use kache_upstream::{Upstream, UpstreamConfig};
 use prometheus_client::registry::Registry as PromRegistry;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 
 use crate::UpstreamArgs;
 
@@ -89,41 +89,45 @@ pub fn read_token(path: &Path) -> anyhow::Result<String> {
     Ok(t)
 }
 
-/// The servers of one process: the first to end (shutdown, or a failure) ends the process.
-#[derive(Default)]
-struct Servers(JoinSet<anyhow::Result<()>>);
+/// Where a process listens, once bound: each listener's actual address (a `:0` one gets a
+/// port of the system's choosing), said in the log and written to `--ready-file` when given,
+/// so that whoever started the process can find it.
+#[derive(Debug, Default)]
+pub struct Bound(Vec<(&'static str, SocketAddr)>);
 
-impl Servers {
-    /// Runs `serving` (one listener's server) until the process stops.
-    fn spawn(
-        &mut self,
-        what: &'static str,
-        serving: impl Future<Output = std::io::Result<()>> + Send + 'static,
-    ) {
-        self.0
-            .spawn(async move { serving.await.with_context(|| format!("{what} failed")) });
+impl Bound {
+    /// The first address bound under `name`.
+    fn first(&self, name: &str) -> Option<SocketAddr> {
+        self.0.iter().find(|(n, _)| *n == name).map(|(_, a)| *a)
     }
 
-    /// `/metrics`, `/healthz` and `/readyz` on `listener`.
-    fn spawn_ops(
-        &mut self,
-        listener: TcpListener,
-        prom: PromRegistry,
-        before_scrape: impl Fn() + Clone + Send + Sync + 'static,
-    ) {
-        let app = ops_router(Arc::new(prom), before_scrape);
-        self.spawn(
-            "metrics listener",
-            kache_http::serve_hyper(listener, app, shutdown::signal()),
-        );
+    fn add(&mut self, name: &'static str, listener: &TcpListener) -> anyhow::Result<()> {
+        self.0.push((name, listener.local_addr()?));
+        Ok(())
     }
 
-    /// Waits for the first server to end, and answers how it ended.
-    async fn first_end(mut self) -> anyhow::Result<()> {
-        match self.0.join_next().await {
-            Some(r) => r?,
-            None => Ok(()),
+    /// Logs every address, and writes them to `ready_file` (JSON, `{"name": "addr"}`; a name
+    /// bound more than once maps to a list), whole or not at all.
+    pub fn announce(&self, role: &str, ready_file: Option<&Path>) -> anyhow::Result<()> {
+        let mut json = serde_json::Map::new();
+        for (name, addr) in &self.0 {
+            tracing::info!(role, listener = name, addr = %addr, "listening");
+            let value = serde_json::Value::String(addr.to_string());
+            match json.get_mut(*name) {
+                None => {
+                    json.insert((*name).to_owned(), value);
+                }
+                Some(serde_json::Value::Array(list)) => list.push(value),
+                Some(first) => *first = serde_json::Value::Array(vec![first.take(), value]),
+            }
         }
+        let Some(path) = ready_file else {
+            return Ok(());
+        };
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::Value::Object(json).to_string())
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .with_context(|| format!("writing the ready file {}", path.display()))
     }
 }
 
@@ -150,21 +154,25 @@ fn bind_proxy(addrs: &[SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
     Ok(out)
 }
 
-/// The registry role: opens its store, and serves the API on its listeners.
-async fn start_registry(
-    o: &RegistryOptions,
-    servers: &mut Servers,
+/// The registry role, its store open and its listeners bound.
+async fn registry_role(
+    o: RegistryOptions,
+    bound: &mut Bound,
     prom: &mut PromRegistry,
-) -> anyhow::Result<Registry> {
-    let upstream = Upstream::new(o.upstream.clone()).context("configuring the upstream client")?;
-    let (registry, recovery) =
-        Registry::open(&o.data_dir, Metrics::new(prom), Some((upstream, o.tag_ttl)))
-            .await
-            .with_context(|| format!("cannot open the store in {}", o.data_dir.display()))?;
+) -> anyhow::Result<RegistryRole> {
+    let upstream = Upstream::new(o.upstream).context("configuring the upstream client")?;
+    let config = RoleConfig {
+        data_dir: o.data_dir.clone(),
+        upstream: Some(upstream),
+        tag_ttl: o.tag_ttl,
+        upload_timeout: o.upload_timeout,
+        gc: o.gc,
+        server: o.server,
+    };
+    let (mut role, recovery) = RegistryRole::open(config, prom)
+        .await
+        .with_context(|| format!("cannot open the store in {}", o.data_dir.display()))?;
     tracing::debug!(?recovery, "store opened");
-    tracing::info!(schedule = %o.gc.schedule, grace = ?o.gc.grace, max_size = ?o.gc.limits.max_size, min_free = ?o.gc.limits.min_free, "garbage collection");
-    registry.configure_gc(o.gc.clone());
-
     let access = match (&o.write_token, o.open_writes) {
         (_, true) => Access::ReadWrite,
         (Some(t), false) => Access::Token(t.as_str().into()),
@@ -176,131 +184,153 @@ async fn start_registry(
         );
     }
     let listener = bind(o.listen, "the registry").await?;
-    servers.spawn(
-        "registry",
-        kache_registry::serve(
-            registry.router_for(access),
-            listener,
-            o.server,
-            shutdown::signal(),
-        ),
-    );
+    bound.add("listen", &listener)?;
+    role.listen(listener, access);
     if let Some(addr) = o.internal_listen {
         let listener = bind(addr, "the internal registry listener").await?;
-        servers.spawn(
-            "internal registry listener",
-            kache_registry::serve(
-                registry.router_for(Access::ReadWrite),
-                listener,
-                o.server,
-                shutdown::signal(),
-            ),
-        );
+        bound.add("internal", &listener)?;
+        role.listen(listener, Access::ReadWrite);
     }
-    tracing::info!(listen = %o.listen, internal = ?o.internal_listen, data_dir = %o.data_dir.display(), server = ?o.server, "registry serving");
-    Ok(registry)
+    tracing::info!(data_dir = %o.data_dir.display(), server = ?o.server, "registry serving");
+    Ok(role)
 }
 
-/// The proxy role: serves the kubelet on its listeners.
-fn start_proxy(
-    o: ProxyOptions,
-    servers: &mut Servers,
+/// The proxy role and its listeners.
+fn proxy_role(
+    o: &ProxyOptions,
+    bound: &mut Bound,
     prom: &mut PromRegistry,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(Proxy, Vec<TcpListener>)> {
     let proxy = Proxy::new(
         ProxyConfig {
             registry: o.registry.clone(),
             registry_timeout: o.registry_timeout,
         },
-        Upstream::new(o.upstream).context("configuring the proxy's upstream client")?,
+        Upstream::new(o.upstream.clone()).context("configuring the proxy's upstream client")?,
         ProxyMetrics::new(prom),
     );
-    for l in bind_proxy(&o.listen)? {
-        servers.spawn(
-            "proxy",
-            proxy.clone().serve(l, o.server, shutdown::signal()),
-        );
+    let listeners = bind_proxy(&o.listen)?;
+    for l in &listeners {
+        bound.add("proxy", l)?;
     }
-    tracing::info!(listen = ?o.listen, registry = %o.registry, server = ?o.server, "proxy serving");
-    Ok(())
+    tracing::info!(registry = %o.registry, server = ?o.server, "proxy serving");
+    Ok((proxy, listeners))
 }
 
-/// Runs a registry's upkeep until its servers end, then closes it.
-async fn run_registry(
-    registry: Registry,
-    servers: Servers,
-    upload_timeout: Duration,
-) -> anyhow::Result<()> {
-    let upkeep = tokio::spawn(registry.clone().maintain(upload_timeout));
-    let end = servers.first_end().await;
-    upkeep.abort();
-    registry.close().await.context("flushing access times")?;
-    end
+/// `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown`.
+fn serve_ops(
+    servers: &mut Servers,
+    listener: TcpListener,
+    prom: PromRegistry,
+    before_scrape: impl Fn() + Clone + Send + Sync + 'static,
+    shutdown: Shutdown,
+) {
+    let app = ops_router(Arc::new(prom), before_scrape);
+    servers.spawn(
+        "metrics listener",
+        kache_http::serve_hyper(listener, app, shutdown.wait()),
+    );
 }
 
 /// `kache registry`.
-pub async fn registry(o: RegistryOptions) -> anyhow::Result<()> {
-    let mut servers = Servers::default();
+pub async fn registry(o: RegistryOptions, ready_file: Option<&Path>) -> anyhow::Result<()> {
     let mut prom = PromRegistry::default();
-    let registry = start_registry(&o, &mut servers, &mut prom).await?;
-    let ops = bind(o.metrics_listen, "metrics").await?;
-    let gauges = registry.clone();
-    servers.spawn_ops(ops, prom, move || gauges.refresh_gauges());
-    run_registry(registry, servers, o.upload_timeout).await
+    let mut bound = Bound::default();
+    let metrics_listen = o.metrics_listen;
+    let role = registry_role(o, &mut bound, &mut prom).await?;
+    let ops = bind(metrics_listen, "metrics").await?;
+    bound.add("metrics", &ops)?;
+    bound.announce("registry", ready_file)?;
+    let shutdown = Shutdown::on_signal(Duration::ZERO);
+    let mut servers = Servers::default();
+    let gauges = role.registry().clone();
+    serve_ops(
+        &mut servers,
+        ops,
+        prom,
+        move || gauges.refresh_gauges(),
+        shutdown.clone(),
+    );
+    servers.spawn("registry", role.run(shutdown));
+    Ok(servers.first_end().await?)
 }
 
 /// `kache proxy`.
-pub async fn proxy(o: ProxyOptions) -> anyhow::Result<()> {
-    let mut servers = Servers::default();
+pub async fn proxy(o: ProxyOptions, ready_file: Option<&Path>) -> anyhow::Result<()> {
     let mut prom = PromRegistry::default();
+    let mut bound = Bound::default();
     // Shared like the proxy's own port: the replacing proxy's metrics listener binds beside it.
     let ops = kache_http::net::bind_shared(o.metrics_listen)
         .with_context(|| format!("cannot listen on {} for metrics", o.metrics_listen))?;
-    start_proxy(o, &mut servers, &mut prom)?;
-    servers.spawn_ops(ops, prom, || {});
-    servers.first_end().await
+    let (proxy, listeners) = proxy_role(&o, &mut bound, &mut prom)?;
+    bound.add("metrics", &ops)?;
+    bound.announce("proxy", ready_file)?;
+    let shutdown = Shutdown::on_signal(Duration::ZERO);
+    let mut servers = Servers::default();
+    serve_ops(&mut servers, ops, prom, || {}, shutdown.clone());
+    servers.spawn("proxy", proxy.run(listeners, o.server, shutdown));
+    Ok(servers.first_end().await?)
 }
 
 /// `kache dev`: the registry role and the proxy role in one process, with one metrics
 /// listener for both.
-pub async fn dev(r: RegistryOptions, p: ProxyOptions) -> anyhow::Result<()> {
-    let mut servers = Servers::default();
+pub async fn dev(
+    r: RegistryOptions,
+    p: ProxyOptions,
+    ready_file: Option<&Path>,
+) -> anyhow::Result<()> {
     let mut prom = PromRegistry::default();
-    let registry = start_registry(&r, &mut servers, &mut prom).await?;
-    start_proxy(p, &mut servers, &mut prom)?;
-    let ops = bind(r.metrics_listen, "metrics").await?;
-    let gauges = registry.clone();
-    servers.spawn_ops(ops, prom, move || gauges.refresh_gauges());
-    run_registry(registry, servers, r.upload_timeout).await
+    let mut bound = Bound::default();
+    let metrics_listen = r.metrics_listen;
+    let registry = registry_role(r, &mut bound, &mut prom).await?;
+    // The proxy reads from the registry where it was bound (`:0` is a port of the system's).
+    let at = bound.first("listen").context("the registry's listener")?;
+    let p = ProxyOptions {
+        registry: format!("http://{at}").parse()?,
+        ..p
+    };
+    let (proxy, listeners) = proxy_role(&p, &mut bound, &mut prom)?;
+    let ops = bind(metrics_listen, "metrics").await?;
+    bound.add("metrics", &ops)?;
+    bound.announce("dev", ready_file)?;
+    if let Some(proxy) = bound.first("proxy") {
+        tracing::info!(
+            "kache dev: pull through the proxy with `skopeo copy --src-tls-verify=false docker://{proxy}/docker.io/library/<image>:<tag> ...`; push to the registry at {at}"
+        );
+    }
+    let shutdown = Shutdown::on_signal(Duration::ZERO);
+    let mut servers = Servers::default();
+    let gauges = registry.registry().clone();
+    serve_ops(
+        &mut servers,
+        ops,
+        prom,
+        move || gauges.refresh_gauges(),
+        shutdown.clone(),
+    );
+    servers.spawn("proxy", proxy.run(listeners, p.server, shutdown.clone()));
+    servers.spawn("registry", registry.run(shutdown));
+    Ok(servers.first_end().await?)
 }
 
-pub async fn webhook(o: WebhookOptions) -> anyhow::Result<()> {
-    let certs = kache_webhook::ReloadingCert::load(&o.tls_cert, &o.tls_key)
+/// `kache webhook`.
+pub async fn webhook(o: WebhookOptions, ready_file: Option<&Path>) -> anyhow::Result<()> {
+    let cert = kache_webhook::ReloadingCert::load(&o.tls_cert, &o.tls_key)
         .context("loading the serving certificate")?;
-    let tls = kache_webhook::server_config(certs.clone())?;
     let mut prom = PromRegistry::default();
     let hook = kache_webhook::Webhook::new(o.policy, kache_webhook::WebhookMetrics::new(&mut prom));
-    let mut servers = Servers::default();
+    let mut bound = Bound::default();
     let listener = bind(o.listen, "the webhook").await?;
-    let delay = o.shutdown_delay;
-    servers.spawn(
-        "webhook",
-        kache_http::serve_tls(listener, tls, hook.router(), shutdown::signal_then(delay)),
-    );
+    bound.add("listen", &listener)?;
     let ops = bind(o.metrics_listen, "metrics").await?;
-    servers.spawn(
-        "metrics listener",
-        kache_http::serve_hyper(
-            ops,
-            ops_router(Arc::new(prom), || {}),
-            shutdown::signal_then(delay),
-        ),
-    );
-    let watch = tokio::spawn(certs.watch(Duration::from_secs(1)));
-    tracing::info!(listen = %o.listen, metrics = %o.metrics_listen, cert = %o.tls_cert.display(), "webhook serving");
-    let end = servers.first_end().await;
-    watch.abort();
-    end
+    bound.add("metrics", &ops)?;
+    bound.announce("webhook", ready_file)?;
+    tracing::info!(cert = %o.tls_cert.display(), "webhook serving");
+    let shutdown = Shutdown::on_signal(o.shutdown_delay);
+    let mut servers = Servers::default();
+    serve_ops(&mut servers, ops, prom, || {}, shutdown.clone());
+    servers.spawn("webhook", hook.run(listener, cert, shutdown));
+    Ok(servers.first_end().await?)
 }
 
 pub async fn fsck(data_dir: &Path) -> anyhow::Result<()> {
@@ -351,17 +381,22 @@ fn fsck_progress() -> impl FnMut(&VerifyProgress) + Send + 'static {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` in the background (the controller's only
-/// listener).
+/// Serves `/metrics`, `/healthz` and `/readyz` in the background until `shutdown` (the
+/// controller's only listener), said where as [`Bound::announce`] does.
 pub async fn spawn_ops(
     addr: SocketAddr,
     prom: Arc<PromRegistry>,
     before_scrape: impl Fn() + Clone + Send + Sync + 'static,
+    shutdown: Shutdown,
+    ready_file: Option<&Path>,
 ) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
     let listener = bind(addr, "metrics").await?;
+    let mut bound = Bound::default();
+    bound.add("metrics", &listener)?;
+    bound.announce("controller", ready_file)?;
     let app = ops_router(prom, before_scrape);
     Ok(tokio::spawn(async move {
-        kache_http::serve_hyper(listener, app, shutdown::signal())
+        kache_http::serve_hyper(listener, app, shutdown.wait())
             .await
             .context("metrics listener failed")
     }))

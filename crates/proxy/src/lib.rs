@@ -158,6 +158,24 @@ impl Proxy {
         Router::new().fallback(handle).with_state(self.clone())
     }
 
+    /// The proxy role: serves every listener (the node's IPv4 and IPv6 loopback) until
+    /// `shutdown`, the answers in progress included.
+    pub async fn run(
+        self,
+        listeners: Vec<tokio::net::TcpListener>,
+        kind: kache_http::ServerKind,
+        shutdown: kache_http::Shutdown,
+    ) -> std::io::Result<()> {
+        let mut servers = kache_http::Servers::default();
+        for l in listeners {
+            servers.spawn(
+                "proxy",
+                self.clone().serve(l, kind, shutdown.clone().wait()),
+            );
+        }
+        servers.first_end().await
+    }
+
     /// Serves the proxy on `listener` with the server asked for. kache's own (h2c goes to
     /// hyper) splices warm blob bodies from the registry's socket to the client's without
     /// copying them through user space (on Linux). When `shutdown` resolves it stops accepting,

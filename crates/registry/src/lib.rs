@@ -44,6 +44,7 @@ pub mod gc;
 pub mod metrics;
 pub mod plan;
 pub mod pull;
+pub mod role;
 pub mod warm;
 
 use std::path::Path;
@@ -64,6 +65,7 @@ pub use content::{Blob, Content, Purpose, Requester, Served, Want};
 pub use gc::{Collector, GcConfig, Schedule, Trigger};
 pub use metrics::Metrics;
 pub use pull::PullThrough;
+pub use role::{RegistryRole, RoleConfig};
 
 use error::{Code, Error};
 

@@ -90,6 +90,22 @@ impl Webhook {
         Webhook(Arc::new(Inner { policy, metrics }))
     }
 
+    /// The webhook role: serves `/mutate` over TLS on `listener` with the certificate in
+    /// `cert`, re-reading its files every second (a renewed pair serves new connections without
+    /// a restart), until `shutdown`.
+    pub async fn run(
+        self,
+        listener: tokio::net::TcpListener,
+        cert: std::sync::Arc<crate::ReloadingCert>,
+        shutdown: kache_http::Shutdown,
+    ) -> std::io::Result<()> {
+        let tls = crate::server_config(cert.clone()).map_err(std::io::Error::other)?;
+        let watch = tokio::spawn(cert.watch(std::time::Duration::from_secs(1)));
+        let end = kache_http::serve_tls(listener, tls, self.router(), shutdown.wait()).await;
+        watch.abort();
+        end
+    }
+
     /// `POST /mutate`, bodies up to [`MAX_BODY`] (larger ones get 413).
     pub fn router(&self) -> Router {
         Router::new()
