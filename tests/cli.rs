@@ -8,9 +8,22 @@ use std::time::{Duration, Instant};
 use support::KacheRegistry;
 use support::http::{get, request, try_request};
 
+/// A port nobody listens on (it was free a moment ago).
 fn free_addr() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().to_string()
+}
+
+/// Where a kache child started with `--ready-file ready` listens: `name -> first address`.
+fn bound(
+    child: &mut std::process::Child,
+    ready: &std::path::Path,
+) -> std::collections::BTreeMap<String, String> {
+    support::process::wait_ready_file(child, ready, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("kache never said where it listens: {e:?}"))
+        .into_iter()
+        .map(|(k, v)| (k, v[0].to_string()))
+        .collect()
 }
 
 fn wait_for(url: &str) {
@@ -94,27 +107,27 @@ fn metrics_count_requests_bytes_and_store_size() {
 #[test]
 fn dev_serves_from_kache_data_in_the_working_directory_with_json_logs() {
     let cwd = tempfile::tempdir().unwrap();
-    // Every port its own: a kache proxy (or anything) on this machine's 7439 changes nothing.
-    let (listen, proxy, metrics) = (free_addr(), free_addr(), free_addr());
+    // Every listener on :0, and kache says where (the log, and --ready-file): a kache proxy
+    // (or anything) on this machine's 7439 changes nothing.
     let log = cwd.path().join("log");
+    let ready = cwd.path().join("ready.json");
     let mut child = Command::new(env!("CARGO_BIN_EXE_kache"))
-        .args([
-            "--log-format",
-            "json",
-            "dev",
-            "--listen",
-            &listen,
-            "--proxy-listen",
-            &proxy,
-            "--metrics-listen",
-            &metrics,
-        ])
+        .args(["--log-format", "json", "dev"])
+        .args(["--listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "127.0.0.1:0", "--ready-file"])
+        .arg(&ready)
         .current_dir(cwd.path())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
+    let at = bound(&mut child, &ready);
+    let (listen, proxy, metrics) = (&at["listen"], &at["proxy"], &at["metrics"]);
+    for addr in [listen, proxy, metrics] {
+        assert!(!addr.ends_with(":0"), "{at:?}");
+    }
     wait_for(&format!("http://{listen}/v2/"));
+    wait_for(&format!("http://{metrics}/readyz"));
     let r = request(
         "PUT",
         &format!("http://{listen}/v2/dev/manifests/v1"),
@@ -128,15 +141,25 @@ fn dev_serves_from_kache_data_in_the_working_directory_with_json_logs() {
     child.wait().unwrap();
     assert!(cwd.path().join("kache-data/index.redb").exists());
     let logs = std::fs::read_to_string(&log).unwrap();
-    let first = logs.lines().next().expect("a log line");
-    let v: serde_json::Value =
-        serde_json::from_str(first).unwrap_or_else(|e| panic!("not JSON: {first}: {e}"));
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect();
+    // How to use it, with the addresses it has; and where each listener is.
     assert!(
-        v["fields"]["message"]
+        lines.iter().any(|v| v["fields"]["message"]
             .as_str()
-            .is_some_and(|m| m.contains("kache dev") && m.contains(&proxy)),
-        "{first}"
+            .is_some_and(|m| m.contains("kache dev") && m.contains(proxy.as_str()))),
+        "{logs}"
     );
+    for (name, addr) in [("listen", listen), ("proxy", proxy), ("metrics", metrics)] {
+        assert!(
+            lines.iter().any(|v| v["fields"]["message"] == "listening"
+                && v["fields"]["listener"] == name
+                && v["fields"]["addr"] == addr.as_str()),
+            "no listening line for {name} at {addr}: {logs}"
+        );
+    }
 }
 
 #[test]
@@ -200,17 +223,27 @@ fn certs_makes_a_ca_and_a_webhook_certificate_the_webhook_serves_and_renews_unde
     }
 
     // The webhook serves the pair; a client trusting only ca.crt accepts it under its name.
-    let (listen, metrics) = (free_addr(), free_addr());
+    let ready = dir.path().join("webhook-ready.json");
     let mut webhook = Command::new(env!("CARGO_BIN_EXE_kache"))
-        .args(["webhook", "--listen", &listen, "--metrics-listen", &metrics])
+        .args([
+            "webhook",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
         .arg("--tls-cert")
         .arg(out_dir.join("tls.crt"))
         .arg("--tls-key")
         .arg(out_dir.join("tls.key"))
+        .arg("--ready-file")
+        .arg(&ready)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let at = bound(&mut webhook, &ready);
+    let (listen, metrics) = (at["listen"].clone(), at["metrics"].clone());
     wait_for(&format!("http://{metrics}/readyz"));
     let ca = out_dir.join("ca.crt");
     // A GET is not an AdmissionReview: the point is the handshake, then any HTTP answer.
@@ -313,19 +346,24 @@ fn certs_refuses_what_it_cannot_do_and_writes_nothing() {
 /// old (SO_REUSEPORT), and the port answers throughout the old one's exit.
 #[test]
 fn a_second_proxy_binds_the_same_port_and_serves_when_the_first_exits() {
-    let (listen, metrics) = (free_addr(), free_addr());
-    let start = || {
+    let dir = tempfile::tempdir().unwrap();
+    let ready = dir.path().join("ready.json");
+    let start = |listen: &str, metrics: &str| {
         Command::new(env!("CARGO_BIN_EXE_kache"))
-            .args(["proxy", "--listen", &listen, "--metrics-listen", &metrics])
-            .args(["--registry", "http://127.0.0.1:1"])
+            .args(["proxy", "--listen", listen, "--metrics-listen", metrics])
+            .args(["--registry", "http://127.0.0.1:1", "--ready-file"])
+            .arg(&ready)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap()
     };
-    let mut old = start();
+    // The first on :0; the second on the ports the first was given.
+    let mut old = start("127.0.0.1:0", "127.0.0.1:0");
+    let at = bound(&mut old, &ready);
+    let (listen, metrics) = (at["proxy"].clone(), at["metrics"].clone());
     wait_for(&format!("http://{metrics}/readyz"));
-    let mut new = start();
+    let mut new = start(&listen, &metrics);
     // The new proxy is up beside the old one (without SO_REUSEPORT it exits: address in use).
     std::thread::sleep(Duration::from_millis(500));
     assert!(new.try_wait().unwrap().is_none(), "the second proxy exited");
@@ -357,18 +395,28 @@ fn the_webhook_serves_through_its_shutdown_delay_then_exits() {
         "localhost",
     ]);
     assert!(made.status.success());
-    let (listen, metrics) = (free_addr(), free_addr());
+    let ready = dir.path().join("ready.json");
     let mut webhook = Command::new(env!("CARGO_BIN_EXE_kache"))
-        .args(["webhook", "--listen", &listen, "--metrics-listen", &metrics])
+        .args([
+            "webhook",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
         .args(["--shutdown-delay", "2s"])
         .arg("--tls-cert")
         .arg(dir.path().join("tls.crt"))
         .arg("--tls-key")
         .arg(dir.path().join("tls.key"))
+        .arg("--ready-file")
+        .arg(&ready)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let at = bound(&mut webhook, &ready);
+    let (listen, metrics) = (at["listen"].clone(), at["metrics"].clone());
     wait_for(&format!("http://{metrics}/readyz"));
     let asked = Instant::now();
     Command::new("kill")

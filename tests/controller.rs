@@ -26,7 +26,6 @@ use serde_json::{Value, json};
 use support::kube::{KubeServer, Version, non_loopback_name, pull_secret};
 use support::metrics;
 use support::pull::{Scratch, cache_repo, multi_layer_image};
-use support::registry::free_local_addr;
 use support::webhook::{Webhook, certificates, register};
 use support::{Content, Distribution, DistributionKind, KacheRegistry};
 
@@ -40,19 +39,23 @@ struct Controller {
 
 impl Controller {
     fn start(kubeconfig: &Path, registry: &str, identity: &str, log: &Path) -> Self {
-        let metrics = free_local_addr();
-        let child = Command::new(env!("CARGO_BIN_EXE_kache"))
+        let ready = log.with_extension("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kache"))
             .args(["controller", "--registry", registry, "--expiry-delay", "8s"])
             .args(["--lease-namespace", "kache", "--lease-duration", "6s"])
             .args(["--identity", identity])
-            .arg("--metrics-listen")
-            .arg(metrics.to_string())
+            .args(["--metrics-listen", "127.0.0.1:0", "--ready-file"])
+            .arg(&ready)
             .env("KUBECONFIG", kubeconfig)
             .env("KACHE_LOG", "info,kache_controller=debug")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log).unwrap())
             .spawn()
             .unwrap();
+        let bound = support::process::wait_ready_file(&mut child, &ready, WAIT)
+            .unwrap_or_else(|e| panic!("the controller never listened: {e:?}"));
+        let metrics = bound["metrics"][0];
         Controller { child, metrics }
     }
 
@@ -284,19 +287,19 @@ fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry(v
         cached["metadata"]["finalizers"],
         json!(["kache.io/registry-tag"])
     );
-    // The registry holds it: its own tag list, which never asks the upstream.
-    let tags_url = format!(
-        "{}/v2/{}/tags/list",
+    // The registry holds the tag: a HEAD of it is a hit (within the tag TTL, the upstream is
+    // not asked).
+    let tag_url = format!(
+        "{}/v2/{}/manifests/v1",
         registry.base_url(),
         cache_repo(&host, "team/web")
     );
-    let tags = support::http::get(&tags_url, &[]);
-    assert!(
-        String::from_utf8_lossy(&tags.body).contains("\"v1\""),
-        "{} {}",
-        tags.status,
-        String::from_utf8_lossy(&tags.body)
-    );
+    let held = || {
+        let r = support::http::head(&tag_url, &support::pull::manifest_headers());
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.header("x-kache-cache").map(str::to_owned)
+    };
+    assert_eq!(held().as_deref(), Some("hit"));
     assert_eq!(first.is_leader(), Some(1.0), "{}", read_log("first.log"));
     // What `kubectl describe cachedimage` lists.
     let reasons = event_reasons(&kube, &web_name);
@@ -479,11 +482,11 @@ fn deployments_get_cached_images_that_count_pods_expire_and_leave_the_registry(v
         list.contains_key(&in_cache("team/web"))
             .then(|| format!("web is still kept: {list:?}"))
     });
-    let tags = support::http::get(&tags_url, &[]);
-    assert!(
-        !String::from_utf8_lossy(&tags.body).contains("\"v1\""),
-        "the tag is still in the registry: {}\n{}",
-        String::from_utf8_lossy(&tags.body),
+    // The tag went from the registry: a HEAD of it is fetched from the upstream again.
+    assert_eq!(
+        held().as_deref(),
+        Some("miss"),
+        "the tag is still in the registry: {}",
         read_log("second.log")
     );
     drop(webhook);

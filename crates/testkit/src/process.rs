@@ -134,6 +134,51 @@ pub fn wait_serving(
     Err(NotServing::Silent(last))
 }
 
+/// Where a kache child listens, from the `--ready-file` it writes once every listener is bound
+/// (so it may be started on `:0`): `name -> addresses` (a name bound more than once has
+/// several). Waits until the file is there, the child exits, or `within` passes.
+pub fn wait_ready_file(
+    child: &mut std::process::Child,
+    path: &Path,
+    within: Duration,
+) -> Result<std::collections::BTreeMap<String, Vec<std::net::SocketAddr>>, NotServing> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{} is not JSON ({e}): {text}", path.display()));
+            let addr = |v: &serde_json::Value| -> std::net::SocketAddr {
+                v.as_str()
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or_else(|| panic!("{} holds no address: {text}", path.display()))
+            };
+            let map = json
+                .as_object()
+                .unwrap_or_else(|| panic!("{} is not an object: {text}", path.display()))
+                .iter()
+                .map(|(k, v)| {
+                    let addrs = match v.as_array() {
+                        Some(list) => list.iter().map(addr).collect(),
+                        None => vec![addr(v)],
+                    };
+                    (k.clone(), addrs)
+                })
+                .collect();
+            return Ok(map);
+        }
+        if let Some(status) = child.try_wait().expect("poll child") {
+            return Err(NotServing::Exited(status));
+        }
+        if Instant::now() >= deadline {
+            return Err(NotServing::Silent(format!(
+                "no {} within {within:?}",
+                path.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// `kache <role>` as the tests run it: stdout and stderr appended to `log`, no colour (the log
 /// is read as text), and no HTTP proxy of the environment (the tests' upstreams are local).
 pub fn kache_logged(role: &str, log: &Path) -> Command {

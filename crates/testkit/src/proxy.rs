@@ -5,7 +5,7 @@ use crate::process::{self, NotServing};
 use std::ffi::OsString;
 use std::fs::OpenOptions;
 use std::io::Write as _;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Child;
 use std::time::Duration;
@@ -39,19 +39,17 @@ impl KacheProxy {
             .prefix("kache-proxy-log")
             .tempdir()
             .expect("create log dir");
-        // Both bound at once, so the two ports differ.
-        let api = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let metrics = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        // Both on :0: the proxy says where it put them (--ready-file).
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("an address");
         let mut proxy = KacheProxy {
             registry: registry.to_owned(),
             extra_args: extra_args.iter().map(|a| a.as_ref().to_owned()).collect(),
-            addr: api.local_addr().expect("local addr"),
-            metrics_addr: metrics.local_addr().expect("local addr"),
+            addr: any,
+            metrics_addr: any,
             child: None,
             log_path: log_dir.path().join("kache-proxy.log"),
             log_dir: Some(log_dir),
         };
-        drop((api, metrics));
         proxy.spawn();
         proxy
     }
@@ -97,11 +95,27 @@ impl KacheProxy {
             .arg("--metrics-listen")
             .arg(self.metrics_addr.to_string())
             .args(&self.extra_args);
+        let ready_file = self.log_path.with_file_name("ready.json");
+        let _ = std::fs::remove_file(&ready_file);
+        command.arg("--ready-file").arg(&ready_file);
         self.note(&format!("starting {command:?}"));
         let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
         self.child = Some(child);
+        let child = self.child.as_mut().expect("child is running");
+        match process::wait_ready_file(child, &ready_file, READY_TIMEOUT) {
+            Ok(bound) => {
+                let first = |name: &str| bound.get(name).and_then(|a| a.first().copied());
+                self.addr = first("proxy").expect("the proxy's listener");
+                self.metrics_addr = first("metrics").expect("the metrics listener");
+            }
+            Err(NotServing::Exited(status)) => {
+                self.child = None;
+                panic!("kache proxy exited with {status} before it listened (log below)");
+            }
+            Err(NotServing::Silent(why)) => panic!("kache proxy never listened: {why}"),
+        }
         self.wait_ready();
     }
 

@@ -67,24 +67,18 @@ impl KacheRegistry {
             .prefix("kache-registry-log")
             .tempdir()
             .expect("create log dir");
-        // Both bound at once, so the two ports differ.
-        let api = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let metrics = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let internal_listener =
-            internal.then(|| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"));
+        // Every listener on :0: the registry says where it put them (--ready-file).
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("an address");
         let mut registry = KacheRegistry {
             data_dir: data_dir.to_path_buf(),
             extra_args: extra_args.iter().map(|a| a.as_ref().to_owned()).collect(),
-            addr: api.local_addr().expect("local addr"),
-            metrics_addr: metrics.local_addr().expect("local addr"),
-            internal_addr: internal_listener
-                .as_ref()
-                .map(|l| l.local_addr().expect("local addr")),
+            addr: any,
+            metrics_addr: any,
+            internal_addr: internal.then_some(any),
             child: None,
             log_path: log_dir.path().join("kache-registry.log"),
             log_dir: Some(log_dir),
         };
-        drop((api, metrics, internal_listener));
         registry.spawn();
         registry
     }
@@ -191,11 +185,31 @@ impl KacheRegistry {
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "info");
         }
+        let ready_file = self.log_path.with_file_name("ready.json");
+        let _ = std::fs::remove_file(&ready_file);
+        command.arg("--ready-file").arg(&ready_file);
         self.note(&format!("starting {command:?}"));
         let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
         self.child = Some(child);
+        // Where it listens: the same addresses on a restart, the system's choice on :0.
+        let child = self.child.as_mut().expect("child is running");
+        match process::wait_ready_file(child, &ready_file, READY_TIMEOUT) {
+            Ok(bound) => {
+                let first = |name: &str| bound.get(name).and_then(|a| a.first().copied());
+                self.addr = first("listen").expect("the registry's listener");
+                self.metrics_addr = first("metrics").expect("the metrics listener");
+                if self.internal_addr.is_some() {
+                    self.internal_addr = first("internal");
+                }
+            }
+            Err(NotServing::Exited(status)) => {
+                self.child = None;
+                panic!("kache registry exited with {status} before it listened (log below)");
+            }
+            Err(NotServing::Silent(why)) => panic!("kache registry never listened: {why}"),
+        }
         self.wait_ready();
     }
 

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
 use serde_json::json;
@@ -19,26 +19,32 @@ pub struct Webhook {
 }
 
 impl Webhook {
+    /// Starts a webhook with the pair in `dir` on :0, and waits until it says where it
+    /// listens.
     pub fn start(dir: &Path) -> Self {
-        let (addr, metrics) = (free_addr(), free_addr());
-        let child = Command::new(crate::kache_bin())
-            .args(["webhook", "--listen", &addr, "--metrics-listen", &metrics])
+        let ready = dir.join("webhook-ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let mut child = Command::new(crate::kache_bin())
+            .args(["webhook", "--listen", "127.0.0.1:0"])
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .arg("--tls-cert")
             .arg(dir.join("tls.crt"))
             .arg("--tls-key")
             .arg(dir.join("tls.key"))
+            .arg("--ready-file")
+            .arg(&ready)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("webhook.log")).unwrap())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(&addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the webhook never listened on {addr}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let bound = super::process::wait_ready_file(&mut child, &ready, Duration::from_secs(10))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "the webhook never listened ({e:?}): {}",
+                    std::fs::read_to_string(dir.join("webhook.log")).unwrap_or_default()
+                )
+            });
+        let addr = bound["listen"][0].to_string();
         Webhook { child, addr }
     }
 }
