@@ -15,9 +15,15 @@ fn tag(t: &str) -> Reference {
     t.parse().unwrap()
 }
 
+/// A store with no space limits: what a collection removes must not depend on how full the
+/// disk of the machine running the tests is (the tests of limits set their own).
 fn open() -> (tempfile::TempDir, Arc<Store>) {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path()).unwrap();
+    store.set_limits(Limits {
+        max_size: None,
+        min_free: MinFree::Bytes(0),
+    });
     (dir, Arc::new(store))
 }
 
