@@ -103,7 +103,7 @@ fn deployment(name: &str, image: &str, replicas: u32) -> Value {
     })
 }
 
-/// Applies the CRD, as generated from the types (api/crds.yaml is checked against them), and
+/// Applies the CRD, as generated from the types (crates/api/crds.yaml is checked against them), and
 /// waits until it is served.
 fn install_crd(kube: &KubeServer) {
     kube.ok(

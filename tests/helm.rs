@@ -624,7 +624,7 @@ fn the_api_server_accepts_the_rendered_chart_on_both_versions() {
         let kube = KubeServer::start(version);
         let helm = Helm::new(&kube);
         kube.namespace("kache");
-        kube.apply_yaml(include_str!("../api/crds.yaml"));
+        kube.apply_yaml(include_str!("../crates/api/crds.yaml"));
         let dir = tempfile::tempdir().unwrap();
         let (tls, secret) = provided_tls(dir.path(), "kache");
         kube.ok("POST", "/api/v1/namespaces/kache/secrets", Some(&secret));

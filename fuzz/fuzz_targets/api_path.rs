@@ -3,7 +3,7 @@
 
 #![no_main]
 
-use kache_oci::api::Route;
+use kache_oci::distribution::Route;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

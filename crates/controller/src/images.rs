@@ -192,7 +192,7 @@ async fn cleanup(ci: &CachedImage, ctx: &Context) -> Result<Action, Error> {
     ctx.registry
         .forget(&ci.spec.source_image)
         .await
-        .map_err(Error::Registry)?;
+        .map_err(|e| Error::Registry(e.to_string()))?;
     ctx.failures.lock().await.remove(&ci.name_any());
     info!(name = %ci.name_any(), image = %ci.spec.source_image, "tag removed from the registry");
     Ok(Action::await_change())
@@ -232,7 +232,8 @@ async fn warm(
     let warmed = ctx
         .registry
         .warm(&ci.spec.source_image, platforms, credentials)
-        .await?;
+        .await
+        .map_err(|e| e.to_string())?;
     match warmed.failure() {
         Some(f) => Err(f),
         None => Ok(warmed),

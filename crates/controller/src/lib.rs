@@ -59,7 +59,7 @@ use tracing::{info, warn};
 pub use ensure::Ensurer;
 pub use lease::LeaseConfig;
 pub use metrics::ControllerMetrics;
-pub use registry::RegistryClient;
+pub use registry::{RegistryClient, RegistryError};
 pub use workloads::WorkloadKind;
 
 /// How the controllers behave.

@@ -3,12 +3,29 @@
 
 use std::time::Duration;
 
-use kache_oci::api::{ErrorBody, Route};
+use kache_oci::distribution::{ErrorBody, Route};
 use kache_oci::{ImageReference, Reference};
 use kache_wire::{
     GC_PATH, GcReport, IMAGES_PATH, KeptImage, KeptImages, WARM_PATH, WarmCredentials, WarmRequest,
     WarmResponse,
 };
+
+/// Why a call to the registry failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    #[error("registry unreachable: {0}")]
+    Unreachable(String),
+    #[error("registry answer cut short: {0}")]
+    CutShort(String),
+    /// The registry answered an error: its status and what it said (an OCI error body on one
+    /// line, or the body itself).
+    #[error("registry answered {status}: {message}")]
+    Refused { status: u16, message: String },
+    #[error("registry answer unreadable: {0}")]
+    Unreadable(String),
+    #[error("{image:?} is not an image reference: {why}")]
+    NotAnImage { image: String, why: String },
+}
 
 /// A client of the registry's write API.
 #[derive(Debug, Clone)]
@@ -48,7 +65,7 @@ impl RegistryClient {
         image: &str,
         platforms: &[String],
         credentials: Option<(String, String)>,
-    ) -> Result<WarmResponse, String> {
+    ) -> Result<WarmResponse, RegistryError> {
         let body = WarmRequest {
             image: image.to_owned(),
             platforms: platforms.to_vec(),
@@ -63,7 +80,7 @@ impl RegistryClient {
     }
 
     /// Runs one garbage collection now (`kache gc`).
-    pub async fn collect(&self, dry_run: bool) -> Result<GcReport, String> {
+    pub async fn collect(&self, dry_run: bool) -> Result<GcReport, RegistryError> {
         let url = format!("{}{GC_PATH}?dryRun={dry_run}", self.base);
         self.json(self.http.post(url)).await
     }
@@ -72,45 +89,46 @@ impl RegistryClient {
     async fn json<T: serde::de::DeserializeOwned>(
         &self,
         req: reqwest::RequestBuilder,
-    ) -> Result<T, String> {
+    ) -> Result<T, RegistryError> {
         let resp = self
             .authorized(req)
             .send()
             .await
-            .map_err(|e| format!("registry unreachable: {e}"))?;
+            .map_err(|e| RegistryError::Unreachable(e.to_string()))?;
         let status = resp.status();
         let text = resp
             .text()
             .await
-            .map_err(|e| format!("registry answer cut short: {e}"))?;
+            .map_err(|e| RegistryError::CutShort(e.to_string()))?;
         if !status.is_success() {
-            return Err(error_message(status.as_u16(), &text));
+            return Err(refused(status.as_u16(), &text));
         }
-        serde_json::from_str(&text).map_err(|e| format!("registry answer unreadable: {e}"))
+        serde_json::from_str(&text).map_err(|e| RegistryError::Unreadable(e.to_string()))
     }
 
     /// Tells the registry which images the cluster keeps: the whole list, replacing the last.
-    pub async fn set_kept(&self, images: Vec<KeptImage>) -> Result<(), String> {
+    pub async fn set_kept(&self, images: Vec<KeptImage>) -> Result<(), RegistryError> {
         let url = format!("{}{IMAGES_PATH}", self.base);
         let resp = self
             .authorized(self.http.put(url).json(&KeptImages { images }))
             .send()
             .await
-            .map_err(|e| format!("registry unreachable: {e}"))?;
+            .map_err(|e| RegistryError::Unreachable(e.to_string()))?;
         let status = resp.status();
         if status.is_success() {
             return Ok(());
         }
         let text = resp.text().await.unwrap_or_default();
-        Err(error_message(status.as_u16(), &text))
+        Err(refused(status.as_u16(), &text))
     }
 
     /// Removes the tag of `image` from the registry (its blobs go at the next garbage
     /// collection). An image named by digest has no tag to remove; a tag already gone is fine.
-    pub async fn forget(&self, image: &str) -> Result<(), String> {
-        let r: ImageReference = image
-            .parse()
-            .map_err(|e| format!("{image:?} is not an image reference: {e}"))?;
+    pub async fn forget(&self, image: &str) -> Result<(), RegistryError> {
+        let r: ImageReference = image.parse().map_err(|e| RegistryError::NotAnImage {
+            image: image.to_owned(),
+            why: format!("{e}"),
+        })?;
         let Some(tag) = &r.tag else {
             return Ok(());
         };
@@ -120,23 +138,25 @@ impl RegistryClient {
             .authorized(self.http.delete(url))
             .send()
             .await
-            .map_err(|e| format!("registry unreachable: {e}"))?;
+            .map_err(|e| RegistryError::Unreachable(e.to_string()))?;
         match resp.status().as_u16() {
             200..=299 | 404 => Ok(()),
             code => {
                 let text = resp.text().await.unwrap_or_default();
-                Err(error_message(code, &text))
+                Err(refused(code, &text))
             }
         }
     }
 }
 
-/// The message of an OCI error body (`{"errors":[{"message":...}]}`), or the body itself.
-fn error_message(status: u16, body: &str) -> String {
-    match ErrorBody::parse(body.as_bytes()) {
-        Some(e) => format!("registry answered {status}: {}", e.summary()),
-        None => format!("registry answered {status}: {}", body.trim()),
-    }
+/// The registry's refusal: the message of an OCI error body (`{"errors":[{"message":...}]}`),
+/// or the body itself.
+fn refused(status: u16, body: &str) -> RegistryError {
+    let message = match ErrorBody::parse(body.as_bytes()) {
+        Some(e) => e.summary(),
+        None => body.trim().to_owned(),
+    };
+    RegistryError::Refused { status, message }
 }
 
 #[cfg(test)]
@@ -148,12 +168,15 @@ mod tests {
         let body =
             r#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"upstream has no such tag"}]}"#;
         assert_eq!(
-            error_message(404, body),
+            refused(404, body).to_string(),
             "registry answered 404: MANIFEST_UNKNOWN: upstream has no such tag"
         );
         assert_eq!(
-            error_message(502, "bad gateway\n"),
-            "registry answered 502: bad gateway"
+            refused(502, "bad gateway\n"),
+            RegistryError::Refused {
+                status: 502,
+                message: "bad gateway".into()
+            }
         );
     }
 }

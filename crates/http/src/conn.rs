@@ -13,8 +13,8 @@ use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
 use http::{HeaderValue, Method, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Body as _;
-use hyper_util::rt::TokioExecutor;
-use kache_oci::api::{ErrorBody, ErrorCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use kache_oci::distribution::{ErrorBody, ErrorCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tower::ServiceExt;
@@ -23,8 +23,47 @@ use crate::SendFile;
 use crate::codec::{
     Head, HeadError, MAX_HEAD, parse_head, request_body, wants_keep_alive, write_head,
 };
-use crate::handoff::drive;
-use crate::server::{Bodies, Intercept, Stop};
+use crate::handoff::{Rewind, drive};
+use crate::stop::Stop;
+
+/// What the server does with a request that has a body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bodies {
+    /// Refused without being read (a node proxy only pulls): a GET or HEAD with a body is
+    /// answered 400; anything else is answered by the router, and the connection closes.
+    Refuse,
+    /// The connection goes to hyper, that request first, for the rest of its life (a registry
+    /// takes pushes; pulling clients never send a body, so they stay here).
+    Hyper,
+}
+
+/// Answers some requests before the router sees them, on the raw connection (the proxy's
+/// spliced blobs).
+pub trait Intercept: Clone + Send + Sync + 'static {
+    /// `Some(Ok(keep))` when `head` was answered on `conn`, `None` to leave it to the router.
+    /// `keep` says whether the client wants the connection kept open.
+    fn intercept(
+        &self,
+        conn: &mut Conn,
+        head: &Head,
+        keep: bool,
+    ) -> impl Future<Output = Option<io::Result<bool>>> + Send;
+}
+
+/// Leaves every request to the router.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoIntercept;
+
+impl Intercept for NoIntercept {
+    fn intercept(
+        &self,
+        _: &mut Conn,
+        _: &Head,
+        _: bool,
+    ) -> impl Future<Output = Option<io::Result<bool>>> + Send {
+        std::future::ready(None)
+    }
+}
 
 /// An idle keep-alive connection is closed after this.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -413,4 +452,26 @@ fn refusal(e: HeadError) -> Box<Response> {
         HeadError::Malformed(_) => StatusCode::BAD_REQUEST,
     };
     Box::new(oci_error(status, ErrorCode::Unsupported, e))
+}
+
+impl Conn {
+    /// The connection for hyper: the socket, with what was read from it and not yet used read
+    /// again first, and the router as a service.
+    pub(crate) fn into_hyper(
+        self,
+    ) -> (
+        TokioIo<Rewind>,
+        impl hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = Response,
+            Error = std::convert::Infallible,
+            Future: Send,
+        > + Clone
+        + use<>,
+    ) {
+        let io = Rewind::new(self.buf.freeze(), self.tcp);
+        let app = self.app;
+        let service = hyper::service::service_fn(move |req| app.clone().oneshot(req));
+        (TokioIo::new(io), service)
+    }
 }

@@ -5,41 +5,12 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use axum::response::Response;
 use bytes::{Buf, Bytes};
-use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tower::ServiceExt;
 
-use crate::conn::Conn;
-use crate::server::Stop;
-
-impl Conn {
-    /// The connection for hyper: the socket, with what was read from it and not yet used read
-    /// again first, and the router as a service.
-    pub(crate) fn into_hyper(
-        self,
-    ) -> (
-        TokioIo<Rewind>,
-        impl hyper::service::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = Response,
-            Error = std::convert::Infallible,
-            Future: Send,
-        > + Clone
-        + use<>,
-    ) {
-        let io = Rewind {
-            early: self.buf.freeze(),
-            io: self.tcp,
-        };
-        let app = self.app;
-        let service = hyper::service::service_fn(move |req| app.clone().oneshot(req));
-        (TokioIo::new(io), service)
-    }
-}
+use crate::stop::Stop;
 
 /// Runs a connection hyper serves until it ends, or the server stops and it has finished what
 /// it was doing.
@@ -67,6 +38,13 @@ where
 pub(crate) struct Rewind {
     early: Bytes,
     io: TcpStream,
+}
+
+impl Rewind {
+    /// `io`, with `early` (read from it already) read first.
+    pub(crate) fn new(early: Bytes, io: TcpStream) -> Self {
+        Rewind { early, io }
+    }
 }
 
 impl AsyncRead for Rewind {

@@ -36,17 +36,18 @@ mod servers;
 pub mod shutdown;
 #[cfg(target_os = "linux")]
 mod splice;
+mod stop;
 
 pub use codec::{
     Head, HeadError, has_token, parse_head, request_body, wants_keep_alive, write_head,
 };
-pub use conn::{Conn, oci_error};
+pub use conn::{Bodies, Conn, Intercept, NoIntercept, oci_error};
 pub use graceful::serve_hyper;
 #[cfg(feature = "tls")]
 pub use graceful::serve_tls;
 pub use ops::ops_router;
 pub use send_file::{Growth, SendFile};
-pub use server::{Bodies, Intercept, NoIntercept, Server, ServerKind};
+pub use server::{Server, ServerKind};
 pub use servers::Servers;
 pub use shutdown::Shutdown;
 #[cfg(target_os = "linux")]

@@ -8,8 +8,8 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
-use crate::codec::Head;
-use crate::conn::Conn;
+use crate::conn::{Bodies, Conn, Intercept, NoIntercept};
+use crate::stop::Stop;
 
 /// Which HTTP server answers a role's clients (`--http-server`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -25,45 +25,6 @@ pub enum ServerKind {
     /// hyper for everything ([`crate::serve_hyper`]); every body byte is copied through user
     /// space.
     Hyper,
-}
-
-/// What the server does with a request that has a body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Bodies {
-    /// Refused without being read (a node proxy only pulls): a GET or HEAD with a body is
-    /// answered 400; anything else is answered by the router, and the connection closes.
-    Refuse,
-    /// The connection goes to hyper, that request first, for the rest of its life (a registry
-    /// takes pushes; pulling clients never send a body, so they stay here).
-    Hyper,
-}
-
-/// Answers some requests before the router sees them, on the raw connection (the proxy's
-/// spliced blobs).
-pub trait Intercept: Clone + Send + Sync + 'static {
-    /// `Some(Ok(keep))` when `head` was answered on `conn`, `None` to leave it to the router.
-    /// `keep` says whether the client wants the connection kept open.
-    fn intercept(
-        &self,
-        conn: &mut Conn,
-        head: &Head,
-        keep: bool,
-    ) -> impl Future<Output = Option<io::Result<bool>>> + Send;
-}
-
-/// Leaves every request to the router.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoIntercept;
-
-impl Intercept for NoIntercept {
-    fn intercept(
-        &self,
-        _: &mut Conn,
-        _: &Head,
-        _: bool,
-    ) -> impl Future<Output = Option<io::Result<bool>>> + Send {
-        std::future::ready(None)
-    }
 }
 
 /// The server for one router.
@@ -146,25 +107,5 @@ impl<I: Intercept> Server<I> {
         drop(alive_tx);
         let _ = alive_rx.recv().await;
         Ok(())
-    }
-}
-
-/// The server's stop signal, as seen by a connection.
-pub(crate) struct Stop(watch::Receiver<bool>);
-
-impl Stop {
-    pub(crate) fn is_set(&self) -> bool {
-        *self.0.borrow()
-    }
-
-    pub(crate) async fn wait(&mut self) {
-        loop {
-            if *self.0.borrow_and_update() {
-                return;
-            }
-            if self.0.changed().await.is_err() {
-                return;
-            }
-        }
     }
 }

@@ -80,7 +80,7 @@ pub async fn gc(
 ) -> anyhow::Result<()> {
     let client = RegistryClient::new(registry, token, Duration::from_secs(24 * 3600))
         .context("building the registry client")?;
-    let report = client.collect(dry_run).await.map_err(anyhow::Error::msg)?;
+    let report = client.collect(dry_run).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());

@@ -18,9 +18,9 @@
 //! assert_eq!(nginx.to_string(), "docker.io/library/nginx:latest");
 //! ```
 
-pub mod api;
 pub mod credentials;
 pub mod digest;
+pub mod distribution;
 pub mod manifest;
 pub mod media_type;
 pub mod name;

@@ -66,7 +66,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use kache_oci::api::{ErrorCode, Intent, Route};
+use kache_oci::distribution::{ErrorCode, Intent, Route};
 use kache_upstream::{Upstream, UpstreamError, UpstreamResponse};
 use kache_wire::{CACHE_HEADER, CacheOutcome};
 

@@ -44,7 +44,7 @@ impl Intercept for Proxy {
             return None;
         }
         let pull = Pull::from_parts(&head.method, &head.uri, &head.headers).ok()?;
-        if !matches!(pull.route, kache_oci::api::Route::Blob(..)) {
+        if !matches!(pull.route, kache_oci::distribution::Route::Blob(..)) {
             return None;
         }
         Some(self.splice_blob(conn, pull, head.version, keep).await)

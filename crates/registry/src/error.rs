@@ -2,12 +2,12 @@
 
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use kache_oci::api::{ErrorBody, Intent, RouteError};
+use kache_oci::distribution::{ErrorBody, Intent, RouteError};
 use kache_oci::{DigestError, NameError};
 use kache_store::StoreError;
 use serde_json::{Value, json};
 
-pub use kache_oci::api::ErrorCode as Code;
+pub use kache_oci::distribution::ErrorCode as Code;
 
 /// An error answer. Build it with [`Error::new`] and adjust status, detail or headers.
 #[derive(Debug)]

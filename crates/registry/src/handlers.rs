@@ -13,7 +13,7 @@ mod uploads;
 use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use kache_oci::api::Route;
+use kache_oci::distribution::Route;
 use kache_wire::CACHE_HEADER;
 use uuid::Uuid;
 

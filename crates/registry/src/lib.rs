@@ -36,11 +36,11 @@
 //! ```
 
 mod admin;
-mod api;
 pub mod content;
 pub mod error;
 mod flights;
 pub mod gc;
+mod handlers;
 pub mod metrics;
 pub mod plan;
 pub mod pull;
@@ -56,7 +56,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 use kache_http::ServerKind;
-use kache_oci::api::{Intent, Route};
+use kache_oci::distribution::{Intent, Route};
 use kache_store::{Recovery, Store};
 use kache_upstream::Upstream;
 use kache_wire::{GC_PATH, IMAGES_PATH, WARM_PATH};

@@ -13,9 +13,9 @@ use kache_oci::{Digest, ParsedManifest, Reference, RepoName};
 use kache_wire::{PlatformResult, PlatformStatus, WarmRequest, WarmResponse};
 
 use crate::Registry;
-use crate::api::unsupported;
 use crate::content::{Blob, Purpose, Requester, Want};
 use crate::error::{Code, Error, Result};
+use crate::handlers::unsupported;
 
 /// Whether an index entry's platform is the one asked for (`arm64` and `arm64/v8` are one).
 fn matches(entry: &Platform, want: &str) -> bool {

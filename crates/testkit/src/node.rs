@@ -323,7 +323,7 @@ impl KubeNode {
     /// component is Ready. The webhook's certificate is made in `tls_dir`.
     pub fn deploy_kache(&self, kube: &KubeServer, kache: &KacheOnNode, tls_dir: &Path) {
         kube.namespace("kache");
-        kube.apply_yaml(include_str!("../../../api/crds.yaml"));
+        kube.apply_yaml(include_str!("../../api/crds.yaml"));
         kube.apply_yaml(&super::helm::controller_rbac(kube));
         std::fs::create_dir_all(tls_dir).expect("create the webhook's cert dir");
         let ca = certificates(tls_dir);

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use http::header::{ACCEPT, WWW_AUTHENTICATE};
 use http::{HeaderMap, Method, StatusCode};
-use kache_oci::api::Route;
 use kache_oci::credentials::{self, Credentials, DockerConfig};
 use kache_oci::digest::Digest;
+use kache_oci::distribution::Route;
 use kache_oci::media_type::{MANIFEST_TYPES, OCI_INDEX};
 use kache_oci::name::{Reference, RepoName};
 use kache_oci::{Descriptor, MAX_MANIFEST_SIZE, Origin};

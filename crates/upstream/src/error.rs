@@ -2,9 +2,10 @@
 
 use std::time::Duration;
 
-use kache_oci::api::{ErrorBody, ErrorCode};
+use kache_oci::distribution::{ErrorBody, ErrorCode};
 
-use crate::response::SMALL_BODY_LIMIT;
+/// Error and token bodies are read up to this size; anything longer is cut.
+pub(crate) const SMALL_BODY_LIMIT: u64 = 1 << 20;
 
 /// Upstream errors quote at most this much of what the upstream said.
 const MESSAGE_LIMIT: usize = 512;

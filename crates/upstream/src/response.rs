@@ -11,9 +11,6 @@ use crate::error::{UpstreamError, describe, error_message};
 /// The header registries put a content digest in.
 pub const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
 
-/// Error and token bodies are read up to this size; anything longer is cut.
-pub(crate) const SMALL_BODY_LIMIT: u64 = 1 << 20;
-
 /// A successful upstream answer whose body has not been read yet.
 #[derive(Debug)]
 pub struct UpstreamResponse {

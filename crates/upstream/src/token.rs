@@ -7,8 +7,9 @@ use kache_oci::credentials::Credentials;
 
 use crate::auth::DEFAULT_TOKEN_LIFETIME;
 use crate::client::Upstream;
+use crate::error::SMALL_BODY_LIMIT;
 use crate::error::UpstreamError;
-use crate::response::{SMALL_BODY_LIMIT, check};
+use crate::response::check;
 
 impl Upstream {
     /// A bearer token from the challenge's realm, with the credentials if there are any.

@@ -16,7 +16,7 @@ use serde_json::value::RawValue;
 use crate::rules::{PodSkip, Policy, Skipped};
 use crate::view::{EitherForm, Object};
 
-use dispatch::decide;
+use dispatch::rewrite_request;
 use envelope::{Envelope, utf8};
 
 /// Why a body is not an AdmissionReview the webhook can answer.
@@ -107,7 +107,7 @@ fn answer<'a, O: Object<'a>>(
         });
     }
     let mut request = review.request.ok_or(BadReview::NoRequest)?;
-    let decided = decide(&mut request, policy);
+    let decided = rewrite_request(&mut request, policy);
     let mut out = Reviewed {
         body: Vec::new(),
         uid: String::new(),

@@ -5,7 +5,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::{Stream, TryStreamExt};
-use kache_oci::api::{Route, UploadId};
+use kache_oci::distribution::{Route, UploadId};
 use kache_oci::{Digest, RepoName};
 use uuid::Uuid;
 

@@ -12,7 +12,7 @@ use crate::view::{Form, Object, PodView, Text};
 
 /// The rules' verdict and the patch to send (checked against the object as sent), or why the
 /// rules were not applied.
-pub(super) fn decide<'a, O: Object<'a>>(
+pub(super) fn rewrite_request<'a, O: Object<'a>>(
     request: &mut Request<'a, O>,
     policy: &Policy,
 ) -> Result<(rules::Rewrite, Option<json_patch::Patch>), (Unhandled, String)> {

@@ -29,7 +29,7 @@ fn through_kube(body: &[u8], policy: &Policy) -> Result<Reference, &'static str>
     let request: AdmissionRequest<DynamicObject> = review.try_into().map_err(|_| "no request")?;
     let mut response = AdmissionResponse::from(&request);
     let mut out = Reference::default();
-    match reference_decide(&request, object, old_object, policy) {
+    match reference_rewrite_request(&request, object, old_object, policy) {
         Ok((rewrite, checked)) => {
             out.rewritten = rewrite.rewritten;
             out.skipped = rewrite.skipped;
@@ -88,7 +88,7 @@ fn outcome(reviewed: Result<Reviewed, BadReview>) -> Result<Reference, &'static 
     }
 }
 
-fn reference_decide(
+fn reference_rewrite_request(
     request: &AdmissionRequest<DynamicObject>,
     object: Option<Value>,
     old_object: Option<Value>,
