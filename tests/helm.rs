@@ -169,6 +169,10 @@ fn contradictory_or_invalid_values_fail_before_anything_is_applied() {
         (&["--set", "proxy.port=70000"], "at '/proxy/port'"),
         (&["--set", "registry.tagTTL=soon"], "at '/registry/tagTTL'"),
         (
+            &["--set", "registry.revalidateWait=2"],
+            "at '/registry/revalidateWait'",
+        ),
+        (
             &["--set", "registry.gc.schedule=daily"],
             "at '/registry/gc/schedule'",
         ),
@@ -516,6 +520,7 @@ fn changed(key: &str, default: &Value) -> (Value, Vec<&'static str>) {
             || k.ends_with("TTL")
             || k.ends_with("Timeout")
             || k.ends_with("Delay")
+            || k.ends_with("Wait")
             || k.ends_with(".resync")
             || k.ends_with(".grace")
             || k.ends_with("Duration")

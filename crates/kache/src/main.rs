@@ -90,6 +90,27 @@ pub struct UpstreamArgs {
     upstream_timeout: Duration,
 }
 
+/// When cached tags are asked again upstream (registry and dev alike).
+#[derive(clap::Args, Debug, Clone)]
+pub struct FreshnessFlags {
+    /// A cached tag older than this is re-validated upstream (served from cache if that fails).
+    #[arg(long, env = "KACHE_TAG_TTL", value_parser = parse_duration, default_value = "5m")]
+    tag_ttl: Duration,
+    /// The longest a pull waits for that re-validation; past it the cached manifest is served
+    /// and the check goes on (keep it below the proxies' --registry-timeout).
+    #[arg(long, env = "KACHE_REVALIDATE_WAIT", value_parser = parse_duration, default_value = "2s")]
+    revalidate_wait: Duration,
+}
+
+impl FreshnessFlags {
+    fn freshness(&self) -> kache_registry::Freshness {
+        kache_registry::Freshness {
+            tag_ttl: self.tag_ttl,
+            revalidate_wait: self.revalidate_wait,
+        }
+    }
+}
+
 /// When and how the registry collects garbage (registry and dev alike).
 #[derive(clap::Args, Debug, Clone)]
 pub struct GcFlags {
@@ -175,9 +196,8 @@ struct RegistryArgs {
     /// Upload sessions untouched for this long are removed.
     #[arg(long, env = "KACHE_UPLOAD_TIMEOUT", value_parser = parse_duration, default_value = "1h")]
     upload_timeout: Duration,
-    /// A cached tag older than this is re-validated upstream (served from cache if that fails).
-    #[arg(long, env = "KACHE_TAG_TTL", value_parser = parse_duration, default_value = "5m")]
-    tag_ttl: Duration,
+    #[command(flatten)]
+    freshness: FreshnessFlags,
     /// Which HTTP server answers: `kache` (its own HTTP/1.1 server for pulls, blob bodies sent
     /// with sendfile; pushes and HTTP/2 go to hyper) or `hyper` (every body through user space).
     #[arg(
@@ -367,8 +387,8 @@ struct DevArgs {
     metrics_listen: SocketAddr,
     #[arg(long, env = "KACHE_DATA_DIR", default_value = "kache-data")]
     data_dir: PathBuf,
-    #[arg(long, env = "KACHE_TAG_TTL", value_parser = parse_duration, default_value = "5m")]
-    tag_ttl: Duration,
+    #[command(flatten)]
+    freshness: FreshnessFlags,
     #[command(flatten)]
     gc: GcFlags,
     #[command(flatten)]
@@ -434,7 +454,7 @@ fn main() -> anyhow::Result<()> {
                         metrics_listen: a.metrics_listen,
                         data_dir: a.data_dir,
                         upload_timeout: a.upload_timeout,
-                        tag_ttl: a.tag_ttl,
+                        freshness: a.freshness.freshness(),
                         server: a.server,
                         gc: a.gc.config(a.upload_timeout),
                         upstream: serve::upstream_config(&a.upstream)?,
@@ -481,7 +501,7 @@ fn main() -> anyhow::Result<()> {
                     metrics_listen: a.metrics_listen,
                     data_dir: a.data_dir,
                     upload_timeout: Duration::from_secs(3600),
-                    tag_ttl: a.tag_ttl,
+                    freshness: a.freshness.freshness(),
                     server: ServerKind::Kache,
                     gc: a.gc.config(Duration::from_secs(3600)),
                     upstream: upstream.clone(),

@@ -29,7 +29,7 @@ pub struct RegistryOptions {
     pub metrics_listen: SocketAddr,
     pub data_dir: PathBuf,
     pub upload_timeout: Duration,
-    pub tag_ttl: Duration,
+    pub freshness: kache_registry::Freshness,
     pub server: ServerKind,
     pub gc: kache_registry::GcConfig,
     pub upstream: UpstreamConfig,
@@ -164,7 +164,7 @@ async fn registry_role(
     let config = RoleConfig {
         data_dir: o.data_dir.clone(),
         upstream: Some(upstream),
-        tag_ttl: o.tag_ttl,
+        freshness: o.freshness,
         upload_timeout: o.upload_timeout,
         gc: o.gc,
         server: o.server,

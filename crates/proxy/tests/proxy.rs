@@ -7,7 +7,7 @@ use std::time::Duration;
 use kache_http::ServerKind;
 use kache_oci::{Digest, media_type};
 use kache_proxy::{Proxy, ProxyConfig, ProxyMetrics};
-use kache_registry::{Access, Metrics, Registry};
+use kache_registry::{Access, Freshness, Metrics, Registry};
 use kache_store::Store;
 use kache_testkit::inproc::{client, closed_port, push_image, serve};
 use kache_upstream::{Upstream, UpstreamConfig};
@@ -56,7 +56,7 @@ async fn registry(pull_from: Option<&str>) -> Served {
             store,
             metrics,
             upstream_client(h),
-            Duration::from_secs(3600),
+            Freshness::tags(Duration::from_secs(3600)),
         ),
         None => Registry::new(store, metrics),
     };

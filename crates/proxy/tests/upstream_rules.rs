@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use kache_http::ServerKind;
 use kache_proxy::{Proxy, ProxyConfig, ProxyMetrics};
-use kache_registry::{Access, Metrics, Registry};
+use kache_registry::{Access, Freshness, Metrics, Registry};
 use kache_store::Store;
 use kache_testkit::inproc::{client, closed_port};
 use kache_testkit::{Content, Fault, FaultyUpstream, Flavor, Image, ImageBuilder};
@@ -31,6 +31,10 @@ fn upstream_client(host: &str) -> Upstream {
 
 /// A pull-through registry of `host`, served on 127.0.0.1; its base URL.
 async fn registry(host: &str, dir: &std::path::Path) -> String {
+    registry_with(host, dir, Freshness::tags(Duration::from_secs(3600))).await
+}
+
+async fn registry_with(host: &str, dir: &std::path::Path, freshness: Freshness) -> String {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let store = Arc::new(Store::open(dir).unwrap().0);
     let mut prom = prometheus_client::registry::Registry::default();
@@ -38,7 +42,7 @@ async fn registry(host: &str, dir: &std::path::Path) -> String {
         store,
         Metrics::new(&mut prom),
         upstream_client(host),
-        Duration::from_secs(3600),
+        freshness,
     );
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", l.local_addr().unwrap());
@@ -201,4 +205,48 @@ async fn with_the_registry_down_the_proxy_refuses_the_same_answers_itself() {
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body.unwrap(), layer.bytes);
     }
+}
+
+/// An upstream behind a black hole (no answer, no refusal) costs a cached tag the registry's
+/// re-validation wait, not the upstream timeout: the registry answers the proxy with what it
+/// holds before the proxy gives up on it, so the proxy never takes a cache that holds the
+/// image for a failing one (and never tries the silent upstream itself).
+#[tokio::test]
+async fn a_cached_tag_is_served_while_the_upstream_answers_nothing() {
+    let img = image();
+    let up = FaultyUpstream::start("team/app", "v1", &img);
+    let dir = tempfile::tempdir().unwrap();
+    // Every read re-validates; the upstream client waits 5 s, the proxy 2 s for the registry.
+    let freshness = Freshness {
+        tag_ttl: Duration::ZERO,
+        revalidate_wait: Duration::from_millis(200),
+    };
+    let reg = registry_with(&up.host(), dir.path(), freshness).await;
+    let p = proxy(&reg, &up.host(), ServerKind::Kache).await;
+    let repo = format!("127.0.0.1_{}/team/app", up.addr().port());
+    let by_tag = format!("{p}/v2/{repo}/manifests/v1");
+    let (status, body, _) = get(&by_tag).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.unwrap(), img.top().bytes, "cached");
+
+    up.fail("v1", Fault::Silence);
+    let (status, body, headers) = get(&by_tag).await;
+    assert_eq!(status, StatusCode::OK, "{headers:?}");
+    assert_eq!(body.unwrap(), img.top().bytes);
+    assert_eq!(
+        headers.get(kache_wire::CACHE_HEADER).unwrap(),
+        "stale",
+        "the registry's copy, not the proxy's fallback"
+    );
+    assert_eq!(
+        up.held(),
+        1,
+        "answered while the upstream still held the registry's HEAD"
+    );
+    assert_eq!(
+        up.count_requests("GET", "/manifests/v1"),
+        1,
+        "nobody fetched the tag again"
+    );
+    up.clear_all();
 }

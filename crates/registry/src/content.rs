@@ -10,7 +10,6 @@
 //! ([`crate::plan`]).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use kache_oci::credentials::Credentials;
 use kache_oci::{Descriptor, Digest, Origin, Reference, RepoName};
@@ -21,7 +20,7 @@ use kache_wire::CacheOutcome;
 use crate::error::{Code, Error, Result};
 use crate::flights::{Flights, Listings};
 use crate::metrics::{CacheLabels, Metrics};
-use crate::plan::{ManifestPlan, manifest_plan};
+use crate::plan::{Freshness, ManifestPlan, manifest_plan};
 use crate::pull::{PullThrough, upstream_error};
 
 /// Who reads: one value on every read, so that a rule about readers is one check here.
@@ -84,7 +83,7 @@ pub struct Served<T> {
 pub struct Content {
     store: Arc<Store>,
     pull: Option<PullThrough>,
-    tag_ttl: Duration,
+    freshness: Freshness,
     metrics: Metrics,
     manifests: Flights<Manifest>,
     tags: Listings<Vec<String>>,
@@ -92,18 +91,18 @@ pub struct Content {
 }
 
 impl Content {
-    /// Content over `store`, pulled through from origins with `pull`, tags re-validated once
-    /// older than `tag_ttl`.
+    /// Content over `store`, pulled through from origins with `pull`, tags re-validated as
+    /// `freshness` says.
     pub fn new(
         store: Arc<Store>,
         pull: Option<PullThrough>,
-        tag_ttl: Duration,
+        freshness: Freshness,
         metrics: Metrics,
     ) -> Self {
         Content {
             store,
             pull,
-            tag_ttl,
+            freshness,
             metrics,
             manifests: Flights::default(),
             tags: Listings::default(),
@@ -184,7 +183,7 @@ impl Content {
             tag.as_ref(),
             cached.is_some(),
             now(),
-            self.tag_ttl,
+            self.freshness.tag_ttl,
         );
         let errors = &self.metrics.upstream_errors;
         let creds = who.credentials.clone();
@@ -201,14 +200,18 @@ impl Content {
                     m.clone(),
                     creds,
                 );
-                match self
+                let flight = self
                     .manifests
-                    .join(format!("{repo}:{t}?revalidate"), fut, errors)
-                    .await
-                {
-                    Ok(m) => Ok(self.served("manifest", m, CacheOutcome::Hit, who)),
-                    Err(e) => {
+                    .join(format!("{repo}:{t}?revalidate"), fut, errors);
+                match tokio::time::timeout(self.freshness.revalidate_wait, flight).await {
+                    Ok(Ok(m)) => Ok(self.served("manifest", m, CacheOutcome::Hit, who)),
+                    Ok(Err(e)) => {
                         tracing::warn!(%repo, tag = %t, error = ?e, "upstream could not re-validate the tag; serving the cached manifest");
+                        Ok(self.served("manifest", m, CacheOutcome::Stale, who))
+                    }
+                    // The check goes on, and moves the tag if the upstream did.
+                    Err(_) => {
+                        tracing::warn!(%repo, tag = %t, wait = ?self.freshness.revalidate_wait, "upstream did not re-validate the tag in time; serving the cached manifest");
                         Ok(self.served("manifest", m, CacheOutcome::Stale, who))
                     }
                 }
@@ -322,7 +325,7 @@ impl Content {
             .tags
             .get(
                 repo.to_string(),
-                self.tag_ttl,
+                self.freshness,
                 fetch,
                 &self.metrics.upstream_errors,
             )
@@ -390,7 +393,7 @@ impl Content {
             .referrers
             .get(
                 format!("{repo}@{subject}"),
-                self.tag_ttl,
+                self.freshness,
                 fetch,
                 &self.metrics.upstream_errors,
             )

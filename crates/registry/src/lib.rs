@@ -64,6 +64,7 @@ use kache_wire::{GC_PATH, IMAGES_PATH, WARM_PATH};
 pub use content::{Blob, Content, Purpose, Requester, Served, Want};
 pub use gc::{Collector, GcConfig, Schedule, Trigger};
 pub use metrics::Metrics;
+pub use plan::Freshness;
 pub use pull::PullThrough;
 pub use role::{RegistryRole, RoleConfig};
 
@@ -122,30 +123,30 @@ struct Endpoint {
 impl Registry {
     /// A registry over `store` that serves what it holds.
     pub fn new(store: Arc<Store>, metrics: Metrics) -> Self {
-        Self::with(store, metrics, None, Duration::ZERO)
+        Self::with(store, metrics, None, Freshness::tags(Duration::ZERO))
     }
 
     /// A registry that fetches what it lacks from upstream registries, re-validating cached
-    /// tags older than `tag_ttl`.
+    /// tags as `freshness` says.
     pub fn with_pull_through(
         store: Arc<Store>,
         metrics: Metrics,
         upstream: Upstream,
-        tag_ttl: Duration,
+        freshness: Freshness,
     ) -> Self {
-        Self::with(store, metrics, Some(PullThrough::new(upstream)), tag_ttl)
+        Self::with(store, metrics, Some(PullThrough::new(upstream)), freshness)
     }
 
     fn with(
         store: Arc<Store>,
         metrics: Metrics,
         pull: Option<PullThrough>,
-        tag_ttl: Duration,
+        freshness: Freshness,
     ) -> Self {
         Registry {
             inner: Arc::new(Inner {
                 gc: Collector::new(store.clone(), metrics.clone()),
-                content: Content::new(store.clone(), pull, tag_ttl, metrics.clone()),
+                content: Content::new(store.clone(), pull, freshness, metrics.clone()),
                 store,
                 metrics,
             }),
@@ -163,7 +164,7 @@ impl Registry {
     pub async fn open(
         data_dir: &Path,
         metrics: Metrics,
-        pull: Option<(Upstream, Duration)>,
+        pull: Option<(Upstream, Freshness)>,
     ) -> kache_store::Result<(Self, Recovery)> {
         let dir = data_dir.to_owned();
         let (store, recovery) = tokio::task::spawn_blocking(move || Store::open(&dir))
@@ -171,7 +172,9 @@ impl Registry {
             .map_err(std::io::Error::other)??;
         let store = Arc::new(store);
         let registry = match pull {
-            Some((upstream, tag_ttl)) => Self::with_pull_through(store, metrics, upstream, tag_ttl),
+            Some((upstream, freshness)) => {
+                Self::with_pull_through(store, metrics, upstream, freshness)
+            }
             None => Self::new(store, metrics),
         };
         Ok((registry, recovery))

@@ -12,6 +12,34 @@ use std::time::Duration;
 use kache_oci::Reference;
 use kache_store::TagRecord;
 
+/// How fresh what the upstream said must be, and how long a client waits to learn it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Freshness {
+    /// A cached tag (and a kept tag or referrers list) older than this is asked again.
+    pub tag_ttl: Duration,
+    /// The longest a client holding a cached answer waits for the upstream's new one; past
+    /// it, the cached answer is served as stale and the upstream's goes into the cache when
+    /// it comes. An upstream behind a black hole (dropped packets, a resolver that never
+    /// answers) then costs a client this long, not the upstream timeout: the node proxy gives
+    /// up on the registry after its own timeout (5 s by default), and must not see a cache
+    /// that holds the image as a failing one.
+    pub revalidate_wait: Duration,
+}
+
+impl Freshness {
+    /// The default wait for a re-validation: well under the node proxy's wait for the
+    /// registry, well over a healthy upstream's answer to a HEAD.
+    pub const REVALIDATE_WAIT: Duration = Duration::from_secs(2);
+
+    /// Tags re-validated once older than `tag_ttl`, waited for [`Self::REVALIDATE_WAIT`].
+    pub fn tags(tag_ttl: Duration) -> Self {
+        Freshness {
+            tag_ttl,
+            revalidate_wait: Self::REVALIDATE_WAIT,
+        }
+    }
+}
+
 /// What to do for one manifest read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ManifestPlan {

@@ -13,7 +13,7 @@ use kache_store::Recovery;
 use kache_upstream::Upstream;
 use tokio::net::TcpListener;
 
-use crate::{Access, GcConfig, Metrics, Registry};
+use crate::{Access, Freshness, GcConfig, Metrics, Registry};
 
 /// What the registry role is made of, from flags.
 #[derive(Debug)]
@@ -22,8 +22,8 @@ pub struct RoleConfig {
     pub data_dir: PathBuf,
     /// The upstream client: with one, repositories named `<host>/<path>` are pulled through.
     pub upstream: Option<Upstream>,
-    /// A cached tag older than this is re-validated upstream.
-    pub tag_ttl: Duration,
+    /// When a cached tag is re-validated upstream, and how long a client waits for it.
+    pub freshness: Freshness,
     /// Upload sessions untouched for this long are removed.
     pub upload_timeout: Duration,
     pub gc: GcConfig,
@@ -47,7 +47,7 @@ impl RegistryRole {
         config: RoleConfig,
         prom: &mut prometheus_client::registry::Registry,
     ) -> kache_store::Result<(Self, Recovery)> {
-        let pull = config.upstream.map(|u| (u, config.tag_ttl));
+        let pull = config.upstream.map(|u| (u, config.freshness));
         let (registry, recovery) =
             Registry::open(&config.data_dir, Metrics::new(prom), pull).await?;
         tracing::info!(schedule = %config.gc.schedule, grace = ?config.gc.grace, max_size = ?config.gc.limits.max_size, min_free = ?config.gc.limits.min_free, "garbage collection");

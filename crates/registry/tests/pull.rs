@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use kache_http::ServerKind;
 use kache_oci::{Digest, media_type};
-use kache_registry::{Access, Metrics, Registry};
+use kache_registry::{Access, Freshness, Metrics, Registry};
 use kache_store::Store;
 use kache_testkit::inproc::{client, error_code as code, push_image};
 use kache_upstream::{Upstream, UpstreamConfig};
@@ -54,7 +54,7 @@ async fn start(upstream_of: Option<&str>, ttl: Duration, access: Access) -> Node
                 ..UpstreamConfig::default()
             })
             .unwrap();
-            Registry::with_pull_through(store.clone(), metrics, up, ttl)
+            Registry::with_pull_through(store.clone(), metrics, up, Freshness::tags(ttl))
         }
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -44,12 +44,19 @@ pub enum Fault {
     /// an answer honest about itself that a cache must still refuse (a schema1 manifest, one
     /// over the size limit).
     Replace { bytes: Vec<u8>, media_type: String },
+    /// No answer at all, as from an upstream behind a black hole (dropped packets, a resolver
+    /// that never answers), until the test clears a fault or stops the upstream; then the
+    /// usual answer. Only the client's own timeout ends the wait otherwise.
+    Silence,
 }
 
 impl Fault {
     /// Faults that replace the whole answer, and so apply to HEAD as well.
     fn is_status(&self) -> bool {
-        matches!(self, Fault::Status(_) | Fault::TooManyRequests)
+        matches!(
+            self,
+            Fault::Status(_) | Fault::TooManyRequests | Fault::Silence
+        )
     }
 }
 
@@ -82,6 +89,10 @@ struct Upstream {
     /// Faults by tag or digest.
     faults: Mutex<HashMap<String, ArmedFault>>,
     seen: Mutex<Vec<SeenRequest>>,
+    /// Counts the clears: a silenced request waits for the next one.
+    cleared: tokio::sync::watch::Sender<u64>,
+    /// Requests held by [`Fault::Silence`] right now.
+    held: std::sync::atomic::AtomicUsize,
 }
 
 /// The misbehaving upstream; stopped when dropped.
@@ -107,6 +118,8 @@ impl FaultyUpstream {
             blobs,
             faults: Mutex::new(HashMap::new()),
             seen: Mutex::new(Vec::new()),
+            cleared: tokio::sync::watch::channel(0).0,
+            held: std::sync::atomic::AtomicUsize::new(0),
         });
         let server = ServerThread::start("faulty-upstream", router(state.clone()));
         FaultyUpstream { state, server }
@@ -179,13 +192,20 @@ impl FaultyUpstream {
         lock(&self.state.faults).insert(target.to_owned(), armed);
     }
 
-    /// Serves `target` normally again.
+    /// Serves `target` normally again (and answers every silenced request).
     pub fn clear(&self, target: &str) {
         lock(&self.state.faults).remove(target);
+        self.state.cleared.send_modify(|n| *n += 1);
     }
 
     pub fn clear_all(&self) {
         lock(&self.state.faults).clear();
+        self.state.cleared.send_modify(|n| *n += 1);
+    }
+
+    /// How many requests [`Fault::Silence`] holds unanswered right now.
+    pub fn held(&self) -> usize {
+        self.state.held.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Every request seen so far, in order.
@@ -230,7 +250,15 @@ async fn handle(State(up): State<Arc<Upstream>>, request: Request) -> Response {
         .path_and_query()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_default();
+    let mut cleared = up.cleared.subscribe();
     let (mut response, fault) = answer(&up, &method, request.uri().path(), request.headers());
+    if fault == Some(Fault::Silence) {
+        use std::sync::atomic::Ordering;
+        up.held.fetch_add(1, Ordering::SeqCst);
+        // Dropped with the server when it stops; released by the next clear.
+        let _ = cleared.changed().await;
+        up.held.fetch_sub(1, Ordering::SeqCst);
+    }
     set(
         &mut response,
         "docker-distribution-api-version",
