@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use kache_oci::credentials::Credentials;
 use kache_oci::{Descriptor, Digest, Origin, Reference, RepoName};
-use kache_store::{FetchFailure, FlightStream, Manifest, Store, StoreError};
+use kache_store::{FetchFailure, FlightStream, Manifest, Storage, StoreError};
 use kache_upstream::UpstreamError;
 use kache_wire::CacheOutcome;
 
@@ -81,7 +81,7 @@ pub struct Served<T> {
 /// The content of the registry's repositories.
 #[derive(Debug)]
 pub struct Content {
-    store: Arc<Store>,
+    store: Arc<dyn Storage>,
     pull: Option<PullThrough>,
     freshness: Freshness,
     metrics: Metrics,
@@ -94,7 +94,7 @@ impl Content {
     /// Content over `store`, pulled through from origins with `pull`, tags re-validated as
     /// `freshness` says.
     pub fn new(
-        store: Arc<Store>,
+        store: Arc<dyn Storage>,
         pull: Option<PullThrough>,
         freshness: Freshness,
         metrics: Metrics,
@@ -283,7 +283,11 @@ impl Content {
             return Ok(self.served("blob", Blob::Size(size), CacheOutcome::Miss, who));
         }
         let source = pull.blob_source(&origin, digest, who.credentials.clone());
-        match store.fetch_blob(repo, digest, source).await {
+        match store
+            .clone()
+            .fetch_blob(repo.clone(), digest.clone(), source)
+            .await
+        {
             Ok(flight) => Ok(self.served("blob", Blob::Fetching(flight), CacheOutcome::Miss, who)),
             Err(FetchFailure::Source(e)) => {
                 self.metrics.upstream_errors.inc();

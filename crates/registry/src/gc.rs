@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
-use kache_store::{GcOptions, GcReport, Limits, Observer, Store, StoreError};
+use kache_store::{GcOptions, GcReport, Limits, Observer, Storage, StoreError};
 use tokio::sync::Notify;
 
 use crate::Metrics;
@@ -120,7 +120,7 @@ impl Default for GcConfig {
 /// Runs collections, one at a time, and keeps the last report.
 #[derive(Debug)]
 pub struct Collector {
-    store: Arc<Store>,
+    store: Arc<dyn Storage>,
     config: Mutex<GcConfig>,
     metrics: Metrics,
     last: Mutex<Option<GcReport>>,
@@ -135,7 +135,7 @@ const PRESSURE_PAUSE: Duration = Duration::from_secs(60);
 const PRESSURE_CHECK: Duration = Duration::from_secs(15);
 
 impl Collector {
-    pub(crate) fn new(store: Arc<Store>, metrics: Metrics) -> Arc<Self> {
+    pub(crate) fn new(store: Arc<dyn Storage>, metrics: Metrics) -> Arc<Self> {
         let pressure = Arc::new(Notify::new());
         let c = Arc::new(Collector {
             store: store.clone(),
@@ -179,7 +179,7 @@ impl Collector {
         if let Some(b) = config.batch {
             opts.batch = b;
         }
-        let result = self.store.collect(opts).await;
+        let result = self.store.clone().collect(opts).await;
         let m = &self.metrics;
         let label = match (&result, dry_run) {
             (Err(StoreError::Busy), _) => return result,

@@ -57,7 +57,7 @@ use axum::http::{HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 use kache_http::ServerKind;
 use kache_oci::distribution::{Intent, Route};
-use kache_store::{Recovery, Store};
+use kache_store::{Recovery, Storage, Store};
 use kache_upstream::Upstream;
 use kache_wire::{GC_PATH, IMAGES_PATH, WARM_PATH};
 
@@ -95,7 +95,7 @@ pub struct Registry {
 
 #[derive(Debug)]
 struct Inner {
-    store: Arc<Store>,
+    store: Arc<dyn Storage>,
     metrics: Metrics,
     /// What the API reads: the store's, or pulled through.
     content: Content,
@@ -122,14 +122,14 @@ struct Endpoint {
 
 impl Registry {
     /// A registry over `store` that serves what it holds.
-    pub fn new(store: Arc<Store>, metrics: Metrics) -> Self {
+    pub fn new(store: Arc<dyn Storage>, metrics: Metrics) -> Self {
         Self::with(store, metrics, None, Freshness::tags(Duration::ZERO))
     }
 
     /// A registry that fetches what it lacks from upstream registries, re-validating cached
     /// tags as `freshness` says.
     pub fn with_pull_through(
-        store: Arc<Store>,
+        store: Arc<dyn Storage>,
         metrics: Metrics,
         upstream: Upstream,
         freshness: Freshness,
@@ -138,7 +138,7 @@ impl Registry {
     }
 
     fn with(
-        store: Arc<Store>,
+        store: Arc<dyn Storage>,
         metrics: Metrics,
         pull: Option<PullThrough>,
         freshness: Freshness,
@@ -186,7 +186,7 @@ impl Registry {
         self.inner.store.flush_access().await.map(drop)
     }
 
-    pub fn store(&self) -> &Arc<Store> {
+    pub fn store(&self) -> &Arc<dyn Storage> {
         &self.inner.store
     }
 

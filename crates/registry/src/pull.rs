@@ -9,10 +9,10 @@ use std::future::Future;
 use std::sync::Arc;
 
 use futures_util::TryStreamExt;
-use futures_util::future::{BoxFuture, FutureExt};
+use futures_util::future::FutureExt;
 use kache_oci::credentials::Credentials;
 use kache_oci::{Descriptor, Digest, Origin, Reference, RepoName, Tag};
-use kache_store::{FetchError, Manifest, Source, Store, StoreError};
+use kache_store::{FetchError, Manifest, Source, SourceFn, Storage, StoreError};
 use kache_upstream::{Upstream, UpstreamError};
 
 use crate::error::{Code, Error};
@@ -83,7 +83,7 @@ impl PullThrough {
     /// GETs a manifest from `origin`, checks it, stores it in `repo`.
     pub(crate) fn fetch_manifest(
         &self,
-        store: Arc<Store>,
+        store: Arc<dyn Storage>,
         repo: RepoName,
         origin: Origin,
         reference: Reference,
@@ -96,7 +96,7 @@ impl PullThrough {
     /// points at now, fetched.
     pub(crate) fn revalidate(
         &self,
-        store: Arc<Store>,
+        store: Arc<dyn Storage>,
         repo: RepoName,
         origin: Origin,
         tag: Tag,
@@ -121,9 +121,9 @@ impl PullThrough {
         origin: &Origin,
         digest: &Digest,
         creds: Option<Credentials>,
-    ) -> impl Fn() -> BoxFuture<'static, Result<Source, FetchError>> + Send + Sync + 'static {
+    ) -> SourceFn {
         let (up, origin, d) = (self.upstream.clone(), origin.clone(), digest.clone());
-        move || {
+        Arc::new(move || {
             let (up, origin, d, creds) = (up.clone(), origin.clone(), d.clone(), creds.clone());
             async move {
                 let r = up
@@ -138,7 +138,7 @@ impl PullThrough {
                 })
             }
             .boxed()
-        }
+        })
     }
 
     /// The size of a blob, as `origin`'s HEAD says it: what a HEAD is answered with, without
@@ -179,7 +179,7 @@ impl PullThrough {
 /// GETs a manifest upstream, checks it (kache-upstream's rules, the same a node proxy holds an
 /// upstream to), stores it.
 async fn fetch_manifest(
-    store: Arc<Store>,
+    store: Arc<dyn Storage>,
     upstream: Upstream,
     repo: RepoName,
     origin: Origin,
@@ -203,7 +203,7 @@ async fn fetch_manifest(
 
 /// HEADs a stale tag upstream; refetches only when it moved.
 async fn revalidate(
-    store: Arc<Store>,
+    store: Arc<dyn Storage>,
     upstream: Upstream,
     repo: RepoName,
     origin: Origin,

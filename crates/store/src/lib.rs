@@ -8,6 +8,9 @@
 //! - nothing here knows HTTP, so the registry, the pull-through path and GC share it;
 //! - garbage collection runs while everything else goes on: gate.rs says how.
 //!
+//! The registry speaks to a store through [`Storage`] alone (storage.rs): [`Store`] is its
+//! first implementation, and [`suite`] the tests any implementation runs, this one included.
+//!
 //! On disk, the data directory holds the blob files, writes in progress, upload sessions and the
 //! index: `Layout` (fs.rs) draws the tree, beside the code that builds each of its paths.
 //!
@@ -53,6 +56,9 @@ mod manifests;
 mod read;
 mod recovery;
 mod space;
+mod storage;
+#[cfg(any(test, feature = "suite"))]
+pub mod suite;
 mod upload;
 mod verify;
 
@@ -72,6 +78,7 @@ pub use manifests::{MAX_MANIFEST_SIZE, Manifest, Referrer};
 pub use read::read_range;
 pub use recovery::Recovery;
 pub use space::{Limits, MinFree, SpaceError, parse_size};
+pub use storage::{Body, BodyError, Progress, Storage};
 pub use upload::UploadStatus;
 pub use verify::{VerifyProgress, VerifyReport};
 

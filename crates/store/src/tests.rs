@@ -2,7 +2,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use futures_util::Stream;
-use kache_oci::{Algorithm, ParsedManifest, Reference, RepoName, media_type};
+use kache_oci::{ParsedManifest, RepoName, media_type};
 
 use super::*;
 use crate::index::NewManifest;
@@ -34,46 +34,6 @@ fn image_manifest(config: &Digest, layer: &Digest) -> Bytes {
         r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":2}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer}","size":5}}]}}"#,
         media_type::OCI_MANIFEST
     ))
-}
-
-#[tokio::test]
-async fn blob_round_trip_and_repository_scoping() {
-    let dir = tempfile::tempdir().unwrap();
-    let (store, _) = Store::open(dir.path()).unwrap();
-    let a = repo("a/b");
-    let d = Digest::sha256(b"hello world");
-    assert_eq!(
-        store.put_blob(&a, &d, body(b"hello world")).await.unwrap(),
-        11
-    );
-    assert_eq!(store.stat_blob(&a, &d).unwrap(), Some(11));
-    assert_eq!(
-        store.stat_blob(&repo("a"), &d).unwrap(),
-        None,
-        "other repository"
-    );
-    assert_eq!(store.total_bytes(), 11);
-    let on_disk = std::fs::read(store.blob_path(&d)).unwrap();
-    assert_eq!(on_disk, b"hello world");
-    // Mount needs the source repository to hold it.
-    assert_eq!(
-        store
-            .mount_blob(&repo("c"), &d, Some(&repo("x")))
-            .await
-            .unwrap(),
-        None
-    );
-    assert_eq!(
-        store.mount_blob(&repo("c"), &d, Some(&a)).await.unwrap(),
-        Some(11)
-    );
-    assert_eq!(store.stat_blob(&repo("c"), &d).unwrap(), Some(11));
-    store.delete_blob(&a, &d).await.unwrap();
-    assert_eq!(store.stat_blob(&a, &d).unwrap(), None);
-    assert!(matches!(
-        store.delete_blob(&a, &d).await,
-        Err(StoreError::BlobUnknown)
-    ));
 }
 
 #[tokio::test]
@@ -139,118 +99,6 @@ async fn chunked_upload_survives_restart_and_checks_offsets() {
     assert_eq!(
         files_under(&dir.path().join("uploads")),
         Vec::<PathBuf>::new()
-    );
-}
-
-#[tokio::test]
-async fn sha512_upload_and_wrong_digest_ends_session() {
-    let dir = tempfile::tempdir().unwrap();
-    let (store, _) = Store::open(dir.path()).unwrap();
-    let r = repo("r");
-    let s = store.start_upload(&r).await.unwrap();
-    let d = Digest::compute(Algorithm::Sha512, b"abc");
-    store
-        .complete_upload(&r, &s.id, None, &d, body(b"abc"))
-        .await
-        .unwrap();
-    assert_eq!(store.stat_blob(&r, &d).unwrap(), Some(3));
-
-    let s = store.start_upload(&r).await.unwrap();
-    let err = store
-        .complete_upload(&r, &s.id, None, &Digest::sha256(b"no"), body(b"abc"))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, StoreError::DigestMismatch { .. }));
-    assert!(matches!(
-        store.upload_status(&r, &s.id).await,
-        Err(StoreError::UploadUnknown)
-    ));
-    assert_eq!(
-        files_under(&dir.path().join("uploads")),
-        Vec::<PathBuf>::new()
-    );
-}
-
-#[tokio::test]
-async fn manifests_need_their_blobs_and_deletes_cascade_to_tags() {
-    let dir = tempfile::tempdir().unwrap();
-    let (store, _) = Store::open(dir.path()).unwrap();
-    let r = repo("r");
-    let (c, l) = (Digest::sha256(b"{}"), Digest::sha256(b"layer"));
-    let bytes = image_manifest(&c, &l);
-    let parsed = ParsedManifest::parse(&bytes, None).unwrap();
-    let tag: Reference = "v1".parse().unwrap();
-    store.put_blob(&r, &c, body(b"{}")).await.unwrap();
-    let err = store
-        .put_manifest(&r, &tag, bytes.clone(), &parsed)
-        .await
-        .unwrap_err();
-    assert!(matches!(err, StoreError::ManifestBlobUnknown(d) if d == l));
-    assert!(matches!(
-        store.get_manifest(&r, &tag).await,
-        Err(StoreError::ManifestUnknown)
-    ));
-
-    store.put_blob(&r, &l, body(b"layer")).await.unwrap();
-    let d = store
-        .put_manifest(&r, &tag, bytes.clone(), &parsed)
-        .await
-        .unwrap();
-    store
-        .put_manifest(&r, &"v2".parse().unwrap(), bytes.clone(), &parsed)
-        .await
-        .unwrap();
-    let m = store.get_manifest(&r, &tag).await.unwrap();
-    assert_eq!((m.digest.clone(), m.bytes), (d.clone(), bytes));
-    assert_eq!(m.media_type, media_type::OCI_MANIFEST);
-    assert_eq!(store.list_tags(&r, None, 10).unwrap(), ["v1", "v2"]);
-    assert_eq!(store.references(&d).unwrap().len(), 2);
-
-    store
-        .delete_manifest(&r, &"v2".parse().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(store.list_tags(&r, None, 10).unwrap(), ["v1"]);
-    store
-        .delete_manifest(&r, &Reference::Digest(d.clone()))
-        .await
-        .unwrap();
-    assert_eq!(store.list_tags(&r, None, 10).unwrap(), Vec::<String>::new());
-    assert!(matches!(
-        store.get_manifest(&r, &Reference::Digest(d)).await,
-        Err(StoreError::ManifestUnknown)
-    ));
-    assert!(matches!(
-        store.list_tags(&repo("nope"), None, 10),
-        Err(StoreError::NameUnknown)
-    ));
-}
-
-#[tokio::test]
-async fn tag_pagination_is_lexical_and_repository_bounded() {
-    let dir = tempfile::tempdir().unwrap();
-    let (store, _) = Store::open(dir.path()).unwrap();
-    let bytes = Bytes::from_static(br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#);
-    let parsed = ParsedManifest::parse(&bytes, None).unwrap();
-    for (r, t) in [
-        ("a", "b"),
-        ("a", "a"),
-        ("a", "c"),
-        ("a/x", "zz"),
-        ("a-b", "q"),
-    ] {
-        store
-            .put_manifest(&repo(r), &t.parse().unwrap(), bytes.clone(), &parsed)
-            .await
-            .unwrap();
-    }
-    let a = repo("a");
-    assert_eq!(store.list_tags(&a, None, 100).unwrap(), ["a", "b", "c"]);
-    assert_eq!(store.list_tags(&a, None, 2).unwrap(), ["a", "b"]);
-    assert_eq!(store.list_tags(&a, Some("b"), 2).unwrap(), ["c"]);
-    assert_eq!(
-        store.list_tags(&a, Some("c"), 2).unwrap(),
-        Vec::<String>::new()
     );
 }
 
@@ -408,63 +256,19 @@ async fn the_index_transaction_rechecks_blobs_a_manifest_needs() {
     );
 }
 
-#[tokio::test]
-async fn the_catalog_lists_every_repository_once_in_order_and_pages() {
-    let dir = tempfile::tempdir().unwrap();
-    let (store, _) = Store::open(dir.path()).unwrap();
-    assert!(store.repositories(None, 10).unwrap().is_empty());
-    let names = ["b", "a/b", "a", "a/b/c", "a-b", "docker.io/library/nginx"];
-    for (i, n) in names.iter().enumerate() {
-        // Several blobs in some: a name is listed once however many it holds.
-        for j in 0..=(i % 3) {
-            let bytes = format!("{n} {j}");
-            let d = Digest::sha256(bytes.as_bytes());
-            let b = Bytes::from(bytes);
-            store
-                .put_blob(
-                    &repo(n),
-                    &d,
-                    futures_util::stream::iter([Ok::<_, std::io::Error>(b)]),
-                )
-                .await
-                .unwrap();
-        }
-    }
-    // A repository that holds only a manifest (a pulled one is not linked as a blob) counts.
-    let config = Digest::sha256(b"{}");
-    let layer = Digest::sha256(b"layer");
-    let m = image_manifest(&config, &layer);
-    let parsed = ParsedManifest::parse(&m, Some(media_type::OCI_MANIFEST)).unwrap();
-    store
-        .put_pulled_manifest(
-            &repo("m/only"),
-            &Reference::Tag("v1".parse().unwrap()),
-            m,
-            &parsed,
-        )
-        .await
-        .unwrap();
-    let names = [&names[..], &["m/only"]].concat();
-    let all = store.repositories(None, 100).unwrap();
-    let mut want: Vec<&str> = names.to_vec();
-    want.sort();
-    assert_eq!(all, want);
-    // Pages of two, each after the last name of the one before.
-    let mut paged = Vec::new();
-    let mut last: Option<String> = None;
-    loop {
-        let page = store.repositories(last.as_deref(), 2).unwrap();
-        if page.is_empty() {
-            break;
-        }
-        assert!(page.len() <= 2);
-        last = page.last().cloned();
-        paged.extend(page);
-    }
-    assert_eq!(paged, want);
-    // After a name that is not one: from where it would sort.
-    assert_eq!(
-        store.repositories(Some("a/a"), 2).unwrap(),
-        ["a/b", "a/b/c"]
-    );
+/// The behaviour every storage backend owes the registry (crate::suite), on this one.
+mod suite_on_store {
+    use std::sync::Arc;
+
+    use crate::{Limits, MinFree, Storage, Store};
+
+    crate::storage_suite!(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        store.set_limits(Limits {
+            max_size: None,
+            min_free: MinFree::Bytes(0),
+        });
+        (dir, Arc::new(store) as Arc<dyn Storage>)
+    });
 }

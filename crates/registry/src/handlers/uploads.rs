@@ -3,8 +3,7 @@
 use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
-use futures_util::{Stream, TryStreamExt};
+use futures_util::TryStreamExt;
 use kache_oci::distribution::{Route, UploadId};
 use kache_oci::{Digest, RepoName};
 use uuid::Uuid;
@@ -40,14 +39,16 @@ fn blob_created(repo: &RepoName, digest: &Digest) -> Response {
 
 impl Registry {
     /// The request body as a stream of chunks, counted as bytes received.
-    fn body_stream(
-        &self,
-        req: Request,
-    ) -> impl Stream<Item = std::result::Result<Bytes, axum::Error>> + use<> {
+    fn body_stream(&self, req: Request) -> kache_store::Body {
         let counter = self.inner.metrics.bytes_in.clone();
-        req.into_body().into_data_stream().inspect_ok(move |b| {
-            counter.inc_by(b.len() as u64);
-        })
+        Box::pin(
+            req.into_body()
+                .into_data_stream()
+                .inspect_ok(move |b| {
+                    counter.inc_by(b.len() as u64);
+                })
+                .map_err(kache_store::BodyError::from),
+        )
     }
 
     pub(super) async fn start_upload(&self, repo: &RepoName, req: Request) -> Result<Response> {
