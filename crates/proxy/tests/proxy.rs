@@ -7,104 +7,42 @@ use std::time::Duration;
 use kache_http::ServerKind;
 use kache_oci::{Digest, media_type};
 use kache_proxy::{Proxy, ProxyConfig, ProxyMetrics};
-use kache_registry::{Access, Freshness, Metrics, Registry};
-use kache_store::Store;
 use kache_testkit::inproc::{client, closed_port, push_image, serve};
-use kache_upstream::{Upstream, UpstreamConfig};
+use kache_testkit::parts::{self, ProxyOptions, RegistryOptions, Running};
 use reqwest::{Client, Method, StatusCode};
 
-struct Served {
-    addr: std::net::SocketAddr,
-    prom: Arc<prometheus_client::registry::Registry>,
-    _dir: Option<tempfile::TempDir>,
-}
-
-impl Served {
-    fn base(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn count(&self, series: &str) -> f64 {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.prom).unwrap();
-        out.lines()
-            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0.0)
-    }
-}
-
-fn upstream_client(host: &str) -> Upstream {
-    Upstream::new(UpstreamConfig {
-        insecure_registries: vec![host.to_owned()],
-        connect_timeout: Duration::from_secs(1),
-        request_timeout: Duration::from_secs(5),
-        ..UpstreamConfig::default()
-    })
-    .unwrap()
-}
-
 /// A kache registry; with `pull_from`, a pull-through cache of that host.
-async fn registry(pull_from: Option<&str>) -> Served {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(dir.path()).unwrap().0);
-    let mut prom = prometheus_client::registry::Registry::default();
-    let metrics = Metrics::new(&mut prom);
-    let reg = match pull_from {
-        Some(h) => Registry::with_pull_through(
-            store,
-            metrics,
-            upstream_client(h),
-            Freshness::tags(Duration::from_secs(3600)),
-        ),
-        None => Registry::new(store, metrics),
-    };
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let app = reg.router_for(Access::ReadWrite);
-    tokio::spawn(kache_registry::serve(
-        app,
-        l,
-        ServerKind::Kache,
-        std::future::pending(),
-    ));
-    Served {
-        addr,
-        prom: Arc::new(prom),
-        _dir: Some(dir),
-    }
+async fn registry(pull_from: Option<&str>) -> Running {
+    parts::registry(RegistryOptions {
+        pull_from: pull_from.map(str::to_owned),
+        ..RegistryOptions::default()
+    })
+    .await
 }
 
 /// A proxy on its own server (the spliced relay).
-async fn proxy(registry: &str, upstream_host: &str, timeout: Duration) -> Served {
+async fn proxy(registry: &str, upstream_host: &str, timeout: Duration) -> Running {
     proxy_with(registry, upstream_host, timeout, false).await
 }
 
 /// A proxy; with `hyper`, its router on hyper (every body copied through user space).
-async fn proxy_with(registry: &str, upstream_host: &str, timeout: Duration, hyper: bool) -> Served {
-    let mut prom = prometheus_client::registry::Registry::default();
-    let p = Proxy::new(
-        ProxyConfig {
-            registry: registry.parse().unwrap(),
-            registry_timeout: timeout,
-        },
-        upstream_client(upstream_host),
-        ProxyMetrics::new(&mut prom),
-    );
-    let kind = if hyper {
+async fn proxy_with(
+    registry: &str,
+    upstream_host: &str,
+    timeout: Duration,
+    hyper: bool,
+) -> Running {
+    let server = if hyper {
         ServerKind::Hyper
     } else {
         ServerKind::Kache
     };
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(p.serve(l, kind, std::future::pending()));
-    Served {
-        addr,
-        prom: Arc::new(prom),
-        _dir: None,
-    }
+    parts::proxy(ProxyOptions {
+        registry_timeout: timeout,
+        server,
+        ..ProxyOptions::new(registry, upstream_host)
+    })
+    .await
 }
 
 #[tokio::test]
@@ -121,13 +59,13 @@ async fn pulls_through(hyper: bool) {
     let c = client();
     let up = registry(None).await;
     let uh = up.addr.to_string();
-    let (m, ld) = push_image(&c, &up.base(), "app", "v1", b"layer bytes", None).await;
+    let (m, ld) = push_image(&c, &up.base, "app", "v1", b"layer bytes", None).await;
     let cache = registry(Some(&uh)).await;
-    let p = proxy_with(&cache.base(), &uh, Duration::from_secs(2), hyper).await;
+    let p = proxy_with(&cache.base, &uh, Duration::from_secs(2), hyper).await;
     let repo = format!("127.0.0.1_{}/app", up.addr.port());
 
     assert_eq!(
-        c.get(format!("{}/v2/", p.base()))
+        c.get(format!("{}/v2/", p.base))
             .send()
             .await
             .unwrap()
@@ -136,14 +74,14 @@ async fn pulls_through(hyper: bool) {
     );
     for _ in 0..2 {
         let r = c
-            .get(format!("{}/v2/{repo}/manifests/v1", p.base()))
+            .get(format!("{}/v2/{repo}/manifests/v1", p.base))
             .send()
             .await
             .unwrap();
         assert_eq!(r.headers()["content-type"], media_type::OCI_MANIFEST);
         assert_eq!(r.bytes().await.unwrap(), m);
         let r = c
-            .get(format!("{}/v2/{repo}/blobs/{ld}", p.base()))
+            .get(format!("{}/v2/{repo}/blobs/{ld}", p.base))
             .send()
             .await
             .unwrap();
@@ -163,7 +101,7 @@ async fn pulls_through(hyper: bool) {
     let r = c
         .get(format!(
             "{}/v2/app/manifests/v1?ns={}",
-            p.base(),
+            p.base,
             uh.replace(':', "%3A")
         ))
         .send()
@@ -177,11 +115,11 @@ async fn an_unreachable_registry_means_straight_to_upstream() {
     let c = client();
     let up = registry(None).await;
     let uh = up.addr.to_string();
-    let (m, ld) = push_image(&c, &up.base(), "app", "v1", b"fallback layer", None).await;
+    let (m, ld) = push_image(&c, &up.base, "app", "v1", b"fallback layer", None).await;
     let p = proxy(&closed_port(), &uh, Duration::from_secs(2)).await;
     let repo = format!("127.0.0.1_{}/app", up.addr.port());
     let r = c
-        .get(format!("{}/v2/{repo}/manifests/v1", p.base()))
+        .get(format!("{}/v2/{repo}/manifests/v1", p.base))
         .send()
         .await
         .unwrap();
@@ -192,13 +130,13 @@ async fn an_unreachable_registry_means_straight_to_upstream() {
     );
     assert_eq!(r.bytes().await.unwrap(), m);
     let r = c
-        .head(format!("{}/v2/{repo}/manifests/v1", p.base()))
+        .head(format!("{}/v2/{repo}/manifests/v1", p.base))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     let r = c
-        .get(format!("{}/v2/{repo}/blobs/{ld}", p.base()))
+        .get(format!("{}/v2/{repo}/blobs/{ld}", p.base))
         .send()
         .await
         .unwrap();
@@ -207,7 +145,7 @@ async fn an_unreachable_registry_means_straight_to_upstream() {
     let r = c
         .get(format!(
             "{}/v2/app/manifests/v1?ns={}",
-            p.base(),
+            p.base,
             uh.replace(':', "%3A")
         ))
         .send()
@@ -222,14 +160,14 @@ async fn an_unreachable_registry_means_straight_to_upstream() {
     );
     // Nothing upstream either: the upstream's answer, as the spec's error.
     let r = c
-        .get(format!("{}/v2/{repo}/manifests/v404", p.base()))
+        .get(format!("{}/v2/{repo}/manifests/v404", p.base))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     // The kubelet's ping never depends on the registry.
     assert_eq!(
-        c.get(format!("{}/v2/", p.base()))
+        c.get(format!("{}/v2/", p.base))
             .send()
             .await
             .unwrap()
@@ -243,7 +181,7 @@ async fn a_failing_or_silent_registry_means_upstream_but_a_404_is_the_answer() {
     let c = client();
     let up = registry(None).await;
     let uh = up.addr.to_string();
-    let (m, _) = push_image(&c, &up.base(), "app", "v1", b"x", None).await;
+    let (m, _) = push_image(&c, &up.base, "app", "v1", b"x", None).await;
     let repo = format!("127.0.0.1_{}/app", up.addr.port());
     let upstream_gets =
         || up.count(r#"kache_registry_requests_total{route="manifest",method="GET",status="200"}"#);
@@ -255,7 +193,7 @@ async fn a_failing_or_silent_registry_means_upstream_but_a_404_is_the_answer() {
     .await;
     let p = proxy(&format!("http://{failing}"), &uh, Duration::from_secs(2)).await;
     assert_eq!(
-        c.get(format!("{}/v2/{repo}/manifests/v1", p.base()))
+        c.get(format!("{}/v2/{repo}/manifests/v1", p.base))
             .send()
             .await
             .unwrap()
@@ -275,7 +213,7 @@ async fn a_failing_or_silent_registry_means_upstream_but_a_404_is_the_answer() {
     let p = proxy(&format!("http://{silent}"), &uh, Duration::from_millis(300)).await;
     let started = std::time::Instant::now();
     assert_eq!(
-        c.get(format!("{}/v2/{repo}/manifests/v1", p.base()))
+        c.get(format!("{}/v2/{repo}/manifests/v1", p.base))
             .send()
             .await
             .unwrap()
@@ -289,9 +227,9 @@ async fn a_failing_or_silent_registry_means_upstream_but_a_404_is_the_answer() {
 
     // A registry 404 is passed on; the upstream is not asked.
     let empty = registry(None).await;
-    let p = proxy(&empty.base(), &uh, Duration::from_secs(2)).await;
+    let p = proxy(&empty.base, &uh, Duration::from_secs(2)).await;
     let r = c
-        .get(format!("{}/v2/{repo}/manifests/v1", p.base()))
+        .get(format!("{}/v2/{repo}/manifests/v1", p.base))
         .send()
         .await
         .unwrap();
@@ -329,7 +267,7 @@ async fn the_proxy_only_serves_pulls() {
         (Method::GET, "/v2/plain/manifests/v1", 503, None),
     ] {
         let r = c
-            .request(method.clone(), format!("{}{path}", p.base()))
+            .request(method.clone(), format!("{}{path}", p.base))
             .body(if method == Method::PUT { "{}" } else { "" })
             .send()
             .await
@@ -480,13 +418,13 @@ impl Raw {
 
 /// An upstream with one image whose layer is `layer`, a pull-through registry of it, a proxy in
 /// front; returns them with the cache repository, the manifest and the layer digest.
-async fn stack(layer: &[u8]) -> (Served, Served, Served, String, Vec<u8>, Digest) {
+async fn stack(layer: &[u8]) -> (Running, Running, Running, String, Vec<u8>, Digest) {
     let c = client();
     let up = registry(None).await;
     let uh = up.addr.to_string();
-    let (m, ld) = push_image(&c, &up.base(), "app", "v1", layer, None).await;
+    let (m, ld) = push_image(&c, &up.base, "app", "v1", layer, None).await;
     let cache = registry(Some(&uh)).await;
-    let p = proxy(&cache.base(), &uh, Duration::from_secs(5)).await;
+    let p = proxy(&cache.base, &uh, Duration::from_secs(5)).await;
     let repo = format!("127.0.0.1_{}/app", up.addr.port());
     (up, cache, p, repo, m, ld.parse().unwrap())
 }
@@ -498,7 +436,7 @@ async fn a_blob_is_spliced_byte_for_byte_cold_and_warm() {
     let c = client();
     for _ in 0..2 {
         let r = c
-            .get(format!("{}/v2/{repo}/blobs/{ld}", p.base()))
+            .get(format!("{}/v2/{repo}/blobs/{ld}", p.base))
             .send()
             .await
             .unwrap();
@@ -775,7 +713,7 @@ async fn a_registry_that_dies_mid_blob_leaves_a_short_body_and_a_closed_connecti
     assert!(raw.closed().await);
     // An HTTP client sees an error, not a blob.
     let r = client()
-        .get(format!("{}/v2/docker.io/library/app/blobs/{d}", p.base()))
+        .get(format!("{}/v2/docker.io/library/app/blobs/{d}", p.base))
         .send()
         .await
         .unwrap();
@@ -789,7 +727,7 @@ async fn registry_connections_are_reused_and_a_closed_one_is_replaced() {
     let b = body.clone();
     let (reg, accepted) = fake_registry(move |_| (blob_answer(&b, b.len()), false)).await;
     let p = proxy(&reg, "127.0.0.1:1", Duration::from_secs(5)).await;
-    let url = format!("{}/v2/docker.io/library/app/blobs/{d}", p.base());
+    let url = format!("{}/v2/docker.io/library/app/blobs/{d}", p.base);
     let c = client();
     for _ in 0..3 {
         assert!(c.get(&url).send().await.unwrap().bytes().await.unwrap() == body);
@@ -804,7 +742,7 @@ async fn registry_connections_are_reused_and_a_closed_one_is_replaced() {
     let b = body.clone();
     let (reg, accepted) = fake_registry(move |_| (blob_answer(&b, b.len()), true)).await;
     let p = proxy(&reg, "127.0.0.1:1", Duration::from_secs(5)).await;
-    let url = format!("{}/v2/docker.io/library/app/blobs/{d}", p.base());
+    let url = format!("{}/v2/docker.io/library/app/blobs/{d}", p.base);
     for _ in 0..3 {
         assert!(c.get(&url).send().await.unwrap().bytes().await.unwrap() == body);
     }
@@ -817,7 +755,7 @@ async fn blobs_the_registry_fails_or_sends_chunked_still_arrive() {
     let up = registry(None).await;
     let uh = up.addr.to_string();
     let layer = pattern(150 * 1024);
-    let (_, ld) = push_image(&c, &up.base(), "app", "v1", &layer, None).await;
+    let (_, ld) = push_image(&c, &up.base, "app", "v1", &layer, None).await;
     let repo = format!("127.0.0.1_{}/app", up.addr.port());
     let upstream_blob_gets =
         || up.count(r#"kache_registry_requests_total{route="blob",method="GET",status="200"}"#);
@@ -832,7 +770,7 @@ async fn blobs_the_registry_fails_or_sends_chunked_still_arrive() {
     .await;
     let p = proxy(&reg, &uh, Duration::from_secs(5)).await;
     let r = c
-        .get(format!("{}/v2/{repo}/blobs/{ld}", p.base()))
+        .get(format!("{}/v2/{repo}/blobs/{ld}", p.base))
         .send()
         .await
         .unwrap();
@@ -857,7 +795,7 @@ async fn blobs_the_registry_fails_or_sends_chunked_still_arrive() {
     });
     let p = proxy(&silent_url, &uh, Duration::from_millis(300)).await;
     let r = c
-        .get(format!("{}/v2/{repo}/blobs/{ld}", p.base()))
+        .get(format!("{}/v2/{repo}/blobs/{ld}", p.base))
         .send()
         .await
         .unwrap();
@@ -902,7 +840,7 @@ async fn ranges_and_h2c_still_work() {
     let layer = pattern(64 * 1024);
     let (_up, _cache, p, repo, m, ld) = stack(&layer).await;
     let c = client();
-    let url = format!("{}/v2/{repo}/blobs/{ld}", p.base());
+    let url = format!("{}/v2/{repo}/blobs/{ld}", p.base);
     // Warm it first: a range on a miss may be answered whole.
     assert!(c.get(&url).send().await.unwrap().bytes().await.unwrap() == layer);
     let r = c
@@ -915,11 +853,11 @@ async fn ranges_and_h2c_still_work() {
     assert_eq!(r.bytes().await.unwrap(), layer[10..20]);
 
     let h2 = Client::builder().http2_prior_knowledge().build().unwrap();
-    let r = h2.get(format!("{}/v2/", p.base())).send().await.unwrap();
+    let r = h2.get(format!("{}/v2/", p.base)).send().await.unwrap();
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
     assert_eq!(r.status(), StatusCode::OK);
     let r = h2
-        .get(format!("{}/v2/{repo}/manifests/v1", p.base()))
+        .get(format!("{}/v2/{repo}/manifests/v1", p.base))
         .send()
         .await
         .unwrap();
@@ -957,7 +895,7 @@ async fn shutdown_closes_idle_connections_and_finishes_the_answer_in_flight() {
             registry: reg.parse().unwrap(),
             registry_timeout: Duration::from_secs(5),
         },
-        upstream_client("127.0.0.1:1"),
+        parts::upstream_client("127.0.0.1:1"),
         ProxyMetrics::new(&mut prom),
     );
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

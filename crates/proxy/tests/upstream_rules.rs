@@ -7,70 +7,22 @@
 //! The upstream lies on purpose (kache-testkit's FaultyUpstream): no real registry does it on
 //! demand.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use kache_http::ServerKind;
-use kache_proxy::{Proxy, ProxyConfig, ProxyMetrics};
-use kache_registry::{Access, Freshness, Metrics, Registry};
-use kache_store::Store;
+use kache_registry::Freshness;
 use kache_testkit::inproc::{client, closed_port};
+use kache_testkit::parts::{self, ProxyOptions, RegistryOptions, Running};
 use kache_testkit::{Content, Fault, FaultyUpstream, Flavor, Image, ImageBuilder};
-use kache_upstream::{Upstream, UpstreamConfig};
 use reqwest::StatusCode;
 
-fn upstream_client(host: &str) -> Upstream {
-    Upstream::new(UpstreamConfig {
-        insecure_registries: vec![host.to_owned()],
-        connect_timeout: Duration::from_secs(1),
-        request_timeout: Duration::from_secs(5),
-        ..UpstreamConfig::default()
+/// A proxy of `registry` falling back to `upstream_host`, on the server `kind`.
+async fn proxy(registry: &str, upstream_host: &str, kind: ServerKind) -> Running {
+    parts::proxy(ProxyOptions {
+        server: kind,
+        ..ProxyOptions::new(registry, upstream_host)
     })
-    .unwrap()
-}
-
-/// A pull-through registry of `host`, served on 127.0.0.1; its base URL.
-async fn registry(host: &str, dir: &std::path::Path) -> String {
-    registry_with(host, dir, Freshness::tags(Duration::from_secs(3600))).await
-}
-
-async fn registry_with(host: &str, dir: &std::path::Path, freshness: Freshness) -> String {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let store = Arc::new(Store::open(dir).unwrap().0);
-    let mut prom = prometheus_client::registry::Registry::default();
-    let reg = Registry::with_pull_through(
-        store,
-        Metrics::new(&mut prom),
-        upstream_client(host),
-        freshness,
-    );
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", l.local_addr().unwrap());
-    let app = reg.router_for(Access::ReadWrite);
-    tokio::spawn(kache_registry::serve(
-        app,
-        l,
-        ServerKind::Kache,
-        std::future::pending(),
-    ));
-    base
-}
-
-/// A proxy in front of `registry`, on the server `kind`; its base URL.
-async fn proxy(registry: &str, upstream_host: &str, kind: ServerKind) -> String {
-    let mut prom = prometheus_client::registry::Registry::default();
-    let p = Proxy::new(
-        ProxyConfig {
-            registry: registry.parse().unwrap(),
-            registry_timeout: Duration::from_secs(2),
-        },
-        upstream_client(upstream_host),
-        ProxyMetrics::new(&mut prom),
-    );
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", l.local_addr().unwrap());
-    tokio::spawn(p.serve(l, kind, std::future::pending()));
-    base
+    .await
 }
 
 fn image() -> Image {
@@ -124,9 +76,9 @@ async fn what_the_registry_refused_reaches_the_client_as_its_error_and_is_not_fe
     for kind in [ServerKind::Kache, ServerKind::Hyper] {
         let img = image();
         let up = FaultyUpstream::start("team/app", "v1", &img);
-        let dir = tempfile::tempdir().unwrap();
-        let reg = registry(&up.host(), dir.path()).await;
-        let p = proxy(&reg, &up.host(), kind).await;
+        let reg = parts::registry(RegistryOptions::pull_from(&up.host())).await;
+        let p = proxy(&reg.base, &up.host(), kind).await;
+        let p = &p.base;
         let repo = format!("127.0.0.1_{}/team/app", up.addr().port());
         for (what, fault) in refused_manifests() {
             up.fail("v1", fault);
@@ -158,6 +110,7 @@ async fn with_the_registry_down_the_proxy_refuses_the_same_answers_itself() {
         let img = image();
         let up = FaultyUpstream::start("team/app", "v1", &img);
         let p = proxy(&closed_port(), &up.host(), kind).await;
+        let p = &p.base;
         let repo = format!("127.0.0.1_{}/team/app", up.addr().port());
         let by_tag = format!("{p}/v2/{repo}/manifests/v1");
         let by_digest = format!("{p}/v2/{repo}/manifests/{}", img.digest());
@@ -215,14 +168,18 @@ async fn with_the_registry_down_the_proxy_refuses_the_same_answers_itself() {
 async fn a_cached_tag_is_served_while_the_upstream_answers_nothing() {
     let img = image();
     let up = FaultyUpstream::start("team/app", "v1", &img);
-    let dir = tempfile::tempdir().unwrap();
     // Every read re-validates; the upstream client waits 5 s, the proxy 2 s for the registry.
     let freshness = Freshness {
         tag_ttl: Duration::ZERO,
         revalidate_wait: Duration::from_millis(200),
     };
-    let reg = registry_with(&up.host(), dir.path(), freshness).await;
-    let p = proxy(&reg, &up.host(), ServerKind::Kache).await;
+    let reg = parts::registry(RegistryOptions {
+        freshness,
+        ..RegistryOptions::pull_from(&up.host())
+    })
+    .await;
+    let p = proxy(&reg.base, &up.host(), ServerKind::Kache).await;
+    let p = &p.base;
     let repo = format!("127.0.0.1_{}/team/app", up.addr().port());
     let by_tag = format!("{p}/v2/{repo}/manifests/v1");
     let (status, body, _) = get(&by_tag).await;

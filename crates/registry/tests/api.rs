@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kache_oci::{Digest, media_type};
-use kache_registry::{Metrics, Registry};
 use kache_store::Store;
+use kache_testkit::inproc::client;
+use kache_testkit::parts::{self, RegistryOptions, Running};
 use reqwest::{Client, Method, StatusCode};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -15,8 +16,9 @@ struct Server {
     base: String,
     addr: std::net::SocketAddr,
     client: Client,
-    dir: tempfile::TempDir,
     store: Arc<Store>,
+    /// The registry, its store and data directory, alive as long as the scenario.
+    part: Running,
 }
 
 /// Every scenario runs on both servers: they must answer the same.
@@ -58,32 +60,17 @@ on_both_servers!(
 /// The registry on a free port, answered by `kind`: kache's own server (the default) or hyper
 /// (`--http-server hyper`).
 async fn serve(kind: kache_http::ServerKind) -> Server {
-    // The one TLS provider of the project (DESIGN.md); reqwest is built without a default.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let dir = tempfile::tempdir().unwrap();
-    let (store, _) = Store::open(dir.path()).unwrap();
-    let store = Arc::new(store);
-    let mut prom = prometheus_client::registry::Registry::default();
-    let reg = Registry::new(store.clone(), Metrics::new(&mut prom));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = reg.router();
-    tokio::spawn(kache_registry::serve(
-        app,
-        listener,
-        kind,
-        std::future::pending(),
-    ));
-    let client = Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
+    let part = parts::registry(RegistryOptions {
+        server: kind,
+        ..RegistryOptions::default()
+    })
+    .await;
     Server {
-        base: format!("http://{addr}"),
-        addr,
-        client,
-        dir,
-        store,
+        base: part.base.clone(),
+        addr: part.addr,
+        client: client(),
+        store: part.store().clone(),
+        part,
     }
 }
 
@@ -164,7 +151,7 @@ impl Server {
             }
         }
         let mut out = BTreeMap::new();
-        walk(self.dir.path(), self.dir.path(), &mut out);
+        walk(self.part.data_dir(), self.part.data_dir(), &mut out);
         out.insert("total_bytes".into(), self.store.total_bytes().to_string());
         out
     }
@@ -415,7 +402,7 @@ async fn cancelled_upload_is_gone(s: Server) {
         StatusCode::NOT_FOUND
     );
     assert!(
-        std::fs::read_dir(s.dir.path().join("uploads"))
+        std::fs::read_dir(s.part.data_dir().join("uploads"))
             .unwrap()
             .next()
             .is_none()

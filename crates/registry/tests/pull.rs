@@ -1,86 +1,34 @@
 //! Pull-through over real HTTP on 127.0.0.1: a caching registry in front of an upstream that
 //! is itself a kache registry (the Debian distribution runs in the end-to-end tests).
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use kache_http::ServerKind;
 use kache_oci::{Digest, media_type};
-use kache_registry::{Access, Freshness, Metrics, Registry};
-use kache_store::Store;
+use kache_registry::{Access, Freshness};
 use kache_testkit::inproc::{client, error_code as code, push_image};
-use kache_upstream::{Upstream, UpstreamConfig};
+use kache_testkit::parts::{self, RegistryOptions, Running};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-struct Node {
-    base: String,
-    addr: std::net::SocketAddr,
-    store: Arc<Store>,
-    prom: Arc<prometheus_client::registry::Registry>,
-    task: tokio::task::JoinHandle<()>,
-    _dir: tempfile::TempDir,
+/// A registry on a free port; with `upstream_of`, a pull-through cache of that host whose tags
+/// are re-validated once older than `ttl`.
+async fn start(upstream_of: Option<&str>, ttl: Duration, access: Access) -> Running {
+    parts::registry(RegistryOptions {
+        pull_from: upstream_of.map(str::to_owned),
+        freshness: Freshness::tags(ttl),
+        access,
+        ..RegistryOptions::default()
+    })
+    .await
 }
 
-impl Node {
-    fn metrics(&self) -> String {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.prom).unwrap();
-        out
-    }
-
-    fn count(&self, series: &str) -> f64 {
-        self.metrics()
-            .lines()
-            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0.0)
-    }
-}
-
-async fn start(upstream_of: Option<&str>, ttl: Duration, access: Access) -> Node {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(dir.path()).unwrap().0);
-    let mut prom = prometheus_client::registry::Registry::default();
-    let metrics = Metrics::new(&mut prom);
-    let reg = match upstream_of {
-        None => Registry::new(store.clone(), metrics),
-        Some(host) => {
-            let up = Upstream::new(UpstreamConfig {
-                insecure_registries: vec![host.to_owned()],
-                request_timeout: Duration::from_secs(5),
-                connect_timeout: Duration::from_secs(1),
-                ..UpstreamConfig::default()
-            })
-            .unwrap();
-            Registry::with_pull_through(store.clone(), metrics, up, Freshness::tags(ttl))
-        }
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = reg.router_for(access);
-    let task = tokio::spawn(async move {
-        let _ =
-            kache_registry::serve(app, listener, ServerKind::Kache, std::future::pending()).await;
-    });
-    Node {
-        base: format!("http://{addr}"),
-        addr,
-        store,
-        prom: Arc::new(prom),
-        task,
-        _dir: dir,
-    }
-}
-
-fn cache_repo(upstream: &Node, path: &str) -> String {
+fn cache_repo(upstream: &Running, path: &str) -> String {
     format!("127.0.0.1_{}/{path}", upstream.addr.port())
 }
 
 #[tokio::test]
 async fn pulls_through_then_serves_from_cache_when_upstream_is_gone() {
-    let up = start(None, Duration::ZERO, Access::ReadWrite).await;
+    let mut up = start(None, Duration::ZERO, Access::ReadWrite).await;
     let c = client();
     let layer = vec![42u8; 300_000];
     let (m, ld) = push_image(&c, &up.base, "team/app", "v1", &layer, None).await;
@@ -122,8 +70,7 @@ async fn pulls_through_then_serves_from_cache_when_upstream_is_gone() {
         .unwrap();
     assert_eq!(r.headers()["x-kache-cache"], "hit");
 
-    up.task.abort();
-    let _ = up.task.await;
+    up.stop().await;
     let r = c
         .get(format!("{}/v2/{repo}/manifests/v1", cache.base))
         .send()
@@ -138,14 +85,14 @@ async fn pulls_through_then_serves_from_cache_when_upstream_is_gone() {
         .unwrap();
     assert_eq!(r.bytes().await.unwrap(), layer);
     assert_eq!(
-        cache.store.verify().await.unwrap().bad,
+        cache.store().verify().await.unwrap().bad,
         Vec::<String>::new()
     );
 }
 
 #[tokio::test]
 async fn stale_tags_are_revalidated_and_served_when_upstream_fails() {
-    let up = start(None, Duration::ZERO, Access::ReadWrite).await;
+    let mut up = start(None, Duration::ZERO, Access::ReadWrite).await;
     let c = client();
     let (m1, _) = push_image(&c, &up.base, "app", "latest", b"one", None).await;
     // A zero TTL re-validates on every request.
@@ -172,8 +119,7 @@ async fn stale_tags_are_revalidated_and_served_when_upstream_fails() {
     let r = c.get(&url).send().await.unwrap();
     assert_eq!(r.bytes().await.unwrap(), m2, "the tag moved upstream");
 
-    up.task.abort();
-    let _ = up.task.await;
+    up.stop().await;
     let r = c.get(&url).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.headers()["x-kache-cache"], "stale");
@@ -367,9 +313,9 @@ async fn writes_need_the_internal_listener_or_the_token() {
             .await
             .unwrap();
         assert_eq!(r.status(), status);
-        assert_eq!(node.store.total_bytes(), 0, "nothing was written");
+        assert_eq!(node.store().total_bytes(), 0, "nothing was written");
         assert_eq!(
-            node.store
+            node.store()
                 .stat_blob(&"docker.io/library/nginx".parse().unwrap(), &d)
                 .unwrap(),
             None
@@ -484,7 +430,7 @@ async fn warm_caches_the_asked_platforms_of_an_index_and_nothing_else() {
     let repo: kache_oci::RepoName = cache_repo(&up, "multi").parse().unwrap();
     assert!(
         cache
-            .store
+            .store()
             .stat_blob(&repo, &layers[0].parse().unwrap())
             .unwrap()
             .is_some(),
@@ -492,7 +438,7 @@ async fn warm_caches_the_asked_platforms_of_an_index_and_nothing_else() {
     );
     assert!(
         cache
-            .store
+            .store()
             .stat_blob(&repo, &layers[1].parse().unwrap())
             .unwrap()
             .is_some(),
@@ -500,7 +446,7 @@ async fn warm_caches_the_asked_platforms_of_an_index_and_nothing_else() {
     );
     assert!(
         cache
-            .store
+            .store()
             .stat_blob(&repo, &layers[2].parse().unwrap())
             .unwrap()
             .is_none(),

@@ -9,7 +9,8 @@
 //! - garbage collection runs while everything else goes on: gate.rs says how.
 //!
 //! The registry speaks to a store through [`Storage`] alone (storage.rs): [`Store`] is its
-//! first implementation, and `suite` (feature `suite`) the tests any implementation runs, this one included.
+//! first implementation, and `suite` (feature `suite`) the tests any implementation runs, this
+//! one included.
 //!
 //! On disk, the data directory holds the blob files, writes in progress, upload sessions and the
 //! index: `Layout` (fs.rs) draws the tree, beside the code that builds each of its paths.

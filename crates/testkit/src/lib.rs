@@ -5,7 +5,9 @@
 //! upstream that fails on demand, and a private containerd pulling through hosts.toml mirrors;
 //! and the OCI clients users reach for (crane, regctl, oras).
 //!
-//! The crates' own async tests use [`inproc`]: a router on a free port, a client, pushes.
+//! The crates' own async tests use the in-process tier: [`parts`] (kache's registry and node
+//! proxy on free ports of this process) and [`inproc`] (a router on a free port, a client,
+//! pushes).
 //!
 //! The tests use it as `support` (`use kache_testkit as support;`).
 
@@ -23,6 +25,7 @@ pub mod inproc;
 pub mod kube;
 pub mod metrics;
 pub mod node;
+pub mod parts;
 pub mod pki;
 pub mod process;
 pub mod proxy;
