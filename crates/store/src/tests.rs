@@ -272,3 +272,24 @@ mod suite_on_store {
         (dir, Arc::new(store) as Arc<dyn Storage>)
     });
 }
+
+/// The index records what a manifest references (its config and layers), which collection
+/// marks from; the suite sees only what the trait shows, so it is checked here.
+#[tokio::test]
+async fn a_manifest_s_references_are_its_config_and_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path()).unwrap();
+    let r = repo("r");
+    let (c, l) = (Digest::sha256(b"{}"), Digest::sha256(b"layer"));
+    store.put_blob(&r, &c, body(b"{}")).await.unwrap();
+    store.put_blob(&r, &l, body(b"layer")).await.unwrap();
+    let bytes = image_manifest(&c, &l);
+    let parsed = ParsedManifest::parse(&bytes, None).unwrap();
+    let tag = "v1".parse().unwrap();
+    let d = store.put_manifest(&r, &tag, bytes, &parsed).await.unwrap();
+    let mut refs = store.references(&d).unwrap();
+    refs.sort();
+    let mut want = vec![c, l];
+    want.sort();
+    assert_eq!(refs, want);
+}
