@@ -4,13 +4,15 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write as _;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-/// A port on 127.0.0.1 that was free a moment ago.
+/// A port on 127.0.0.1 that was free a moment ago: for the peers, which cannot say where they
+/// bound; kache's own processes start on `:0` and say it ([`Proc::spawn_kache`]).
 pub fn free_port() -> Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
@@ -50,6 +52,28 @@ impl Proc {
             child: Some(child),
             stderr: err,
         })
+    }
+
+    /// [`Proc::spawn`] for a kache role whose listeners are all on `127.0.0.1:0`: waits for the
+    /// `--ready-file` it writes once they are bound, and gives their addresses back.
+    pub fn spawn_kache(
+        name: &str,
+        mut cmd: Command,
+        dir: &Path,
+        pids: &Path,
+    ) -> Result<(Proc, Listeners)> {
+        let ready = dir.join(format!("{name}.ready"));
+        let _ = std::fs::remove_file(&ready);
+        cmd.arg("--ready-file").arg(&ready);
+        let mut proc = Proc::spawn(name, cmd, dir, pids)?;
+        let child = proc.child.as_mut().expect("a child that was just started");
+        match kache_testkit::process::wait_ready_file(child, &ready, Duration::from_secs(20)) {
+            Ok(bound) => Ok((proc, Listeners(bound))),
+            Err(e) => {
+                proc.check_alive()?;
+                bail!("{name} never said where it listens: {e:?}")
+            }
+        }
     }
 
     /// Fails if the process has exited.
@@ -94,6 +118,26 @@ impl Proc {
             let _ = child.kill();
         }
         let _ = child.wait();
+    }
+}
+
+/// The addresses a kache process bound, by listener name (`listen`, `internal`, `metrics`,
+/// `proxy`), as its `--ready-file` says.
+#[derive(Debug)]
+pub struct Listeners(std::collections::BTreeMap<String, Vec<SocketAddr>>);
+
+impl Listeners {
+    /// `http://<addr>` of the first listener named `name`.
+    pub fn url(&self, name: &str) -> Result<String> {
+        Ok(format!("http://{}", self.addr(name)?))
+    }
+
+    /// The first listener named `name`.
+    pub fn addr(&self, name: &str) -> Result<SocketAddr> {
+        match self.0.get(name).and_then(|a| a.first()) {
+            Some(addr) => Ok(*addr),
+            None => bail!("no listener named {name} in {:?}", self.0),
+        }
     }
 }
 

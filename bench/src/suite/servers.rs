@@ -295,21 +295,13 @@ pub async fn start(
         None => upstream_host.clone(),
     };
 
-    let (reg_port, reg_internal, reg_metrics) = (
-        procs::free_port()?,
-        procs::free_port()?,
-        procs::free_port()?,
-    );
     let reg_dir = work.join("kache-registry");
     std::fs::create_dir_all(&reg_dir)?;
     let mut cmd = kache_command(kache);
     cmd.arg("registry")
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{reg_port}"))
-        .arg("--internal-listen")
-        .arg(format!("127.0.0.1:{reg_internal}"))
-        .arg("--metrics-listen")
-        .arg(format!("127.0.0.1:{reg_metrics}"))
+        .args(["--listen", ANY])
+        .args(["--internal-listen", ANY])
+        .args(["--metrics-listen", ANY])
         .arg("--data-dir")
         .arg(reg_dir.join("data"))
         .arg("--insecure-registry")
@@ -320,30 +312,27 @@ pub async fn start(
     if let Some(server) = &o.registry_http_server {
         cmd.arg("--http-server").arg(server);
     }
-    let mut registry = Proc::spawn("kache-registry", cmd, &reg_dir, pids)?;
-    let registry_url = format!("http://127.0.0.1:{reg_port}");
-    let registry_internal = format!("http://127.0.0.1:{reg_internal}");
-    let registry_metrics = format!("http://127.0.0.1:{reg_metrics}/metrics");
+    let (mut registry, bound) = Proc::spawn_kache("kache-registry", cmd, &reg_dir, pids)?;
+    let registry_url = bound.url("listen")?;
+    let registry_internal = bound.url("internal")?;
+    let registry_metrics = format!("{}/metrics", bound.url("metrics")?);
 
-    let (px_port, px_metrics) = (procs::free_port()?, procs::free_port()?);
     let px_dir = work.join("kache-proxy");
     std::fs::create_dir_all(&px_dir)?;
     let mut cmd = kache_command(kache);
     cmd.arg("proxy")
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{px_port}"))
+        .args(["--listen", ANY])
         .arg("--registry")
         .arg(&registry_url)
-        .arg("--metrics-listen")
-        .arg(format!("127.0.0.1:{px_metrics}"))
+        .args(["--metrics-listen", ANY])
         .arg("--insecure-registry")
         .arg(&insecure);
     if let Some(server) = &o.proxy_http_server {
         cmd.arg("--http-server").arg(server);
     }
-    let mut proxy = Proc::spawn("kache-proxy", cmd, &px_dir, pids)?;
-    let proxy_url = format!("http://127.0.0.1:{px_port}");
-    let proxy_metrics = format!("http://127.0.0.1:{px_metrics}/metrics");
+    let (mut proxy, bound) = Proc::spawn_kache("kache-proxy", cmd, &px_dir, pids)?;
+    let proxy_url = bound.url("proxy")?;
+    let proxy_metrics = format!("{}/metrics", bound.url("metrics")?);
 
     wait_ready(
         &mut nginx,
@@ -521,6 +510,10 @@ http {{
 }
 
 /// The kache binary, without the `KACHE_*` settings of the caller's environment.
+/// Where kache's own processes listen: a port of the system's choosing, read back from the
+/// `--ready-file` ([`Proc::spawn_kache`]).
+pub const ANY: &str = "127.0.0.1:0";
+
 pub fn kache_command(kache: &Path) -> Command {
     let mut cmd = Command::new(kache);
     for (k, _) in std::env::vars_os() {

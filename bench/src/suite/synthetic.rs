@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, anyhow};
 use kache_store::fixtures::{self, Made, Spec};
 
-use super::servers::{kache_command, wait_ready};
-use crate::procs::{self, Proc};
+use super::servers::{ANY, kache_command, wait_ready};
+use crate::procs::Proc;
 
 /// Makes the store of `spec` in `<dir>/data`, then runs `after` on that directory (both off the
 /// runtime); the directory and what was made.
@@ -60,31 +60,23 @@ pub async fn start_registry(
     pids: &Path,
     name: &str,
 ) -> Result<StoreRegistry> {
-    let (port, internal_port, metrics_port) = (
-        procs::free_port()?,
-        procs::free_port()?,
-        procs::free_port()?,
-    );
     let mut cmd = kache_command(kache);
     cmd.arg("registry")
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--internal-listen")
-        .arg(format!("127.0.0.1:{internal_port}"))
-        .arg("--metrics-listen")
-        .arg(format!("127.0.0.1:{metrics_port}"))
+        .args(["--listen", ANY])
+        .args(["--internal-listen", ANY])
+        .args(["--metrics-listen", ANY])
         .arg("--data-dir")
         .arg(data)
         .arg("--gc-schedule")
         .arg("off");
     let started = Instant::now();
-    let mut proc = Proc::spawn(name, cmd, dir, pids)?;
-    let base = format!("http://127.0.0.1:{port}");
+    let (mut proc, bound) = Proc::spawn_kache(name, cmd, dir, pids)?;
+    let base = bound.url("listen")?;
     wait_ready(&mut proc, &format!("{base}/v2/")).await?;
     Ok(StoreRegistry {
         ready: started.elapsed(),
         proc,
         base,
-        internal: format!("http://127.0.0.1:{internal_port}"),
+        internal: bound.url("internal")?,
     })
 }

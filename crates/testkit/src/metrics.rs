@@ -23,6 +23,16 @@ pub fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// The value of one series written whole, labels in the order the exposition writes them
+/// (`name{k="v",...}`, or `name`); 0 when absent.
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter_map(|l| l.trim().rsplit_once(' '))
+        .find(|(s, _)| *s == series)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// A sample's labels, as (name, value) pairs in the order written.
 type Labels = Vec<(String, String)>;
 

@@ -21,9 +21,7 @@ pub struct Running {
     /// `http://127.0.0.1:<port>`.
     pub base: String,
     /// The registry's store (a registry's only).
-    pub store: Option<Arc<Store>>,
-    /// The registry itself (a registry's only).
-    pub registry: Option<Registry>,
+    store: Option<Arc<Store>>,
     prom: Arc<prometheus_client::registry::Registry>,
     task: Option<tokio::task::JoinHandle<()>>,
     dir: Option<tempfile::TempDir>,
@@ -44,11 +42,7 @@ impl Running {
 
     /// The value of one series, written whole (`name{labels}`); 0 when absent.
     pub fn count(&self, series: &str) -> f64 {
-        self.metrics()
-            .lines()
-            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0.0)
+        crate::metrics::sample(&self.metrics(), series)
     }
 
     /// The registry's store, which a registry always has.
@@ -135,7 +129,6 @@ pub async fn registry(o: RegistryOptions) -> Running {
         addr,
         base: format!("http://{addr}"),
         store: Some(store),
-        registry: Some(registry),
         prom: Arc::new(prom),
         task: Some(task),
         dir: Some(dir),
@@ -186,7 +179,6 @@ pub async fn proxy(o: ProxyOptions) -> Running {
         addr,
         base: format!("http://{addr}"),
         store: None,
-        registry: None,
         prom: Arc::new(prom),
         task: Some(task),
         dir: None,

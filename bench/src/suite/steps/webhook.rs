@@ -11,11 +11,11 @@ use http::{HeaderMap, HeaderValue, Method, header};
 use super::{get_load, warm_up};
 use crate::client::{self, Url};
 use crate::load::{self, LoadResult, LoadSpec};
-use crate::procs::{self, Proc};
+use crate::procs::Proc;
 use crate::suite::Bench;
 use crate::suite::meter::{Usage, median_by};
 use crate::suite::report::{mib, thousands};
-use crate::suite::servers::{Kind, Server, kache_command, wait_ready_tls};
+use crate::suite::servers::{ANY, Kind, Server, kache_command, wait_ready_tls};
 
 /// The webhook budget's rate: its p99 is measured there.
 const WEBHOOK_RATE: f64 = 5000.0;
@@ -37,19 +37,16 @@ pub async fn webhook_step(bench: &mut Bench<'_>) -> Result<()> {
     let dir = work.join("kache-webhook");
     std::fs::create_dir_all(&dir)?;
     let (ca, cert, key) = webhook_pki(&dir)?;
-    let (port, metrics_port) = (procs::free_port()?, procs::free_port()?);
     let mut cmd = kache_command(kache);
     cmd.arg("webhook")
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
+        .args(["--listen", ANY])
         .arg("--tls-cert")
         .arg(&cert)
         .arg("--tls-key")
         .arg(&key)
-        .arg("--metrics-listen")
-        .arg(format!("127.0.0.1:{metrics_port}"));
-    let mut hook = Proc::spawn("kache-webhook", cmd, &dir, pids)?;
-    let url = format!("https://127.0.0.1:{port}/mutate");
+        .args(["--metrics-listen", ANY]);
+    let (mut hook, bound) = Proc::spawn_kache("kache-webhook", cmd, &dir, pids)?;
+    let url = format!("https://{}/mutate", bound.addr("listen")?);
     wait_ready_tls(&mut hook, &url, Some(&ca)).await?;
     let body = admission_review()?;
     let mut headers = HeaderMap::new();
