@@ -13,6 +13,8 @@
 //! assert_eq!(warm.platforms, ["linux/arm64"]);
 //! ```
 
+pub mod pull_token;
+
 use kache_oci::Digest;
 use serde::{Deserialize, Serialize};
 
@@ -336,4 +338,78 @@ mod tests {
         assert!(ok.images[0].pinned);
         assert!(serde_json::from_str::<KeptImages>(r#"{"images":[],"extra":1}"#).is_err());
     }
+}
+
+/// Who may read a cached repository: what the registry learnt of it from the upstream. A
+/// repository of kache's own (pushed, with no upstream) has none: whoever reaches the registry
+/// reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Visibility {
+    /// The upstream serves it to anyone: so does kache.
+    Public,
+    /// Fetched with the chart-wide credentials, which stand for the nodes' own: every pod of
+    /// the cluster may read it.
+    Cluster,
+    /// It took a namespace's pull secret: only namespaces with a grant read it.
+    Private,
+}
+
+impl Visibility {
+    /// The metric label and the JSON value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Visibility::Public => "public",
+            Visibility::Cluster => "cluster",
+            Visibility::Private => "private",
+        }
+    }
+}
+
+/// Checks a namespace's credentials against the upstream and, when they may pull the image,
+/// grants the namespace its cached repository (`POST`, a [`GrantRequest`]; the answer is a
+/// [`GrantResponse`]); lists the grants (`GET`). On the registry's internal listener: what the
+/// controller asks for each namespace whose pods use a private image.
+pub const GRANTS_PATH: &str = "/kache/v1/grants";
+
+/// The body of a grant call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantRequest {
+    /// Any image reference; its tag or digest is what the check asks the upstream for.
+    pub image: String,
+    pub namespace: String,
+    /// The namespace's own credentials for the image's registry, for this check only: never
+    /// stored. Without them the namespace is granted nothing but what is public or cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<WarmCredentials>,
+}
+
+/// The answer to a grant call: what the repository is, and whether the namespace may read it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GrantResponse {
+    /// The cache repository.
+    pub repository: String,
+    pub namespace: String,
+    pub visibility: Visibility,
+    /// Whether the namespace may read the repository now (always, unless it is private).
+    pub granted: bool,
+    /// Until when (unix seconds) the grant of a private repository holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+    /// Why nothing was granted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// One grant, as `GET` [`GRANTS_PATH`] lists them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Grant {
+    pub repository: String,
+    pub namespace: String,
+    /// When the upstream last accepted the namespace's credentials (unix seconds).
+    pub verified_at: u64,
+    pub expires_at: u64,
 }
