@@ -23,6 +23,7 @@ mod kept;
 mod manifests;
 mod repositories;
 mod tags;
+mod tenancy;
 mod uploads;
 
 pub use blobs::BlobRecord;
@@ -54,6 +55,14 @@ const ACCESS: TableDefinition<&str, u64> = TableDefinition::new("access");
 /// CachedImages, as the controller last reported them). Roots of the mark; pinned ones are never
 /// evicted.
 const KEPT: TableDefinition<&str, u8> = TableDefinition::new("kept");
+/// cache repository -> its visibility ([`kache_wire::Visibility`]) and when it was learnt.
+const VISIBILITY: TableDefinition<&str, &[u8]> = TableDefinition::new("visibility");
+/// `repo\0namespace` -> when the namespace's credentials were verified and until when they hold.
+const GRANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("grants");
+/// digest -> when marked: blobs (and manifests) whose bytes came only through private
+/// repositories. A mount that names no source never links them elsewhere: another repository
+/// fetches them from its own upstream, which shows whether it may.
+const SCOPED: TableDefinition<&str, u64> = TableDefinition::new("scoped");
 
 fn key(repo: &RepoName, rest: &str) -> String {
     format!("{}\0{rest}", repo.as_str())
@@ -114,6 +123,9 @@ impl Index {
         tx.open_table(UPLOADS)?;
         tx.open_table(ACCESS)?;
         tx.open_table(KEPT)?;
+        tx.open_table(VISIBILITY)?;
+        tx.open_table(GRANTS)?;
+        tx.open_table(SCOPED)?;
         tx.commit()?;
         Ok(Index { db })
     }

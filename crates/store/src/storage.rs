@@ -20,12 +20,13 @@ use bytes::Bytes;
 use futures_util::Stream;
 use futures_util::future::{BoxFuture, FutureExt};
 use kache_oci::{Digest, ParsedManifest, Reference, RepoName};
+use kache_wire::{Grant, Visibility};
 use uuid::Uuid;
 
 use crate::{
     BlobFile, FetchFailure, FlightStream, GcOptions, GcReport, KeptImage, Limits, Manifest,
     Observer, Pressure, Referrer, Result, SourceFn, Store, TagRecord, UploadStatus, VerifyProgress,
-    VerifyReport,
+    VerifyReport, blocking,
 };
 
 /// An error a request body broke off with.
@@ -173,9 +174,70 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 
     /// Re-reads every blob against its digest.
     fn verify_with(&self, progress: Progress) -> BoxFuture<'_, Result<VerifyReport>>;
+
+    // Who may read a cached repository.
+
+    /// What the upstream showed `repo` to be; `None` before it was asked (and for a repository
+    /// of kache's own).
+    fn visibility(&self, repo: &RepoName) -> Result<Option<Visibility>>;
+    /// Records what `repo` is. Made private, what it holds is scoped to it: a mount that names
+    /// no source no longer links its blobs elsewhere.
+    fn set_visibility<'a>(
+        &'a self,
+        repo: &'a RepoName,
+        visibility: Visibility,
+    ) -> BoxFuture<'a, Result<()>>;
+    /// The grant of `namespace` on `repo`, expired or not.
+    fn grant(&self, repo: &RepoName, namespace: &str) -> Result<Option<Grant>>;
+    /// Writes a grant (replacing the namespace's previous one); once it returns, a crash does
+    /// not lose it.
+    fn put_grant<'a>(&'a self, repo: &'a RepoName, grant: &'a Grant) -> BoxFuture<'a, Result<()>>;
+    /// Removes a grant; whether there was one.
+    fn remove_grant<'a>(
+        &'a self,
+        repo: &'a RepoName,
+        namespace: &'a str,
+    ) -> BoxFuture<'a, Result<bool>>;
+    /// Every grant, by repository then namespace.
+    fn grants(&self) -> Result<Vec<Grant>>;
 }
 
 impl Storage for Store {
+    fn visibility(&self, repo: &RepoName) -> Result<Option<Visibility>> {
+        self.index.visibility(repo)
+    }
+
+    fn set_visibility<'a>(
+        &'a self,
+        repo: &'a RepoName,
+        visibility: Visibility,
+    ) -> BoxFuture<'a, Result<()>> {
+        let (index, repo) = (self.index.clone(), repo.clone());
+        blocking(move || index.set_visibility(&repo, visibility)).boxed()
+    }
+
+    fn grant(&self, repo: &RepoName, namespace: &str) -> Result<Option<Grant>> {
+        self.index.grant(repo, namespace)
+    }
+
+    fn put_grant<'a>(&'a self, repo: &'a RepoName, grant: &'a Grant) -> BoxFuture<'a, Result<()>> {
+        let (index, repo, grant) = (self.index.clone(), repo.clone(), grant.clone());
+        blocking(move || index.put_grant(&repo, &grant)).boxed()
+    }
+
+    fn remove_grant<'a>(
+        &'a self,
+        repo: &'a RepoName,
+        namespace: &'a str,
+    ) -> BoxFuture<'a, Result<bool>> {
+        let (index, repo, ns) = (self.index.clone(), repo.clone(), namespace.to_owned());
+        blocking(move || index.remove_grant(&repo, &ns)).boxed()
+    }
+
+    fn grants(&self) -> Result<Vec<Grant>> {
+        self.index.grants()
+    }
+
     fn stat_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>> {
         Store::stat_blob(self, repo, digest)
     }

@@ -24,6 +24,8 @@ use futures_util::StreamExt;
 use kache_oci::{Algorithm, Digest, ParsedManifest, Reference, RepoName, media_type};
 
 use crate::storage::{Body, Storage};
+use kache_wire::{Grant, Visibility};
+
 use crate::{FetchError, GcOptions, KeptImage, Source, SourceFn, StoreError};
 
 /// One test function per case, each on a store `open` makes: `open` returns a guard held for
@@ -45,6 +47,8 @@ macro_rules! storage_suite {
             collection_removes_what_nothing_references_and_keeps_kept_images,
             stale_uploads_expire,
             what_is_served_is_remembered_once_flushed,
+            a_private_repository_s_blobs_are_never_linked_elsewhere_without_their_bytes,
+            grants_are_kept_per_repository_and_namespace,
         );
     };
     (@cases $open:expr; $($case:ident),* $(,)?) => {
@@ -499,7 +503,7 @@ pub async fn a_fetched_blob_that_does_not_verify_is_never_kept(store: Arc<dyn St
     let r = repo("docker.io/team/a");
     let claimed = Digest::sha256(b"the real bytes");
     let calls = Arc::new(AtomicUsize::new(0));
-    let source = source_of(Bytes::from_static(b"other bytes, same length?"), calls);
+    let source = source_of(Bytes::from_static(b"bytes the digest does not name"), calls);
     let flight = store
         .clone()
         .fetch_blob(r.clone(), claimed.clone(), source)
@@ -617,4 +621,110 @@ pub async fn what_is_served_is_remembered_once_flushed(store: Arc<dyn Storage>) 
         .unwrap()
         .expect("written by the flush");
     assert!(at <= unix_now() && at + 60 > unix_now(), "{at}");
+}
+
+pub async fn a_private_repository_s_blobs_are_never_linked_elsewhere_without_their_bytes(
+    store: Arc<dyn Storage>,
+) {
+    let (private, public) = (
+        repo("registry.example/team/app"),
+        repo("docker.io/library/x"),
+    );
+    assert_eq!(
+        store.visibility(&private).unwrap(),
+        None,
+        "unknown until set"
+    );
+    let before = put(
+        &*store,
+        &private,
+        b"linked before it was known to be private",
+    )
+    .await;
+    store
+        .set_visibility(&private, Visibility::Private)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.visibility(&private).unwrap(),
+        Some(Visibility::Private)
+    );
+    let after = put(&*store, &private, b"pushed after").await;
+    let (manifest, _) = push_image(&*store, &private, "v1", "private").await;
+    // Public bytes a private repository links stay everyone's.
+    let shared = put(&*store, &public, b"a public base layer").await;
+    assert_eq!(
+        store.mount_blob(&private, &shared, None).await.unwrap(),
+        Some(19)
+    );
+
+    for d in [&before, &after, &manifest] {
+        assert_eq!(
+            store.mount_blob(&public, d, None).await.unwrap(),
+            None,
+            "{d} entered through a private repository"
+        );
+        assert_eq!(store.stat_blob(&public, d).unwrap(), None, "{d}");
+    }
+    let other = repo("docker.io/library/y");
+    assert_eq!(
+        store.mount_blob(&other, &shared, None).await.unwrap(),
+        Some(19),
+        "a mount scopes nothing"
+    );
+    // A write that names its source is the writer's choice (the internal listener's).
+    assert!(
+        store
+            .mount_blob(&other, &before, Some(&private))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    // The bytes pushed (or fetched) through a public repository: they are everyone's now.
+    put(&*store, &public, b"pushed after").await;
+    assert_eq!(
+        store
+            .mount_blob(&repo("docker.io/library/z"), &after, None)
+            .await
+            .unwrap(),
+        Some(12)
+    );
+    assert_eq!(
+        read_blob(&*store, &private, &after).await,
+        b"pushed after",
+        "the private repository still reads its own"
+    );
+}
+
+pub async fn grants_are_kept_per_repository_and_namespace(store: Arc<dyn Storage>) {
+    let (a, b) = (repo("ghcr.io/team/a"), repo("ghcr.io/team/b"));
+    let grant = |r: &RepoName, ns: &str, at: u64| Grant {
+        repository: r.to_string(),
+        namespace: ns.to_owned(),
+        verified_at: at,
+        expires_at: at + 86_400,
+    };
+    assert_eq!(store.grant(&a, "ns1").unwrap(), None);
+    store.put_grant(&a, &grant(&a, "ns1", 100)).await.unwrap();
+    store.put_grant(&a, &grant(&a, "ns2", 100)).await.unwrap();
+    store.put_grant(&b, &grant(&b, "ns1", 100)).await.unwrap();
+    // Renewed: the later check replaces the earlier.
+    store.put_grant(&a, &grant(&a, "ns1", 200)).await.unwrap();
+    assert_eq!(store.grant(&a, "ns1").unwrap(), Some(grant(&a, "ns1", 200)));
+    assert_eq!(store.grant(&b, "ns2").unwrap(), None, "per repository");
+    assert_eq!(
+        store.grants().unwrap(),
+        [
+            grant(&a, "ns1", 200),
+            grant(&a, "ns2", 100),
+            grant(&b, "ns1", 100)
+        ]
+    );
+    assert!(store.remove_grant(&a, "ns1").await.unwrap());
+    assert!(!store.remove_grant(&a, "ns1").await.unwrap());
+    assert_eq!(store.grant(&a, "ns1").unwrap(), None);
+    assert_eq!(store.grant(&b, "ns1").unwrap(), Some(grant(&b, "ns1", 100)));
+    // A repository whose name another's begins with holds none of its grants.
+    let longer = repo("ghcr.io/team/a/b");
+    assert_eq!(store.grant(&longer, "ns2").unwrap(), None);
 }

@@ -4,7 +4,7 @@ use kache_oci::{Digest, RepoName};
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
-use super::{BLOBS, Index, LINKS, dec, enc, key, now, parse_digest, suffix};
+use super::{BLOBS, Index, LINKS, SCOPED, dec, enc, key, now, parse_digest, suffix, tenancy};
 use crate::error::Result;
 
 /// Adds the record of `digest`, a file now in place, unless the store has one already; whether
@@ -74,6 +74,7 @@ impl Index {
             if let Some(repo) = repo {
                 tx.open_table(LINKS)?
                     .insert(key(repo, &d).as_str(), now())?;
+                tenancy::note_link(tx, repo, &d)?;
             }
             Ok(new)
         })
@@ -93,7 +94,7 @@ impl Index {
             let tx = self.db.begin_read()?;
             let source_linked = match from {
                 Some(from) => tx.open_table(LINKS)?.get(key(from, &d).as_str())?.is_some(),
-                None => true,
+                None => !tenancy::is_scoped(&tx, &d)?,
             };
             if !source_linked || tx.open_table(BLOBS)?.get(d.as_str())?.is_none() {
                 return Ok(None);
@@ -102,10 +103,10 @@ impl Index {
         self.write(|tx| {
             let d = digest.to_string();
             let mut links = tx.open_table(LINKS)?;
-            if let Some(from) = from
-                && links.get(key(from, &d).as_str())?.is_none()
-            {
-                return Ok(None);
+            match from {
+                Some(from) if links.get(key(from, &d).as_str())?.is_none() => return Ok(None),
+                None if tx.open_table(SCOPED)?.get(d.as_str())?.is_some() => return Ok(None),
+                _ => {}
             }
             let Some(rec) = tx
                 .open_table(BLOBS)?
@@ -167,9 +168,11 @@ impl Index {
         self.write(|tx| {
             let mut blobs = tx.open_table(BLOBS)?;
             let mut links = tx.open_table(LINKS)?;
+            let mut scoped = tx.open_table(SCOPED)?;
             for d in digests {
                 let d = d.to_string();
                 blobs.remove(d.as_str())?;
+                scoped.remove(d.as_str())?;
                 links.retain(|k, _| suffix(k) != d)?;
             }
             Ok(())

@@ -12,7 +12,7 @@ use redb::{
 
 use super::{
     ACCESS, BLOBS, BlobRecord, Index, KEPT, LINKS, MANIFESTS, ManifestRecord, REFERRERS, REFS,
-    TAGS, TagRecord, dec, key, parse_digest,
+    SCOPED, TAGS, TagRecord, dec, key, parse_digest,
 };
 use crate::error::{Result, StoreError};
 use crate::gc::Pace;
@@ -356,9 +356,11 @@ impl Index {
             let mut refs = tx.open_multimap_table(REFS)?;
             let mut referrers = tx.open_multimap_table(REFERRERS)?;
             let mut access = tx.open_table(ACCESS)?;
+            let mut scoped = tx.open_table(SCOPED)?;
             for d in batch {
                 let digest = d.digest.to_string();
                 blobs.remove(digest.as_str())?;
+                scoped.remove(digest.as_str())?;
                 for &r in &d.links {
                     links.remove(key(&repos[r as usize], &digest).as_str())?;
                 }

@@ -55,6 +55,7 @@ impl Index {
                 }
             }
             record_blob(tx, &d, m.record.size)?;
+            super::tenancy::note_link(tx, m.repo, &d)?;
             let mut refs = tx.open_multimap_table(REFS)?;
             for r in &m.references {
                 refs.insert(d.as_str(), r.to_string().as_str())?;

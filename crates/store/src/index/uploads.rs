@@ -51,6 +51,7 @@ impl Index {
             let new = record_blob(tx, &d, size)?;
             tx.open_table(LINKS)?
                 .insert(key(repo, &d).as_str(), now())?;
+            super::tenancy::note_link(tx, repo, &d)?;
             Ok(new)
         })
     }
