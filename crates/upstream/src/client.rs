@@ -111,6 +111,21 @@ impl fmt::Debug for Upstream {
     }
 }
 
+/// Whose credentials a request carries: a caller's own, or else the chart-wide ones of the
+/// registry (the client's configuration), or, to learn what anyone may read, none.
+#[derive(Clone, Copy)]
+enum Creds<'a> {
+    Given(&'a Credentials),
+    Cluster,
+    Anonymous,
+}
+
+impl<'a> From<Option<&'a Credentials>> for Creds<'a> {
+    fn from(c: Option<&'a Credentials>) -> Self {
+        c.map_or(Creds::Cluster, Creds::Given)
+    }
+}
+
 /// What a request carries in `Authorization`.
 enum Auth {
     Basic(String, String),
@@ -159,8 +174,33 @@ impl Upstream {
         let method = if head { Method::HEAD } else { Method::GET };
         let accept = MANIFEST_TYPES.join(", ");
         let route = Route::Manifest(origin.path().clone(), reference.clone());
-        self.fetch(method, origin, &route, None, Some(&accept), creds)
+        self.fetch(method, origin, &route, None, Some(&accept), creds.into())
             .await
+    }
+
+    /// HEAD of a manifest with no credentials at all: whether anyone may read it.
+    pub async fn manifest_anonymous(
+        &self,
+        origin: &Origin,
+        reference: &Reference,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let accept = MANIFEST_TYPES.join(", ");
+        let route = Route::Manifest(origin.path().clone(), reference.clone());
+        self.fetch(
+            Method::HEAD,
+            origin,
+            &route,
+            None,
+            Some(&accept),
+            Creds::Anonymous,
+        )
+        .await
+    }
+
+    /// Whether the client holds credentials of its own for `origin`'s registry (the chart-wide
+    /// ones), which it sends when a request brings none.
+    pub fn has_credentials_for(&self, origin: &Origin) -> bool {
+        self.inner.credentials.lookup(origin.registry()).is_some()
     }
 
     /// GET of a blob, following redirects. Only a 2xx answer is `Ok`.
@@ -171,7 +211,7 @@ impl Upstream {
         creds: Option<&Credentials>,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let route = Route::Blob(origin.path().clone(), digest.clone());
-        self.fetch(Method::GET, origin, &route, None, None, creds)
+        self.fetch(Method::GET, origin, &route, None, None, creds.into())
             .await
     }
 
@@ -184,7 +224,7 @@ impl Upstream {
         creds: Option<&Credentials>,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let route = Route::Blob(origin.path().clone(), digest.clone());
-        self.fetch(Method::HEAD, origin, &route, None, None, creds)
+        self.fetch(Method::HEAD, origin, &route, None, None, creds.into())
             .await
     }
 
@@ -204,7 +244,14 @@ impl Upstream {
                 Some(l) => format!("n={TAGS_PAGE}&last={}", encode_query_value(l)),
             };
             let resp = self
-                .fetch(Method::GET, origin, &route, Some(&query), None, creds)
+                .fetch(
+                    Method::GET,
+                    origin,
+                    &route,
+                    Some(&query),
+                    None,
+                    creds.into(),
+                )
                 .await?;
             let next = resp
                 .headers
@@ -239,7 +286,14 @@ impl Upstream {
     ) -> Result<Vec<Descriptor>, UpstreamError> {
         let route = Route::Referrers(origin.path().clone(), subject.clone());
         let api = self
-            .fetch(Method::GET, origin, &route, None, Some(OCI_INDEX), creds)
+            .fetch(
+                Method::GET,
+                origin,
+                &route,
+                None,
+                Some(OCI_INDEX),
+                creds.into(),
+            )
             .await;
         let index = match api {
             Ok(resp) => resp.bytes_limited(MAX_MANIFEST_SIZE).await?,
@@ -251,7 +305,14 @@ impl Upstream {
                 let route = Route::Manifest(origin.path().clone(), reference);
                 let accept = MANIFEST_TYPES.join(", ");
                 match self
-                    .fetch(Method::GET, origin, &route, None, Some(&accept), creds)
+                    .fetch(
+                        Method::GET,
+                        origin,
+                        &route,
+                        None,
+                        Some(&accept),
+                        creds.into(),
+                    )
                     .await
                 {
                     Ok(resp) => resp.bytes_limited(MAX_MANIFEST_SIZE).await?,
@@ -275,7 +336,7 @@ impl Upstream {
         route: &Route,
         query: Option<&str>,
         accept: Option<&str>,
-        creds: Option<&Credentials>,
+        creds: Creds<'_>,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let inner = &*self.inner;
         let repository = route.repo().map_or("", RepoName::as_str);
@@ -285,8 +346,9 @@ impl Upstream {
 
         let stored;
         let creds = match creds {
-            Some(c) => Some(c),
-            None => {
+            Creds::Given(c) => Some(c),
+            Creds::Anonymous => None,
+            Creds::Cluster => {
                 stored = inner.credentials.lookup(origin.registry());
                 stored.as_ref()
             }
