@@ -258,6 +258,19 @@ pub fn challenge(host: &str, repo: Option<&str>) -> String {
     c
 }
 
+/// The address a client used, from its `Host` header, for the realm of a challenge: anything but
+/// a plain `host[:port]` (absent, too long, or with characters a realm cannot hold) is the node
+/// proxy's usual address.
+pub fn realm_host(host: Option<&str>) -> &str {
+    host.filter(|h| {
+        !h.is_empty()
+            && h.len() <= 255
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+    })
+    .unwrap_or("localhost:7439")
+}
+
 /// The bearer token in an `Authorization` value: `Bearer <token>`, or `Basic` with
 /// [`USERNAME`] and the token as password (what a client sends when it skips the token
 /// endpoint). `None` when there is none, or it is not a kache token's shape.
@@ -279,6 +292,13 @@ pub fn from_authorization(value: &str) -> Option<String> {
         return (user == USERNAME).then(|| password.to_owned());
     }
     None
+}
+
+/// The token endpoint's answer to a request with `authorization` and, for a `POST`, the form
+/// `form` (see [`token_of_request`] and [`token_response`]).
+pub fn token_answer(authorization: Option<&str>, form: Option<&[u8]>) -> String {
+    let form = form.map(String::from_utf8_lossy);
+    token_response(token_of_request(authorization, form.as_deref()).as_deref())
 }
 
 /// The answer of the token endpoint, as the distribution token spec has it: the presented pull

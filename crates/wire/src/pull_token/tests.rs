@@ -183,6 +183,23 @@ fn the_token_is_read_from_what_each_client_sends() {
 }
 
 #[test]
+fn the_realm_is_the_host_the_client_used_unless_it_cannot_be_one() {
+    for (given, used) in [
+        (Some("localhost:7439"), "localhost:7439"),
+        (Some("127.0.0.1:5000"), "127.0.0.1:5000"),
+        (Some("[::1]:7439"), "[::1]:7439"),
+        (None, "localhost:7439"),
+        (Some(""), "localhost:7439"),
+        (Some("evil\",x=\"y"), "localhost:7439"),
+        (Some("a b"), "localhost:7439"),
+    ] {
+        assert_eq!(realm_host(given), used, "{given:?}");
+    }
+    let long = "a".repeat(256);
+    assert_eq!(realm_host(Some(&long)), "localhost:7439");
+}
+
+#[test]
 fn the_challenge_points_at_the_token_endpoint_of_the_address_used() {
     assert_eq!(
         challenge("localhost:7439", Some("docker.io/team/app")),
