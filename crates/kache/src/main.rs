@@ -111,6 +111,47 @@ impl FreshnessFlags {
     }
 }
 
+/// Private-image scoping (registry).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ScopingFlags {
+    /// A directory of pull-token keys, one file per key named by its id (a mounted Secret;
+    /// re-read every 15 s). With it, a private repository is served only to namespaces granted
+    /// it; without it, every cached image is served to every pod.
+    #[arg(long, env = "KACHE_PULL_TOKEN_KEYS")]
+    pull_token_keys: Option<PathBuf>,
+    /// How long a grant holds once the upstream accepted a namespace's credentials.
+    #[arg(long, env = "KACHE_GRANT_TTL", value_parser = parse_duration, default_value = "24h")]
+    grant_ttl: Duration,
+    /// A registry (`host[:port]`) whose images, fetched with the chart-wide credentials, are
+    /// private rather than the whole cluster's; repeatable.
+    #[arg(
+        long = "private-registry",
+        env = "KACHE_PRIVATE_REGISTRIES",
+        value_delimiter = ','
+    )]
+    private_registries: Vec<String>,
+}
+
+impl ScopingFlags {
+    fn scoping(&self) -> anyhow::Result<Option<kache_registry::Scoping>> {
+        use anyhow::Context as _;
+        let Some(dir) = &self.pull_token_keys else {
+            return Ok(None);
+        };
+        let keys = kache_registry::KeyRing::from_dir(dir.clone())
+            .with_context(|| format!("reading the pull-token keys in {}", dir.display()))?;
+        anyhow::ensure!(
+            !self.grant_ttl.is_zero(),
+            "--grant-ttl must be longer than 0s"
+        );
+        Ok(Some(kache_registry::Scoping {
+            keys,
+            grant_ttl: self.grant_ttl,
+            private_registries: self.private_registries.clone(),
+        }))
+    }
+}
+
 /// When and how the registry collects garbage (registry and dev alike).
 #[derive(clap::Args, Debug, Clone)]
 pub struct GcFlags {
@@ -211,6 +252,8 @@ struct RegistryArgs {
     #[command(flatten)]
     gc: GcFlags,
     #[command(flatten)]
+    scoping: ScopingFlags,
+    #[command(flatten)]
     upstream: UpstreamArgs,
 }
 
@@ -234,6 +277,10 @@ struct ProxyArgs {
     registry_timeout: Duration,
     #[arg(long, env = "KACHE_METRICS_LISTEN", default_value = "127.0.0.1:9091")]
     metrics_listen: SocketAddr,
+    /// The registry scopes private images (its --pull-token-keys): the ping challenges a
+    /// client without credentials, so CRI-O and podman send the namespace's pull token.
+    #[arg(long, env = "KACHE_PRIVATE_IMAGES")]
+    private_images: bool,
     /// Which HTTP server answers: `kache` (its own HTTP/1.1 server; blob bodies go registry
     /// socket → client socket with splice, never through user space) or `hyper` (copied).
     #[arg(
@@ -457,6 +504,7 @@ fn main() -> anyhow::Result<()> {
                         freshness: a.freshness.freshness(),
                         server: a.server,
                         gc: a.gc.config(a.upload_timeout),
+                        scoping: a.scoping.scoping()?,
                         upstream: serve::upstream_config(&a.upstream)?,
                     },
                     ready,
@@ -472,6 +520,7 @@ fn main() -> anyhow::Result<()> {
                         metrics_listen: a.metrics_listen,
                         upstream: serve::upstream_config(&a.upstream)?,
                         server: a.server,
+                        private_images: a.private_images,
                     },
                     ready,
                 )
@@ -504,6 +553,7 @@ fn main() -> anyhow::Result<()> {
                     freshness: a.freshness.freshness(),
                     server: ServerKind::Kache,
                     gc: a.gc.config(Duration::from_secs(3600)),
+                    scoping: None,
                     upstream: upstream.clone(),
                 };
                 let proxy = serve::ProxyOptions {
@@ -513,6 +563,7 @@ fn main() -> anyhow::Result<()> {
                     metrics_listen: a.metrics_listen,
                     upstream,
                     server: ServerKind::Kache,
+                    private_images: false,
                 };
                 serve::dev(registry, proxy, ready).await
             }

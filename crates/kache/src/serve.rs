@@ -32,6 +32,8 @@ pub struct RegistryOptions {
     pub freshness: kache_registry::Freshness,
     pub server: ServerKind,
     pub gc: kache_registry::GcConfig,
+    /// Private-image scoping, when on.
+    pub scoping: Option<kache_registry::Scoping>,
     pub upstream: UpstreamConfig,
 }
 
@@ -43,6 +45,8 @@ pub struct ProxyOptions {
     pub metrics_listen: SocketAddr,
     pub upstream: UpstreamConfig,
     pub server: ServerKind,
+    /// The registry scopes private images (`--private-images`).
+    pub private_images: bool,
 }
 
 #[derive(Debug)]
@@ -167,6 +171,7 @@ async fn registry_role(
         freshness: o.freshness,
         upload_timeout: o.upload_timeout,
         gc: o.gc,
+        scoping: o.scoping,
         server: o.server,
     };
     let (mut role, recovery) = RegistryRole::open(config, prom)
@@ -205,6 +210,7 @@ fn proxy_role(
         ProxyConfig {
             registry: o.registry.clone(),
             registry_timeout: o.registry_timeout,
+            private_images: o.private_images,
         },
         Upstream::new(o.upstream.clone()).context("configuring the proxy's upstream client")?,
         ProxyMetrics::new(prom),

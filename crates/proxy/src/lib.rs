@@ -34,7 +34,11 @@
 //! tokio::spawn(kache_registry::serve(app, listener, ServerKind::Kache, std::future::pending()));
 //!
 //! let proxy = Proxy::new(
-//!     ProxyConfig { registry: url.parse().unwrap(), registry_timeout: std::time::Duration::from_secs(5) },
+//!     ProxyConfig {
+//!         registry: url.parse().unwrap(),
+//!         registry_timeout: std::time::Duration::from_secs(5),
+//!         private_images: false,
+//!     },
 //!     Upstream::new(UpstreamConfig::default()).unwrap(),
 //!     ProxyMetrics::new(&mut prom),
 //! );
@@ -68,6 +72,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use kache_oci::distribution::{ErrorCode, Intent, Route};
 use kache_upstream::{Upstream, UpstreamError, UpstreamResponse};
+use kache_wire::pull_token::{self, TOKEN_PATH};
 use kache_wire::{CACHE_HEADER, CacheOutcome};
 
 pub use metrics::ProxyMetrics;
@@ -107,6 +112,10 @@ pub struct ProxyConfig {
     pub registry: RegistryUrl,
     /// Longest wait for the registry's response headers before falling back upstream.
     pub registry_timeout: Duration,
+    /// The registry scopes private images: the `/v2/` ping challenges a client without
+    /// credentials (containers/image asks for them only then), and private images that the
+    /// registry cannot serve fail closed.
+    pub private_images: bool,
 }
 
 /// The proxy service; cheap to clone.
@@ -288,6 +297,8 @@ pub(crate) struct Pull {
     pub(crate) origin: Option<kache_oci::Origin>,
     /// The upstream label of the metrics.
     pub(crate) host: String,
+    /// The address the client used, for the realm of a challenge.
+    pub(crate) client_host: String,
 }
 
 impl Pull {
@@ -297,7 +308,13 @@ impl Pull {
         method: &Method,
         uri: &http::Uri,
         from: &HeaderMap,
+        private_images: bool,
     ) -> Result<Pull, Box<Response>> {
+        let client_host = client_host(from);
+        if uri.path() == TOKEN_PATH {
+            // Answered by the router, which reads the body of containerd's POST.
+            return Err(Box::new(StatusCode::NOT_FOUND.into_response()));
+        }
         if method != Method::GET && method != Method::HEAD {
             return Err(Box::new(error(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -308,6 +325,15 @@ impl Pull {
         let path = uri.path().to_owned();
         if path == "/v2/" || path == "/v2" {
             // The kubelet's ping: answered here, so it never depends on the registry.
+            if private_images && !from.contains_key(http::header::AUTHORIZATION) {
+                let mut r = error(
+                    StatusCode::UNAUTHORIZED,
+                    ErrorCode::Unauthorized,
+                    "credentials are asked for: a pull token, or the anonymous one",
+                );
+                set_challenge(r.headers_mut(), &client_host, None);
+                return Err(Box::new(r));
+            }
             return Err(Box::new(
                 (
                     StatusCode::OK,
@@ -336,6 +362,16 @@ impl Pull {
                 headers.insert(name, v.clone());
             }
         }
+        // A pull token goes to the registry, which checks it; nothing else a client sends as
+        // credentials leaves the node, and the upstream never sees any of it.
+        if let Some(v) = from.get(http::header::AUTHORIZATION)
+            && v.to_str()
+                .ok()
+                .and_then(pull_token::from_authorization)
+                .is_some_and(|t| pull_token::Token::parse(&t).is_ok())
+        {
+            headers.insert(http::header::AUTHORIZATION, v.clone());
+        }
         // A mirror request's route is already about the cache repository it names.
         let origin = route.repo().and_then(kache_oci::Origin::of);
         let host = origin
@@ -350,6 +386,7 @@ impl Pull {
             headers,
             origin,
             host,
+            client_host,
         })
     }
 }
@@ -364,7 +401,11 @@ pub(crate) fn cache_result(headers: &HeaderMap) -> &'static str {
 }
 
 async fn handle(State(p): State<Proxy>, req: Request) -> Response {
-    let pull = match Pull::from_parts(req.method(), req.uri(), req.headers()) {
+    if req.uri().path() == TOKEN_PATH {
+        return token(req).await;
+    }
+    let private_images = p.inner.config.private_images;
+    let pull = match Pull::from_parts(req.method(), req.uri(), req.headers(), private_images) {
         Ok(pull) => pull,
         Err(answer) => return *answer,
     };
@@ -373,13 +414,13 @@ async fn handle(State(p): State<Proxy>, req: Request) -> Response {
     match forward(&p, pull.method.clone(), &pull.pq, pull.headers.clone()).await {
         Ok(resp) if !resp.status().is_server_error() => {
             m.count(&pull.host, cache_result(resp.headers()));
-            return relay(resp, m);
+            return relay(resp, m, &pull.client_host);
         }
         // The registry asked the upstream and it failed, or sent what the registry refused:
         // asking it again from here would fail the same way, or relay those very bytes.
         Ok(resp) if upstream_failed(resp.headers()) => {
             m.count(&pull.host, "error");
-            return relay(resp, m);
+            return relay(resp, m, &pull.client_host);
         }
         Ok(resp) => {
             tracing::warn!(path = %pull.path, status = resp.status().as_u16(), "registry failed; going upstream")
@@ -450,7 +491,15 @@ pub(crate) async fn fallback(p: &Proxy, pull: &Pull) -> Response {
             m.count(host, "error");
             m.upstream_error(host);
             tracing::warn!(%path, upstream = %origin.registry(), error = %e, "upstream failed too");
-            upstream_error(&e, unknown)
+            let mut resp = upstream_error(&e, unknown);
+            // An image the upstream keeps to those with credentials: the client's are kache's,
+            // which the upstream must never see; the challenge points back here, and the
+            // registry, once back, decides.
+            if resp.status() == StatusCode::UNAUTHORIZED {
+                let repo = pull.route.repo().map(|r| r.to_string());
+                set_challenge(resp.headers_mut(), &pull.client_host, repo.as_deref());
+            }
+            resp
         }
     }
 }
@@ -556,9 +605,14 @@ pub(crate) fn pass_headers(from: &HeaderMap) -> HeaderMap {
 }
 
 /// The registry's answer, streamed.
-fn relay(resp: http::Response<hyper::body::Incoming>, m: &ProxyMetrics) -> Response {
+fn relay(
+    resp: http::Response<hyper::body::Incoming>,
+    m: &ProxyMetrics,
+    client_host: &str,
+) -> Response {
     let status = resp.status();
-    let headers = pass_headers(resp.headers());
+    let mut headers = pass_headers(resp.headers());
+    own_challenge(&mut headers, client_host);
     let counter = m.bytes.clone();
     let body = resp.into_body().map_frame(move |f| {
         if let Some(b) = f.data_ref() {
@@ -567,6 +621,69 @@ fn relay(resp: http::Response<hyper::body::Incoming>, m: &ProxyMetrics) -> Respo
         f
     });
     (status, headers, Body::new(body)).into_response()
+}
+
+/// The address the client used, for the realm of a challenge.
+pub(crate) fn client_host(headers: &HeaderMap) -> String {
+    let host = headers
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok());
+    pull_token::realm_host(host).to_owned()
+}
+
+/// Sets kache's Bearer challenge, its realm the token endpoint at `client_host`.
+fn set_challenge(headers: &mut HeaderMap, client_host: &str, repo: Option<&str>) {
+    if let Ok(v) = HeaderValue::from_str(&pull_token::challenge(client_host, repo)) {
+        headers.insert(http::header::WWW_AUTHENTICATE, v);
+    }
+}
+
+/// The registry's challenge points at its own token endpoint, which the node may not reach:
+/// it is kache's, so it is pointed here, where the same endpoint answers.
+pub(crate) fn own_challenge(headers: &mut HeaderMap, client_host: &str) {
+    let Some(c) = headers
+        .get(http::header::WWW_AUTHENTICATE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return;
+    };
+    if !c.contains(&format!("service=\"{}\"", pull_token::SERVICE)) {
+        return;
+    }
+    let repo = c
+        .split_once("scope=\"repository:")
+        .and_then(|(_, rest)| rest.split_once(":pull\""))
+        .map(|(r, _)| r.to_owned());
+    set_challenge(headers, client_host, repo.as_deref());
+}
+
+/// `GET` or `POST` of the token endpoint: stateless (the registry checks the token on every
+/// read), so it is answered here and a public pull never waits on the registry for it.
+async fn token(req: Request) -> Response {
+    let authorization = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let form = if req.method() == Method::POST {
+        match http_body_util::Limited::new(req.into_body(), 4096)
+            .collect()
+            .await
+        {
+            Ok(b) => Some(b.to_bytes()),
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::Unsupported,
+                    "token request body over 4 KiB",
+                );
+            }
+        }
+    } else {
+        None
+    };
+    let answer = pull_token::token_answer(authorization.as_deref(), form.as_deref());
+    ([(http::header::CONTENT_TYPE, "application/json")], answer).into_response()
 }
 
 #[cfg(test)]

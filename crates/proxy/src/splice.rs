@@ -43,7 +43,8 @@ impl Intercept for Proxy {
         {
             return None;
         }
-        let pull = Pull::from_parts(&head.method, &head.uri, &head.headers).ok()?;
+        let private_images = self.inner.config.private_images;
+        let pull = Pull::from_parts(&head.method, &head.uri, &head.headers, private_images).ok()?;
         if !matches!(pull.route, kache_oci::distribution::Route::Blob(..)) {
             return None;
         }
@@ -84,11 +85,15 @@ impl Proxy {
             let mut req = http::Request::new(Body::empty());
             *req.uri_mut() = pull.pq.parse().unwrap_or_default();
             *req.headers_mut() = pull.headers.clone();
+            if let Ok(h) = HeaderValue::from_str(&pull.client_host) {
+                req.headers_mut().insert(http::header::HOST, h);
+            }
             let resp = conn.route(req).await;
             return conn.respond(resp, false, version, keep).await;
         };
         m.count(&pull.host, crate::cache_result(&answer.headers));
         let mut headers = crate::pass_headers(&answer.headers);
+        crate::own_challenge(&mut headers, &pull.client_host);
         headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
         let mut out = Vec::with_capacity(512 + answer.early.len());
         kache_http::write_head(&mut out, answer.status, &headers, version, keep);

@@ -894,6 +894,7 @@ async fn shutdown_closes_idle_connections_and_finishes_the_answer_in_flight() {
         ProxyConfig {
             registry: reg.parse().unwrap(),
             registry_timeout: Duration::from_secs(5),
+            private_images: false,
         },
         parts::upstream_client("127.0.0.1:1"),
         ProxyMetrics::new(&mut prom),

@@ -15,13 +15,14 @@ use kache_oci::credentials::Credentials;
 use kache_oci::{Descriptor, Digest, Origin, Reference, RepoName};
 use kache_store::{FetchFailure, FlightStream, Manifest, Storage, StoreError};
 use kache_upstream::UpstreamError;
-use kache_wire::CacheOutcome;
+use kache_wire::{CacheOutcome, Visibility};
 
 use crate::error::{Code, Error, Result};
 use crate::flights::{Flights, Listings};
 use crate::metrics::{CacheLabels, Metrics};
 use crate::plan::{Freshness, ManifestPlan, manifest_plan};
 use crate::pull::{PullThrough, upstream_error};
+use crate::tenancy::{self, AuthResult, Caller, Scoping};
 
 /// Who reads: one value on every read, so that a rule about readers is one check here.
 #[derive(Debug, Clone, Default)]
@@ -31,6 +32,8 @@ pub struct Requester {
     pub credentials: Option<Credentials>,
     /// Why it reads.
     pub purpose: Purpose,
+    /// Whom the read is for, as its pull token says.
+    pub caller: Caller,
 }
 
 /// Why a read is made.
@@ -47,6 +50,14 @@ impl Requester {
     /// A client's pull, anonymous to the origin.
     pub fn client() -> Self {
         Requester::default()
+    }
+
+    /// A client's pull, by `caller`.
+    pub fn of(caller: Caller) -> Self {
+        Requester {
+            caller,
+            ..Requester::default()
+        }
     }
 }
 
@@ -88,6 +99,7 @@ pub struct Content {
     manifests: Flights<Manifest>,
     tags: Listings<Vec<String>>,
     referrers: Listings<Vec<Descriptor>>,
+    scoping: Option<Arc<Scoping>>,
 }
 
 impl Content {
@@ -107,12 +119,63 @@ impl Content {
             manifests: Flights::default(),
             tags: Listings::default(),
             referrers: Listings::default(),
+            scoping: None,
+        }
+    }
+
+    /// Turns private-image scoping on: private repositories are read only by namespaces with a
+    /// grant, and every fetched manifest's repository is classified.
+    pub fn set_scoping(&mut self, scoping: Arc<Scoping>) {
+        if let Some(pull) = &mut self.pull {
+            pull.set_classify(scoping.classify());
+        }
+        self.scoping = Some(scoping);
+    }
+
+    /// The scoping in force, if any.
+    pub fn scoping(&self) -> Option<&Arc<Scoping>> {
+        self.scoping.as_ref()
+    }
+
+    /// The one access rule on reads: a private cached repository is read only by a namespace
+    /// whose grant holds (or by the controller's warm calls). Everything else reads freely.
+    fn check_read(&self, repo: &RepoName, who: &Requester) -> Result<()> {
+        if self.scoping.is_none() || who.purpose == Purpose::Warm || !self.is_cached(repo) {
+            return Ok(());
+        }
+        if self.store.visibility(repo)? != Some(Visibility::Private) {
+            return Ok(());
+        }
+        let result = tenancy::check_private(&*self.store, repo, &who.caller, now())?;
+        self.metrics
+            .auth
+            .get_or_create(&crate::metrics::ResultLabel {
+                result: result.as_str(),
+            })
+            .inc();
+        match result {
+            AuthResult::Granted => Ok(()),
+            refused => {
+                tracing::info!(%repo, caller = ?who.caller, result = refused.as_str(), "read of a private repository refused");
+                Err(Error::new(
+                    Code::Unauthorized,
+                    format!(
+                        "{repo} is private: pulls need the kache-pull secret of a namespace granted it ({})",
+                        refused.as_str()
+                    ),
+                ))
+            }
         }
     }
 
     /// The repository's origin, when it has one and pull-through is on.
     fn origin(&self, repo: &RepoName) -> Option<(&PullThrough, Origin)> {
         Some((self.pull.as_ref()?, Origin::of(repo)?))
+    }
+
+    /// The upstream side, when pull-through is on.
+    pub(crate) fn pull(&self) -> Option<&PullThrough> {
+        self.pull.as_ref()
     }
 
     /// Whether what the store lacks is pulled through from origins.
@@ -154,6 +217,7 @@ impl Content {
         reference: &Reference,
         who: &Requester,
     ) -> Result<Served<Manifest>> {
+        self.check_read(repo, who)?;
         let store = &self.store;
         let Some((pull, origin)) = self.origin(repo) else {
             let value = store.get_manifest(repo, reference).await?;
@@ -204,7 +268,10 @@ impl Content {
                     .manifests
                     .join(format!("{repo}:{t}?revalidate"), fut, errors);
                 match tokio::time::timeout(self.freshness.revalidate_wait, flight).await {
-                    Ok(Ok(m)) => Ok(self.served("manifest", m, CacheOutcome::Hit, who)),
+                    Ok(Ok(m)) => {
+                        self.check_read(repo, who)?;
+                        Ok(self.served("manifest", m, CacheOutcome::Hit, who))
+                    }
                     Ok(Err(e)) => {
                         tracing::warn!(%repo, tag = %t, error = ?e, "upstream could not re-validate the tag; serving the cached manifest");
                         Ok(self.served("manifest", m, CacheOutcome::Stale, who))
@@ -229,6 +296,9 @@ impl Content {
                     .join(format!("{repo}@{reference}"), fut, errors)
                     .await
                     .map_err(|e| e.into_error(Code::ManifestUnknown))?;
+                // The fetch may have shown the repository to be private (and this read may
+                // have joined another's fetch).
+                self.check_read(repo, who)?;
                 Ok(self.served("manifest", m, CacheOutcome::Miss, who))
             }
         }
@@ -242,6 +312,7 @@ impl Content {
         want: Want,
         who: &Requester,
     ) -> Result<Served<Blob>> {
+        self.check_read(repo, who)?;
         let store = &self.store;
         let origin = self.origin(repo);
         // A cached repository may serve a blob another one already fetched (same digest, same
@@ -311,6 +382,7 @@ impl Content {
         n: usize,
         who: &Requester,
     ) -> Result<Served<Vec<String>>> {
+        self.check_read(repo, who)?;
         let store = &self.store;
         let Some((pull, origin)) = self.origin(repo) else {
             let value = store.list_tags(repo, last, n)?;
@@ -372,6 +444,7 @@ impl Content {
         subject: &Digest,
         who: &Requester,
     ) -> Result<Served<Vec<Descriptor>>> {
+        self.check_read(repo, who)?;
         let mut value: Vec<Descriptor> = self
             .store
             .referrers(repo, subject)?
@@ -423,7 +496,8 @@ impl Content {
     }
 }
 
-fn now() -> u64 {
+/// Unix seconds.
+pub(crate) fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

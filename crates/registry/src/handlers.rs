@@ -21,14 +21,20 @@ pub(crate) use self::headers::unsupported;
 
 use self::headers::params;
 use crate::Registry;
-use crate::content::{Served, Want};
+use crate::content::{Requester, Served, Want};
 use crate::error::Result;
 
 impl Registry {
-    pub(crate) async fn dispatch(&self, route: Route, req: Request) -> Result<Response> {
+    /// Answers `req` on `route`, read by `who`.
+    pub(crate) async fn dispatch(
+        &self,
+        route: Route,
+        req: Request,
+        who: &Requester,
+    ) -> Result<Response> {
         let method = req.method().clone();
         match (route, method) {
-            (Route::Base, Method::GET | Method::HEAD) => Ok(StatusCode::OK.into_response()),
+            (Route::Base, Method::GET | Method::HEAD) => self.ping(&req),
             (Route::Base, m) => Err(unsupported(&m, "GET, HEAD")),
             (Route::Catalog, Method::GET) => self.catalog(&params(&req)),
             (Route::Catalog, m) => Err(unsupported(&m, "GET")),
@@ -39,13 +45,13 @@ impl Registry {
                 } else {
                     Want::Get
                 };
-                self.get_blob(&repo, &d, want, req.headers()).await
+                self.get_blob(&repo, &d, want, req.headers(), who).await
             }
             (Route::Blob(repo, d), Method::DELETE) => self.delete_blob(&repo, &d).await,
             (Route::Blob(..), m) => Err(unsupported(&m, "GET, HEAD, DELETE")),
 
             (Route::Manifest(repo, r), m @ (Method::GET | Method::HEAD)) => {
-                self.get_manifest(&repo, &r, m == Method::HEAD).await
+                self.get_manifest(&repo, &r, m == Method::HEAD, who).await
             }
             (Route::Manifest(repo, r), Method::PUT) => self.put_manifest(&repo, &r, req).await,
             (Route::Manifest(repo, r), Method::DELETE) => self.delete_manifest(&repo, &r).await,
@@ -64,13 +70,31 @@ impl Registry {
                 }
             }
 
-            (Route::Tags(repo), Method::GET) => self.list_tags(&repo, &params(&req)).await,
+            (Route::Tags(repo), Method::GET) => self.list_tags(&repo, &params(&req), who).await,
             (Route::Tags(..), m) => Err(unsupported(&m, "GET")),
             (Route::Referrers(repo, d), Method::GET) => {
-                self.referrers(&repo, &d, &params(&req)).await
+                self.referrers(&repo, &d, &params(&req), who).await
             }
             (Route::Referrers(..), m) => Err(unsupported(&m, "GET")),
         }
+    }
+
+    /// `GET /v2/`. With private-image scoping, a request without credentials hears the
+    /// challenge (containers/image, behind CRI-O and podman, asks for credentials only when the
+    /// ping challenges it); any `Authorization`, the anonymous token's included, is answered
+    /// 200, so public pulls go on without one.
+    fn ping(&self, req: &Request) -> Result<Response> {
+        if self.inner.content.scoping().is_some()
+            && !req
+                .headers()
+                .contains_key(axum::http::header::AUTHORIZATION)
+        {
+            return Err(crate::error::Error::new(
+                crate::error::Code::Unauthorized,
+                "credentials are asked for: a pull token, or the anonymous one",
+            ));
+        }
+        Ok(StatusCode::OK.into_response())
     }
 
     /// Tells the client how the cache answered (the content layer counted it).

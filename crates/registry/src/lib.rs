@@ -40,11 +40,13 @@ pub mod content;
 pub mod error;
 mod flights;
 pub mod gc;
+mod grants;
 mod handlers;
 pub mod metrics;
 pub mod plan;
 pub mod pull;
 pub mod role;
+pub mod tenancy;
 pub mod warm;
 
 use std::path::Path;
@@ -59,7 +61,8 @@ use kache_http::ServerKind;
 use kache_oci::distribution::{Intent, Route};
 use kache_store::{Recovery, Storage, Store};
 use kache_upstream::Upstream;
-use kache_wire::{GC_PATH, IMAGES_PATH, WARM_PATH};
+use kache_wire::pull_token::{self, TOKEN_PATH};
+use kache_wire::{GC_PATH, GRANTS_PATH, IMAGES_PATH, WARM_PATH};
 
 pub use content::{Blob, Content, Purpose, Requester, Served, Want};
 pub use gc::{Collector, GcConfig, Schedule, Trigger};
@@ -67,6 +70,7 @@ pub use metrics::Metrics;
 pub use plan::Freshness;
 pub use pull::PullThrough;
 pub use role::{RegistryRole, RoleConfig};
+pub use tenancy::{Caller, KeyRing, Scoping};
 
 use error::{Code, Error};
 
@@ -153,6 +157,16 @@ impl Registry {
         }
     }
 
+    /// Turns private-image scoping on (see [`tenancy`]). Call it on a registry just made,
+    /// before it is cloned or served.
+    pub fn scoped(mut self, scoping: Scoping) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("scoping is set before the registry is shared")
+            .content
+            .set_scoping(Arc::new(scoping));
+        self
+    }
+
     /// What the registry's repositories hold, read as the API reads them.
     pub fn content(&self) -> &Content {
         &self.inner.content
@@ -207,6 +221,11 @@ impl Registry {
         if let Ok(free) = self.inner.store.free_bytes() {
             m.store_free_bytes.set(free as i64);
         }
+        if self.inner.content.scoping().is_some()
+            && let Ok(grants) = self.inner.store.grants()
+        {
+            m.grants.set(grants.len() as i64);
+        }
     }
 
     /// The API with reads and writes, as `kache dev` and tests serve it.
@@ -239,6 +258,15 @@ impl Registry {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(expired = n, "removed abandoned uploads"),
                 Err(e) => tracing::warn!(error = %e, "expiring uploads failed"),
+            }
+            if let Some(s) = self.inner.content.scoping() {
+                match s.keys.reload() {
+                    Ok(true) => tracing::info!(keys = ?s.keys.keys(), "pull-token keys changed"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "re-reading the pull-token keys failed; the keys held stay")
+                    }
+                }
             }
             self.refresh_gauges();
         }
@@ -296,11 +324,18 @@ async fn handle(State(ep): State<Endpoint>, req: Request) -> Response {
     let reg = &ep.registry;
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let write_check = if is_write(&method) {
+    let write_check = if is_write(&method) && path != TOKEN_PATH {
         ep.access.check_write(&req)
     } else {
         Ok(())
     };
+    let host = pull_token::realm_host(
+        req.headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok()),
+    )
+    .to_owned();
+    let mut scope_repo = None;
     let (route, mut resp) = match write_check {
         Err(e) => ("denied", e.into_response()),
         Ok(()) if path == WARM_PATH => (
@@ -321,14 +356,23 @@ async fn handle(State(ep): State<Endpoint>, req: Request) -> Response {
                 .await
                 .unwrap_or_else(IntoResponse::into_response),
         ),
+        Ok(()) if path == GRANTS_PATH => (
+            "grants",
+            reg.grants_endpoint(req)
+                .await
+                .unwrap_or_else(IntoResponse::into_response),
+        ),
+        Ok(()) if path == TOKEN_PATH => ("token", token_endpoint(req).await),
         Ok(()) => match Route::parse_request(&path, req.uri().query())
             .map_err(|e| Error::route(e, Intent::of(method.as_str())))
         {
             Ok(route) => {
                 let label = route.label();
+                scope_repo = route.repo().map(|r| r.to_string());
+                let who = Requester::of(reg.caller(req.headers()));
                 (
                     label,
-                    reg.dispatch(route, req)
+                    reg.dispatch(route, req, &who)
                         .await
                         .unwrap_or_else(IntoResponse::into_response),
                 )
@@ -340,6 +384,14 @@ async fn handle(State(ep): State<Endpoint>, req: Request) -> Response {
         "docker-distribution-api-version",
         HeaderValue::from_static("registry/2.0"),
     );
+    // A refusal of kache's own (not the upstream's, which carries its challenge) points the
+    // client at the token endpoint of the address it used.
+    if resp.status() == http::StatusCode::UNAUTHORIZED
+        && !resp.headers().contains_key(header::WWW_AUTHENTICATE)
+        && let Ok(v) = HeaderValue::from_str(&pull_token::challenge(&host, scope_repo.as_deref()))
+    {
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
     let status = resp.status().as_u16();
     let m = &reg.inner.metrics;
     m.requests
@@ -367,4 +419,33 @@ fn method_label(m: &Method) -> &'static str {
         Method::DELETE => "DELETE",
         _ => "other",
     }
+}
+
+/// `GET` or `POST` [`TOKEN_PATH`]: trades the credentials a client was given (a namespace's
+/// pull token) for the bearer token it sends next, which is that same token: the registry
+/// verifies it on every read. Stateless, so the node proxy answers it too.
+async fn token_endpoint(req: Request) -> Response {
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let form = if req.method() == Method::POST {
+        use http_body_util::BodyExt;
+        match http_body_util::Limited::new(req.into_body(), 4096)
+            .collect()
+            .await
+        {
+            Ok(b) => Some(b.to_bytes()),
+            Err(_) => {
+                return Error::new(Code::Unsupported, "token request body over 4 KiB")
+                    .status(http::StatusCode::BAD_REQUEST)
+                    .into_response();
+            }
+        }
+    } else {
+        None
+    };
+    let answer = pull_token::token_answer(authorization.as_deref(), form.as_deref());
+    ([(header::CONTENT_TYPE, "application/json")], answer).into_response()
 }

@@ -24,7 +24,8 @@ pub struct CacheLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
-    /// `success`, `failure` or `dry_run`.
+    /// `success`, `failure` or `dry_run` (collections); an auth result (reads of private
+    /// repositories).
     pub result: &'static str,
 }
 
@@ -51,6 +52,10 @@ pub struct Metrics {
     pub gc_freed_blobs: Counter,
     pub gc_evicted_images: Counter,
     pub gc_last_success: Gauge,
+    /// Reads of private repositories, by [`crate::tenancy::AuthResult`].
+    pub auth: Family<ResultLabel, Counter>,
+    /// Grants held (expired ones included, until removed).
+    pub grants: Gauge,
 }
 
 impl Metrics {
@@ -74,6 +79,8 @@ impl Metrics {
             gc_freed_blobs: Counter::default(),
             gc_evicted_images: Counter::default(),
             gc_last_success: Gauge::default(),
+            auth: Family::default(),
+            grants: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("kache_registry");
         r.register(
@@ -150,6 +157,16 @@ impl Metrics {
             "gc_last_success_timestamp_seconds",
             "When the last successful garbage collection started (unix seconds)",
             m.gc_last_success.clone(),
+        );
+        r.register(
+            "auth",
+            "Reads of private repositories by result (granted, anonymous, invalid_token, no_grant, expired)",
+            m.auth.clone(),
+        );
+        r.register(
+            "grants",
+            "Grants of private repositories to namespaces held, expired ones included",
+            m.grants.clone(),
         );
         m
     }

@@ -16,6 +16,7 @@ use kache_store::{FetchError, Manifest, Source, SourceFn, Storage, StoreError};
 use kache_upstream::{Upstream, UpstreamError};
 
 use crate::error::{Code, Error};
+use crate::tenancy::{self, Classify};
 
 /// Why a pull-through request failed; cheap to clone for every waiter of a flight.
 #[derive(Debug, Clone)]
@@ -73,11 +74,25 @@ impl PullError {
 #[derive(Debug, Clone)]
 pub struct PullThrough {
     upstream: Upstream,
+    /// With private-image scoping: how a fetched manifest's repository is classified.
+    classify: Option<Classify>,
 }
 
 impl PullThrough {
     pub fn new(upstream: Upstream) -> Self {
-        PullThrough { upstream }
+        PullThrough {
+            upstream,
+            classify: None,
+        }
+    }
+
+    /// Classifies every repository whose manifest is fetched.
+    pub(crate) fn set_classify(&mut self, classify: Classify) {
+        self.classify = Some(classify);
+    }
+
+    pub(crate) fn upstream(&self) -> &Upstream {
+        &self.upstream
     }
 
     /// GETs a manifest from `origin`, checks it, stores it in `repo`.
@@ -89,7 +104,20 @@ impl PullThrough {
         reference: Reference,
         creds: Option<Credentials>,
     ) -> impl Future<Output = Result<Manifest, PullError>> + Send + 'static {
-        fetch_manifest(store, self.upstream.clone(), repo, origin, reference, creds)
+        let (up, classify) = (self.upstream.clone(), self.classify.clone());
+        async move {
+            let m = fetch_manifest(
+                store.clone(),
+                up.clone(),
+                repo.clone(),
+                origin.clone(),
+                reference.clone(),
+                creds.clone(),
+            )
+            .await?;
+            classified(classify, &*store, &up, &repo, &origin, &reference, creds).await?;
+            Ok(m)
+        }
     }
 
     /// HEADs a tag at `origin`: the cached manifest when it still points there, else the one it
@@ -103,15 +131,22 @@ impl PullThrough {
         cached: Manifest,
         creds: Option<Credentials>,
     ) -> impl Future<Output = Result<Manifest, PullError>> + Send + 'static {
-        revalidate(
-            store,
-            self.upstream.clone(),
-            repo,
-            origin,
-            tag,
-            cached,
-            creds,
-        )
+        let (up, classify) = (self.upstream.clone(), self.classify.clone());
+        async move {
+            let reference = Reference::Tag(tag.clone());
+            let m = revalidate(
+                store.clone(),
+                up.clone(),
+                repo.clone(),
+                origin.clone(),
+                tag,
+                cached,
+                creds.clone(),
+            )
+            .await?;
+            classified(classify, &*store, &up, &repo, &origin, &reference, creds).await?;
+            Ok(m)
+        }
     }
 
     /// Where the store's flight of a blob reads it from: `origin`'s GET, once per flight (and
@@ -222,4 +257,27 @@ async fn revalidate(
         return Ok(cached);
     }
     fetch_manifest(store, upstream, repo, origin, reference, creds).await
+}
+
+/// After a manifest came from the upstream: what the upstream shows its repository to be,
+/// recorded (when scoping is on).
+async fn classified(
+    classify: Option<Classify>,
+    store: &dyn Storage,
+    upstream: &Upstream,
+    repo: &RepoName,
+    origin: &Origin,
+    reference: &Reference,
+    creds: Option<Credentials>,
+) -> Result<(), PullError> {
+    let Some(c) = classify else {
+        return Ok(());
+    };
+    if let Some(v) = c
+        .visibility(upstream, origin, reference, creds.as_ref(), true)
+        .await
+    {
+        tenancy::record(store, repo, v).await?;
+    }
+    Ok(())
 }

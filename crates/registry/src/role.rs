@@ -13,7 +13,7 @@ use kache_store::Recovery;
 use kache_upstream::Upstream;
 use tokio::net::TcpListener;
 
-use crate::{Access, Freshness, GcConfig, Metrics, Registry};
+use crate::{Access, Freshness, GcConfig, Metrics, Registry, Scoping};
 
 /// What the registry role is made of, from flags.
 #[derive(Debug)]
@@ -27,6 +27,8 @@ pub struct RoleConfig {
     /// Upload sessions untouched for this long are removed.
     pub upload_timeout: Duration,
     pub gc: GcConfig,
+    /// Private-image scoping, when on (it needs the upstream).
+    pub scoping: Option<Scoping>,
     /// Which HTTP server answers on every listener.
     pub server: ServerKind,
 }
@@ -48,8 +50,12 @@ impl RegistryRole {
         prom: &mut prometheus_client::registry::Registry,
     ) -> kache_store::Result<(Self, Recovery)> {
         let pull = config.upstream.map(|u| (u, config.freshness));
-        let (registry, recovery) =
+        let (mut registry, recovery) =
             Registry::open(&config.data_dir, Metrics::new(prom), pull).await?;
+        if let Some(scoping) = config.scoping {
+            tracing::info!(keys = ?scoping.keys.keys(), grant_ttl = ?scoping.grant_ttl, private_registries = ?scoping.private_registries, "private-image scoping on");
+            registry = registry.scoped(scoping);
+        }
         tracing::info!(schedule = %config.gc.schedule, grace = ?config.gc.grace, max_size = ?config.gc.limits.max_size, min_free = ?config.gc.limits.min_free, "garbage collection");
         registry.configure_gc(config.gc);
         Ok((

@@ -16,6 +16,7 @@ use crate::Registry;
 use crate::content::{Blob, Purpose, Requester, Want};
 use crate::error::{Code, Error, Result};
 use crate::handlers::unsupported;
+use crate::tenancy::Caller;
 
 /// Whether an index entry's platform is the one asked for (`arm64` and `arm64/v8` are one).
 fn matches(entry: &Platform, want: &str) -> bool {
@@ -77,6 +78,7 @@ impl Registry {
                 password: c.password,
             }),
             purpose: Purpose::Warm,
+            caller: Caller::Anonymous,
         };
         let top = content
             .manifest(&repo, &image.reference(), &who)

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use kache_http::ServerKind;
 use kache_proxy::{Proxy, ProxyConfig, ProxyMetrics};
-use kache_registry::{Access, Freshness, Metrics, Registry};
+use kache_registry::{Access, Freshness, KeyRing, Metrics, Registry, Scoping};
 use kache_store::Store;
 use kache_upstream::{Upstream, UpstreamConfig};
 
@@ -83,6 +83,8 @@ pub struct RegistryOptions {
     pub freshness: Freshness,
     pub access: Access,
     pub server: ServerKind,
+    /// With keys, private-image scoping is on (grants live 24 h).
+    pub scoping: Option<kache_wire::pull_token::Keys>,
 }
 
 impl Default for RegistryOptions {
@@ -92,6 +94,7 @@ impl Default for RegistryOptions {
             freshness: Freshness::tags(Duration::from_secs(3600)),
             access: Access::ReadWrite,
             server: ServerKind::Kache,
+            scoping: None,
         }
     }
 }
@@ -119,6 +122,10 @@ pub async fn registry(o: RegistryOptions) -> Running {
         }
         None => Registry::new(store.clone(), metrics),
     };
+    let registry = match o.scoping {
+        Some(keys) => registry.scoped(Scoping::new(KeyRing::fixed(keys))),
+        None => registry,
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let app = registry.router_for(o.access);
@@ -144,6 +151,8 @@ pub struct ProxyOptions {
     pub upstream: String,
     pub registry_timeout: Duration,
     pub server: ServerKind,
+    /// The registry scopes private images.
+    pub private_images: bool,
 }
 
 impl ProxyOptions {
@@ -154,6 +163,7 @@ impl ProxyOptions {
             upstream: upstream.to_owned(),
             registry_timeout: Duration::from_secs(2),
             server: ServerKind::Kache,
+            private_images: false,
         }
     }
 }
@@ -166,6 +176,7 @@ pub async fn proxy(o: ProxyOptions) -> Running {
         ProxyConfig {
             registry: o.registry.parse().unwrap(),
             registry_timeout: o.registry_timeout,
+            private_images: o.private_images,
         },
         upstream_client(&o.upstream),
         ProxyMetrics::new(&mut prom),

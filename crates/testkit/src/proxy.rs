@@ -122,7 +122,8 @@ impl KacheProxy {
     fn wait_ready(&mut self) {
         let url = format!("{}/v2/", self.base_url());
         let child = self.child.as_mut().expect("child is running");
-        match process::wait_serving(child, &url, READY_TIMEOUT, |s| s == 200) {
+        // 401: the ping's challenge, with --private-images.
+        match process::wait_serving(child, &url, READY_TIMEOUT, |s| s == 200 || s == 401) {
             Ok(()) => {}
             Err(NotServing::Exited(status)) => {
                 self.child = None;

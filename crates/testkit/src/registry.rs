@@ -213,11 +213,12 @@ impl KacheRegistry {
         self.wait_ready();
     }
 
-    /// Polls `GET /v2/` until it answers 200, the child exits, or [`READY_TIMEOUT`] passes.
+    /// Polls `GET /v2/` until it answers 200 (or, with private-image scoping, the challenge),
+    /// the child exits, or [`READY_TIMEOUT`] passes.
     fn wait_ready(&mut self) {
         let url = format!("{}/v2/", self.base_url());
         let child = self.child.as_mut().expect("child is running");
-        match process::wait_serving(child, &url, READY_TIMEOUT, |s| s == 200) {
+        match process::wait_serving(child, &url, READY_TIMEOUT, |s| s == 200 || s == 401) {
             Ok(()) => {}
             Err(NotServing::Exited(status)) => {
                 self.child = None;

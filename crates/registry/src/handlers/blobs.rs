@@ -24,6 +24,7 @@ impl Registry {
         digest: &Digest,
         want: Want,
         headers: &HeaderMap,
+        who: &Requester,
     ) -> Result<Response> {
         let mut h = HeaderMap::new();
         h.insert(DOCKER_CONTENT_DIGEST, hv(digest.to_string()));
@@ -32,11 +33,7 @@ impl Registry {
             HeaderValue::from_static("application/octet-stream"),
         );
         h.insert(header::ETAG, hv(format!("\"{digest}\"")));
-        let served = self
-            .inner
-            .content
-            .blob(repo, digest, want, &Requester::client())
-            .await?;
+        let served = self.inner.content.blob(repo, digest, want, who).await?;
         Self::cache_header(&served, &mut h);
         match served.value {
             Blob::Size(size) => {

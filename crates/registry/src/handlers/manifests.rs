@@ -21,13 +21,10 @@ impl Registry {
         repo: &RepoName,
         reference: &Reference,
         head: bool,
+        who: &Requester,
     ) -> Result<Response> {
         let mut h = HeaderMap::new();
-        let served = self
-            .inner
-            .content
-            .manifest(repo, reference, &Requester::client())
-            .await?;
+        let served = self.inner.content.manifest(repo, reference, who).await?;
         Self::cache_header(&served, &mut h);
         let m = served.value;
         h.insert(header::CONTENT_TYPE, hv(&m.media_type));

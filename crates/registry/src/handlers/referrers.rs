@@ -17,14 +17,11 @@ impl Registry {
         repo: &RepoName,
         subject: &Digest,
         p: &Params,
+        who: &Requester,
     ) -> Result<Response> {
         let filter = p.get("artifactType");
         let mut h = HeaderMap::new();
-        let served = self
-            .inner
-            .content
-            .referrers(repo, subject, &Requester::client())
-            .await?;
+        let served = self.inner.content.referrers(repo, subject, who).await?;
         Self::cache_header(&served, &mut h);
         let mut manifests = served.value;
         manifests.retain(|r| filter.is_none_or(|f| r.artifact_type.as_ref() == Some(f)));

@@ -62,13 +62,18 @@ impl<'a> Page<'a> {
 }
 
 impl Registry {
-    pub(super) async fn list_tags(&self, repo: &RepoName, p: &Params) -> Result<Response> {
+    pub(super) async fn list_tags(
+        &self,
+        repo: &RepoName,
+        p: &Params,
+        who: &Requester,
+    ) -> Result<Response> {
         let page = Page::of(p)?;
         let mut h = HeaderMap::new();
         let served = self
             .inner
             .content
-            .tags(repo, page.last, page.want(), &Requester::client())
+            .tags(repo, page.last, page.want(), who)
             .await?;
         Self::cache_header(&served, &mut h);
         let tags = served.value;

@@ -1,0 +1,286 @@
+//! Private repositories through the registry's API, in process: every read refuses a caller
+//! whose namespace holds no grant, with the spec's 401 and a Bearer challenge; a granted one
+//! reads; and a private blob is never served through another repository. How a repository
+//! becomes private (the upstream's answers) is the end-to-end tests' (tests/private_images.rs),
+//! with a real upstream that asks for credentials.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use kache_oci::{Digest, RepoName};
+use kache_registry::Access;
+use kache_store::Storage;
+use kache_testkit::inproc::{client, error_code, push_image};
+use kache_testkit::parts::{self, RegistryOptions};
+use kache_wire::pull_token::{self, Keys};
+use kache_wire::{Grant, Visibility};
+use reqwest::StatusCode;
+
+fn keys(c: u8) -> Keys {
+    Keys::from_entries([("k1", vec![c; 32])]).unwrap()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn grant(repo: &RepoName, ns: &str, expires_at: u64) -> Grant {
+    Grant {
+        repository: repo.to_string(),
+        namespace: ns.to_owned(),
+        verified_at: expires_at.saturating_sub(3600),
+        expires_at,
+    }
+}
+
+#[tokio::test]
+async fn every_read_of_a_private_repository_needs_a_namespace_granted_it() {
+    let c = client();
+    let up = parts::registry(RegistryOptions::default()).await;
+    let layer = vec![7u8; 4096];
+    let (manifest, layer_digest) = push_image(&c, &up.base, "team/app", "v1", &layer, None).await;
+    let (_, other_layer) = push_image(&c, &up.base, "team/other", "v1", b"other", None).await;
+    let k = keys(1);
+    let cache = parts::registry(RegistryOptions {
+        scoping: Some(k.clone()),
+        access: Access::ReadOnly,
+        ..RegistryOptions::pull_from(&up.addr.to_string())
+    })
+    .await;
+    let host = format!("127.0.0.1_{}", up.addr.port());
+    let repo: RepoName = format!("{host}/team/app").parse().unwrap();
+    let other = format!("{host}/team/other");
+
+    // The upstream asked nothing: the repository is public, and read by anyone.
+    let r = c
+        .get(cache.url(&format!("/v2/{repo}/manifests/v1")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        cache.store().visibility(&repo).unwrap(),
+        Some(Visibility::Public)
+    );
+    let r = c
+        .get(cache.url(&format!("/v2/{repo}/blobs/{layer_digest}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap(), layer);
+
+    // Private, as a fetch with a namespace's pull secret makes it; team-a granted, team-old
+    // granted once.
+    let store: &Arc<_> = cache.store();
+    store
+        .set_visibility(&repo, Visibility::Private)
+        .await
+        .unwrap();
+    let later = now() + 3600;
+    store
+        .put_grant(&repo, &grant(&repo, "team-a", later))
+        .await
+        .unwrap();
+    store
+        .put_grant(&repo, &grant(&repo, "team-old", now() - 1))
+        .await
+        .unwrap();
+
+    let digest = Digest::sha256(&manifest);
+    let reads = [
+        ("HEAD", format!("/v2/{repo}/manifests/v1")),
+        ("GET", format!("/v2/{repo}/manifests/v1")),
+        ("GET", format!("/v2/{repo}/manifests/{digest}")),
+        ("HEAD", format!("/v2/{repo}/manifests/{digest}")),
+        ("GET", format!("/v2/{repo}/tags/list")),
+        ("GET", format!("/v2/{repo}/referrers/{digest}")),
+        ("HEAD", format!("/v2/{repo}/blobs/{layer_digest}")),
+        ("GET", format!("/v2/{repo}/blobs/{layer_digest}")),
+    ];
+    let bearer = |t: &str| format!("Bearer {t}");
+    let basic = |t: &str| {
+        let pair = format!("kache:{t}");
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(pair)
+        )
+    };
+    let team_a = k.sign("team-a").unwrap();
+    let callers: [(&str, Option<String>, StatusCode); 9] = [
+        ("anonymous", None, StatusCode::UNAUTHORIZED),
+        ("team-a", Some(bearer(&team_a)), StatusCode::OK),
+        ("team-a as Basic", Some(basic(&team_a)), StatusCode::OK),
+        (
+            "team-b, no grant",
+            Some(bearer(&k.sign("team-b").unwrap())),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "team-old, expired",
+            Some(bearer(&k.sign("team-old").unwrap())),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "another cluster's key",
+            Some(bearer(&keys(2).sign("team-a").unwrap())),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "garbage",
+            Some(bearer("v1.k1.team-a.garbage")),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "the anonymous token",
+            Some(bearer("anonymous")),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "oversized",
+            Some(bearer(&"x".repeat(16 * 1024))),
+            StatusCode::UNAUTHORIZED,
+        ),
+    ];
+    let challenge = pull_token::challenge(&cache.addr.to_string(), Some(repo.as_str()));
+    for (who, auth, status) in &callers {
+        for (method, path) in &reads {
+            let mut req = c.request(method.parse().unwrap(), cache.url(path));
+            if let Some(a) = auth {
+                req = req.header("authorization", a);
+            }
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), *status, "{who}: {method} {path}");
+            if *status == StatusCode::UNAUTHORIZED {
+                assert_eq!(
+                    r.headers()["www-authenticate"],
+                    challenge.as_str(),
+                    "{who}: {method} {path}"
+                );
+                if *method == "GET" {
+                    assert_eq!(
+                        error_code(r).await,
+                        "UNAUTHORIZED",
+                        "{who}: {method} {path}"
+                    );
+                }
+            } else if path.contains("/blobs/") && *method == "GET" {
+                assert_eq!(r.bytes().await.unwrap(), layer, "{who}");
+            }
+        }
+    }
+    let n = reads.len() as f64;
+    for (result, times) in [
+        ("granted", 2.0 * n),
+        // No token, the anonymous one, and a header too long to hold one.
+        ("anonymous", 3.0 * n),
+        ("no_grant", n),
+        ("expired", n),
+        ("invalid_token", 2.0 * n),
+    ] {
+        assert_eq!(
+            cache.count(&format!(
+                r#"kache_registry_auth_total{{result="{result}"}}"#
+            )),
+            times,
+            "{result}"
+        );
+    }
+
+    // The private layer is not read through another repository of the same upstream, which
+    // holds no such blob; that repository's own blobs are read by anyone.
+    for method in ["HEAD", "GET"] {
+        let r = c
+            .request(
+                method.parse().unwrap(),
+                cache.url(&format!("/v2/{other}/blobs/{layer_digest}")),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{method}");
+    }
+    let r = c
+        .get(cache.url(&format!("/v2/{other}/blobs/{other_layer}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap(), "other".as_bytes());
+    let other_repo: RepoName = other.parse().unwrap();
+    assert_eq!(
+        cache
+            .store()
+            .stat_blob(&other_repo, &layer_digest.parse().unwrap())
+            .unwrap(),
+        None,
+        "never linked"
+    );
+}
+
+#[tokio::test]
+async fn the_ping_challenges_a_client_without_credentials_and_the_token_endpoint_answers() {
+    let c = client();
+    let k = keys(1);
+    let cache = parts::registry(RegistryOptions {
+        scoping: Some(k.clone()),
+        access: Access::ReadOnly,
+        ..RegistryOptions::pull_from("127.0.0.1:9")
+    })
+    .await;
+    let r = c.get(cache.url("/v2/")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        r.headers()["www-authenticate"],
+        pull_token::challenge(&cache.addr.to_string(), None).as_str()
+    );
+    // The anonymous token, as Docker fetches it, reads the public rest.
+    let r = c
+        .get(cache.url("/v2/"))
+        .header("authorization", "Bearer anonymous")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    let token = k.sign("team-a").unwrap();
+    let json = |r: reqwest::Response| async move {
+        let v: serde_json::Value = r.json().await.unwrap();
+        v["token"].as_str().unwrap().to_owned()
+    };
+    // containers/image and Docker: GET with Basic; containerd: POST with a password grant.
+    let r = c
+        .get(cache.url("/kache/token?service=kache&scope=repository:x:pull"))
+        .basic_auth("kache", Some(&token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(json(r).await, token);
+    let r = c
+        .post(cache.url("/kache/token"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!(
+            "grant_type=password&username=kache&password={token}&service=kache"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "on the read-only listener too");
+    assert_eq!(json(r).await, token);
+    let r = c.get(cache.url("/kache/token")).send().await.unwrap();
+    assert_eq!(json(r).await, "anonymous");
+    let r = c
+        .post(cache.url("/kache/token"))
+        .body(vec![b'a'; 8192])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+
+    // Without scoping, the ping is open as ever.
+    let open = parts::registry(RegistryOptions::default()).await;
+    let r = c.get(open.url("/v2/")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}
