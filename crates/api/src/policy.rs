@@ -52,6 +52,11 @@ pub struct Policy {
     /// Leave mutable images alone: `imagePullPolicy: Always`, or tag `latest` (or none), unless a
     /// digest pins them.
     pub skip_mutable: bool,
+    /// With private-image scoping: the Secret of a namespace's pull token (`kache-pull`),
+    /// appended to the pull secrets of every pod rewritten that has any, so that the kubelet
+    /// sends the token to `localhost:<port>`. Pods without pull secrets are left as they are:
+    /// their images are public or the cluster's.
+    pub pull_secret: Option<String>,
 }
 
 impl Default for Policy {
@@ -66,6 +71,7 @@ impl Default for Policy {
             ignore_registries: Vec::new(),
             accept: Vec::new(),
             skip_mutable: false,
+            pull_secret: None,
         }
     }
 }

@@ -331,6 +331,20 @@ struct PolicyArgs {
     /// pinned by digest.
     #[arg(long, env = "KACHE_SKIP_MUTABLE")]
     skip_mutable: bool,
+    /// With private-image scoping: the Secret holding each namespace's pull token, appended to
+    /// the pull secrets of every pod rewritten that has any (the controller keeps it).
+    #[arg(long, env = "KACHE_PULL_SECRET", value_parser = parse_secret_name)]
+    pull_secret: Option<String>,
+}
+
+fn parse_secret_name(s: &str) -> Result<String, String> {
+    let ok =
+        !s.is_empty() && s.len() <= 253 && s.split('.').all(kache_api::pod_marks::is_dns_label);
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("{s:?} is not a Secret name"))
+    }
 }
 
 fn parse_selector(s: &str) -> Result<kache_api::policy::Selector, String> {
@@ -358,6 +372,7 @@ impl PolicyArgs {
                 .collect::<Result<_, _>>()
                 .context("--accept")?,
             skip_mutable: self.skip_mutable,
+            pull_secret: self.pull_secret.clone(),
         })
     }
 }

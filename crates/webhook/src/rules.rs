@@ -142,6 +142,18 @@ pub(crate) fn rewrite_view(
     if out.rewritten == 0 {
         return out;
     }
+    if let (Some(name), Some(secrets)) = (&policy.pull_secret, &pod.pull_secrets)
+        && !secrets.is_empty()
+        && old.is_none()
+        && !secrets
+            .iter()
+            .any(|r| r.name.as_ref().map(|n| n.as_str()) == Some(name.as_str()))
+    {
+        ops.push(PatchOperation::Add(AddOperation {
+            path: PointerBuf::from_tokens(["spec", "imagePullSecrets", "-"]),
+            value: serde_json::json!({ "name": name }),
+        }));
+    }
     let mut managed = BTreeMap::new();
     if pod.label(MANAGED_LABEL) != Some("true") {
         managed.insert(MANAGED_LABEL.to_owned(), "true".to_owned());

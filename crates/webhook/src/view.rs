@@ -27,6 +27,15 @@ pub(crate) struct PodView<'a> {
     pub containers: Vec<ContainerView<'a>>,
     pub init_containers: Vec<ContainerView<'a>>,
     pub ephemeral_containers: Vec<ContainerView<'a>>,
+    /// `spec.imagePullSecrets`: `None` when the spec has none (or the form has no spec).
+    pub pull_secrets: Option<Vec<SecretRefView<'a>>>,
+}
+
+/// One of `spec.imagePullSecrets`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct SecretRefView<'a> {
+    #[serde(default, borrow)]
+    pub name: Option<Text<'a>>,
 }
 
 /// What the rules read of the metadata. A map is `None` when the object has none (or `null`).
@@ -98,6 +107,13 @@ impl<'a> PodView<'a> {
                 .flatten()
                 .map(|c| view(&c.name, &c.image, &c.image_pull_policy))
                 .collect(),
+            pull_secrets: spec.and_then(|s| s.image_pull_secrets.as_ref()).map(|l| {
+                l.iter()
+                    .map(|r| SecretRefView {
+                        name: Some(Text::from(&r.name)),
+                    })
+                    .collect()
+            }),
         }
     }
 
@@ -222,11 +238,13 @@ impl<'a, E> Fields<'a, Text<'a>, Obj<Spec<'a>>, E> {
             }
         }
         let spec = self.spec.map(|Obj(s)| s);
-        let (containers, init_containers, ephemeral_containers) = match spec {
+        let (containers, init_containers, ephemeral_containers, pull_secrets) = match spec {
             Some(s) => (
                 unwrap(s.containers),
                 unwrap(s.init_containers),
                 unwrap(s.ephemeral_containers),
+                s.image_pull_secrets
+                    .map(|l| l.into_iter().map(|Obj(r)| r).collect()),
             ),
             None => Default::default(),
         };
@@ -235,6 +253,7 @@ impl<'a, E> Fields<'a, Text<'a>, Obj<Spec<'a>>, E> {
             containers,
             init_containers,
             ephemeral_containers,
+            pull_secrets,
         })
     }
 }
@@ -261,6 +280,8 @@ pub(crate) struct Spec<'a> {
     init_containers: Option<Containers<'a>>,
     #[serde(default, borrow)]
     ephemeral_containers: Option<Containers<'a>>,
+    #[serde(default, borrow)]
+    image_pull_secrets: Option<Vec<Obj<SecretRefView<'a>>>>,
 }
 
 fn some<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {

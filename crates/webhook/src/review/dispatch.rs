@@ -130,10 +130,16 @@ fn applies(op: &PatchOperation, pod: &PodView<'_>, form: Form) -> bool {
                     if pod.list(kind).get(i).is_some_and(|c| c.image.is_some()))
         }
         PatchOperation::Add(_) => {
-            let Some(metadata) = &pod.metadata else {
+            let (Some(top), Some(map), key, None) = (next(), next(), next(), next()) else {
                 return false;
             };
-            let (Some(top), Some(map), key, None) = (next(), next(), next(), next()) else {
+            // The pull-token secret, appended to a list the pod has.
+            if top.decoded() == "spec" && map.decoded() == "imagePullSecrets" {
+                return form == Form::Pod
+                    && pod.pull_secrets.is_some()
+                    && key.is_some_and(|k| k.decoded() == "-");
+            }
+            let Some(metadata) = &pod.metadata else {
                 return false;
             };
             // A whole map may be added where there is none; a key only into a map.

@@ -169,9 +169,13 @@ fn fixtures() -> Vec<(String, Vec<u8>)> {
     out
 }
 
-fn policies() -> [Policy; 4] {
+fn policies() -> [Policy; 5] {
     [
         Policy::default(),
+        Policy {
+            pull_secret: Some("kache-pull".into()),
+            ..Policy::default()
+        },
         Policy {
             skip_mutable: true,
             ..Policy::default()

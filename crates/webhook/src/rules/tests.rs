@@ -303,3 +303,75 @@ fn reads_original_images_back() {
         ]
     );
 }
+
+#[test]
+fn the_pull_token_secret_is_added_to_rewritten_pods_that_have_pull_secrets() {
+    let scoped = Policy {
+        pull_secret: Some("kache-pull".into()),
+        ..Policy::default()
+    };
+    let with_secrets = |names: &[&str], image: &str| {
+        let mut p = pod(&[("app", image, None)]);
+        if !names.is_empty() {
+            p.spec.as_mut().unwrap().image_pull_secrets = Some(
+                names
+                    .iter()
+                    .map(|n| k8s_openapi::api::core::v1::LocalObjectReference { name: (*n).into() })
+                    .collect(),
+            );
+        }
+        p
+    };
+    let secrets_after = |p: &Pod, policy: &Policy| -> Vec<String> {
+        let r = rewrite(p, policy, Scope::Create);
+        let mut doc = serde_json::to_value(p).unwrap();
+        json_patch::patch(&mut doc, &r.patch).unwrap();
+        let after: Pod = serde_json::from_value(doc).unwrap();
+        // Applied, and rewritten again: nothing more to do.
+        assert!(rewrite(&after, policy, Scope::Create).patch.0.is_empty());
+        after
+            .spec
+            .unwrap()
+            .image_pull_secrets
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| r.name)
+            .collect()
+    };
+    for (secrets, image, policy, want) in [
+        // The pod's own (or its ServiceAccount's, which admission copied in) come first.
+        (
+            &["creds"][..],
+            "ghcr.io/o/a:1",
+            &scoped,
+            &["creds", "kache-pull"][..],
+        ),
+        (
+            &["a", "b"],
+            "ghcr.io/o/a:1",
+            &scoped,
+            &["a", "b", "kache-pull"],
+        ),
+        // Already there: once is enough.
+        (
+            &["kache-pull", "creds"],
+            "ghcr.io/o/a:1",
+            &scoped,
+            &["kache-pull", "creds"],
+        ),
+        // No pull secrets: a public or cluster image, left as it is.
+        (&[], "ghcr.io/o/a:1", &scoped, &[]),
+        // Nothing rewritten: nothing added.
+        (
+            &["creds"],
+            "localhost:7439/ghcr.io/o/a:1",
+            &scoped,
+            &["creds"],
+        ),
+        // Scoping off.
+        (&["creds"], "ghcr.io/o/a:1", &Policy::default(), &["creds"]),
+    ] {
+        let p = with_secrets(secrets, image);
+        assert_eq!(secrets_after(&p, policy), want, "{secrets:?} {image}");
+    }
+}
