@@ -33,6 +33,10 @@ const VARIANTS: &[&[&str]] = &[
         "metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true",
     ],
     &["--set", "controller.precacheKinds=null"],
+    &[
+        "--set",
+        "privateImages.enabled=true,privateImages.privateRegistries={ghcr.io}",
+    ],
 ];
 
 fn chart_path() -> String {
@@ -216,6 +220,7 @@ const POLICY_FLAGS: &[&str] = &[
     "--ignore-registry=",
     "--accept=",
     "--skip-mutable",
+    "--pull-secret=",
 ];
 
 #[test]
@@ -237,6 +242,7 @@ fn the_webhook_and_the_controller_are_given_one_caching_policy() {
                 "acceptedImages": ["docker.io/library/*"],
                 "skipMutableTags": true,
             },
+            "privateImages": {"enabled": true, "secretName": "team-pull"},
         })
         .to_string(),
     )
@@ -262,6 +268,7 @@ fn the_webhook_and_the_controller_are_given_one_caching_policy() {
             "--ignore-registry=regex:^quay\\.io$",
             "--accept=docker.io/library/*",
             "--skip-mutable",
+            "--pull-secret=team-pull",
         ]
     );
     // The webhook configuration asks the API server for the same namespaces and selector.
@@ -479,6 +486,16 @@ fn changed(key: &str, default: &Value) -> (Value, Vec<&'static str>) {
             ],
         )),
         "certManager.issuerRef" => Some((json!({"name": "corp", "kind": "ClusterIssuer"}), vec![])),
+        "privateImages.keySecret" => Some((json!("mine"), vec!["privateImages.enabled=true"])),
+        "privateImages.secretName" => {
+            Some((json!("kache-token"), vec!["privateImages.enabled=true"]))
+        }
+        "privateImages.grantTTL" | "privateImages.grantRenewal" => {
+            Some((json!("17m"), vec!["privateImages.enabled=true"]))
+        }
+        "privateImages.privateRegistries" => {
+            Some((json!(["x.example"]), vec!["privateImages.enabled=true"]))
+        }
         "proxy.updateStrategy" => Some((json!({"type": "OnDelete"}), vec![])),
         "webhook.objectSelector" => Some((
             json!({"matchExpressions": [{"key": "team", "operator": "Exists"}]}),

@@ -8,13 +8,18 @@ use kube::{Api, Client};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tracing::{debug, warn};
 
-use crate::decide;
+use std::sync::Arc;
 
-/// Creates CachedImages; cheap to clone.
+use crate::decide;
+use crate::tenancy::Tokens;
+
+/// Creates CachedImages (and, with private-image scoping, the pull-token Secret of each
+/// namespace that uses pull secrets); cheap to clone.
 #[derive(Clone)]
 pub struct Ensurer {
     client: Client,
     images: Store<CachedImage>,
+    tokens: Option<Arc<Tokens>>,
 }
 
 impl std::fmt::Debug for Ensurer {
@@ -24,8 +29,16 @@ impl std::fmt::Debug for Ensurer {
 }
 
 impl Ensurer {
-    pub(crate) fn new(client: Client, images: Store<CachedImage>) -> Self {
-        Ensurer { client, images }
+    pub(crate) fn new(
+        client: Client,
+        images: Store<CachedImage>,
+        tokens: Option<Arc<Tokens>>,
+    ) -> Self {
+        Ensurer {
+            client,
+            images,
+            tokens,
+        }
     }
 
     /// Handles the pods the pod watch sees, one at a time.
@@ -62,6 +75,11 @@ impl Ensurer {
         secrets: &[SecretReference],
         service_account: Option<(&str, &str)>,
     ) -> kube::Result<()> {
+        if let Some(tokens) = &self.tokens {
+            for ns in secrets.iter().map(|s| s.namespace.as_str()) {
+                tokens.ensure(ns).await;
+            }
+        }
         let name = cached_image_name(image);
         if let Some(existing) = self.images.get(&ObjectRef::new(&name))
             && decide::merge_secrets(&existing.spec.pull_secrets, secrets).is_none()

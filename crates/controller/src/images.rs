@@ -156,10 +156,17 @@ async fn apply(ci: &CachedImage, ctx: &Context) -> Result<Action, Error> {
         publish(ctx, ci, note).await;
     }
     write_status(&api, &name, &old, settled.status).await?;
-    match failure {
-        Some(message) => Err(Error::Registry(message)),
-        None => Ok(Action::requeue(settled.requeue)),
+    if let Some(message) = failure {
+        return Err(Error::Registry(message));
     }
+    let requeue = match &ctx.config.scoping {
+        Some(s) => {
+            grants(ci, ctx).await;
+            settled.requeue.min(s.renew)
+        }
+        None => settled.requeue,
+    };
+    Ok(Action::requeue(requeue))
 }
 
 /// Deletes an image whose time has come, after asking the API server itself (not the cache)
@@ -198,15 +205,62 @@ async fn cleanup(ci: &CachedImage, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
-/// Asks the registry to warm the image with the first credentials the pull secrets hold for its
-/// registry.
-async fn warm(
-    ci: &CachedImage,
+/// Has the registry check, for each namespace among the pull secrets' (when due), that the
+/// namespace's own credentials may pull the image: the registry writes or ends its grant. A
+/// namespace refused while the image is private gets a Warning event on the CachedImage.
+async fn grants(ci: &CachedImage, ctx: &Context) {
+    let Some(scoping) = &ctx.config.scoping else {
+        return;
+    };
+    let image = &ci.spec.source_image;
+    let namespaces: std::collections::BTreeSet<&str> = ci
+        .spec
+        .pull_secrets
+        .iter()
+        .map(|r| r.namespace.as_str())
+        .collect();
+    for ns in namespaces {
+        let own = ci.spec.pull_secrets.iter().filter(|r| r.namespace == ns);
+        let configs = pull_configs(ctx, own).await;
+        let credentials = decide::credentials_for(image, &configs);
+        let fingerprint = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            credentials.hash(&mut h);
+            h.finish()
+        };
+        if !ctx.checked.due(image, ns, fingerprint, scoping.renew).await {
+            continue;
+        }
+        match ctx.registry.grant(image, ns, credentials).await {
+            Ok(g) => {
+                ctx.checked.done(image, ns, fingerprint).await;
+                if !g.granted {
+                    let why = g.message.unwrap_or_default();
+                    let note = phase::Note::warning(
+                        "AccessRefused",
+                        format!("namespace {ns} may not pull {image}: {why}"),
+                    );
+                    publish(ctx, ci, &note).await;
+                } else {
+                    tracing::debug!(%image, namespace = ns, visibility = g.visibility.as_str(), "access checked");
+                }
+            }
+            // Checked again at the next reconcile; the registry keeps what it granted.
+            Err(e) => {
+                warn!(%image, namespace = ns, error = %e, "cannot check the namespace's access")
+            }
+        }
+    }
+}
+
+/// The docker configs of the pull secrets `refs` name (those that can be read).
+async fn pull_configs<'r>(
     ctx: &Context,
-    platforms: &[String],
-) -> Result<kache_wire::WarmResponse, String> {
+    refs: impl Iterator<Item = &'r kache_api::SecretReference>,
+) -> Vec<DockerConfig> {
     let mut configs = Vec::new();
-    for r in &ci.spec.pull_secrets {
+    for r in refs {
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &r.namespace);
         match api.get_opt(&r.name).await {
             Ok(Some(secret)) => {
@@ -228,6 +282,17 @@ async fn warm(
             }
         }
     }
+    configs
+}
+
+/// Asks the registry to warm the image with the first credentials the pull secrets hold for its
+/// registry.
+async fn warm(
+    ci: &CachedImage,
+    ctx: &Context,
+    platforms: &[String],
+) -> Result<kache_wire::WarmResponse, String> {
+    let configs = pull_configs(ctx, ci.spec.pull_secrets.iter()).await;
     let credentials = decide::credentials_for(&ci.spec.source_image, &configs);
     let warmed = ctx
         .registry

@@ -41,6 +41,7 @@ pub mod lease;
 mod metrics;
 mod phase;
 pub mod registry;
+pub mod tenancy;
 mod workloads;
 
 use std::sync::Arc;
@@ -78,6 +79,8 @@ pub struct Config {
     pub lease: Option<LeaseConfig>,
     /// The name events are reported under.
     pub instance: String,
+    /// Private-image scoping: token Secrets and grants.
+    pub scoping: Option<tenancy::Scoping>,
 }
 
 /// What every reconcile shares.
@@ -95,6 +98,8 @@ pub(crate) struct Context {
     pub metrics: ControllerMetrics,
     /// Consecutive failures per CachedImage, for the backoff.
     pub failures: Mutex<std::collections::HashMap<String, u32>>,
+    /// When each namespace's grant on each image was last checked.
+    pub checked: tenancy::Checked,
 }
 
 /// Runs the controllers until `shutdown` resolves: with leader election, only while this replica
@@ -222,7 +227,14 @@ async fn run_controllers(
     .touched_objects();
     let controller = Controller::for_stream(images, image_store.clone());
     metrics.count_images(Some(image_store.clone()));
-    let ensurer = Ensurer::new(client.clone(), image_store.clone());
+    let tokens = config.scoping.clone().map(|s| {
+        Arc::new(tenancy::Tokens::new(
+            client.clone(),
+            s,
+            config.policy.proxy_port,
+        ))
+    });
+    let ensurer = Ensurer::new(client.clone(), image_store.clone(), tokens);
     let events = events::Events::new(client.clone(), "kache-controller", &config.instance);
     let (ready_tx, pods_ready) = tokio::sync::watch::channel(false);
     let pods_ready_signal = {
@@ -249,6 +261,7 @@ async fn run_controllers(
         events,
         metrics,
         failures: Mutex::default(),
+        checked: tenancy::Checked::default(),
     });
 
     // Every pod event also goes to the ensurer, which creates the CachedImages pods need.

@@ -6,8 +6,8 @@ use std::time::Duration;
 use kache_oci::distribution::{ErrorBody, Route};
 use kache_oci::{ImageReference, Reference};
 use kache_wire::{
-    GC_PATH, GcReport, IMAGES_PATH, KeptImage, KeptImages, WARM_PATH, WarmCredentials, WarmRequest,
-    WarmResponse,
+    GC_PATH, GRANTS_PATH, GcReport, GrantRequest, GrantResponse, IMAGES_PATH, KeptImage,
+    KeptImages, WARM_PATH, WarmCredentials, WarmRequest, WarmResponse,
 };
 
 /// Why a call to the registry failed.
@@ -75,6 +75,27 @@ impl RegistryClient {
         let req = self
             .http
             .post(format!("{}{WARM_PATH}", self.base))
+            .json(&body);
+        self.json(req).await
+    }
+
+    /// Asks whether `namespace`, with its own `credentials` for the image's registry, may read
+    /// the image's cached repository (the registry checks them upstream and keeps the grant).
+    pub async fn grant(
+        &self,
+        image: &str,
+        namespace: &str,
+        credentials: Option<(String, String)>,
+    ) -> Result<GrantResponse, RegistryError> {
+        let body = GrantRequest {
+            image: image.to_owned(),
+            namespace: namespace.to_owned(),
+            credentials: credentials
+                .map(|(username, password)| WarmCredentials { username, password }),
+        };
+        let req = self
+            .http
+            .post(format!("{}{GRANTS_PATH}", self.base))
             .json(&body);
         self.json(req).await
     }

@@ -32,6 +32,19 @@ pub async fn controller(
         identity: identity.clone(),
         duration: a.lease_duration.max(Duration::from_secs(3)),
     });
+    let scoping = match (&a.pull_token_keys, &a.policy.pull_secret) {
+        (Some(dir), Some(name)) => {
+            anyhow::ensure!(
+                !a.grant_renewal.is_zero(),
+                "--grant-renewal must be longer than 0s"
+            );
+            let s =
+                kache_controller::tenancy::Scoping::new(dir.clone(), name.clone(), a.grant_renewal)
+                    .with_context(|| format!("reading the pull-token keys in {}", dir.display()))?;
+            Some(s)
+        }
+        _ => None,
+    };
     let token = a.registry.token()?;
     let registry = RegistryClient::new(&a.registry.registry, token, a.registry_timeout)
         .context("building the registry client")?;
@@ -61,6 +74,7 @@ pub async fn controller(
             policy,
             lease,
             instance: identity,
+            scoping,
         },
         registry,
         metrics,

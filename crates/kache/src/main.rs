@@ -431,6 +431,15 @@ struct ControllerArgs {
     /// This replica's identity (the pod name, from the downward API).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// With private-image scoping: the pull-token keys (the registry's --pull-token-keys
+    /// Secret). The controller then keeps the --pull-secret Secret of each namespace whose pods
+    /// use pull secrets, and has the registry check each such namespace's access.
+    #[arg(long, env = "KACHE_PULL_TOKEN_KEYS", requires = "pull_secret")]
+    pull_token_keys: Option<PathBuf>,
+    /// How often a namespace's access to a private image is checked again upstream: under the
+    /// registry's --grant-ttl.
+    #[arg(long, env = "KACHE_GRANT_RENEWAL", value_parser = parse_duration, default_value = "12h")]
+    grant_renewal: Duration,
     #[command(flatten)]
     policy: PolicyArgs,
     #[arg(long, env = "KACHE_METRICS_LISTEN", default_value = "0.0.0.0:9090")]

@@ -190,6 +190,14 @@ webhook.ignoredNamespaces. */}}
 {{- if $w.skipMutableTags }}
 - --skip-mutable
 {{- end }}
+{{- if .Values.privateImages.enabled }}
+- --pull-secret={{ .Values.privateImages.secretName }}
+{{- end }}
+{{- end }}
+
+{{- /* The Secret of the pull-token keys: the user's, or the one the chart makes. */ -}}
+{{- define "kache.pullTokenKeysSecret" -}}
+{{- .Values.privateImages.keySecret | default (printf "%s-pull-token-keys" (include "kache.fullname" .)) -}}
 {{- end }}
 
 {{- define "kache.upstreamMounts" -}}
