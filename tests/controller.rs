@@ -39,6 +39,16 @@ struct Controller {
 
 impl Controller {
     fn start(kubeconfig: &Path, registry: &str, identity: &str, log: &Path) -> Self {
+        Self::start_with(kubeconfig, registry, identity, log, &[])
+    }
+
+    fn start_with(
+        kubeconfig: &Path,
+        registry: &str,
+        identity: &str,
+        log: &Path,
+        extra: &[&str],
+    ) -> Self {
         let ready = log.with_extension("ready.json");
         let _ = std::fs::remove_file(&ready);
         let mut child = Command::new(env!("CARGO_BIN_EXE_kache"))
@@ -47,6 +57,7 @@ impl Controller {
             .args(["--identity", identity])
             .args(["--metrics-listen", "127.0.0.1:0", "--ready-file"])
             .arg(&ready)
+            .args(extra)
             .env("KUBECONFIG", kubeconfig)
             .env("KACHE_LOG", "info,kache_controller=debug")
             .stdout(Stdio::null())
@@ -773,4 +784,177 @@ fn failures_are_reported_and_retried_pull_secrets_are_used_and_an_api_server_res
     assert!(app_ci["spec"].get("expiresAt").is_none(), "{app_ci}");
     assert_eq!(app_ci["status"]["phase"], "Cached", "{app_ci}");
     drop(webhook);
+}
+
+#[test]
+fn private_images_are_granted_to_namespaces_whose_own_secrets_the_upstream_accepts_on_1_20() {
+    private_images_are_granted_to_namespaces_whose_own_secrets_the_upstream_accepts(
+        Version::Oldest,
+    );
+}
+
+#[test]
+fn private_images_are_granted_to_namespaces_whose_own_secrets_the_upstream_accepts_on_current() {
+    private_images_are_granted_to_namespaces_whose_own_secrets_the_upstream_accepts(
+        Version::Current,
+    );
+}
+
+/// With private-image scoping (the chart's `privateImages`, and its RBAC): the webhook adds the
+/// token Secret to pods with pull secrets, the controller writes that Secret in their namespace
+/// and has the registry check each namespace's own credentials upstream; a namespace whose
+/// secret is wrong gets an AccessRefused event and no grant, and one whose secret is deleted
+/// loses its grant at the next check.
+fn private_images_are_granted_to_namespaces_whose_own_secrets_the_upstream_accepts(
+    version: Version,
+) {
+    use base64::Engine as _;
+    let kube = KubeServer::start(version);
+    let s = Scratch::new("kache-e2e-controller-private");
+    install_crd(&kube);
+    let password = "scoped-pw-5e1b";
+    let private = Distribution::start(DistributionKind::htpasswd("puller", password));
+    let host = non_loopback_name(&private.host());
+    let image = multi_layer_image(95);
+    let src = s.layout("src", &[("v1", &image)]);
+    s.skopeo.copy(
+        &format!("{src}:v1"),
+        &format!("docker://{host}/team/app:v1"),
+        &["--dest-creds", &format!("puller:{password}")],
+    );
+    let keys_dir = s.path("keys");
+    std::fs::create_dir_all(&keys_dir).unwrap();
+    std::fs::write(keys_dir.join("k1"), [7u8; 32]).unwrap();
+    let keys = kache_wire::pull_token::Keys::from_dir(&keys_dir).unwrap();
+    let keys_arg = keys_dir.to_str().unwrap();
+    let registry = KacheRegistry::start_with_internal(
+        s.path("data"),
+        &["--insecure-registry", &host, "--pull-token-keys", keys_arg],
+    );
+
+    let certs = tempfile::tempdir().unwrap();
+    let ca = certificates(certs.path());
+    let webhook = Webhook::start_with(certs.path(), &["--pull-secret", "kache-pull"]);
+    register(&kube, &webhook, &ca);
+    let logs = tempfile::tempdir().unwrap();
+    let _dump = DumpOnPanic(logs.path().to_owned());
+    let log = logs.path().join("first.log");
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    // Exactly the chart's rights with privateImages on.
+    kube.namespace("kache");
+    kube.apply_yaml(&support::helm::controller_rbac_with(
+        &kube,
+        &["--set", "privateImages.enabled=true"],
+    ));
+    let kubeconfig = kube.service_account_kubeconfig(
+        "kache",
+        "kache-controller",
+        &logs.path().join("kubeconfig"),
+    );
+    let _controller = Controller::start_with(
+        &kubeconfig,
+        &registry.internal_url(),
+        "only",
+        &log,
+        &[
+            "--pull-token-keys",
+            keys_arg,
+            "--pull-secret",
+            "kache-pull",
+            "--grant-renewal",
+            "1s",
+        ],
+    );
+
+    let app = format!("{host}/team/app:v1");
+    // a: the right password; c: a wrong one; b: no pull secret at all.
+    for (ns, pw) in [("a", Some(password)), ("b", None), ("c", Some("wrong"))] {
+        kube.namespace(ns);
+        let mut d = deployment("app", &app, 1);
+        if let Some(pw) = pw {
+            kube.ok(
+                "POST",
+                &format!("/api/v1/namespaces/{ns}/secrets"),
+                Some(&pull_secret("creds", &host, "puller", pw)),
+            );
+            d["spec"]["template"]["spec"]["imagePullSecrets"] = json!([{"name": "creds"}]);
+        }
+        kube.ok(
+            "POST",
+            &format!("/apis/apps/v1/namespaces/{ns}/deployments"),
+            Some(&d),
+        );
+    }
+
+    // The webhook named the token Secret in the pods with pull secrets, and only there.
+    for (ns, want) in [
+        ("a", json!([{"name": "creds"}, {"name": "kache-pull"}])),
+        ("b", json!(null)),
+    ] {
+        let pods = kube.wait_for(&format!("/api/v1/namespaces/{ns}/pods"), WAIT, |_, v| {
+            (!v["items"].as_array()?.is_empty()).then(|| v.clone())
+        });
+        assert_eq!(pods["items"][0]["spec"]["imagePullSecrets"], want, "{ns}");
+    }
+    // The controller wrote a's token Secret for localhost:7439; b needs none.
+    let secret = kube.wait_for(
+        "/api/v1/namespaces/a/secrets/kache-pull",
+        WAIT,
+        |code, v| (code == 200).then(|| v.clone()),
+    );
+    assert_eq!(secret["type"], "kubernetes.io/dockerconfigjson");
+    let config: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD
+            .decode(secret["data"][".dockerconfigjson"].as_str().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let token_a = keys.sign("a").unwrap();
+    assert_eq!(
+        config["auths"]["localhost:7439"]["password"], token_a,
+        "{config}"
+    );
+    let (code, _) = kube.request("GET", "/api/v1/namespaces/b/secrets/kache-pull", None);
+    assert_eq!(code, 404);
+
+    // a is granted; c is refused with an event; nobody else reads.
+    let repo = cache_repo(&host, "team/app");
+    let grants =
+        || support::get(&format!("{}/kache/v1/grants", registry.internal_url()), &[]).json();
+    eventually(|| {
+        let g = grants();
+        let held: Vec<&str> = g
+            .as_array()
+            .expect("a list of grants")
+            .iter()
+            .filter_map(|g| g["namespace"].as_str())
+            .collect();
+        (held != ["a"]).then(|| format!("grants {g}\n{}", read_log()))
+    });
+    let read = |token: &str| {
+        support::get(
+            &format!("{}/v2/{repo}/manifests/v1", registry.base_url()),
+            &[("Authorization", &format!("Bearer {token}"))],
+        )
+        .status
+    };
+    assert_eq!(read(&token_a), 200);
+    for ns in ["b", "c"] {
+        assert_eq!(read(&keys.sign(ns).unwrap()), 401, "{ns}");
+    }
+    let name = cached_image_name(&app);
+    eventually(|| {
+        let reasons = event_reasons(&kube, &name);
+        (!reasons.contains(&"AccessRefused".to_owned()))
+            .then(|| format!("{reasons:?}\n{}", read_log()))
+    });
+
+    // a's secret deleted: its grant ends at the next check.
+    kube.ok("DELETE", "/api/v1/namespaces/a/secrets/creds", None);
+    eventually(|| {
+        let g = grants();
+        let empty = g.as_array().expect("a list of grants").is_empty();
+        (!empty).then(|| format!("grants {g}\n{}", read_log()))
+    });
+    assert_eq!(read(&token_a), 401);
 }

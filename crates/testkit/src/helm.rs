@@ -124,12 +124,19 @@ impl Helm {
 /// The controller's ServiceAccount and RBAC, as the chart makes them for a release `kache` in
 /// the namespace `kache` (the chart is where they live).
 pub fn controller_rbac(kube: &KubeServer) -> String {
-    Helm::new(kube).template(&[
+    controller_rbac_with(kube, &[])
+}
+
+/// [`controller_rbac`] rendered with more values (`--set` flags).
+pub fn controller_rbac_with(kube: &KubeServer, values: &[&str]) -> String {
+    let mut args = vec![
         "--show-only",
         "templates/serviceaccounts.yaml",
         "--show-only",
         "templates/controller-rbac.yaml",
-    ])
+    ];
+    args.extend_from_slice(values);
+    Helm::new(kube).template(&args)
 }
 
 /// Fails unless none of the collections at `paths` holds an object of the release `kache`.

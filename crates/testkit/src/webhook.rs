@@ -22,6 +22,11 @@ impl Webhook {
     /// Starts a webhook with the pair in `dir` on :0, and waits until it says where it
     /// listens.
     pub fn start(dir: &Path) -> Self {
+        Self::start_with(dir, &[])
+    }
+
+    /// [`Webhook::start`] with more flags (the policy's).
+    pub fn start_with(dir: &Path, extra: &[&str]) -> Self {
         let ready = dir.join("webhook-ready.json");
         let _ = std::fs::remove_file(&ready);
         let mut child = Command::new(crate::kache_bin())
@@ -33,6 +38,7 @@ impl Webhook {
             .arg(dir.join("tls.key"))
             .arg("--ready-file")
             .arg(&ready)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("webhook.log")).unwrap())
             .spawn()
