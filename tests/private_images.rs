@@ -226,6 +226,17 @@ fn a_private_image_is_served_only_to_namespaces_the_upstream_accepts() {
             "--private-images",
         ],
     );
+    // containerd trades its credentials with a POSTed password grant, which the proxy's own
+    // server must read.
+    let r = request(
+        "POST",
+        &format!("{}/kache/token", proxy.base_url()),
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        format!("grant_type=password&username=kache&password={team_a}&client_id=containerd-client")
+            .as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["access_token"], team_a.as_str(), "{}", r.text());
     let via_proxy = format!("docker://{}/{app}:v1", proxy.addr());
     let got = s.pull(&via_proxy, &["--src-creds", &format!("kache:{team_a}")]);
     assert_pulled("through the proxy with team-a's token", &image, &got);

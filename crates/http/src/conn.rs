@@ -29,7 +29,7 @@ use crate::stop::Stop;
 /// What the server does with a request that has a body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bodies {
-    /// Refused without being read (a node proxy only pulls): a GET or HEAD with a body is
+    /// Refused without being read (a server that only serves pulls): a GET or HEAD with a body is
     /// answered 400; anything else is answered by the router, and the connection closes.
     Refuse,
     /// The connection goes to hyper, that request first, for the rest of its life (a registry

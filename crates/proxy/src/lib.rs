@@ -195,7 +195,11 @@ impl Proxy {
         kind: kache_http::ServerKind,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> std::io::Result<()> {
-        let server = kache_http::Server::new(self.router()).kind(kind);
+        // Pulls send no body; containerd's token request (a password grant, POSTed) does, and
+        // its connection goes to hyper, which reads it.
+        let server = kache_http::Server::new(self.router())
+            .kind(kind)
+            .bodies(kache_http::Bodies::Hyper);
         #[cfg(target_os = "linux")]
         let server = server.intercept(self.clone());
         server.serve(listener, shutdown).await
