@@ -10,9 +10,13 @@
 //! - a pod labelled `kache.io/image-caching-policy: ignore` pulls straight from the upstream;
 //! - with the registry stopped, the proxy falls back to the upstream and a new pod starts;
 //! - the proxy killed in the middle of a pull: the kubelet retries and the pod starts;
-//! - a private image and a pod's `imagePullSecrets`: the kubelet's anonymous pull through the
-//!   proxy is refused, the controller caches the image with the pod's secret, and the kubelet's
-//!   next try starts the pod from the cache, with no manual step;
+//! - a private image and a pod's `imagePullSecrets` (private-image scoping on): the kubelet's
+//!   pull through the proxy is refused until the controller has cached the image with the pod's
+//!   secret, written the namespace's `kache-pull` token Secret (which the webhook named in the
+//!   pod) and had the registry grant the namespace; the kubelet's next try then starts the pod
+//!   from the cache, with no manual step. A pod of another namespace without the secret is
+//!   refused by kache with 401 (also with the upstream stopped), and starts once it has a valid
+//!   secret of its own;
 //! - the upstream stopped and the node's copy of the image removed, content included: a new pod
 //!   still starts, every byte from kache.
 
@@ -154,7 +158,7 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
         runnable(&pause, 3, 1 << 20),
     );
     let password = "node-pw-5d1e";
-    let private = Distribution::start(DistributionKind::htpasswd("puller", password));
+    let mut private = Distribution::start(DistributionKind::htpasswd("puller", password));
     let private_host = non_loopback_name(&private.host());
     let secret = runnable(&pause, 4, 1 << 20);
     let src = s.layout(
@@ -380,6 +384,73 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
     scale(&kube, "controller", 1);
     wait_cached(&kube, &secret_image, secret.digest());
     node.wait_running(&kube, APPS, "private", WAIT);
+    let admitted = kube.ok(
+        "GET",
+        &format!("/api/v1/namespaces/{APPS}/pods/private"),
+        None,
+    );
+    assert_eq!(
+        admitted["spec"]["imagePullSecrets"],
+        json!([{"name": "creds"}, {"name": "kache-pull"}]),
+        "the webhook adds the namespace's pull-token Secret"
+    );
+
+    // 5b. The private image stays the namespaces' that may pull it upstream. A pod of another
+    // namespace with no secret (pulling again, as AlwaysPullImages makes it: the node holds the
+    // image) is refused by kache with 401; with a valid secret of its own it starts; and with
+    // the upstream gone, a namespace never granted is still refused.
+    let always = |name: &str, secrets: &[&str]| {
+        let mut p = app_pod(name, &secret_image, json!({}), secrets);
+        p["spec"]["containers"][0]["imagePullPolicy"] = json!("Always");
+        p
+    };
+    let refused_in = |ns: &str, name: &str| {
+        kube.namespace(ns);
+        kube.ok(
+            "POST",
+            &format!("/api/v1/namespaces/{ns}/pods"),
+            Some(&always(name, &[])),
+        );
+        let (_, message) = kube.wait_for(
+            &format!("/api/v1/namespaces/{ns}/pods/{name}"),
+            WAIT,
+            |_, _| {
+                pod_events(&kube, ns, name)
+                    .into_iter()
+                    .find(|(reason, message)| {
+                        reason == "Failed" && message.starts_with("Failed to pull image")
+                    })
+            },
+        );
+        assert!(
+            (message.contains("401") || message.to_lowercase().contains("unauthorized"))
+                && message.contains("localhost:7439"),
+            "{ns}/{name}: {message}"
+        );
+        let (_, pod) = kube.request("GET", &format!("/api/v1/namespaces/{ns}/pods/{name}"), None);
+        assert_ne!(pod["status"]["phase"], "Running", "{ns}/{name}");
+    };
+    refused_in("others", "refused");
+    kube.ok(
+        "POST",
+        "/api/v1/namespaces/others/secrets",
+        Some(&pull_secret("creds", &private_host, "puller", password)),
+    );
+    kube.ok(
+        "POST",
+        "/api/v1/namespaces/others/pods",
+        Some(&always("granted", &["creds"])),
+    );
+    node.wait_running(&kube, "others", "granted", WAIT);
+    private.stop();
+    refused_in("strangers", "refused");
+    for (ns, name) in [
+        ("others", "refused"),
+        ("others", "granted"),
+        ("strangers", "refused"),
+    ] {
+        delete_pod(&kube, ns, name);
+    }
 
     // 6. The upstream goes, and the node forgets the image, content included (every workload
     // goes, as the images share their program's layer): a new pod still starts, every byte from

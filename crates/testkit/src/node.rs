@@ -33,6 +33,8 @@ pub struct KacheOnNode {
     pub data_dir: PathBuf,
     /// Upstream registries reached over plain HTTP (`host:port`).
     pub upstreams: Vec<String>,
+    /// The key pull tokens are signed under (id `k1`).
+    pub pull_token_key: Vec<u8>,
 }
 
 impl KacheOnNode {
@@ -51,6 +53,7 @@ impl KacheOnNode {
             controller_metrics: free_addr(),
             data_dir: data_dir.to_owned(),
             upstreams: upstreams.iter().map(|u| (*u).to_owned()).collect(),
+            pull_token_key: crate::image::random_bytes(7439, 32),
         }
     }
 
@@ -81,6 +84,7 @@ impl KacheOnNode {
             ("TLS_CRT", b64(&read("tls.crt"))),
             ("TLS_KEY", b64(&read("tls.key"))),
             ("CA_BUNDLE", b64(ca.as_bytes())),
+            ("PULL_TOKEN_KEY", b64(&self.pull_token_key)),
         ];
         let mut text = include_str!("../manifests/kache-on-node.yaml").to_owned();
         for (k, v) in values {
@@ -324,7 +328,10 @@ impl KubeNode {
     pub fn deploy_kache(&self, kube: &KubeServer, kache: &KacheOnNode, tls_dir: &Path) {
         kube.namespace("kache");
         kube.apply_yaml(include_str!("../../api/crds.yaml"));
-        kube.apply_yaml(&super::helm::controller_rbac(kube));
+        kube.apply_yaml(&super::helm::controller_rbac_with(
+            kube,
+            &["--set", "privateImages.enabled=true"],
+        ));
         std::fs::create_dir_all(tls_dir).expect("create the webhook's cert dir");
         let ca = certificates(tls_dir);
         let api_port = kube.api.rsplit_once(':').expect("https://host:port").1;
