@@ -33,7 +33,8 @@ pub enum Bodies {
     /// answered 400; anything else is answered by the router, and the connection closes.
     Refuse,
     /// The connection goes to hyper, that request first, for the rest of its life (a registry
-    /// takes pushes; pulling clients never send a body, so they stay here).
+    /// takes pushes, a node proxy containerd's token request; pulling clients never send a body,
+    /// so they stay here). A GET or HEAD with a body is refused all the same.
     Hyper,
 }
 
@@ -148,7 +149,9 @@ impl Conn {
                     return self.close().await;
                 }
             };
-            if has_body && self.bodies == Bodies::Hyper {
+            // A GET or HEAD has nothing to send: with a body it is refused in either mode.
+            let reads = head.method == http::Method::GET || head.method == http::Method::HEAD;
+            if has_body && self.bodies == Bodies::Hyper && !reads {
                 // The head is still in the buffer: hyper reads the request from its start.
                 let (io, service) = self.into_hyper();
                 let conn = hyper::server::conn::http1::Builder::new()
