@@ -949,6 +949,26 @@ fn private_images_are_granted_to_namespaces_whose_own_secrets_the_upstream_accep
             .then(|| format!("{reasons:?}\n{}", read_log()))
     });
 
+    // A second key, whose id sorts last: the controller signs with it and rewrites the Secret
+    // by itself; the registry reads the new token at once (it reads the keys again when a
+    // token names one it lacks).
+    std::fs::write(keys_dir.join("k2"), [0x5a; 32]).unwrap();
+    let rotated = kache_wire::pull_token::Keys::from_dir(&keys_dir).unwrap();
+    let token_a2 = rotated.sign("a").unwrap();
+    assert!(token_a2.starts_with("v1.k2."), "{token_a2}");
+    eventually(|| {
+        let (_, s) = kube.request("GET", "/api/v1/namespaces/a/secrets/kache-pull", None);
+        let config: Value = serde_json::from_slice(
+            &base64::engine::general_purpose::STANDARD
+                .decode(s["data"][".dockerconfigjson"].as_str().unwrap_or_default())
+                .unwrap_or_default(),
+        )
+        .unwrap_or_default();
+        let password = &config["auths"]["localhost:7439"]["password"];
+        (*password != json!(token_a2)).then(|| format!("the Secret still holds {password}"))
+    });
+    assert_eq!(read(&token_a2), 200);
+
     // a's secret deleted: its grant ends at the next check.
     kube.ok("DELETE", "/api/v1/namespaces/a/secrets/creds", None);
     eventually(|| {
@@ -956,5 +976,5 @@ fn private_images_are_granted_to_namespaces_whose_own_secrets_the_upstream_accep
         let empty = g.as_array().expect("a list of grants").is_empty();
         (!empty).then(|| format!("grants {g}\n{}", read_log()))
     });
-    assert_eq!(read(&token_a), 401);
+    assert_eq!(read(&token_a2), 401);
 }

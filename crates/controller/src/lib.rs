@@ -234,6 +234,15 @@ async fn run_controllers(
             config.policy.proxy_port,
         ))
     });
+    let refresh_tokens = {
+        let tokens = tokens.clone();
+        async move {
+            match tokens {
+                Some(t) => t.refresh().await,
+                None => std::future::pending().await,
+            }
+        }
+    };
     let ensurer = Ensurer::new(client.clone(), image_store.clone(), tokens);
     let events = events::Events::new(client.clone(), "kache-controller", &config.instance);
     let (ready_tx, pods_ready) = tokio::sync::watch::channel(false);
@@ -309,6 +318,7 @@ async fn run_controllers(
         ensurer.run_pods(rx),
         recreate,
         workloads,
-        kept
+        kept,
+        refresh_tokens
     );
 }

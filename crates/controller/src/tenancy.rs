@@ -125,6 +125,20 @@ impl Tokens {
         }
     }
 
+    /// Signs every Secret written so far again as often as the keys are read (a namespace whose
+    /// token did not change costs nothing): after a rotation each one gets the new key's token
+    /// without waiting for a pod of its namespace to change. Runs until dropped.
+    pub(crate) async fn refresh(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(KEYS_REREAD);
+        loop {
+            tick.tick().await;
+            let namespaces: Vec<String> = self.written.lock().await.keys().cloned().collect();
+            for ns in namespaces {
+                self.ensure(&ns).await;
+            }
+        }
+    }
+
     async fn write(&self, namespace: &str, token: &str) -> kube::Result<()> {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
         let name = &self.scoping.secret_name;
