@@ -232,10 +232,10 @@ impl KubeNode {
             .any(|l| l == digest)
     }
 
-    /// `crictl` on the node's CRI, as `json`.
-    fn crictl_json(&self, args: &[&str]) -> serde_json::Value {
+    /// `crictl` on the node's CRI.
+    fn crictl(&self, args: &[&str]) -> Output {
         let endpoint = format!("unix://{}", self.path("containerd.sock").display());
-        let o = Command::new(&self.crictl)
+        Command::new(&self.crictl)
             .args([
                 "--runtime-endpoint",
                 &endpoint,
@@ -244,7 +244,12 @@ impl KubeNode {
             ])
             .args(args)
             .output()
-            .expect("run crictl");
+            .expect("run crictl")
+    }
+
+    /// `crictl` on the node's CRI, as `json`.
+    fn crictl_json(&self, args: &[&str]) -> serde_json::Value {
+        let o = self.crictl(args);
         assert!(
             o.status.success(),
             "crictl {}: {}",
@@ -315,7 +320,13 @@ impl KubeNode {
             std::thread::sleep(Duration::from_millis(50));
         }
         for id in of_images(true) {
-            self.crictl_json(&["rm", "-f", &id]);
+            // The kubelet's own clean-up may remove an exited container first: gone is gone.
+            let o = self.crictl(&["rm", "-f", &id]);
+            let stderr = String::from_utf8_lossy(&o.stderr);
+            assert!(
+                o.status.success() || stderr.contains("NotFound") || stderr.contains("not found"),
+                "crictl rm -f {id}: {stderr}"
+            );
         }
         for id in &ids {
             self.crictl_json(&["rmi", id]);
