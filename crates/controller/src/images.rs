@@ -205,7 +205,8 @@ async fn cleanup(ci: &CachedImage, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
-/// Has the registry check, for each namespace among the pull secrets' (when due), that the
+/// Has the registry check, for each namespace among the pull secrets' (when due: every renewal,
+/// or at once when the namespace's list of pull secrets changed), that the
 /// namespace's own credentials may pull the image: the registry writes or ends its grant. A
 /// namespace refused while the image is private gets a Warning event on the CachedImage.
 async fn grants(ci: &CachedImage, ctx: &Context) {
@@ -220,18 +221,20 @@ async fn grants(ci: &CachedImage, ctx: &Context) {
         .map(|r| r.namespace.as_str())
         .collect();
     for ns in namespaces {
-        let own = ci.spec.pull_secrets.iter().filter(|r| r.namespace == ns);
-        let configs = pull_configs(ctx, own).await;
-        let credentials = decide::credentials_for(image, &configs);
+        let own = || ci.spec.pull_secrets.iter().filter(|r| r.namespace == ns);
+        // Decided before any Secret is read: a reconcile runs on every pod event, and a check
+        // that is not due must cost the API server nothing.
         let fingerprint = {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
-            credentials.hash(&mut h);
+            own().for_each(|r| r.name.hash(&mut h));
             h.finish()
         };
         if !ctx.checked.due(image, ns, fingerprint, scoping.renew).await {
             continue;
         }
+        let configs = pull_configs(ctx, own()).await;
+        let credentials = decide::credentials_for(image, &configs);
         match ctx.registry.grant(image, ns, credentials).await {
             Ok(g) => {
                 ctx.checked.done(image, ns, fingerprint).await;

@@ -208,13 +208,13 @@ pub(crate) fn secret(name: &str, namespace: &str, port: u16, token: &str) -> Sec
 }
 
 /// When each (CachedImage, namespace) grant was last checked, so that it is checked again only
-/// once [`Scoping::renew`] passed (or when the namespace's secrets change).
+/// once [`Scoping::renew`] passed (or when the namespace's list of pull secrets changed).
 #[derive(Debug, Default)]
 pub(crate) struct Checked(Mutex<HashMap<(String, String), (Instant, u64)>>);
 
 impl Checked {
     /// Whether the grant of `namespace` on `image` is due for a check, given a fingerprint of
-    /// the secrets it would be checked with.
+    /// the pull secrets it names.
     pub(crate) async fn due(
         &self,
         image: &str,
