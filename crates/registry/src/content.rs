@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use kache_oci::credentials::Credentials;
 use kache_oci::{Descriptor, Digest, Origin, Reference, RepoName};
-use kache_store::{FetchFailure, FlightStream, Manifest, Storage, StoreError};
+use kache_store::{FetchFailure, FlightStream, Manifest, Sharing, Storage, StoreError};
 use kache_upstream::UpstreamError;
 use kache_wire::{CacheOutcome, Visibility};
 
@@ -354,9 +354,17 @@ impl Content {
             return Ok(self.served("blob", Blob::Size(size), CacheOutcome::Miss, who));
         }
         let source = pull.blob_source(&origin, digest, who.credentials.clone());
+        // Bytes read with a caller's own credentials, or for a private repository, go to that
+        // repository's requests only: another's joining the fetch would get them unchecked.
+        let sharing =
+            if who.credentials.is_some() || store.visibility(repo)? == Some(Visibility::Private) {
+                Sharing::Repository
+            } else {
+                Sharing::Any
+            };
         match store
             .clone()
-            .fetch_blob(repo.clone(), digest.clone(), source)
+            .fetch_blob(repo.clone(), digest.clone(), sharing, source)
             .await
         {
             Ok(flight) => Ok(self.served("blob", Blob::Fetching(flight), CacheOutcome::Miss, who)),

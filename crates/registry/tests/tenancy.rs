@@ -284,3 +284,172 @@ async fn the_ping_challenges_a_client_without_credentials_and_the_token_endpoint
     let r = c.get(open.url("/v2/")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
 }
+
+/// An upstream whose `team/app` needs `bob:pw` (its layer held back by one byte until
+/// `released`, `asked` told when its GET arrives) and whose `team/other` refuses everyone.
+fn private_upstream(
+    manifest: Vec<u8>,
+    blobs: Vec<Vec<u8>>,
+    layer: Digest,
+    asked: Arc<tokio::sync::Notify>,
+    released: tokio::sync::watch::Receiver<bool>,
+) -> axum::Router {
+    use axum::http::{HeaderMap, StatusCode as S, header};
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::get;
+    use futures_util::StreamExt as _;
+    let login = || {
+        (
+            S::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, r#"Basic realm="private""#)],
+        )
+            .into_response()
+    };
+    let authorized = |h: &HeaderMap| {
+        let bob = base64::engine::general_purpose::STANDARD.encode("bob:pw");
+        h.get(header::AUTHORIZATION)
+            .is_some_and(|v| v.as_bytes() == format!("Basic {bob}").as_bytes())
+    };
+    let manifest_route = get(move |h: HeaderMap| async move {
+        if !authorized(&h) {
+            return login();
+        }
+        let d = Digest::sha256(&manifest).to_string();
+        (
+            [
+                (
+                    header::CONTENT_TYPE,
+                    kache_oci::media_type::OCI_MANIFEST.to_owned(),
+                ),
+                (header::HeaderName::from_static("docker-content-digest"), d),
+            ],
+            manifest.clone(),
+        )
+            .into_response()
+    });
+    let blob_route = get(
+        move |h: HeaderMap, axum::extract::Path(digest): axum::extract::Path<String>| {
+            let (blobs, asked, mut released, layer) = (
+                blobs.clone(),
+                asked.clone(),
+                released.clone(),
+                layer.clone(),
+            );
+            async move {
+                if !authorized(&h) {
+                    return login();
+                }
+                let Some(bytes) = blobs
+                    .into_iter()
+                    .find(|b| Digest::sha256(b).to_string() == digest)
+                else {
+                    return S::NOT_FOUND.into_response();
+                };
+                if digest != layer.to_string() {
+                    return bytes.into_response();
+                }
+                asked.notify_one();
+                let len = bytes.len();
+                let (head, last) = bytes.split_at(len - 1);
+                let (head, last) = (
+                    bytes::Bytes::copy_from_slice(head),
+                    bytes::Bytes::copy_from_slice(last),
+                );
+                let body = futures_util::stream::iter([Ok::<_, std::io::Error>(head)]).chain(
+                    futures_util::stream::once(async move {
+                        let _ = released.wait_for(|r| *r).await;
+                        Ok(last)
+                    }),
+                );
+                Response::builder()
+                    .header(header::CONTENT_LENGTH, len)
+                    .body(axum::body::Body::from_stream(body))
+                    .unwrap()
+            }
+        },
+    );
+    axum::Router::new()
+        .route("/v2/team/app/manifests/{reference}", manifest_route)
+        .route("/v2/team/app/blobs/{digest}", blob_route)
+        .route(
+            "/v2/team/other/blobs/{digest}",
+            get(move || async move { login() }),
+        )
+}
+
+#[tokio::test]
+async fn bytes_fetched_for_a_private_repository_are_never_shared_with_another_one() {
+    let c = client();
+    let layer = vec![9u8; 200_000];
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#
+            .to_vec();
+    let (ld, cd) = (Digest::sha256(&layer), Digest::sha256(&config));
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": kache_oci::media_type::OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd.to_string(), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld.to_string(), "size": layer.len()}],
+    }))
+    .unwrap();
+    let asked = Arc::new(tokio::sync::Notify::new());
+    let (release, released) = tokio::sync::watch::channel(false);
+    let up = kache_testkit::inproc::serve(private_upstream(
+        manifest,
+        vec![config, layer.clone()],
+        ld.clone(),
+        asked.clone(),
+        released,
+    ))
+    .await;
+    let cache = parts::registry(RegistryOptions {
+        scoping: Some(keys(1)),
+        access: Access::ReadWrite,
+        ..RegistryOptions::pull_from(&up.to_string())
+    })
+    .await;
+
+    // The controller warms the private image with a namespace's pull secret; its layer's fetch
+    // is held open by the upstream.
+    let warm = tokio::spawn(
+        c.post(cache.url("/kache/v1/warm"))
+            .json(&serde_json::json!({
+                "image": format!("{up}/team/app:v1"),
+                "credentials": {"username": "bob", "password": "pw"},
+            }))
+            .send(),
+    );
+    asked.notified().await;
+
+    // Meanwhile an anonymous client asks for the same digest through another repository of the
+    // same upstream, which refuses it: it hears the refusal at once, never the private bytes.
+    let other: RepoName = format!("127.0.0.1_{}/team/other", up.port())
+        .parse()
+        .unwrap();
+    let r = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        c.get(cache.url(&format!("/v2/{other}/blobs/{ld}"))).send(),
+    )
+    .await
+    .expect("answered while the private fetch is held")
+    .unwrap();
+    assert_ne!(r.status(), StatusCode::OK);
+    release.send_replace(true);
+    let r = warm.await.unwrap().unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
+
+    let app: RepoName = format!("127.0.0.1_{}/team/app", up.port()).parse().unwrap();
+    assert_eq!(
+        cache.store().visibility(&app).unwrap(),
+        Some(Visibility::Private)
+    );
+    assert_eq!(
+        cache.store().stat_blob(&app, &ld).unwrap(),
+        Some(layer.len() as u64)
+    );
+    assert_eq!(
+        cache.store().stat_blob(&other, &ld).unwrap(),
+        None,
+        "never linked"
+    );
+}

@@ -106,6 +106,7 @@ enum State {
 }
 
 struct Flight {
+    key: FlightKey,
     tmp: PathBuf,
     source: SourceFn,
     state: watch::Sender<State>,
@@ -122,10 +123,27 @@ impl std::fmt::Debug for Flight {
     }
 }
 
-/// In-progress fetches by digest.
+/// Who may join a fetch: what a fetch reads with decides who may share its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sharing {
+    /// Any repository asking for the digest joins it: the source is read as anyone could read
+    /// it (anonymously, or with credentials the whole cluster uses).
+    #[default]
+    Any,
+    /// Only requests for the same repository join it: the source is read with a caller's own
+    /// credentials, or for a private repository, and another repository's request must ask its
+    /// own origin rather than get these bytes. Such a fetch may itself join an `Any` one: what
+    /// anyone could read, a private repository may too.
+    Repository,
+}
+
+/// A flight's key: the digest, and the one repository it is for when it may not be shared.
+type FlightKey = (Digest, Option<RepoName>);
+
+/// In-progress fetches by digest (and repository, for those not shared).
 #[derive(Debug, Default)]
 pub(crate) struct Flights {
-    map: Mutex<HashMap<Digest, Arc<Flight>>>,
+    map: Mutex<HashMap<FlightKey, Arc<Flight>>>,
 }
 
 impl Flights {
@@ -133,12 +151,16 @@ impl Flights {
     /// verified and being committed.
     pub(crate) fn verified(&self, repo: &RepoName, digest: &Digest) -> Option<(u64, PathBuf)> {
         let map = self.map.lock().expect("flights poisoned");
-        let flight = map.get(digest)?;
-        let State::Verified { size } = *flight.state.borrow() else {
-            return None;
-        };
-        let asked = flight.repos.lock().expect("repos poisoned").contains(repo);
-        asked.then(|| (size, flight.tmp.clone()))
+        [(digest.clone(), None), (digest.clone(), Some(repo.clone()))]
+            .iter()
+            .filter_map(|key| map.get(key))
+            .find_map(|flight| {
+                let State::Verified { size } = *flight.state.borrow() else {
+                    return None;
+                };
+                let asked = flight.repos.lock().expect("repos poisoned").contains(repo);
+                asked.then(|| (size, flight.tmp.clone()))
+            })
     }
 }
 
@@ -202,9 +224,8 @@ impl std::fmt::Debug for FlightStream {
 }
 
 impl Store {
-    /// Streams `digest` for `repo`, fetching it from `source` unless a fetch of it already runs.
-    /// `source` is called once per flight (and once per reader if the store cannot keep the
-    /// blob); whatever arrives is verified before it is stored and before any reader sees its end.
+    /// Streams `digest` for `repo`, fetching it from `source` unless a fetch of it already runs
+    /// that anyone may share ([`Sharing::Any`]).
     pub async fn fetch_blob<F, Fut>(
         self: &Arc<Self>,
         repo: &RepoName,
@@ -215,22 +236,47 @@ impl Store {
         F: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Source, FetchError>> + Send + 'static,
     {
+        self.fetch_blob_shared(repo, digest, Sharing::Any, source)
+            .await
+    }
+
+    /// Streams `digest` for `repo`, fetching it from `source` unless a fetch of it already runs
+    /// that `repo` may join (`sharing` says which). `source` is called once per flight (and once
+    /// per reader if the store cannot keep the blob); whatever arrives is verified before it is
+    /// stored and before any reader sees its end.
+    pub async fn fetch_blob_shared<F, Fut>(
+        self: &Arc<Self>,
+        repo: &RepoName,
+        digest: &Digest,
+        sharing: Sharing,
+        source: F,
+    ) -> Result<FlightStream, FetchFailure>
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Source, FetchError>> + Send + 'static,
+    {
         let source: SourceFn = Arc::new(move || source().boxed());
+        let own: FlightKey = match sharing {
+            Sharing::Any => (digest.clone(), None),
+            Sharing::Repository => (digest.clone(), Some(repo.clone())),
+        };
         let flight = {
             let mut map = self.flights.map.lock().expect("flights poisoned");
-            match map.get(digest) {
+            let shared = (digest.clone(), None);
+            match map.get(&own).or_else(|| map.get(&shared)) {
                 Some(f) => {
                     f.repos.lock().expect("repos poisoned").push(repo.clone());
                     f.clone()
                 }
                 None => {
                     let f = Arc::new(Flight {
+                        key: own.clone(),
                         tmp: self.layout.tmp().join(uuid::Uuid::new_v4().to_string()),
                         source,
                         state: watch::channel(State::Starting).0,
                         repos: Mutex::new(vec![repo.clone()]),
                     });
-                    map.insert(digest.clone(), f.clone());
+                    map.insert(own, f.clone());
                     tokio::spawn(run(self.clone(), f.clone(), digest.clone()));
                     f
                 }
@@ -260,8 +306,10 @@ impl Store {
                 stored: false,
             } => return Ok(relay(Some(size))),
             State::Done { stored: true, .. } => {
-                // Finished between our join and now: it is an ordinary stored blob.
-                self.mount_blob(repo, digest, None).await?;
+                // Finished between our join and now: it is an ordinary stored blob, linked
+                // here as in the repository that started the fetch.
+                let first = flight.repos.lock().expect("repos poisoned")[0].clone();
+                self.mount_blob(repo, digest, Some(&first)).await?;
                 let blob = self.open_blob(repo, digest).await?;
                 let file = Arc::new(blob.file.into_std().await);
                 let follow = Follow {

@@ -59,6 +59,7 @@ fn reader(
     source: SourceFn,
 ) -> impl Stream<Item = std::io::Result<Bytes>> + Send {
     let flight = Flight {
+        key: (digest.clone(), None),
         tmp: PathBuf::new(),
         source,
         state: watch::channel(State::Starting).0,
@@ -88,7 +89,7 @@ async fn settled(store: &Store, d: &Digest) {
         .map
         .lock()
         .unwrap()
-        .get(d)
+        .get(&(d.clone(), None))
         .map(|f| f.state.subscribe());
     if let Some(mut rx) = rx {
         let _ = rx

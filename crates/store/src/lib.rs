@@ -71,7 +71,9 @@ use kache_oci::Digest;
 
 pub use blobs::BlobFile;
 pub use error::{Result, StoreError};
-pub use flight::{ByteStream, FetchError, FetchFailure, FlightStream, Follow, Source, SourceFn};
+pub use flight::{
+    ByteStream, FetchError, FetchFailure, FlightStream, Follow, Sharing, Source, SourceFn,
+};
 pub use fs::BlobWriter;
 pub use gc::{DEFAULT_DUTY, GcOptions, GcReport, KeptImage, Pressure};
 pub use index::{BlobRecord, ManifestRecord, TagRecord};

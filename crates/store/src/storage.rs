@@ -25,8 +25,8 @@ use uuid::Uuid;
 
 use crate::{
     BlobFile, FetchFailure, FlightStream, GcOptions, GcReport, KeptImage, Limits, Manifest,
-    Observer, Pressure, Referrer, Result, SourceFn, Store, TagRecord, UploadStatus, VerifyProgress,
-    VerifyReport, blocking,
+    Observer, Pressure, Referrer, Result, Sharing, SourceFn, Store, TagRecord, UploadStatus,
+    VerifyProgress, VerifyReport, blocking,
 };
 
 /// An error a request body broke off with.
@@ -72,12 +72,14 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         repo: &'a RepoName,
         digest: &'a Digest,
     ) -> BoxFuture<'a, Result<()>>;
-    /// Streams `digest` for `repo`, fetched from `source` unless a fetch of it already runs:
-    /// one fetch per blob however many ask, each byte verified before the last reaches anyone.
+    /// Streams `digest` for `repo`, fetched from `source` unless a fetch of it already runs that
+    /// `repo` may join (`sharing`): one fetch per blob however many may share it, each byte
+    /// verified before the last reaches anyone.
     fn fetch_blob(
         self: Arc<Self>,
         repo: RepoName,
         digest: Digest,
+        sharing: Sharing,
         source: SourceFn,
     ) -> BoxFuture<'static, std::result::Result<FlightStream, FetchFailure>>;
 
@@ -280,10 +282,11 @@ impl Storage for Store {
         self: Arc<Self>,
         repo: RepoName,
         digest: Digest,
+        sharing: Sharing,
         source: SourceFn,
     ) -> BoxFuture<'static, std::result::Result<FlightStream, FetchFailure>> {
-        // Named in full: `self.fetch_blob` on an `Arc<Store>` is this very method.
-        async move { Store::fetch_blob(&self, &repo, &digest, move || source()).await }.boxed()
+        async move { Store::fetch_blob_shared(&self, &repo, &digest, sharing, move || source()).await }
+            .boxed()
     }
 
     fn put_manifest<'a>(

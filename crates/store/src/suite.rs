@@ -26,7 +26,7 @@ use kache_oci::{Algorithm, Digest, ParsedManifest, Reference, RepoName, media_ty
 use crate::storage::{Body, Storage};
 use kache_wire::{Grant, Visibility};
 
-use crate::{FetchError, GcOptions, KeptImage, Source, SourceFn, StoreError};
+use crate::{FetchError, GcOptions, KeptImage, Sharing, Source, SourceFn, StoreError};
 
 /// One test function per case, each on a store `open` makes: `open` returns a guard held for
 /// the test's length and an `Arc<dyn Storage>`.
@@ -44,6 +44,7 @@ macro_rules! storage_suite {
             referrers_are_listed_by_their_subject,
             a_fetched_blob_is_fetched_once_verified_and_kept,
             a_fetched_blob_that_does_not_verify_is_never_kept,
+            a_fetch_with_a_repository_s_own_access_is_joined_by_that_repository_only,
             collection_removes_what_nothing_references_and_keeps_kept_images,
             stale_uploads_expire,
             what_is_served_is_remembered_once_flushed,
@@ -477,10 +478,10 @@ pub async fn a_fetched_blob_is_fetched_once_verified_and_kept(store: Arc<dyn Sto
     let (first, second) = tokio::join!(
         store
             .clone()
-            .fetch_blob(a.clone(), d.clone(), source.clone()),
+            .fetch_blob(a.clone(), d.clone(), Sharing::Any, source.clone()),
         store
             .clone()
-            .fetch_blob(b.clone(), d.clone(), source.clone()),
+            .fetch_blob(b.clone(), d.clone(), Sharing::Any, source.clone()),
     );
     let (first, second) = (first.ok().unwrap(), second.ok().unwrap());
     assert_eq!(first.size, Some(bytes.len() as u64));
@@ -499,6 +500,105 @@ pub async fn a_fetched_blob_is_fetched_once_verified_and_kept(store: Arc<dyn Sto
     assert_eq!(calls.load(Ordering::SeqCst), 1, "one fetch for both");
 }
 
+/// A source like [`source_of`] whose last chunk waits until `released` says so: its fetch is
+/// still running while the test asks for the same digest elsewhere.
+fn held_source_of(
+    bytes: Bytes,
+    calls: Arc<AtomicUsize>,
+    released: tokio::sync::watch::Receiver<bool>,
+) -> SourceFn {
+    Arc::new(move || {
+        calls.fetch_add(1, Ordering::SeqCst);
+        let (bytes, mut released) = (bytes.clone(), released.clone());
+        Box::pin(async move {
+            let (head, last) = bytes.split_at(bytes.len() - 1);
+            let last = Bytes::copy_from_slice(last);
+            let head = futures_util::stream::iter([Ok(Bytes::copy_from_slice(head))]);
+            let last = futures_util::stream::once(async move {
+                let _ = released.wait_for(|r| *r).await;
+                Ok(last)
+            });
+            Ok(Source {
+                size: Some(bytes.len() as u64),
+                body: Box::pin(head.chain(last)),
+            })
+        })
+    })
+}
+
+pub async fn a_fetch_with_a_repository_s_own_access_is_joined_by_that_repository_only(
+    store: Arc<dyn Storage>,
+) {
+    let (private, public) = (
+        repo("docker.io/team/private"),
+        repo("docker.io/team/public"),
+    );
+    for (n, held_by) in [(0u8, Sharing::Repository), (1, Sharing::Any)] {
+        let bytes = Bytes::from(vec![n; 50_000]);
+        let d = Digest::sha256(&bytes);
+        let (held_calls, other_calls) =
+            (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (release, released) = tokio::sync::watch::channel(false);
+        let held = held_source_of(bytes.clone(), held_calls.clone(), released);
+        let other = source_of(bytes.clone(), other_calls.clone());
+        // The held fetch runs until released; meanwhile the other repository asks.
+        let (first, second) = match held_by {
+            Sharing::Repository => (private.clone(), public.clone()),
+            Sharing::Any => (public.clone(), private.clone()),
+        };
+        let running = store
+            .clone()
+            .fetch_blob(first.clone(), d.clone(), held_by, held)
+            .await
+            .ok()
+            .unwrap();
+        let sharing = match held_by {
+            Sharing::Repository => Sharing::Any,
+            Sharing::Any => Sharing::Repository,
+        };
+        let joined = store
+            .clone()
+            .fetch_blob(second.clone(), d.clone(), sharing, other);
+        let joined = match held_by {
+            // Another repository's request must not get bytes read with the private one's
+            // access: it reads its own origin, and is served before the held fetch ends.
+            Sharing::Repository => {
+                // Bounded, so that a request that joined the held fetch fails the test rather
+                // than waiting for a release that comes after it.
+                let served = tokio::time::timeout(Duration::from_secs(30), async {
+                    drain(joined.await.ok().unwrap().body).await.unwrap()
+                });
+                let served = served
+                    .await
+                    .expect("served without waiting for the held fetch");
+                assert_eq!(served, bytes);
+                assert_eq!(other_calls.load(Ordering::SeqCst), 1, "a fetch of its own");
+                release.send_replace(true);
+                None
+            }
+            // What anyone may read, a private repository's request shares.
+            Sharing::Any => {
+                let s = joined.await.ok().unwrap();
+                release.send_replace(true);
+                Some(s)
+            }
+        };
+        assert_eq!(drain(running.body).await.unwrap(), bytes);
+        if let Some(s) = joined {
+            assert_eq!(drain(s.body).await.unwrap(), bytes);
+            assert_eq!(
+                other_calls.load(Ordering::SeqCst),
+                0,
+                "joined the running fetch"
+            );
+        }
+        assert_eq!(held_calls.load(Ordering::SeqCst), 1);
+        for r in [&first, &second] {
+            assert_eq!(read_blob(&*store, r, &d).await, bytes, "{r}");
+        }
+    }
+}
+
 pub async fn a_fetched_blob_that_does_not_verify_is_never_kept(store: Arc<dyn Storage>) {
     let r = repo("docker.io/team/a");
     let claimed = Digest::sha256(b"the real bytes");
@@ -506,7 +606,7 @@ pub async fn a_fetched_blob_that_does_not_verify_is_never_kept(store: Arc<dyn St
     let source = source_of(Bytes::from_static(b"bytes the digest does not name"), calls);
     let flight = store
         .clone()
-        .fetch_blob(r.clone(), claimed.clone(), source)
+        .fetch_blob(r.clone(), claimed.clone(), Sharing::Any, source)
         .await
         .ok()
         .unwrap();

@@ -43,16 +43,18 @@ pub(super) async fn run(store: Arc<Store>, flight: Arc<Flight>, digest: Digest) 
     let late: Vec<RepoName> = {
         let mut map = store.flights.map.lock().expect("flights poisoned");
         flight.state.send_replace(final_state);
-        map.remove(&digest);
+        map.remove(&flight.key);
         let repos = flight.repos.lock().expect("repos poisoned");
         match linked {
             Some(n) => repos[n..].to_vec(),
             None => Vec::new(),
         }
     };
-    // Repositories that joined while the blob was being committed.
+    // Repositories that joined while the blob was being committed: linked as the one that
+    // started the fetch is (a mount naming no source refuses a private repository's blob).
+    let first = flight.repos.lock().expect("repos poisoned")[0].clone();
     for repo in late {
-        if let Err(e) = store.mount_blob(&repo, &digest, None).await {
+        if let Err(e) = store.mount_blob(&repo, &digest, Some(&first)).await {
             tracing::warn!(%digest, %repo, error = %e, "linking a fetched blob failed");
         }
     }
