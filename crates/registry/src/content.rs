@@ -156,7 +156,7 @@ impl Content {
         match result {
             AuthResult::Granted => Ok(()),
             refused => {
-                tracing::info!(%repo, caller = ?who.caller, result = refused.as_str(), "read of a private repository refused");
+                tracing::debug!(%repo, caller = ?who.caller, result = refused.as_str(), "read of a private repository refused");
                 Err(Error::new(
                     Code::Unauthorized,
                     format!(

@@ -224,7 +224,9 @@ impl Registry {
         if self.inner.content.scoping().is_some()
             && let Ok(grants) = self.inner.store.grants()
         {
-            m.grants.set(grants.len() as i64);
+            let now = content::now();
+            m.grants
+                .set(grants.iter().filter(|g| g.expires_at > now).count() as i64);
         }
     }
 

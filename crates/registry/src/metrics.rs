@@ -54,7 +54,7 @@ pub struct Metrics {
     pub gc_last_success: Gauge,
     /// Reads of private repositories, by [`crate::tenancy::AuthResult`].
     pub auth: Family<ResultLabel, Counter>,
-    /// Grants held (expired ones included, until removed).
+    /// Grants that hold now.
     pub grants: Gauge,
 }
 
@@ -165,7 +165,7 @@ impl Metrics {
         );
         r.register(
             "grants",
-            "Grants of private repositories to namespaces held, expired ones included",
+            "Grants of private repositories to namespaces that hold now (unexpired)",
             m.grants.clone(),
         );
         m

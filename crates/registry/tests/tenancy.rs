@@ -453,3 +453,30 @@ async fn bytes_fetched_for_a_private_repository_are_never_shared_with_another_on
         "never linked"
     );
 }
+
+#[tokio::test]
+async fn the_grants_gauge_counts_grants_that_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Storage> = Arc::new(kache_store::Store::open(dir.path()).unwrap().0);
+    let mut prom = prometheus_client::registry::Registry::default();
+    let registry =
+        kache_registry::Registry::new(store.clone(), kache_registry::Metrics::new(&mut prom))
+            .scoped(kache_registry::Scoping::new(
+                kache_registry::KeyRing::fixed(keys(1)),
+            ));
+    let repo: RepoName = "ghcr.io/team/app".parse().unwrap();
+    for (ns, expires_at) in [("team-a", now() + 3600), ("team-old", now() - 1)] {
+        store
+            .put_grant(&repo, &grant(&repo, ns, expires_at))
+            .await
+            .unwrap();
+    }
+    registry.refresh_gauges();
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &prom).unwrap();
+    assert_eq!(
+        kache_testkit::metrics::sample(&text, "kache_registry_grants"),
+        1.0,
+        "{text}"
+    );
+}

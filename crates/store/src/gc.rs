@@ -296,6 +296,12 @@ impl Store {
             }
             self.sweep(doomed, repos, opts.batch.max(1), opts.duty, &mut report)
                 .await?;
+            // Who may read a repository that holds nothing is nothing to keep; an expired
+            // grant is kept for the grace period, so a refusal still says "expired".
+            let (index, cutoff) = (self.index.clone(), now().saturating_sub(grace.as_secs()));
+            let (repos, grants) = blocking(move || index.forget_tenancy(cutoff)).await?;
+            report.forgotten_repositories = repos;
+            report.forgotten_grants = grants;
         }
         report.store_bytes = self.total_bytes();
         report.duration_seconds = started.elapsed().as_secs_f64();

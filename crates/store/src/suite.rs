@@ -50,6 +50,7 @@ macro_rules! storage_suite {
             what_is_served_is_remembered_once_flushed,
             a_private_repository_s_blobs_are_never_linked_elsewhere_without_their_bytes,
             grants_are_kept_per_repository_and_namespace,
+            a_collection_forgets_who_may_read_a_repository_that_holds_nothing,
         );
     };
     (@cases $open:expr; $($case:ident),* $(,)?) => {
@@ -827,4 +828,65 @@ pub async fn grants_are_kept_per_repository_and_namespace(store: Arc<dyn Storage
     // A repository whose name another's begins with holds none of its grants.
     let longer = repo("ghcr.io/team/a/b");
     assert_eq!(store.grant(&longer, "ns2").unwrap(), None);
+}
+
+pub async fn a_collection_forgets_who_may_read_a_repository_that_holds_nothing(
+    store: Arc<dyn Storage>,
+) {
+    let now = GcOptions {
+        grace: Duration::ZERO,
+        duty: 1.0,
+        ..GcOptions::default()
+    };
+    let (kept, emptied) = (repo("ghcr.io/team/kept"), repo("ghcr.io/team/emptied"));
+    push_image(&*store, &kept, "v1", "kept").await;
+    // A blob no manifest names: the collection removes it, and the repository holds nothing.
+    put(&*store, &emptied, b"alone").await;
+    for r in [&kept, &emptied] {
+        store.set_visibility(r, Visibility::Private).await.unwrap();
+    }
+    let t = unix_now();
+    let grant = |r: &RepoName, ns: &str, expires_at: u64| Grant {
+        repository: r.to_string(),
+        namespace: ns.to_owned(),
+        verified_at: t - 10,
+        expires_at,
+    };
+    let holding = grant(&kept, "ns1", t + 3600);
+    for g in [
+        holding.clone(),
+        grant(&kept, "ns-old", t - 1),
+        grant(&emptied, "ns1", t + 3600),
+    ] {
+        let r: RepoName = g.repository.parse().unwrap();
+        store.put_grant(&r, &g).await.unwrap();
+    }
+
+    // A dry run forgets nothing; neither does a grace period the records are younger than.
+    let dry = GcOptions {
+        dry_run: true,
+        ..now.clone()
+    };
+    let report = store.clone().collect(dry).await.unwrap();
+    assert_eq!(report.forgotten_repositories + report.forgotten_grants, 0);
+    let report = store.clone().collect(GcOptions::default()).await.unwrap();
+    assert_eq!(report.forgotten_repositories + report.forgotten_grants, 0);
+    assert_eq!(store.grants().unwrap().len(), 3);
+
+    let report = store.clone().collect(now).await.unwrap();
+    assert_eq!(report.removed_blobs, 1, "the lone blob");
+    // Its link goes with it, though the repository held no manifest or tag.
+    assert_eq!(store.repositories(None, 10).unwrap(), [kept.to_string()]);
+    assert_eq!(report.forgotten_repositories, 1);
+    assert_eq!(
+        report.forgotten_grants, 2,
+        "the emptied one's and the expired one"
+    );
+    assert_eq!(store.visibility(&emptied).unwrap(), None);
+    assert_eq!(
+        store.visibility(&kept).unwrap(),
+        Some(Visibility::Private),
+        "it holds an image"
+    );
+    assert_eq!(store.grants().unwrap(), [holding]);
 }

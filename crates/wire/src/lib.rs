@@ -235,6 +235,10 @@ pub struct GcReport {
     /// Images evicted to meet the limits, as `repo:tag` or `repo@digest`.
     pub evicted_images: Vec<String>,
     pub expired_uploads: u64,
+    /// Repositories that hold nothing any more whose visibility and grants were forgotten, and
+    /// grants that had expired (private repositories, `--pull-token-keys`).
+    pub forgotten_repositories: u64,
+    pub forgotten_grants: u64,
     /// Bytes the store holds afterwards.
     pub store_bytes: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]

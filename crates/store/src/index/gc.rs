@@ -129,8 +129,9 @@ pub(crate) struct View {
 pub(crate) struct Doomed {
     pub digest: Digest,
     pub size: u64,
-    /// Repositories linked to it.
-    pub links: Vec<RepoId>,
+    /// Its records in the links table (whole keys: a repository where it was only uploaded,
+    /// holding no manifest or tag, is not in the view).
+    pub links: Vec<String>,
     /// Repositories holding it as a manifest, with that manifest's subject.
     pub manifests: Vec<(RepoId, Option<Digest>)>,
 }
@@ -151,10 +152,6 @@ pub(crate) enum Eviction {
 }
 
 impl View {
-    fn repo_of(&self, name: &str) -> Option<RepoId> {
-        self.repo_ids.get(name).copied()
-    }
-
     fn repo_id(&mut self, name: &str) -> Result<RepoId> {
         if let Some(id) = self.repo_ids.get(name) {
             return Ok(*id);
@@ -328,12 +325,11 @@ impl Index {
         for item in tx.open_table(LINKS)?.iter()? {
             pace.tick();
             let (k, _) = item?;
-            let (repo, digest) = split(k.value())?;
+            let (_, digest) = split(k.value())?;
             if let Some(id) = view.blob_id(digest)?
                 && let Some(d) = out.get_mut(&id)
-                && let Some(repo) = view.repo_of(repo)
             {
-                d.links.push(repo);
+                d.links.push(k.value().to_owned());
             }
         }
         for (&(repo, blob), m) in view.manifests.iter() {
@@ -361,8 +357,8 @@ impl Index {
                 let digest = d.digest.to_string();
                 blobs.remove(digest.as_str())?;
                 scoped.remove(digest.as_str())?;
-                for &r in &d.links {
-                    links.remove(key(&repos[r as usize], &digest).as_str())?;
+                for link in &d.links {
+                    links.remove(link.as_str())?;
                 }
                 for (r, subject) in &d.manifests {
                     let repo = repos[*r as usize].as_str();

@@ -7,7 +7,8 @@ use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    GRANTS, Index, LINKS, MANIFESTS, SCOPED, VISIBILITY, dec, enc, key, now, repo_range, suffix,
+    GRANTS, Index, LINKS, MANIFESTS, SCOPED, TAGS, VISIBILITY, dec, enc, key, now, repo_range,
+    suffix,
 };
 use crate::error::Result;
 
@@ -146,4 +147,64 @@ impl Index {
         }
         Ok(out)
     }
+
+    /// What a collection forgets of who may read: the visibility and grants of repositories
+    /// that hold nothing any more (classified before `cutoff`, so that one being filled now is
+    /// left alone), and grants that expired before `cutoff`. Returns how many repositories and
+    /// grants it forgot.
+    pub(crate) fn forget_tenancy(&self, cutoff: u64) -> Result<(u64, u64)> {
+        self.write(|tx| {
+            let mut visibility = tx.open_table(VISIBILITY)?;
+            let mut grants = tx.open_table(GRANTS)?;
+            let emptied = {
+                let (links, manifests, tags) = (
+                    tx.open_table(LINKS)?,
+                    tx.open_table(MANIFESTS)?,
+                    tx.open_table(TAGS)?,
+                );
+                let mut emptied = std::collections::HashSet::new();
+                for item in visibility.iter()? {
+                    let (k, v) = item?;
+                    if dec::<VisibilityRecord>(v.value())?.at > cutoff {
+                        continue;
+                    }
+                    let name = k.value();
+                    let range = format!("{name}\0")..format!("{name}\x01");
+                    let holds = any_in(&links, &range)?
+                        || any_in(&manifests, &range)?
+                        || any_in(&tags, &range)?;
+                    if !holds {
+                        emptied.insert(name.to_owned());
+                    }
+                }
+                emptied
+            };
+            for name in &emptied {
+                visibility.remove(name.as_str())?;
+            }
+            let mut ended = Vec::new();
+            for item in grants.iter()? {
+                let (k, v) = item?;
+                let repo = k.value().split_once('\0').map_or(k.value(), |(r, _)| r);
+                if emptied.contains(repo) || dec::<GrantRecord>(v.value())?.expires_at <= cutoff {
+                    ended.push(k.value().to_owned());
+                }
+            }
+            for k in &ended {
+                grants.remove(k.as_str())?;
+            }
+            Ok((emptied.len() as u64, ended.len() as u64))
+        })
+    }
+}
+
+/// Whether `table` has a key in `range`.
+fn any_in<V: redb::Value + 'static>(
+    table: &impl ReadableTable<&'static str, V>,
+    range: &std::ops::Range<String>,
+) -> Result<bool> {
+    Ok(table
+        .range(range.start.as_str()..range.end.as_str())?
+        .next()
+        .is_some())
 }
