@@ -33,10 +33,8 @@ const VARIANTS: &[&[&str]] = &[
         "metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true",
     ],
     &["--set", "controller.precacheKinds=null"],
-    &[
-        "--set",
-        "privateImages.enabled=true,privateImages.privateRegistries={ghcr.io}",
-    ],
+    &["--set", "privateImages.privateRegistries={ghcr.io}"],
+    &["--set", "privateImages.enabled=false"],
 ];
 
 fn chart_path() -> String {
@@ -242,7 +240,7 @@ fn the_webhook_and_the_controller_are_given_one_caching_policy() {
                 "acceptedImages": ["docker.io/library/*"],
                 "skipMutableTags": true,
             },
-            "privateImages": {"enabled": true, "secretName": "team-pull"},
+            "privateImages": {"secretName": "team-pull"},
         })
         .to_string(),
     )
@@ -329,7 +327,8 @@ fn the_webhook_and_the_controller_are_given_one_caching_policy() {
         );
     }
 
-    // Defaults: the cluster's own namespace and the release's, nothing else.
+    // Defaults: the cluster's own namespace and the release's, nothing else; private images
+    // scoped.
     let objects = documents(&helm.template(&[]));
     assert_eq!(
         policy(container_args(&objects, "Deployment", "kache-controller")),
@@ -337,6 +336,7 @@ fn the_webhook_and_the_controller_are_given_one_caching_policy() {
             "--proxy-port=7439",
             "--ignore-namespace=kube-system",
             "--ignore-namespace=kache",
+            "--pull-secret=kache-pull",
         ]
     );
 }
@@ -486,16 +486,10 @@ fn changed(key: &str, default: &Value) -> (Value, Vec<&'static str>) {
             ],
         )),
         "certManager.issuerRef" => Some((json!({"name": "corp", "kind": "ClusterIssuer"}), vec![])),
-        "privateImages.keySecret" => Some((json!("mine"), vec!["privateImages.enabled=true"])),
-        "privateImages.secretName" => {
-            Some((json!("kache-token"), vec!["privateImages.enabled=true"]))
-        }
-        "privateImages.grantTTL" | "privateImages.grantRenewal" => {
-            Some((json!("17m"), vec!["privateImages.enabled=true"]))
-        }
-        "privateImages.privateRegistries" => {
-            Some((json!(["x.example"]), vec!["privateImages.enabled=true"]))
-        }
+        "privateImages.keySecret" => Some((json!("mine"), vec![])),
+        "privateImages.secretName" => Some((json!("kache-token"), vec![])),
+        "privateImages.grantTTL" | "privateImages.grantRenewal" => Some((json!("17m"), vec![])),
+        "privateImages.privateRegistries" => Some((json!(["x.example"]), vec![])),
         "proxy.updateStrategy" => Some((json!({"type": "OnDelete"}), vec![])),
         "webhook.objectSelector" => Some((
             json!({"matchExpressions": [{"key": "team", "operator": "Exists"}]}),

@@ -12,6 +12,9 @@
 //! - every pod is Ready, and the webhook configuration trusts the webhook's CA;
 //! - step 4: a Deployment is rewritten, pulled through the proxy, Running and Cached, and
 //!   `kubectl get cachedimages` also lists the workloads that were there before (cert-manager's);
+//! - private images (on by default): a namespace's private image starts with its own pull secret
+//!   and the token Secret the controller wrote, and another namespace's pod is refused with 401;
+//!   the key survives the upgrade, and a new install signs the Secrets again;
 //! - the certificate is renewed: the webhook serves the new one without a restart;
 //! - `helm upgrade` with changed values (and every exclusion) rolls every component while pods
 //!   keep starting, none with a failed pull from 1.22 on;
@@ -128,6 +131,19 @@ fn failed_pulls(kube: &KubeServer, ns: &str) -> Vec<String> {
             )
         })
         .collect()
+}
+
+/// The token a `kache-pull` Secret holds for `localhost:7439`.
+fn pull_token_of(secret: &Value) -> String {
+    use base64::Engine as _;
+    let config = base64::engine::general_purpose::STANDARD
+        .decode(secret["data"][".dockerconfigjson"].as_str().unwrap())
+        .unwrap();
+    let config: Value = serde_json::from_slice(&config).unwrap();
+    config["auths"]["localhost:7439"]["password"]
+        .as_str()
+        .expect("a token for localhost:7439")
+        .to_owned()
 }
 
 /// The serial number of the certificate served at `addr` (openssl's view of the handshake).
@@ -434,7 +450,7 @@ fn install_on_a_real_node(version: Version) {
     let tags = [
         "app", "during", "after", "ns", "selector", "ignored", "precache", "control",
     ];
-    let images: Vec<Image> = (0..tags.len() as u64 + 2)
+    let images: Vec<Image> = (0..tags.len() as u64 + 3)
         .map(|i| runnable(&pause, 11 + i))
         .collect();
     let app = &images[0];
@@ -445,6 +461,7 @@ fn install_on_a_real_node(version: Version) {
         .collect();
     tagged.push(("other", &images[tags.len()]));
     tagged.push(("secret", &images[tags.len() + 1]));
+    tagged.push(("team", &images[tags.len() + 2]));
     let src = s.layout("src", &tagged);
     for tag in tags {
         s.skopeo.copy(
@@ -461,6 +478,11 @@ fn install_on_a_real_node(version: Version) {
     s.skopeo.copy(
         &format!("{src}:secret"),
         &format!("docker://{private_host}/e2e/secret:v1"),
+        &["--dest-creds", "team:s3cret"],
+    );
+    s.skopeo.copy(
+        &format!("{src}:team"),
+        &format!("docker://{private_host}/e2e/team:v1"),
         &["--dest-creds", "team:s3cret"],
     );
 
@@ -710,6 +732,89 @@ fn install_on_a_real_node(version: Version) {
         }
     }
 
+    // Private images, on by default: a Deployment of team-a pulls a private image with its
+    // own pull secret. The webhook adds the namespace's token Secret to its pod, the controller
+    // writes it and has the registry check team-a's credentials upstream, and the pod starts
+    // through the proxy. A pod of team-b, without credentials, pulling again as AlwaysPullImages
+    // makes it (the node holds the image), is refused by kache with 401.
+    let team_image = format!("{private_host}/e2e/team:v1");
+    let team_repo = support::pull::cache_repo(&private_host, "e2e/team");
+    for ns in ["team-a", "team-b"] {
+        kube.namespace(ns);
+    }
+    kube.ok(
+        "POST",
+        "/api/v1/namespaces/team-a/secrets",
+        Some(&pull_secret("team-pull", &private_host, "team", "s3cret")),
+    );
+    Workload {
+        pull_secret: Some("team-pull"),
+        ..Workload::new("private-app", "team-a", team_image.clone())
+    }
+    .create(&kube);
+    let pod = first_pod(&kube, "team-a", "private-app");
+    assert_rewritten(&pod, "the private image's pod");
+    assert_eq!(
+        pod["spec"]["imagePullSecrets"],
+        json!([{"name": "team-pull"}, {"name": "kache-pull"}]),
+        "the webhook adds the namespace's pull-token Secret"
+    );
+    node.wait_running(
+        &kube,
+        "team-a",
+        pod["metadata"]["name"].as_str().unwrap(),
+        WAIT,
+    );
+    let token_secret = kube.ok("GET", "/api/v1/namespaces/team-a/secrets/kache-pull", None);
+    assert_eq!(token_secret["type"], "kubernetes.io/dockerconfigjson");
+    assert_eq!(
+        token_secret["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "kache"
+    );
+    let token = pull_token_of(&token_secret);
+    let manifest = format!("http://127.0.0.1:7439/v2/{team_repo}/manifests/v1");
+    let headers = support::pull::manifest_headers();
+    assert_eq!(support::get(&manifest, &headers).status, 401, "anonymous");
+    let bearer = format!("Bearer {token}");
+    let headers = [headers[0], ("authorization", bearer.as_str())];
+    assert_eq!(
+        support::get(&manifest, &headers).status,
+        200,
+        "team-a's token"
+    );
+    kube.ok(
+        "POST",
+        "/api/v1/namespaces/team-b/pods",
+        Some(&json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "no-credentials"},
+            "spec": {
+                "terminationGracePeriodSeconds": 0,
+                "containers": [{"name": "app", "image": team_image, "imagePullPolicy": "Always"}],
+            },
+        })),
+    );
+    let refused = kube.wait_for(
+        "/api/v1/namespaces/team-b/pods/no-credentials",
+        WAIT,
+        |_, _| {
+            failed_pulls(&kube, "team-b")
+                .into_iter()
+                .find(|m| m.contains("Failed to pull image"))
+        },
+    );
+    assert!(
+        (refused.contains("401") || refused.to_lowercase().contains("unauthorized"))
+            && refused.contains("localhost:7439"),
+        "{refused}"
+    );
+    kube.ok(
+        "DELETE",
+        "/api/v1/namespaces/team-b/pods/no-credentials",
+        None,
+    );
+    let keys_secret = secret_pem(&kube, "kache-pull-token-keys", "k1").expect("the chart's key");
+
     // The certificate renewed (as `cmctl renew` asks cert-manager for it; on 1.20, `kache
     // certs` run again and the Secret updated): the webhook's pods serve the new one from their
     // updated volume, without a restart, and admission goes on.
@@ -874,6 +979,12 @@ fn install_on_a_real_node(version: Version) {
         );
     }
 
+    // The upgrade kept the pull-token key: a new one would end every namespace's token.
+    assert_eq!(
+        secret_pem(&kube, "kache-pull-token-keys", "k1").as_ref(),
+        Some(&keys_secret)
+    );
+
     // Every exclusion leaves the pod and the cache untouched. Each excluded Deployment below
     // comes before a last one that is not excluded, which the controller's watch of Deployments
     // (one stream, handled in order) pre-caches only once it has seen them all.
@@ -964,7 +1075,7 @@ fn install_on_a_real_node(version: Version) {
         let asked = kache_requests(&upstream, fragment);
         assert!(asked.is_empty(), "kache fetched {fragment}: {asked:?}");
     }
-    let asked = kache_requests(&private, "/v2/");
+    let asked = kache_requests(&private, "/e2e/secret/");
     assert!(
         asked.is_empty(),
         "kache fetched the private image: {asked:?}"
@@ -989,8 +1100,8 @@ fn install_on_a_real_node(version: Version) {
     // `helm uninstall`: the release's objects go, and it leaves exactly what the README says:
     // the CRD and the CachedImages, the claim (1.20: the emptyDir went with its pod on the
     // current version) and cert-manager's Secrets (the README's cert-manager runs without
-    // --enable-certificate-owner-ref), and the controllers' Lease (the uninstall took the
-    // leader's rights away before it stopped).
+    // --enable-certificate-owner-ref), the controllers' Lease (the uninstall took the
+    // leader's rights away before it stopped), and the pull-token Secrets.
     helm.ok(&["uninstall", "kache", "-n", NS, "--wait", "--timeout", "5m"]);
     assert_release_gone(&kube, RELEASE_COLLECTIONS);
     if current {
@@ -1039,6 +1150,9 @@ fn install_on_a_real_node(version: Version) {
         ("rolebindings", vec![]),
     ];
     assert_eq!(left, want);
+    // And the pull-token Secret of each namespace that used pull secrets.
+    let team_secret = "/api/v1/namespaces/team-a/secrets/kache-pull";
+    assert_eq!(kube.request("GET", team_secret, None).0, 200);
     let crd = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/cachedimages.kache.io";
     assert_eq!(
         kube.request("GET", crd, None).0,
@@ -1115,13 +1229,17 @@ fn install_on_a_real_node(version: Version) {
             asked
         );
     }
+    // The new install made a key of its own, and signs team-a's Secret again with it.
+    kube.wait_for(team_secret, WAIT, |code, v| {
+        (code == 200 && pull_token_of(v) != token).then_some(())
+    });
     let again = create_pod(&kube, "reinstalled", &app_image, "Always");
     assert_rewritten(&again, "the reinstalled webhook does not rewrite");
     node.wait_running(&kube, APPS, "reinstalled", WAIT);
 
     // Removed as the README says: the release; the CachedImages' finalizer, which only the
-    // controller removes, cleared so that the CRD can go; the claim, the Lease and (already)
-    // cert-manager's Secrets.
+    // controller removes, cleared so that the CRD can go; the claim, the Lease, the pull-token
+    // Secrets and (already) cert-manager's Secrets.
     // Nothing of kache is left but the Secret the user made.
     helm.ok(&["uninstall", "kache", "-n", NS, "--wait", "--timeout", "5m"]);
     let images_path = "/apis/kache.io/v1alpha1/cachedimages";
@@ -1147,6 +1265,20 @@ fn install_on_a_real_node(version: Version) {
         &format!("/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/kache-controller"),
         None,
     );
+    let managed = "/api/v1/secrets?labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkache";
+    for secret in kube.ok("GET", managed, None)["items"].as_array().unwrap() {
+        let meta = &secret["metadata"];
+        kube.ok(
+            "DELETE",
+            &format!(
+                "/api/v1/namespaces/{}/secrets/{}",
+                meta["namespace"].as_str().unwrap(),
+                meta["name"].as_str().unwrap()
+            ),
+            None,
+        );
+    }
+    assert_eq!(kube.ok("GET", managed, None)["items"], json!([]));
     assert_release_gone(&kube, RELEASE_COLLECTIONS);
     kube.wait_for(&format!("/api/v1/namespaces/{NS}/pods"), WAIT, |_, v| {
         (v["items"] == json!([])).then_some(())
