@@ -101,7 +101,7 @@ impl KeyRing {
         let fresh = Keys::from_dir(dir)?;
         *self.read_at.lock().expect("key lock") = read_at;
         let mut held = self.keys.write().expect("key lock");
-        let changed = format!("{fresh:?}") != format!("{held:?}");
+        let changed = !fresh.ids().eq(held.ids());
         *held = Arc::new(fresh);
         Ok(changed)
     }

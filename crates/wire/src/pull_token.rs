@@ -169,6 +169,11 @@ impl Keys {
         Keys::from_entries(entries)
     }
 
+    /// The key ids, in order.
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.keys.keys().map(String::as_str)
+    }
+
     /// The id that signs: the last in order.
     pub fn signing_id(&self) -> &str {
         self.keys
