@@ -99,8 +99,8 @@ pub struct Options {
     /// Size of the image of the pod step, MiB.
     #[arg(long, default_value_t = 100)]
     pod_image_mib: u64,
-    /// Only these steps (comma-separated): blob, stream, manifest, cold, memory, webhook, gc,
-    /// scale, pod.
+    /// Only these steps (comma-separated): blob, stream, manifest, private, cold, memory,
+    /// webhook, gc, scale, pod.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The whole run is stopped after this long.
@@ -223,6 +223,7 @@ async fn suite(o: &Options) -> Result<String> {
     steps::blob_step(&mut bench).await?;
     steps::stream_step(&mut bench).await?;
     steps::manifest_step(&mut bench).await?;
+    steps::private_step(&mut bench).await?;
     steps::cold_step(&mut bench).await?;
     steps::memory_step(&mut bench).await?;
     steps::webhook_step(&mut bench).await?;

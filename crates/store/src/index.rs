@@ -103,6 +103,8 @@ const INDEX_CACHE: usize = 8 << 20;
 #[derive(Debug)]
 pub(crate) struct Index {
     db: Database,
+    /// Who may read what, as the tables say, in memory: every read of a cached repository asks.
+    tenancy: tenancy::View,
 }
 
 impl Index {
@@ -127,7 +129,8 @@ impl Index {
         tx.open_table(GRANTS)?;
         tx.open_table(SCOPED)?;
         tx.commit()?;
-        Ok(Index { db })
+        let tenancy = tenancy::View::load(&db)?;
+        Ok(Index { db, tenancy })
     }
 
     fn write<T>(&self, f: impl FnOnce(&WriteTransaction) -> Result<T>) -> Result<T> {

@@ -5,6 +5,7 @@ mod blob;
 mod cold;
 mod manifest;
 pub mod memory;
+mod private;
 mod stream;
 mod webhook;
 
@@ -12,6 +13,7 @@ pub use blob::blob_step;
 pub use cold::cold_step;
 pub use manifest::manifest_step;
 pub use memory::memory_step;
+pub use private::private_step;
 pub use stream::stream_step;
 pub use webhook::webhook_step;
 

@@ -1,6 +1,9 @@
 //! Who may read a cached repository: its visibility and its grants, and the blobs that entered
 //! through a private repository, which no other repository links without fetching them itself.
 
+use std::collections::HashMap;
+use std::sync::RwLock;
+
 use kache_oci::RepoName;
 use kache_wire::{Grant, Visibility};
 use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
@@ -52,18 +55,58 @@ pub(super) fn is_scoped(tx: &redb::ReadTransaction, digest: &str) -> Result<bool
     Ok(tx.open_table(SCOPED)?.get(digest)?.is_some())
 }
 
+/// The visibility and grant tables in memory, for the reads every request of a cached
+/// repository makes. Each write holds the view's lock from before its transaction until the
+/// view shows it, so the view never goes back to an older state: writes are rare (a repository
+/// classified, a grant checked), reads are not.
+#[derive(Debug, Default)]
+pub(super) struct View {
+    inner: RwLock<Tables>,
+}
+
+#[derive(Debug, Default)]
+struct Tables {
+    visibility: HashMap<String, Visibility>,
+    /// By `repo\0namespace`, as the table keys them.
+    grants: HashMap<String, GrantRecord>,
+}
+
+impl View {
+    pub(super) fn load(db: &redb::Database) -> Result<View> {
+        let tx = db.begin_read()?;
+        let mut t = Tables::default();
+        for item in tx.open_table(VISIBILITY)?.iter()? {
+            let (k, v) = item?;
+            let r: VisibilityRecord = dec(v.value())?;
+            t.visibility.insert(k.value().to_owned(), r.visibility);
+        }
+        for item in tx.open_table(GRANTS)?.iter()? {
+            let (k, v) = item?;
+            t.grants.insert(k.value().to_owned(), dec(v.value())?);
+        }
+        Ok(View {
+            inner: RwLock::new(t),
+        })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Tables> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Tables> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 impl Index {
     pub(crate) fn visibility(&self, repo: &RepoName) -> Result<Option<Visibility>> {
-        let tx = self.db.begin_read()?;
-        match tx.open_table(VISIBILITY)?.get(repo.as_str())? {
-            Some(v) => Ok(Some(dec::<VisibilityRecord>(v.value())?.visibility)),
-            None => Ok(None),
-        }
+        Ok(self.tenancy.read().visibility.get(repo.as_str()).copied())
     }
 
     /// Sets what `repo` is. Made private, every blob and manifest it holds is scoped, in the
     /// same transaction.
     pub(crate) fn set_visibility(&self, repo: &RepoName, visibility: Visibility) -> Result<()> {
+        let mut view = self.tenancy.write();
         self.write(|tx| {
             tx.open_table(VISIBILITY)?.insert(
                 repo.as_str(),
@@ -87,47 +130,46 @@ impl Index {
                 }
             }
             Ok(())
-        })
+        })?;
+        view.visibility.insert(repo.to_string(), visibility);
+        Ok(())
     }
 
     pub(crate) fn grant(&self, repo: &RepoName, namespace: &str) -> Result<Option<Grant>> {
-        let tx = self.db.begin_read()?;
-        match tx.open_table(GRANTS)?.get(key(repo, namespace).as_str())? {
-            Some(v) => {
-                let r: GrantRecord = dec(v.value())?;
-                Ok(Some(Grant {
-                    repository: repo.to_string(),
-                    namespace: namespace.to_owned(),
-                    verified_at: r.verified_at,
-                    expires_at: r.expires_at,
-                }))
-            }
-            None => Ok(None),
-        }
+        let view = self.tenancy.read();
+        Ok(view.grants.get(&key(repo, namespace)).map(|r| Grant {
+            repository: repo.to_string(),
+            namespace: namespace.to_owned(),
+            verified_at: r.verified_at,
+            expires_at: r.expires_at,
+        }))
     }
 
     /// Writes a grant, durably: once this returns, a crash does not lose it.
     pub(crate) fn put_grant(&self, repo: &RepoName, grant: &Grant) -> Result<()> {
+        let mut view = self.tenancy.write();
+        let (k, record) = (
+            key(repo, &grant.namespace),
+            GrantRecord {
+                verified_at: grant.verified_at,
+                expires_at: grant.expires_at,
+            },
+        );
         self.write(|tx| {
-            tx.open_table(GRANTS)?.insert(
-                key(repo, &grant.namespace).as_str(),
-                enc(&GrantRecord {
-                    verified_at: grant.verified_at,
-                    expires_at: grant.expires_at,
-                })
-                .as_slice(),
-            )?;
+            tx.open_table(GRANTS)?
+                .insert(k.as_str(), enc(&record).as_slice())?;
             Ok(())
-        })
+        })?;
+        view.grants.insert(k, record);
+        Ok(())
     }
 
     pub(crate) fn remove_grant(&self, repo: &RepoName, namespace: &str) -> Result<bool> {
-        self.write(|tx| {
-            Ok(tx
-                .open_table(GRANTS)?
-                .remove(key(repo, namespace).as_str())?
-                .is_some())
-        })
+        let mut view = self.tenancy.write();
+        let k = key(repo, namespace);
+        let removed = self.write(|tx| Ok(tx.open_table(GRANTS)?.remove(k.as_str())?.is_some()))?;
+        view.grants.remove(&k);
+        Ok(removed)
     }
 
     /// Every grant, by repository then namespace.
@@ -153,7 +195,8 @@ impl Index {
     /// left alone), and grants that expired before `cutoff`. Returns how many repositories and
     /// grants it forgot.
     pub(crate) fn forget_tenancy(&self, cutoff: u64) -> Result<(u64, u64)> {
-        self.write(|tx| {
+        let mut view = self.tenancy.write();
+        let (emptied, ended) = self.write(|tx| {
             let mut visibility = tx.open_table(VISIBILITY)?;
             let mut grants = tx.open_table(GRANTS)?;
             let emptied = {
@@ -193,8 +236,15 @@ impl Index {
             for k in &ended {
                 grants.remove(k.as_str())?;
             }
-            Ok((emptied.len() as u64, ended.len() as u64))
-        })
+            Ok((emptied, ended))
+        })?;
+        for name in &emptied {
+            view.visibility.remove(name);
+        }
+        for k in &ended {
+            view.grants.remove(k);
+        }
+        Ok((emptied.len() as u64, ended.len() as u64))
     }
 }
 
