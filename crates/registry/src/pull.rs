@@ -105,19 +105,7 @@ impl PullThrough {
         creds: Option<Credentials>,
     ) -> impl Future<Output = Result<Manifest, PullError>> + Send + 'static {
         let (up, classify) = (self.upstream.clone(), self.classify.clone());
-        async move {
-            let m = fetch_manifest(
-                store.clone(),
-                up.clone(),
-                repo.clone(),
-                origin.clone(),
-                reference.clone(),
-                creds.clone(),
-            )
-            .await?;
-            classified(classify, &*store, &up, &repo, &origin, &reference, creds).await?;
-            Ok(m)
-        }
+        fetch_manifest(store, up, classify, repo, origin, reference, creds)
     }
 
     /// HEADs a tag at `origin`: the cached manifest when it still points there, else the one it
@@ -132,21 +120,7 @@ impl PullThrough {
         creds: Option<Credentials>,
     ) -> impl Future<Output = Result<Manifest, PullError>> + Send + 'static {
         let (up, classify) = (self.upstream.clone(), self.classify.clone());
-        async move {
-            let reference = Reference::Tag(tag.clone());
-            let m = revalidate(
-                store.clone(),
-                up.clone(),
-                repo.clone(),
-                origin.clone(),
-                tag,
-                cached,
-                creds.clone(),
-            )
-            .await?;
-            classified(classify, &*store, &up, &repo, &origin, &reference, creds).await?;
-            Ok(m)
-        }
+        revalidate(store, up, classify, repo, origin, tag, cached, creds)
     }
 
     /// Where the store's flight of a blob reads it from: `origin`'s GET, once per flight (and
@@ -212,10 +186,12 @@ impl PullThrough {
 }
 
 /// GETs a manifest upstream, checks it (kache-upstream's rules, the same a node proxy holds an
-/// upstream to), stores it.
+/// upstream to), classifies its repository, stores it: classified first, so that a private
+/// repository's manifest is never stored where it reads as anyone's.
 async fn fetch_manifest(
     store: Arc<dyn Storage>,
     upstream: Upstream,
+    classify: Option<Classify>,
     repo: RepoName,
     origin: Origin,
     reference: Reference,
@@ -226,6 +202,10 @@ async fn fetch_manifest(
         .await?
         .checked_manifest(&reference)
         .await?;
+    classified(
+        classify, &*store, &upstream, &repo, &origin, &reference, creds,
+    )
+    .await?;
     let digest = store
         .put_pulled_manifest(&repo, &reference, checked.bytes.clone(), &checked.parsed)
         .await?;
@@ -236,10 +216,13 @@ async fn fetch_manifest(
     })
 }
 
-/// HEADs a stale tag upstream; refetches only when it moved.
+/// HEADs a stale tag upstream; refetches only when it moved. Either way the repository is
+/// classified again (what an image cached before scoping was on waits for).
+#[allow(clippy::too_many_arguments)]
 async fn revalidate(
     store: Arc<dyn Storage>,
     upstream: Upstream,
+    classify: Option<Classify>,
     repo: RepoName,
     origin: Origin,
     tag: Tag,
@@ -254,9 +237,13 @@ async fn revalidate(
         if let Reference::Tag(t) = &reference {
             store.touch_tag(&repo, t.as_str()).await?;
         }
+        classified(
+            classify, &*store, &upstream, &repo, &origin, &reference, creds,
+        )
+        .await?;
         return Ok(cached);
     }
-    fetch_manifest(store, upstream, repo, origin, reference, creds).await
+    fetch_manifest(store, upstream, classify, repo, origin, reference, creds).await
 }
 
 /// After a manifest came from the upstream: what the upstream shows its repository to be,
@@ -273,11 +260,17 @@ async fn classified(
     let Some(c) = classify else {
         return Ok(());
     };
-    if let Some(v) = c
+    match c
         .visibility(upstream, origin, reference, creds.as_ref(), true)
         .await
     {
-        tenancy::record(store, repo, v).await?;
+        Some(v) => tenancy::record(store, repo, v).await?,
+        // The upstream could not tell: what was recorded stays, and a repository never
+        // classified that took a namespace's credentials is private until it can.
+        None if creds.is_some() && store.visibility(repo)?.is_none() => {
+            tenancy::record(store, repo, kache_wire::Visibility::Private).await?
+        }
+        None => {}
     }
     Ok(())
 }

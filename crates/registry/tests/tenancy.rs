@@ -285,14 +285,72 @@ async fn the_ping_challenges_a_client_without_credentials_and_the_token_endpoint
     assert_eq!(r.status(), StatusCode::OK);
 }
 
-/// An upstream whose `team/app` needs `bob:pw` (its layer held back by one byte until
-/// `released`, `asked` told when its GET arrives) and whose `team/other` refuses everyone.
-fn private_upstream(
-    manifest: Vec<u8>,
-    blobs: Vec<Vec<u8>>,
-    layer: Digest,
+/// A request the upstream holds: `asked` is told when it arrives, and it is answered once
+/// `released` says so.
+#[derive(Clone)]
+struct Held {
     asked: Arc<tokio::sync::Notify>,
     released: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Held {
+    /// A hold, and the sender that releases it.
+    fn new() -> (Held, tokio::sync::watch::Sender<bool>) {
+        let (release, released) = tokio::sync::watch::channel(false);
+        let asked = Arc::new(tokio::sync::Notify::new());
+        (Held { asked, released }, release)
+    }
+
+    /// One that holds nothing.
+    fn none() -> Held {
+        let (held, release) = Held::new();
+        release.send_replace(true);
+        held
+    }
+
+    async fn wait(mut self) {
+        self.asked.notify_one();
+        let _ = self.released.wait_for(|r| *r).await;
+    }
+}
+
+/// The private image the upstream below serves: a manifest, its config and a 200 kB layer.
+struct PrivateImage {
+    manifest: Vec<u8>,
+    config: Vec<u8>,
+    layer: Vec<u8>,
+}
+
+impl PrivateImage {
+    fn new() -> Self {
+        let layer = vec![9u8; 200_000];
+        let config =
+            br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#
+                .to_vec();
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": kache_oci::media_type::OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": Digest::sha256(&config).to_string(), "size": config.len()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": Digest::sha256(&layer).to_string(), "size": layer.len()}],
+        }))
+        .unwrap();
+        PrivateImage {
+            manifest,
+            config,
+            layer,
+        }
+    }
+}
+
+/// An upstream whose `team/app` holds `image` for `bob:pw` only (its layer held back by one
+/// byte by `layer_hold`; a manifest HEAD without credentials, as kache's classification sends,
+/// held by `anonymous_hold`, then answered `anonymous`: 401 with a challenge, or any other
+/// status) and whose `team/other` refuses everyone.
+fn private_upstream(
+    image: &PrivateImage,
+    layer_hold: Held,
+    anonymous_hold: Held,
+    anonymous: axum::http::StatusCode,
 ) -> axum::Router {
     use axum::http::{HeaderMap, StatusCode as S, header};
     use axum::response::{IntoResponse, Response};
@@ -310,31 +368,38 @@ fn private_upstream(
         h.get(header::AUTHORIZATION)
             .is_some_and(|v| v.as_bytes() == format!("Basic {bob}").as_bytes())
     };
-    let manifest_route = get(move |h: HeaderMap| async move {
-        if !authorized(&h) {
-            return login();
+    let manifest = image.manifest.clone();
+    let manifest_route = get(move |method: axum::http::Method, h: HeaderMap| {
+        let (manifest, hold) = (manifest.clone(), anonymous_hold.clone());
+        async move {
+            // A GET without credentials is a client that has not answered the challenge yet.
+            if !authorized(&h) && method == axum::http::Method::GET {
+                return login();
+            }
+            if !authorized(&h) {
+                hold.wait().await;
+                return match anonymous {
+                    S::UNAUTHORIZED => login(),
+                    other => other.into_response(),
+                };
+            }
+            let d = Digest::sha256(&manifest).to_string();
+            let media_type = kache_oci::media_type::OCI_MANIFEST.to_owned();
+            (
+                [
+                    (header::CONTENT_TYPE, media_type),
+                    (header::HeaderName::from_static("docker-content-digest"), d),
+                ],
+                manifest,
+            )
+                .into_response()
         }
-        let d = Digest::sha256(&manifest).to_string();
-        (
-            [
-                (
-                    header::CONTENT_TYPE,
-                    kache_oci::media_type::OCI_MANIFEST.to_owned(),
-                ),
-                (header::HeaderName::from_static("docker-content-digest"), d),
-            ],
-            manifest.clone(),
-        )
-            .into_response()
     });
+    let blobs = vec![image.config.clone(), image.layer.clone()];
+    let layer = Digest::sha256(&image.layer).to_string();
     let blob_route = get(
         move |h: HeaderMap, axum::extract::Path(digest): axum::extract::Path<String>| {
-            let (blobs, asked, mut released, layer) = (
-                blobs.clone(),
-                asked.clone(),
-                released.clone(),
-                layer.clone(),
-            );
+            let (blobs, hold, layer) = (blobs.clone(), layer_hold.clone(), layer.clone());
             async move {
                 if !authorized(&h) {
                     return login();
@@ -345,10 +410,9 @@ fn private_upstream(
                 else {
                     return S::NOT_FOUND.into_response();
                 };
-                if digest != layer.to_string() {
+                if digest != layer {
                     return bytes.into_response();
                 }
-                asked.notify_one();
                 let len = bytes.len();
                 let (head, last) = bytes.split_at(len - 1);
                 let (head, last) = (
@@ -357,7 +421,7 @@ fn private_upstream(
                 );
                 let body = futures_util::stream::iter([Ok::<_, std::io::Error>(head)]).chain(
                     futures_util::stream::once(async move {
-                        let _ = released.wait_for(|r| *r).await;
+                        hold.wait().await;
                         Ok(last)
                     }),
                 );
@@ -377,49 +441,51 @@ fn private_upstream(
         )
 }
 
-#[tokio::test]
-async fn bytes_fetched_for_a_private_repository_are_never_shared_with_another_one() {
-    let c = client();
-    let layer = vec![9u8; 200_000];
-    let config =
-        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#
-            .to_vec();
-    let (ld, cd) = (Digest::sha256(&layer), Digest::sha256(&config));
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": kache_oci::media_type::OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd.to_string(), "size": config.len()},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld.to_string(), "size": layer.len()}],
-    }))
-    .unwrap();
-    let asked = Arc::new(tokio::sync::Notify::new());
-    let (release, released) = tokio::sync::watch::channel(false);
-    let up = kache_testkit::inproc::serve(private_upstream(
-        manifest,
-        vec![config, layer.clone()],
-        ld.clone(),
-        asked.clone(),
-        released,
-    ))
-    .await;
-    let cache = parts::registry(RegistryOptions {
+/// A registry with scoping on, pulling through from `up`.
+async fn scoped_cache(up: std::net::SocketAddr) -> parts::Running {
+    parts::registry(RegistryOptions {
         scoping: Some(keys(1)),
         access: Access::ReadWrite,
         ..RegistryOptions::pull_from(&up.to_string())
     })
-    .await;
+    .await
+}
 
-    // The controller warms the private image with a namespace's pull secret; its layer's fetch
-    // is held open by the upstream.
-    let warm = tokio::spawn(
-        c.post(cache.url("/kache/v1/warm"))
+/// The controller's warm call of `team/app:v1` at `up` with bob's credentials, as a task.
+fn warm_with_credentials(
+    cache: &parts::Running,
+    up: std::net::SocketAddr,
+) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
+    tokio::spawn(
+        client()
+            .post(cache.url("/kache/v1/warm"))
             .json(&serde_json::json!({
                 "image": format!("{up}/team/app:v1"),
                 "credentials": {"username": "bob", "password": "pw"},
             }))
             .send(),
-    );
-    asked.notified().await;
+    )
+}
+
+#[tokio::test]
+async fn bytes_fetched_for_a_private_repository_are_never_shared_with_another_one() {
+    let c = client();
+    let image = PrivateImage::new();
+    let ld = Digest::sha256(&image.layer);
+    let (layer_hold, release) = Held::new();
+    let up = kache_testkit::inproc::serve(private_upstream(
+        &image,
+        layer_hold.clone(),
+        Held::none(),
+        StatusCode::UNAUTHORIZED,
+    ))
+    .await;
+    let cache = scoped_cache(up).await;
+
+    // The controller warms the private image with a namespace's pull secret; its layer's fetch
+    // is held open by the upstream.
+    let warm = warm_with_credentials(&cache, up);
+    layer_hold.asked.notified().await;
 
     // Meanwhile an anonymous client asks for the same digest through another repository of the
     // same upstream, which refuses it: it hears the refusal at once, never the private bytes.
@@ -445,13 +511,55 @@ async fn bytes_fetched_for_a_private_repository_are_never_shared_with_another_on
     );
     assert_eq!(
         cache.store().stat_blob(&app, &ld).unwrap(),
-        Some(layer.len() as u64)
+        Some(image.layer.len() as u64)
     );
     assert_eq!(
         cache.store().stat_blob(&other, &ld).unwrap(),
         None,
         "never linked"
     );
+}
+
+#[tokio::test]
+async fn a_manifest_fetched_with_credentials_is_stored_only_once_its_repository_is_classified() {
+    let image = PrivateImage::new();
+    // The classification's anonymous read is held, then answered 503: the upstream cannot tell.
+    let (anonymous_hold, release) = Held::new();
+    let up = kache_testkit::inproc::serve(private_upstream(
+        &image,
+        Held::none(),
+        anonymous_hold.clone(),
+        StatusCode::SERVICE_UNAVAILABLE,
+    ))
+    .await;
+    let cache = scoped_cache(up).await;
+    let app: RepoName = format!("127.0.0.1_{}/team/app", up.port()).parse().unwrap();
+    let warm = warm_with_credentials(&cache, up);
+    anonymous_hold.asked.notified().await;
+
+    // The manifest came with bob's credentials; until the repository is classified it is not
+    // in the store, where it would read as anyone's.
+    let stored = cache
+        .store()
+        .get_manifest(&app, &"v1".parse().unwrap())
+        .await;
+    assert!(stored.is_err(), "stored before it was classified");
+    assert_eq!(cache.store().visibility(&app).unwrap(), None);
+    release.send_replace(true);
+    let r = warm.await.unwrap().unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
+
+    // The upstream could not tell; credentials were needed: private, refused to anyone else.
+    assert_eq!(
+        cache.store().visibility(&app).unwrap(),
+        Some(Visibility::Private)
+    );
+    let r = client()
+        .get(cache.url(&format!("/v2/{app}/manifests/v1")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 }
 
 #[tokio::test]
