@@ -1,8 +1,9 @@
-//! Private repositories through the registry's API, in process: every read refuses a caller
-//! whose namespace holds no grant, with the spec's 401 and a Bearer challenge; a granted one
-//! reads; and a private blob is never served through another repository. How a repository
-//! becomes private (the upstream's answers) is the end-to-end tests' (tests/private_images.rs),
-//! with a real upstream that asks for credentials.
+//! Private repositories through the registry's API, in process: every read (path and mirror
+//! form) refuses a caller whose namespace holds no grant, with the spec's 401 and a Bearer
+//! challenge; a granted one reads; and a private blob is never served through another
+//! repository. How a repository becomes private (the upstream's answers) is the end-to-end
+//! tests' (tests/private_images.rs), with a real upstream that asks for credentials; the
+//! upstreams here do on purpose what no real one does on demand (hold a request open).
 
 use std::sync::Arc;
 
@@ -90,6 +91,7 @@ async fn every_read_of_a_private_repository_needs_a_namespace_granted_it() {
         .unwrap();
 
     let digest = Digest::sha256(&manifest);
+    let mirror_ns = format!("127.0.0.1%3A{}", up.addr.port());
     let reads = [
         ("HEAD", format!("/v2/{repo}/manifests/v1")),
         ("GET", format!("/v2/{repo}/manifests/v1")),
@@ -99,6 +101,12 @@ async fn every_read_of_a_private_repository_needs_a_namespace_granted_it() {
         ("GET", format!("/v2/{repo}/referrers/{digest}")),
         ("HEAD", format!("/v2/{repo}/blobs/{layer_digest}")),
         ("GET", format!("/v2/{repo}/blobs/{layer_digest}")),
+        // containerd's mirror form: the same repository, its registry in `ns`.
+        ("GET", format!("/v2/team/app/manifests/v1?ns={mirror_ns}")),
+        (
+            "GET",
+            format!("/v2/team/app/blobs/{layer_digest}?ns={mirror_ns}"),
+        ),
     ];
     let bearer = |t: &str| format!("Bearer {t}");
     let basic = |t: &str| {
