@@ -3,7 +3,8 @@
 #   docker build -t kache:dev .
 #
 # scripts/build-image builds the same files without one (what the tests and CI use): the kache
-# binary, the shared libraries it loads at the paths ldd gives, /etc/passwd and /etc/group with
+# binary, stripped (its debug info stays in the build stage, /target/kache.debug: `docker build
+# --target build` to keep it), the shared libraries it loads at the paths ldd gives, /etc/passwd and /etc/group with
 # the user kache (65532), /tmp and /var/lib/kache. No shell, no package manager. The two images
 # hold the same files; their digests differ, because an engine writes its own layer metadata.
 # Build on Debian bookworm, as the project is tested: the libraries come from the build stage.
@@ -13,7 +14,8 @@ COPY . .
 RUN RUSTFLAGS="--remap-path-prefix=/src=/kache --remap-path-prefix=/usr/local/cargo=/cargo" \
         cargo build --release --locked -p kache --target-dir /target \
  && mkdir -p /rootfs/usr/local/bin /rootfs/etc /rootfs/tmp /rootfs/var/lib/kache \
- && cp /target/release/kache /rootfs/usr/local/bin/kache \
+ && objcopy --only-keep-debug --compress-debug-sections=zlib /target/release/kache /target/kache.debug \
+ && objcopy --strip-all --add-gnu-debuglink=/target/kache.debug /target/release/kache /rootfs/usr/local/bin/kache \
  && for lib in $(ldd /target/release/kache | grep -o '/[^ ]*'); do \
         mkdir -p "/rootfs$(dirname "$lib")" && cp -L "$lib" "/rootfs$lib"; \
     done \

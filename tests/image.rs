@@ -1,6 +1,7 @@
 //! The kache image, as `scripts/build-image` makes it without a container engine: the same input
-//! gives the same digest; it holds the binary, the libraries it loads and a non-root user, and no
-//! shell; containerd imports its archive and runs kache from it as that user.
+//! gives the same digest; it holds the binary (stripped, its debug info beside the image), the
+//! libraries it loads and a non-root user, and no shell; containerd imports its archive and runs
+//! kache from it as that user.
 
 use kache_testkit as support;
 
@@ -52,6 +53,44 @@ fn entries(layer: &[u8]) -> BTreeMap<String, (u32, u64, bool)> {
         );
     }
     out
+}
+
+/// The bytes of the regular file at `path` in a gzipped tar.
+fn file_of(layer: &[u8], path: &str) -> Vec<u8> {
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(layer));
+    for e in tar.entries().expect("a tar") {
+        let mut e = e.expect("a tar entry");
+        if e.path().unwrap().to_string_lossy() == path {
+            let mut out = Vec::new();
+            e.read_to_end(&mut out).unwrap();
+            return out;
+        }
+    }
+    panic!("{path} is not in the layer")
+}
+
+/// The section names of an ELF file, as readelf lists them.
+fn sections(file: &Path) -> Vec<String> {
+    let out = Command::new("readelf")
+        .args(["--section-headers", "--wide"])
+        .arg(file)
+        .output()
+        .expect("run readelf");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim_start();
+            l.starts_with('[')
+                .then(|| l.split_once(']')?.1.split_whitespace().next())
+                .flatten()
+                .map(str::to_owned)
+        })
+        .collect()
 }
 
 #[test]
@@ -125,6 +164,42 @@ fn the_image_is_reproducible_and_holds_only_what_kache_needs() {
     }
     assert_eq!(files["var/lib/kache"].1, 65532, "the data dir is kache's");
     assert_eq!(files["tmp"].0, 0o1777);
+
+    // The binary is stripped: its symbols and debug info are beside the image, in kache.debug,
+    // which the binary names for a symbolizer.
+    let binary = dir.path().join("kache-from-image");
+    std::fs::write(&binary, file_of(&layer, "usr/local/bin/kache")).unwrap();
+    let shipped = sections(&binary);
+    // (.debug_gdb_scripts is loaded data, gdb's pretty-printers, not debug info.)
+    let debug_info =
+        |s: &String| (s.starts_with(".debug") && s != ".debug_gdb_scripts") || s == ".symtab";
+    assert!(!shipped.iter().any(debug_info), "{shipped:?}");
+    assert!(
+        shipped.contains(&".gnu_debuglink".to_owned()),
+        "{shipped:?}"
+    );
+    let debug = sections(&a.join("kache.debug"));
+    assert!(
+        debug.contains(&".debug_info".to_owned()) && debug.contains(&".symtab".to_owned()),
+        "{debug:?}"
+    );
+    let link = Command::new("readelf")
+        .args(["--string-dump=.gnu_debuglink"])
+        .arg(&binary)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&link.stdout).contains("kache.debug"),
+        "{}",
+        String::from_utf8_lossy(&link.stdout)
+    );
+    let full = std::fs::metadata(env!("CARGO_BIN_EXE_kache"))
+        .unwrap()
+        .len();
+    assert!(
+        (std::fs::metadata(&binary).unwrap().len() as f64) < full as f64 / 2.0,
+        "stripped, the binary is a fraction of the build's"
+    );
 
     // The image config's diff_id is the uncompressed layer's digest.
     let mut tar = Vec::new();
