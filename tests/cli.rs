@@ -491,3 +491,64 @@ fn health_exits_zero_only_on_a_2xx_answer_and_says_what_it_got_otherwise() {
         text(&tls.stderr)
     );
 }
+
+/// A field of `/proc/<pid>/status`.
+fn proc_status(pid: u32, field: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .map(|v| v.trim().to_owned())
+}
+
+#[test]
+fn pause_holds_one_thread_until_stopped_and_exits_0() {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kache"))
+        .arg("pause")
+        .spawn()
+        .unwrap();
+    // Stopped only once it catches SIGTERM and SIGINT (signals 15 and 2), as the kubelet's stop
+    // would find it: until then the default action would end it with the signal.
+    let (term, int) = (1u64 << 14, 1u64 << 1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let caught = proc_status(child.id(), "SigCgt")
+            .and_then(|m| u64::from_str_radix(&m, 16).ok())
+            .unwrap_or(0);
+        if caught & (term | int) == term | int {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "kache pause never caught SIGTERM and SIGINT"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(
+        proc_status(child.id(), "Threads").as_deref(),
+        Some("1"),
+        "one thread"
+    );
+    match support::process::terminate(&mut child, std::time::Duration::from_secs(10)) {
+        support::process::Stopped::Exited(status) => assert!(status.success(), "{status:?}"),
+        support::process::Stopped::Killed => panic!("kache pause did not stop on SIGTERM"),
+    }
+}
+
+#[test]
+fn prepull_noop_writes_a_program_that_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("noop");
+    let made = kache(&["prepull", "noop", "--out", out.to_str().unwrap()]);
+    assert!(made.status.success(), "{made:?}");
+    let ran = std::process::Command::new(&out)
+        .env_clear()
+        .status()
+        .unwrap();
+    assert!(ran.success(), "{ran:?}");
+    // Somewhere it cannot write: a clear error, and nothing left behind.
+    let refused = kache(&["prepull", "noop", "--out", "/proc/kache-noop"]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("/proc/kache-noop"), "{err}");
+}

@@ -6,6 +6,7 @@ mod certs;
 mod control;
 mod flags;
 mod health;
+mod prepull;
 mod serve;
 
 use std::net::SocketAddr;
@@ -60,6 +61,11 @@ enum Command {
     Certs(certs::CertsArgs),
     /// Exit 0 when a listener answers 2xx: the healthcheck of containers run by an engine.
     Health(health::HealthArgs),
+    /// What node pre-pull pods run: the no-op their images run.
+    Prepull(prepull::PrepullArgs),
+    /// Wait until stopped (SIGTERM or SIGINT), then exit 0: a pre-pull pod's one long-running
+    /// container.
+    Pause,
     /// Re-hash every blob in a (stopped) store and report what does not verify, with its
     /// progress on stderr.
     Fsck {
@@ -505,6 +511,12 @@ fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     init_tracing(cli.log_format);
+    // These run in pods of their own, one per node: no runtime of many threads for them.
+    match &cli.command {
+        Command::Pause => return prepull::pause(),
+        Command::Prepull(a) => return prepull::run(a),
+        _ => {}
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -603,6 +615,7 @@ fn main() -> anyhow::Result<()> {
             Command::Fsck { data_dir } => serve::fsck(&data_dir).await,
             Command::Certs(a) => certs::run(&a),
             Command::Health(a) => health::run(&a).await,
+            Command::Pause | Command::Prepull(_) => unreachable!("run before the runtime"),
         }
     })
 }

@@ -1,0 +1,168 @@
+//! What a node pre-pull pod runs. Its init containers run each image of the set to completion,
+//! so that the kubelet pulls it; most images have no shell to run `true` with, some are built
+//! from scratch, and each may run as any user. So each runs the same program, written into an
+//! emptyDir by the first init container (`kache prepull noop`): a static ELF executable of a few
+//! dozen bytes that only exits 0, needing no libc, no loader and no file of the image. The pod's
+//! one long-running container is `kache pause`, so that it holds one container's memory however
+//! many images the set has.
+
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+
+#[derive(clap::Args, Debug)]
+pub struct PrepullArgs {
+    #[command(subcommand)]
+    command: PrepullCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum PrepullCommand {
+    /// Write the no-op program for this machine (a static executable that exits 0) to `--out`,
+    /// for the images of a pre-pull set to run.
+    Noop {
+        /// Where to write it (mode 0555), normally a file in an emptyDir.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Runs a `kache prepull` command.
+pub fn run(a: &PrepullArgs) -> anyhow::Result<()> {
+    match &a.command {
+        PrepullCommand::Noop { out } => write_noop(out),
+    }
+}
+
+/// Writes the no-op executable for this machine's architecture to `out`, replacing what is there.
+pub fn write_noop(out: &Path) -> anyhow::Result<()> {
+    let elf = noop_elf(std::env::consts::ARCH)
+        .with_context(|| format!("no no-op program for {}", std::env::consts::ARCH))?;
+    let tmp = out.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o555)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(&elf)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))
+}
+
+/// Where the program is loaded: the conventional base of a static executable, aligned for 64
+/// KiB pages too.
+const BASE: u64 = 0x40_0000;
+const ELF_HEADER: usize = 64;
+const PROGRAM_HEADER: usize = 56;
+
+/// A static ELF64 executable for `arch` (Rust's names: `x86_64`, `aarch64`) whose whole program
+/// is the exit system call with status 0. `None` for an architecture it has no code for.
+pub fn noop_elf(arch: &str) -> Option<Vec<u8>> {
+    let (machine, code): (u16, &[u8]) = match arch {
+        // mov eax, 60 (exit); xor edi, edi; syscall
+        "x86_64" => (0x3e, &[0xb8, 0x3c, 0, 0, 0, 0x31, 0xff, 0x0f, 0x05]),
+        // mov x0, #0; mov x8, #93 (exit); svc #0
+        "aarch64" => (
+            0xb7,
+            &[
+                0x00, 0x00, 0x80, 0xd2, 0xa8, 0x0b, 0x80, 0xd2, 0x01, 0x00, 0x00, 0xd4,
+            ],
+        ),
+        _ => return None,
+    };
+    let entry = BASE + (ELF_HEADER + PROGRAM_HEADER) as u64;
+    let size = (ELF_HEADER + PROGRAM_HEADER + code.len()) as u64;
+    let mut elf = Vec::with_capacity(size as usize);
+    // e_ident: magic, 64-bit, little-endian, version 1, System V, padding.
+    elf.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0]);
+    elf.extend_from_slice(&[0; 8]);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // e_type: an executable
+    elf.extend_from_slice(&machine.to_le_bytes());
+    elf.extend_from_slice(&1u32.to_le_bytes()); // e_version
+    elf.extend_from_slice(&entry.to_le_bytes());
+    elf.extend_from_slice(&(ELF_HEADER as u64).to_le_bytes()); // e_phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff: no sections
+    elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    elf.extend_from_slice(&(ELF_HEADER as u16).to_le_bytes());
+    elf.extend_from_slice(&(PROGRAM_HEADER as u16).to_le_bytes());
+    elf.extend_from_slice(&1u16.to_le_bytes()); // e_phnum
+    elf.extend_from_slice(&64u16.to_le_bytes()); // e_shentsize
+    elf.extend_from_slice(&0u16.to_le_bytes()); // e_shnum
+    elf.extend_from_slice(&0u16.to_le_bytes()); // e_shstrndx
+    // One PT_LOAD segment, read and execute, mapping the whole file at BASE.
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&5u32.to_le_bytes());
+    elf.extend_from_slice(&0u64.to_le_bytes()); // p_offset
+    elf.extend_from_slice(&BASE.to_le_bytes()); // p_vaddr
+    elf.extend_from_slice(&BASE.to_le_bytes()); // p_paddr
+    elf.extend_from_slice(&size.to_le_bytes()); // p_filesz
+    elf.extend_from_slice(&size.to_le_bytes()); // p_memsz
+    elf.extend_from_slice(&0x1_0000u64.to_le_bytes()); // p_align
+    elf.extend_from_slice(code);
+    debug_assert_eq!(elf.len() as u64, size);
+    Some(elf)
+}
+
+/// `kache pause`: holds a pod's place until the kubelet stops it (SIGTERM or SIGINT), then
+/// exits 0. One thread, no listener: the pre-pull pod's memory is this process's.
+pub fn pause() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        anyhow::Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_no_op_runs_and_exits_0_with_nothing_around_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("noop");
+        write_noop(&out).unwrap();
+        let mode = std::fs::metadata(&out).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o555
+        );
+        // Run with nothing around it: no environment, no working directory of its own.
+        let status = std::process::Command::new(&out)
+            .env_clear()
+            .current_dir("/")
+            .status()
+            .unwrap();
+        assert!(status.success(), "{status:?}");
+        // Written again over the first (a restarted init container).
+        write_noop(&out).unwrap();
+        assert!(std::process::Command::new(&out).status().unwrap().success());
+    }
+
+    #[test]
+    fn the_no_op_is_a_tiny_static_executable_for_each_architecture() {
+        for (arch, machine) in [("x86_64", 0x3e_u16), ("aarch64", 0xb7)] {
+            let elf = noop_elf(arch).unwrap();
+            assert!(elf.len() < 160, "{arch}: {} bytes", elf.len());
+            assert_eq!(&elf[..4], b"\x7fELF");
+            assert_eq!(u16::from_le_bytes([elf[18], elf[19]]), machine);
+            // No interpreter, no dynamic section: one PT_LOAD only.
+            assert_eq!(u16::from_le_bytes([elf[56], elf[57]]), 1, "one segment");
+            assert_eq!(u32::from_le_bytes(elf[64..68].try_into().unwrap()), 1);
+        }
+        assert_eq!(noop_elf("riscv64"), None);
+    }
+}
