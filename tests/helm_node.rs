@@ -92,9 +92,13 @@ fn pods(kube: &KubeServer, ns: &str, selector: &str) -> Vec<Value> {
 }
 
 fn create_pod(kube: &KubeServer, name: &str, image: &str, policy: &str) -> Value {
+    create_pod_in(kube, APPS, name, image, policy)
+}
+
+fn create_pod_in(kube: &KubeServer, ns: &str, name: &str, image: &str, policy: &str) -> Value {
     kube.ok(
         "POST",
-        &format!("/api/v1/namespaces/{APPS}/pods"),
+        &format!("/api/v1/namespaces/{ns}/pods"),
         Some(&json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "labels": {"test": "helm"}},
@@ -782,18 +786,7 @@ fn install_on_a_real_node(version: Version) {
         200,
         "team-a's token"
     );
-    kube.ok(
-        "POST",
-        "/api/v1/namespaces/team-b/pods",
-        Some(&json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "no-credentials"},
-            "spec": {
-                "terminationGracePeriodSeconds": 0,
-                "containers": [{"name": "app", "image": team_image, "imagePullPolicy": "Always"}],
-            },
-        })),
-    );
+    create_pod_in(&kube, "team-b", "no-credentials", &team_image, "Always");
     let refused = kube.wait_for(
         "/api/v1/namespaces/team-b/pods/no-credentials",
         WAIT,

@@ -86,7 +86,7 @@ pub(super) async fn gc_step(bench: &mut Bench<'_>) -> Result<()> {
         base,
         internal,
         ready,
-    } = start_registry(kache, &data, &dir, pids, "kache-registry-gc").await?;
+    } = start_registry(kache, &data, &dir, pids, "kache-registry-gc", &[]).await?;
 
     let (repo, tag, _, layer) = &made.sample;
     let mut accept = HeaderMap::new();

@@ -60,7 +60,7 @@ pub(super) async fn scale_step(bench: &mut Bench<'_>) -> Result<()> {
         base,
         ready,
         ..
-    } = start_registry(kache, &data, &dir, pids, "kache-registry-scale").await?;
+    } = start_registry(kache, &data, &dir, pids, "kache-registry-scale", &[]).await?;
     let (rss_ready, _) = procs::memory(registry.pid).unwrap_or_default();
     let log = std::fs::read_to_string(&registry.stderr)?;
     let repaired = log.contains(&format!("orphan_blobs_adopted: {ORPHANS}"))

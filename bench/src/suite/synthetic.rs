@@ -52,13 +52,15 @@ pub struct StoreRegistry {
     pub ready: Duration,
 }
 
-/// Starts `kache registry` on `data` (logs in `dir`, named `name`) and waits until it answers.
+/// Starts `kache registry` on `data` (logs in `dir`, named `name`), with `extra` flags, and
+/// waits until it answers.
 pub async fn start_registry(
     kache: &Path,
     data: &Path,
     dir: &Path,
     pids: &Path,
     name: &str,
+    extra: &[&std::ffi::OsStr],
 ) -> Result<StoreRegistry> {
     let mut cmd = kache_command(kache);
     cmd.arg("registry")
@@ -68,7 +70,8 @@ pub async fn start_registry(
         .arg("--data-dir")
         .arg(data)
         .arg("--gc-schedule")
-        .arg("off");
+        .arg("off")
+        .args(extra);
     let started = Instant::now();
     let (mut proc, bound) = Proc::spawn_kache(name, cmd, dir, pids)?;
     let base = bound.url("listen")?;

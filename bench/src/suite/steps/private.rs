@@ -16,9 +16,9 @@ use kache_wire::{Grant, Visibility};
 use super::{get_load, warm_up};
 use crate::client::{self, Url};
 use crate::load::{self, LoadResult};
-use crate::procs::Proc;
 use crate::suite::report::{ratio, thousands};
-use crate::suite::servers::{ANY, Kind, Server, kache_command, wait_ready};
+use crate::suite::servers::{Kind, Server};
+use crate::suite::synthetic::{StoreRegistry, start_registry};
 use crate::suite::{ACCEPT, Bench};
 
 /// The upstream the two repositories are cached from: a closed port, never asked (reads by
@@ -51,20 +51,24 @@ pub async fn private_step(bench: &mut Bench<'_>) -> Result<()> {
     let token = Keys::from_dir(&keys)?.sign(NAMESPACE)?;
     let (manifest, layer) = fill(&data).await?;
 
-    let mut cmd = kache_command(kache);
-    cmd.arg("registry")
-        .args(["--listen", ANY])
-        .args(["--internal-listen", ANY])
-        .args(["--metrics-listen", ANY])
-        .arg("--data-dir")
-        .arg(&data)
-        .args(["--gc-schedule", "off"])
-        .arg("--pull-token-keys")
-        .arg(&keys)
-        .args(["--insecure-registry", UPSTREAM]);
-    let (mut registry, bound) = Proc::spawn_kache("kache-registry-private", cmd, &dir, pids)?;
-    let base = bound.url("listen")?;
-    wait_ready(&mut registry, &format!("{base}/v2/")).await?;
+    let StoreRegistry {
+        proc: mut registry,
+        base,
+        ..
+    } = start_registry(
+        kache,
+        &data,
+        &dir,
+        pids,
+        "kache-registry-private",
+        &[
+            "--pull-token-keys".as_ref(),
+            keys.as_os_str(),
+            "--insecure-registry".as_ref(),
+            UPSTREAM.as_ref(),
+        ],
+    )
+    .await?;
     let server = Server {
         kind: Kind::KacheRegistry,
         label: "kache registry, scoping on",

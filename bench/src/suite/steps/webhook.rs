@@ -37,17 +37,22 @@ pub async fn webhook_step(bench: &mut Bench<'_>) -> Result<()> {
     let dir = work.join("kache-webhook");
     std::fs::create_dir_all(&dir)?;
     let (ca, cert, key) = webhook_pki(&dir)?;
-    let mut cmd = kache_command(kache);
-    cmd.arg("webhook")
-        .args(["--listen", ANY])
-        .arg("--tls-cert")
-        .arg(&cert)
-        .arg("--tls-key")
-        .arg(&key)
-        .args(["--metrics-listen", ANY]);
-    let (mut hook, bound) = Proc::spawn_kache("kache-webhook", cmd, &dir, pids)?;
-    let url = format!("https://{}/mutate", bound.addr("listen")?);
-    wait_ready_tls(&mut hook, &url, Some(&ca)).await?;
+    let start = async |name: &'static str, extra: &[&str]| {
+        let mut cmd = kache_command(kache);
+        cmd.arg("webhook")
+            .args(["--listen", ANY])
+            .arg("--tls-cert")
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key)
+            .args(["--metrics-listen", ANY])
+            .args(extra);
+        let (mut hook, bound) = Proc::spawn_kache(name, cmd, &dir, pids)?;
+        let url = format!("https://{}/mutate", bound.addr("listen")?);
+        wait_ready_tls(&mut hook, &url, Some(&ca)).await?;
+        anyhow::Ok((hook, url))
+    };
+    let (mut hook, url) = start("kache-webhook", &[]).await?;
     let body = admission_review(false)?;
     let mut headers = HeaderMap::new();
     headers.insert(
@@ -112,18 +117,11 @@ pub async fn webhook_step(bench: &mut Bench<'_>) -> Result<()> {
 
     // The same pod with pull secrets, to a webhook that adds the namespace's pull-token Secret
     // to them (privateImages, the chart's default).
-    let mut cmd = kache_command(kache);
-    cmd.arg("webhook")
-        .args(["--listen", ANY])
-        .arg("--tls-cert")
-        .arg(&cert)
-        .arg("--tls-key")
-        .arg(&key)
-        .args(["--metrics-listen", ANY])
-        .args(["--pull-secret", "kache-pull"]);
-    let (mut scoped_hook, bound) = Proc::spawn_kache("kache-webhook-pull-secret", cmd, &dir, pids)?;
-    let url = format!("https://{}/mutate", bound.addr("listen")?);
-    wait_ready_tls(&mut scoped_hook, &url, Some(&ca)).await?;
+    let (mut scoped_hook, url) = start(
+        "kache-webhook-pull-secret",
+        &["--pull-secret", "kache-pull"],
+    )
+    .await?;
     let scoped_body = admission_review(true)?;
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(scoped_body.len()));
     let scoped_url = Url::parse(&url, Some(&ca))?;
