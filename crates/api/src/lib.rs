@@ -8,7 +8,9 @@
 //! and which pods use it. The CRD is generated from these types (`kache crds`), so the YAML in
 //! `api/` and in the chart cannot say something the code does not.
 
+mod duration;
 mod name;
+mod node_images;
 mod pattern;
 pub mod pod_marks;
 pub mod policy;
@@ -20,7 +22,12 @@ use kube::CustomResourceExt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use duration::parse_duration;
 pub use name::{MAX_NAME_LEN, cached_image_name};
+pub use node_images::{
+    DEFAULT_REFRESH, NODE_IMAGE_SET_FINALIZER, NODE_IMAGE_SET_LABEL, NodeImageFailure,
+    NodeImageSet, NodeImageSetSpec, NodeImageSetStatus, ResolvedImage, Rollout,
+};
 
 /// The API group of every kache resource.
 pub const GROUP: &str = "kache.io";
@@ -181,8 +188,13 @@ pub struct Condition {
 
 /// The CustomResourceDefinition of every kache resource, as YAML documents (`kache crds`).
 pub fn crds_yaml() -> String {
-    let crd = serde_yaml::to_string(&CachedImage::crd()).expect("a CRD serialises to YAML");
-    format!("# Generated from the Rust types in api/ by `kache crds`; do not edit.\n---\n{crd}")
+    let mut out =
+        String::from("# Generated from the Rust types in api/ by `kache crds`; do not edit.\n");
+    for crd in [CachedImage::crd(), NodeImageSet::crd()] {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&crd).expect("a CRD serialises to YAML"));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -94,6 +94,12 @@ pub fn is_dns_label(s: &str) -> bool {
         && b[b.len() - 1] != b'-'
 }
 
+/// Kubernetes' DNS-1123 subdomain: what most object names must be (dot-separated labels, at most
+/// 253 characters).
+pub fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
 /// Longest container name written verbatim after `<k>.` within the 63-character name part.
 const VERBATIM_MAX: usize = 61;
 /// How many trailing characters of a long name are packed, and into how many.

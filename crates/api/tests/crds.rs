@@ -7,10 +7,7 @@ use std::path::Path;
 fn committed_crds_match_the_types() {
     let want = kache_api::crds_yaml();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    for file in [
-        "crates/api/crds.yaml",
-        "helm/kache/crds/cachedimages.kache.io.yaml",
-    ] {
+    for file in ["crates/api/crds.yaml", "helm/kache/crds/kache.io.yaml"] {
         let have =
             std::fs::read_to_string(root.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
         assert!(
