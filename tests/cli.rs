@@ -552,3 +552,35 @@ fn prepull_noop_writes_a_program_that_exits_0() {
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(err.contains("/proc/kache-noop"), "{err}");
 }
+
+#[test]
+fn prepull_convert_prints_a_node_image_set_or_names_the_bad_entry_and_prints_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config_map = dir.path().join("puller.yaml");
+    std::fs::write(
+        &config_map,
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: puller, namespace: ip}\n\
+         data:\n  IMAGES: 'a=redis:7;b=python:3.12;'\n  CACHING_MEMORY_LIMIT: 20Mi\n",
+    )
+    .unwrap();
+    let made = kache(&["prepull", "convert", config_map.to_str().unwrap()]);
+    assert!(made.status.success(), "{made:?}");
+    let set: serde_json::Value = serde_yaml::from_slice(&made.stdout).unwrap();
+    assert_eq!(set["kind"], "NodeImageSet");
+    assert_eq!(set["metadata"]["name"], "puller");
+    assert_eq!(
+        set["spec"]["images"],
+        serde_json::json!(["redis:7", "python:3.12"])
+    );
+    let note = String::from_utf8_lossy(&made.stderr);
+    assert!(note.contains("CACHING_MEMORY_LIMIT"), "{note}");
+
+    let refused = kache(&["prepull", "convert", "--images", "a=redis:7;python:3.12"]);
+    assert!(!refused.status.success());
+    assert!(refused.stdout.is_empty(), "{refused:?}");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("IMAGES entry 2 \"python:3.12\": expected name=image"),
+        "{err}"
+    );
+}

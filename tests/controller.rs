@@ -12,7 +12,13 @@
 //! - an image the upstream lacks is Failed with the upstream's answer and retried until it
 //!   appears; malformed references are Failed, not a crash; a pod's pull secret opens a
 //!   password-protected upstream; a leader whose API server hangs stops leading before its Lease
-//!   lapses and leads again later; the API server killed and restarted loses nothing.
+//!   lapses and leads again later; the API server killed and restarted loses nothing;
+//! - a NodeImageSet is warmed and becomes one DaemonSet pulling each image by digest through the
+//!   proxy, with its node selector, tolerations and pace; its status and printer columns count
+//!   the nodes; a tag moved upstream rolls a new digest out; its images are pinned in the
+//!   registry until it is deleted, which removes the DaemonSet; a spec that cannot work (no
+//!   image, a bad reference, a missing pull secret) says why in its Ready condition and gets no
+//!   DaemonSet.
 
 use kache_testkit as support;
 
@@ -20,7 +26,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use kache_api::{CachedImage, cached_image_name};
+use kache_api::{CachedImage, NodeImageSet, cached_image_name};
 use kube::CustomResourceExt;
 use serde_json::{Value, json};
 use support::kube::{KubeServer, Version, non_loopback_name, pull_secret};
@@ -114,25 +120,28 @@ fn deployment(name: &str, image: &str, replicas: u32) -> Value {
     })
 }
 
-/// Applies the CRD, as generated from the types (crates/api/crds.yaml is checked against them), and
-/// waits until it is served.
+/// Applies the CRDs, as generated from the types (crates/api/crds.yaml is checked against them),
+/// and waits until they are served.
 fn install_crd(kube: &KubeServer) {
-    kube.ok(
-        "POST",
-        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
-        Some(&serde_json::to_value(CachedImage::crd()).unwrap()),
-    );
-    kube.wait_for(
-        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/cachedimages.kache.io",
-        WAIT,
-        |_, v| {
-            v["status"]["conditions"]
-                .as_array()?
-                .iter()
-                .any(|c| c["type"] == "Established" && c["status"] == "True")
-                .then_some(())
-        },
-    );
+    for crd in [CachedImage::crd(), NodeImageSet::crd()] {
+        let name = crd.metadata.name.clone().unwrap();
+        kube.ok(
+            "POST",
+            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+            Some(&serde_json::to_value(crd).unwrap()),
+        );
+        kube.wait_for(
+            &format!("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}"),
+            WAIT,
+            |_, v| {
+                v["status"]["conditions"]
+                    .as_array()?
+                    .iter()
+                    .any(|c| c["type"] == "Established" && c["status"] == "True")
+                    .then_some(())
+            },
+        );
+    }
 }
 
 /// A kubeconfig with only the rights the chart gives the controller, so that every test also
@@ -977,4 +986,250 @@ fn private_images_are_granted_to_namespaces_whose_own_secrets_the_upstream_accep
         (!empty).then(|| format!("grants {g}\n{}", read_log()))
     });
     assert_eq!(read(&token_a2), 401);
+}
+
+#[test]
+fn node_image_sets_become_digest_pinned_daemon_sets_and_say_what_is_missing_on_1_20() {
+    node_image_sets_become_digest_pinned_daemon_sets_and_say_what_is_missing(Version::Oldest);
+}
+
+#[test]
+fn node_image_sets_become_digest_pinned_daemon_sets_and_say_what_is_missing_on_current() {
+    node_image_sets_become_digest_pinned_daemon_sets_and_say_what_is_missing(Version::Current);
+}
+
+fn node_image_sets_become_digest_pinned_daemon_sets_and_say_what_is_missing(version: Version) {
+    const SETS: &str = "/apis/kache.io/v1alpha1/nodeimagesets";
+    const DAEMON_SETS: &str = "/apis/apps/v1/namespaces/kache/daemonsets";
+    const KACHE_IMAGE: &str = "registry.example/kache/kache:test";
+    let kube = KubeServer::start(version);
+    let s = Scratch::new("kache-e2e-controller-node-images");
+    install_crd(&kube);
+    let upstream = Distribution::start(DistributionKind::Open);
+    let host = non_loopback_name(&upstream.host());
+    let (a, b, moved) = (
+        multi_layer_image(61),
+        multi_layer_image(62),
+        multi_layer_image(63),
+    );
+    let src = s.layout("src", &[("a", &a), ("b", &b), ("moved", &moved)]);
+    for (tag, repo) in [("a", "team/a:v1"), ("b", "team/b:v1")] {
+        s.skopeo.copy(
+            &format!("{src}:{tag}"),
+            &format!("docker://{host}/{repo}"),
+            &[],
+        );
+    }
+    // Tags asked upstream again after a second: the moved tag below is seen at the next resolve.
+    let registry = KacheRegistry::start_with_internal(
+        s.path("data"),
+        &["--insecure-registry", &host, "--tag-ttl", "1s"],
+    );
+    // Two nodes (objects only: what the DaemonSet controller counts); one is selected.
+    for (name, pool) in [("n1", "ci"), ("n2", "web")] {
+        kube.ok(
+            "POST",
+            "/api/v1/nodes",
+            Some(&json!({"apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": name, "labels": {"pool": pool}}})),
+        );
+    }
+    kube.namespace("t");
+    let logs = tempfile::tempdir().unwrap();
+    let _dump = DumpOnPanic(logs.path().to_owned());
+    let log = logs.path().join("first.log");
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let kubeconfig = least_privilege(&kube, logs.path());
+    let controller = Controller::start_with(
+        &kubeconfig,
+        &registry.internal_url(),
+        "only",
+        &log,
+        &[
+            "--node-images-namespace",
+            "kache",
+            "--node-images-image",
+            KACHE_IMAGE,
+        ],
+    );
+
+    let image_a = format!("{host}/team/a:v1");
+    let image_b = format!("{host}/team/b:v1");
+    kube.ok(
+        "POST",
+        SETS,
+        Some(&json!({
+            "apiVersion": "kache.io/v1alpha1", "kind": "NodeImageSet",
+            "metadata": {"name": "ci"},
+            "spec": {
+                "images": [image_a, image_b, image_a],
+                "nodeSelector": {"pool": "ci"},
+                // Every taint: these nodes have no kubelet, so the node controller taints them.
+                "tolerations": [{"operator": "Exists"}],
+                "rollout": {"maxUnavailable": "50%"},
+            },
+        })),
+    );
+    let proxied =
+        |repo: &str, digest: &str| format!("localhost:7439/{}@{digest}", cache_repo(&host, repo));
+    let init_images = |ds: &Value| -> Vec<String> {
+        ds["spec"]["template"]["spec"]["initContainers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| c["image"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let ds_path = format!("{DAEMON_SETS}/kache-images-ci");
+    let ds = kube.wait_for(&ds_path, WAIT, |code, v| (code == 200).then(|| v.clone()));
+    assert_eq!(
+        init_images(&ds),
+        [
+            KACHE_IMAGE.to_owned(),
+            proxied("team/a", a.digest()),
+            proxied("team/b", b.digest()),
+        ],
+        "{}",
+        read_log()
+    );
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["nodeSelector"], json!({"pool": "ci"}));
+    assert_eq!(pod["tolerations"], json!([{"operator": "Exists"}]));
+    assert_eq!(
+        pod["containers"][0]["command"],
+        json!(["/usr/local/bin/kache", "pause"])
+    );
+    assert_eq!(pod["initContainers"][1]["command"], json!(["/kache/noop"]));
+    assert_eq!(
+        pod["initContainers"][1]["securityContext"]["runAsUser"],
+        65532
+    );
+    assert_eq!(
+        ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"],
+        "50%"
+    );
+    assert_eq!(ds["metadata"]["ownerReferences"][0]["name"], "ci");
+
+    // The status counts the selected node (no kubelet here: none is ready), and says so.
+    let set = kube.wait_for(&format!("{SETS}/ci"), WAIT, |_, v| {
+        (v["status"]["desiredNodes"] == 1).then(|| v.clone())
+    });
+    let status = &set["status"];
+    assert_eq!(status["imageCount"], 2, "{set}");
+    assert_eq!(status["readyNodes"], 0, "{set}");
+    assert_eq!(status["images"][0]["digest"], a.digest(), "{set}");
+    assert_eq!(status["conditions"][0]["type"], "Ready");
+    assert_eq!(status["conditions"][0]["status"], "False");
+    assert_eq!(status["conditions"][0]["reason"], "Rolling", "{set}");
+    let (columns, rows) = kube.table(SETS);
+    assert_eq!(columns, ["Name", "Images", "Desired", "Ready", "Age"]);
+    assert_eq!(rows[0][..4], ["ci", "2", "1", "0"]);
+    eventually(|| {
+        let text = metrics::scrape(&format!("http://{}/metrics", controller.metrics));
+        let got = metrics::value(
+            &text,
+            "kache_controller_nodeimageset_desired_nodes",
+            &[("set", "ci")],
+        );
+        (got != 1.0).then(|| format!("desired_nodes {got}"))
+    });
+
+    // Its images are pinned in the registry, by tag and by digest.
+    let kept = || support::get(&format!("{}/kache/v1/images", registry.internal_url()), &[]).json();
+    // The registry lists them by cache repository.
+    let by_digest_a = format!("{}@{}", cache_repo(&host, "team/a"), a.digest());
+    eventually(|| {
+        let k = kept();
+        let pinned = k["images"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|i| i["image"] == by_digest_a.as_str() && i["pinned"] == true);
+        (!pinned).then(|| format!("{by_digest_a} not pinned: {k}"))
+    });
+
+    // The tag moves upstream; a change of spec resolves it again and rolls the new digest out.
+    s.skopeo.copy(
+        &format!("{src}:moved"),
+        &format!("docker://{host}/team/a:v1"),
+        &[],
+    );
+    kube.ok(
+        "PATCH",
+        &format!("{SETS}/ci"),
+        Some(&json!({"spec": {"refresh": "1h"}})),
+    );
+    let want = proxied("team/a", moved.digest());
+    kube.wait_for(&ds_path, WAIT, |_, v| {
+        init_images(v).contains(&want).then_some(())
+    });
+
+    // Specs that cannot work: the condition says why, and there is no DaemonSet.
+    kube.ok(
+        "POST",
+        "/api/v1/namespaces/t/secrets",
+        Some(&pull_secret("unrelated", &host, "u", "p")),
+    );
+    for (name, spec, why) in [
+        (
+            "empty",
+            json!({"images": []}),
+            "spec.images is empty".to_owned(),
+        ),
+        (
+            "bad",
+            json!({"images": [image_a, "Not A Reference"]}),
+            "spec.images[1] \"Not A Reference\" is not an image reference".to_owned(),
+        ),
+        (
+            "secret",
+            json!({"images": [image_b], "pullSecrets": [{"namespace": "t", "name": "creds"}]}),
+            "spec.pullSecrets: Secret t/creds does not exist".to_owned(),
+        ),
+    ] {
+        kube.ok(
+            "POST",
+            SETS,
+            Some(
+                &json!({"apiVersion": "kache.io/v1alpha1", "kind": "NodeImageSet",
+                "metadata": {"name": name}, "spec": spec}),
+            ),
+        );
+        let set = kube.wait_for(&format!("{SETS}/{name}"), WAIT, |_, v| {
+            (v["status"]["conditions"][0]["reason"] == "InvalidSpec").then(|| v.clone())
+        });
+        let message = set["status"]["conditions"][0]["message"].as_str().unwrap();
+        assert!(message.starts_with(&why), "{name}: {message}");
+        let (code, _) = kube.request("GET", &format!("{DAEMON_SETS}/kache-images-{name}"), None);
+        assert_eq!(code, 404, "{name}");
+        eventually(|| {
+            let reasons = event_reasons(&kube, name);
+            (!reasons.contains(&"InvalidSpec".to_owned())).then(|| format!("{name}: {reasons:?}"))
+        });
+    }
+    // The missing Secret appears: the set goes on by itself.
+    kube.ok(
+        "POST",
+        "/api/v1/namespaces/t/secrets",
+        Some(&pull_secret("creds", &host, "u", "p")),
+    );
+    let ds = kube.wait_for(
+        &format!("{DAEMON_SETS}/kache-images-secret"),
+        WAIT,
+        |code, v| (code == 200).then(|| v.clone()),
+    );
+    assert_eq!(init_images(&ds)[1], proxied("team/b", b.digest()));
+
+    // Deleting the set removes its DaemonSet and unpins its digests.
+    kube.ok("DELETE", &format!("{SETS}/ci"), None);
+    kube.wait_for(&ds_path, WAIT, |code, _| (code == 404).then_some(()));
+    let by_digest_moved = format!("{}@{}", cache_repo(&host, "team/a"), moved.digest());
+    eventually(|| {
+        let k = kept();
+        let held =
+            k["images"].as_array().into_iter().flatten().any(|i| {
+                i["image"] == by_digest_moved.as_str() || i["image"] == by_digest_a.as_str()
+            });
+        held.then(|| format!("still kept after the set went: {k}"))
+    });
 }

@@ -500,6 +500,10 @@ fn changed(key: &str, default: &Value) -> (Value, Vec<&'static str>) {
         "proxy.registryURL" => Some((json!("http://elsewhere:5000"), vec![])),
         "upstream.caBundle" => Some((json!("PEM"), vec![])),
         "fullnameOverride" => Some((json!("cache"), vec![])),
+        "nodeImageSets" => Some((
+            json!([{"name": "ci", "images": ["x.example/a:1"], "nodeSelector": {"pool": "ci"}}]),
+            vec![],
+        )),
         "metrics.serviceMonitor.interval" | "metrics.serviceMonitor.labels" => Some((
             if key.ends_with("interval") {
                 json!("1m")

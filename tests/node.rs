@@ -18,7 +18,11 @@
 //!   refused by kache with 401 (also with the upstream stopped), and starts once it has a valid
 //!   secret of its own;
 //! - the upstream stopped and the node's copy of the image removed, content included: a new pod
-//!   still starts, every byte from kache.
+//!   still starts, every byte from kache;
+//! - a NodeImageSet of 20 images (built from scratch: no shell, no program; one private, read
+//!   with a pull secret only the controller sees): all 20 reach the node's CRI by digest, the
+//!   set is Ready 1/1, its holder pod's cgroup charges under 16 MiB; with the upstreams stopped and the node's copies removed, a new holder
+//!   pod gets them all again from kache; deleting the set removes its DaemonSet.
 
 use kache_testkit as support;
 
@@ -238,6 +242,112 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
         "{:?}",
         node.images()
     );
+
+    // A NodeImageSet of 20 images: 19 public, one private. Each is only a layer of random bytes
+    // (no shell, no program, no /etc/passwd), as an image built FROM scratch.
+    let held: Vec<Image> = (0..20)
+        .map(|i| {
+            ImageBuilder::new(Flavor::Oci)
+                .random_layer(100 + i, &[64 << 10])
+                .build()
+        })
+        .collect();
+    let tags: Vec<String> = (0..held.len()).map(|i| format!("h{i}")).collect();
+    let tagged: Vec<(&str, &dyn Content)> = tags
+        .iter()
+        .zip(&held)
+        .map(|(t, im)| (t.as_str(), im as &dyn Content))
+        .collect();
+    let held_src = s.layout("held", &tagged);
+    let mut set_images = Vec::new();
+    for i in 0..20 {
+        let (target, creds) = if i == 19 {
+            (
+                format!("{private_host}/e2e/held-private:v1"),
+                format!("puller:{password}"),
+            )
+        } else {
+            (format!("{host}/e2e/held-{i}:v1"), String::new())
+        };
+        let args: Vec<&str> = if creds.is_empty() {
+            vec![]
+        } else {
+            vec!["--dest-creds", &creds]
+        };
+        s.skopeo.copy(
+            &format!("{held_src}:h{i}"),
+            &format!("docker://{target}"),
+            &args,
+        );
+        set_images.push(target);
+    }
+    kube.ok(
+        "POST",
+        &format!("/api/v1/namespaces/{APPS}/secrets"),
+        Some(&pull_secret(
+            "held-creds",
+            &private_host,
+            "puller",
+            password,
+        )),
+    );
+    kube.ok(
+        "POST",
+        "/apis/kache.io/v1alpha1/nodeimagesets",
+        Some(&json!({
+            "apiVersion": "kache.io/v1alpha1", "kind": "NodeImageSet",
+            "metadata": {"name": "held"},
+            "spec": {"images": set_images, "pullSecrets": [{"namespace": APPS, "name": "held-creds"}]},
+        })),
+    );
+    let held_ready = || {
+        kube.wait_for(
+            "/apis/kache.io/v1alpha1/nodeimagesets/held",
+            WAIT,
+            |_, v| {
+                let st = &v["status"];
+                (st["conditions"][0]["status"] == "True" && st["readyNodes"] == 1)
+                    .then(|| v.clone())
+            },
+        )
+    };
+    let set = held_ready();
+    assert_eq!(set["status"]["desiredNodes"], 1, "{set}");
+    assert_eq!(set["status"]["imageCount"], 20, "{set}");
+    let on_node = |im: &Image, repo: &str| format!("localhost:7439/{}@{}", repo, im.digest());
+    let held_refs: Vec<String> = held
+        .iter()
+        .enumerate()
+        .map(|(i, im)| {
+            if i == 19 {
+                on_node(
+                    im,
+                    &support::pull::cache_repo(&private_host, "e2e/held-private"),
+                )
+            } else {
+                on_node(
+                    im,
+                    &support::pull::cache_repo(&host, &format!("e2e/held-{i}")),
+                )
+            }
+        })
+        .collect();
+    let cri = node.cri_image_digests();
+    for r in &held_refs {
+        assert!(cri.contains(r), "{r} is not in the CRI's images: {cri:?}");
+    }
+    // The holder pod holds one small container, whatever the number of images.
+    let holder = kube.ok(
+        "GET",
+        &format!("/api/v1/namespaces/{NS}/pods?labelSelector=kache.io/node-image-set=held"),
+        None,
+    );
+    let holder = holder["items"][0]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let memory = node.pod_memory(&holder, "pause");
+    assert!(memory < 16 << 20, "the holder pod charges {memory} bytes");
 
     // 2. An ignored pod pulls straight from the upstream (containerd speaks plain HTTP to it).
     support::containerd::write_hosts_toml(
@@ -503,4 +613,60 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
         sent() - sent_before
     );
     assert!(!upstream.is_running());
+
+    // 7. Both upstreams are gone and the node forgot the set's images (step 6): a new holder pod,
+    // as on a new node, gets every one of them from kache.
+    assert!(!private.is_running());
+    let holders = kube.ok(
+        "GET",
+        &format!("/api/v1/namespaces/{NS}/pods?labelSelector=kache.io/node-image-set=held"),
+        None,
+    );
+    let gone: Vec<String> = holders["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(gone.len(), 1, "{holders}");
+    for r in &held_refs {
+        assert!(
+            !node.cri_image_digests().contains(r),
+            "{r} still on the node"
+        );
+    }
+    delete_pod(&kube, NS, &gone[0]);
+    kube.wait_for(
+        &format!("/api/v1/namespaces/{NS}/pods?labelSelector=kache.io/node-image-set=held"),
+        WAIT,
+        |_, v| {
+            v["items"]
+                .as_array()?
+                .iter()
+                .any(|p| {
+                    p["metadata"]["name"] != gone[0].as_str()
+                        && p["status"]["conditions"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+                .then_some(())
+        },
+    );
+    held_ready();
+    let cri = node.cri_image_digests();
+    for r in &held_refs {
+        assert!(
+            cri.contains(r),
+            "{r} is not back in the CRI's images: {cri:?}"
+        );
+    }
+    // Deleting the set removes its DaemonSet.
+    kube.ok("DELETE", "/apis/kache.io/v1alpha1/nodeimagesets/held", None);
+    kube.wait_for(
+        &format!("/apis/apps/v1/namespaces/{NS}/daemonsets/kache-images-held"),
+        WAIT,
+        |code, _| (code == 404).then_some(()),
+    );
 }

@@ -6,13 +6,14 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kache_api::{CachedImage, CachedImageStatus, FINALIZER, UsedBy, cached_image_name};
+use kache_api::{CachedImage, FINALIZER, UsedBy, cached_image_name};
 use kache_oci::credentials::DockerConfig;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{self, Event as Finalizing};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
+use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::Context;
@@ -66,18 +67,26 @@ pub(crate) async fn reconcile(ci: Arc<CachedImage>, ctx: Arc<Context>) -> Result
 pub(crate) fn error_policy(ci: Arc<CachedImage>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_error();
     let name = ci.name_any();
+    let wait = retry_after(&ctx.failures, &name);
+    warn!(%name, error = %error, retry_in = ?wait, "reconcile failed");
+    Action::requeue(wait)
+}
+
+/// Counts one more consecutive failure of `name`: how long to wait before its next try.
+pub(crate) fn retry_after(
+    failures: &Mutex<std::collections::HashMap<String, u32>>,
+    name: &str,
+) -> Duration {
     // error_policy is synchronous; the count is a best effort when the lock is busy.
-    let failures = match ctx.failures.try_lock() {
+    let n = match failures.try_lock() {
         Ok(mut f) => {
-            let n = f.entry(name.clone()).or_insert(0);
+            let n = f.entry(name.to_owned()).or_insert(0);
             *n = n.saturating_add(1);
             *n
         }
         Err(_) => 1,
     };
-    let wait = decide::backoff(failures);
-    warn!(%name, error = %error, retry_in = ?wait, "reconcile failed");
-    Action::requeue(wait)
+    decide::backoff(n)
 }
 
 async fn apply(ci: &CachedImage, ctx: &Context) -> Result<Action, Error> {
@@ -233,7 +242,7 @@ async fn grants(ci: &CachedImage, ctx: &Context) {
         if !ctx.checked.due(image, ns, fingerprint, scoping.renew).await {
             continue;
         }
-        let configs = pull_configs(ctx, own()).await;
+        let configs = pull_configs(&ctx.client, own()).await;
         let credentials = decide::credentials_for(image, &configs);
         match ctx.registry.grant(image, ns, credentials).await {
             Ok(g) => {
@@ -258,13 +267,13 @@ async fn grants(ci: &CachedImage, ctx: &Context) {
 }
 
 /// The docker configs of the pull secrets `refs` name (those that can be read).
-async fn pull_configs<'r>(
-    ctx: &Context,
+pub(crate) async fn pull_configs<'r>(
+    client: &kube::Client,
     refs: impl Iterator<Item = &'r kache_api::SecretReference>,
 ) -> Vec<DockerConfig> {
     let mut configs = Vec::new();
     for r in refs {
-        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &r.namespace);
+        let api: Api<Secret> = Api::namespaced(client.clone(), &r.namespace);
         match api.get_opt(&r.name).await {
             Ok(Some(secret)) => {
                 let data = secret.data.unwrap_or_default();
@@ -295,7 +304,7 @@ async fn warm(
     ctx: &Context,
     platforms: &[String],
 ) -> Result<kache_wire::WarmResponse, String> {
-    let configs = pull_configs(ctx, ci.spec.pull_secrets.iter()).await;
+    let configs = pull_configs(&ctx.client, ci.spec.pull_secrets.iter()).await;
     let credentials = decide::credentials_for(&ci.spec.source_image, &configs);
     let warmed = ctx
         .registry
@@ -310,12 +319,16 @@ async fn warm(
 
 /// Writes the status, whole, when it changed: a JSON patch `add` replaces it, so a field that
 /// became empty goes without writing nulls (which Kubernetes 1.20 refuses in places).
-async fn write_status(
-    api: &Api<CachedImage>,
+pub(crate) async fn write_status<K, S>(
+    api: &Api<K>,
     name: &str,
-    old: &CachedImageStatus,
-    new: CachedImageStatus,
-) -> Result<(), Error> {
+    old: &S,
+    new: S,
+) -> Result<(), kube::Error>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    S: PartialEq + serde::Serialize,
+{
     if *old == new {
         return Ok(());
     }
@@ -332,7 +345,7 @@ async fn write_status(
         .await
     {
         tracing::debug!(%name, patch = %serde_json::to_string(&patch).unwrap_or_default(), "status write refused");
-        return Err(e.into());
+        return Err(e);
     }
     Ok(())
 }

@@ -2,7 +2,8 @@
 //! removes them and its eviction never touches a pinned one.
 //!
 //! The list is every CachedImage's source image; an image is pinned while a CachedImage retains
-//! it or a live pod uses it. It is sent whole (`PUT /kache/v1/images`), so it is correct after
+//! it or a live pod uses it. Every image of a NodeImageSet is pinned too, by its tag and by the
+//! digest its nodes pull, until the set is deleted. It is sent whole (`PUT /kache/v1/images`), so it is correct after
 //! any restart on either side:
 //! - the registry keeps the last list in its index, across its own restarts;
 //! - the controller (the leader) sends nothing before its caches hold every CachedImage and
@@ -17,7 +18,7 @@
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
-use kache_api::CachedImage;
+use kache_api::{CachedImage, NodeImageSet};
 use kache_wire::KeptImage;
 use kube::runtime::reflector::Store;
 use tracing::{debug, warn};
@@ -34,6 +35,7 @@ const RESEND: Duration = Duration::from_secs(300);
 pub(crate) fn kept_images<'a>(
     images: impl IntoIterator<Item = &'a CachedImage>,
     pods: &[std::sync::Arc<Pod>],
+    sets: &[std::sync::Arc<NodeImageSet>],
 ) -> Vec<KeptImage> {
     let mut out: Vec<KeptImage> = images
         .into_iter()
@@ -43,8 +45,40 @@ pub(crate) fn kept_images<'a>(
             KeptImage { image, pinned }
         })
         .collect();
-    out.sort_by(|a, b| a.image.cmp(&b.image));
+    out.extend(
+        sets.iter()
+            .filter(|s| s.metadata.deletion_timestamp.is_none())
+            .flat_map(|s| set_images(s))
+            .map(|image| KeptImage {
+                image,
+                pinned: true,
+            }),
+    );
+    // Pinned first, so that the dedup keeps the pinned entry of an image listed twice.
+    out.sort_by(|a, b| a.image.cmp(&b.image).then(b.pinned.cmp(&a.pinned)));
     out.dedup_by(|a, b| a.image == b.image);
+    out
+}
+
+/// A set's images, normalised: each by its tag as the spec names it, and by the digest it
+/// resolved to (what the nodes pull).
+fn set_images(set: &NodeImageSet) -> Vec<String> {
+    let mut out: Vec<String> = set
+        .spec
+        .images
+        .iter()
+        .filter_map(|i| decide::normalise(i))
+        .collect();
+    for r in set.status.iter().flat_map(|s| &s.images) {
+        let Some(digest) = &r.digest else { continue };
+        if let Ok(mut reference) = r.image.parse::<kache_oci::ImageReference>()
+            && let Ok(d) = digest.parse()
+        {
+            reference.tag = None;
+            reference.digest = Some(d);
+            out.push(reference.to_string());
+        }
+    }
     out
 }
 
@@ -52,15 +86,26 @@ pub(crate) fn kept_images<'a>(
 pub(crate) async fn run(
     images: Store<CachedImage>,
     pods: Store<Pod>,
+    sets: Option<Store<NodeImageSet>>,
     mut pods_ready: tokio::sync::watch::Receiver<bool>,
     registry: RegistryClient,
 ) {
     if images.wait_until_ready().await.is_err() || pods_ready.wait_for(|r| *r).await.is_err() {
         return;
     }
+    if let Some(s) = &sets
+        && s.wait_until_ready().await.is_err()
+    {
+        return;
+    }
     let mut sent: Option<(Vec<KeptImage>, tokio::time::Instant)> = None;
     loop {
-        let now = kept_images(images.state().iter().map(|c| c.as_ref()), &pods.state());
+        let set_state = sets.as_ref().map(|s| s.state()).unwrap_or_default();
+        let now = kept_images(
+            images.state().iter().map(|c| c.as_ref()),
+            &pods.state(),
+            &set_state,
+        );
         let due = match &sent {
             None => true,
             Some((last, at)) => *last != now || at.elapsed() >= RESEND,
@@ -128,7 +173,7 @@ mod tests {
             ci("docker.io/library/idle:1", false),
         ];
         let pods = [running_pod("localhost:7439/docker.io/library/used:1")];
-        let kept = kept_images(images.iter(), &pods);
+        let kept = kept_images(images.iter(), &pods, &[]);
         let pinned: Vec<(&str, bool)> = kept.iter().map(|k| (k.image.as_str(), k.pinned)).collect();
         assert_eq!(
             pinned,
@@ -137,6 +182,49 @@ mod tests {
                 ("docker.io/library/retained:1", true),
                 ("docker.io/library/used:1", true),
             ]
+        );
+    }
+
+    #[test]
+    fn a_node_image_set_pins_its_tags_and_digests_until_it_is_deleted() {
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let mut set = NodeImageSet::new(
+            "s",
+            kache_api::NodeImageSetSpec {
+                images: vec!["idle:1".into(), "python:3.12".into()],
+                ..Default::default()
+            },
+        );
+        set.status = Some(kache_api::NodeImageSetStatus {
+            images: vec![kache_api::ResolvedImage {
+                image: "docker.io/library/python:3.12".into(),
+                digest: Some(digest.clone()),
+            }],
+            ..Default::default()
+        });
+        let images = [ci("docker.io/library/idle:1", false)];
+        let kept = kept_images(images.iter(), &[], &[Arc::new(set.clone())]);
+        let pinned: Vec<(&str, bool)> = kept.iter().map(|k| (k.image.as_str(), k.pinned)).collect();
+        let by_digest = format!("docker.io/library/python@{digest}");
+        assert_eq!(
+            pinned,
+            [
+                ("docker.io/library/idle:1", true),
+                ("docker.io/library/python:3.12", true),
+                (by_digest.as_str(), true),
+            ]
+        );
+        set.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
+        let kept = kept_images(images.iter(), &[], &[Arc::new(set)]);
+        assert_eq!(
+            kept,
+            [KeptImage {
+                image: "docker.io/library/idle:1".into(),
+                pinned: false
+            }]
         );
     }
 }

@@ -5,6 +5,8 @@
 //! - Each CachedImage is reconciled ([`images`]): usage recomputed from the live pods, the
 //!   registry asked to warm it for the nodes' platforms, expiry set, cleared or carried out.
 //! - The registry is told which images the cluster keeps, and which are pinned ([`kept`]).
+//! - Each NodeImageSet is warmed, resolved to digests and held on its nodes by a DaemonSet
+//!   ([`node_images`], [`holder`]).
 //! - Only the replica holding the Lease runs them ([`lease`]).
 //!
 //! What they decide is pure ([`decide`]), so it can be asked without a cluster: when does an
@@ -35,10 +37,12 @@
 pub mod decide;
 mod ensure;
 mod events;
+mod holder;
 mod images;
 mod kept;
 pub mod lease;
 mod metrics;
+mod node_images;
 mod phase;
 pub mod registry;
 pub mod tenancy;
@@ -58,6 +62,7 @@ use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 pub use ensure::Ensurer;
+pub use holder::Holder;
 pub use lease::LeaseConfig;
 pub use metrics::ControllerMetrics;
 pub use registry::{RegistryClient, RegistryError};
@@ -81,6 +86,9 @@ pub struct Config {
     pub instance: String,
     /// Private-image scoping: token Secrets and grants.
     pub scoping: Option<tenancy::Scoping>,
+    /// NodeImageSets: where their DaemonSets run and with which image; `None` leaves them
+    /// alone.
+    pub node_images: Option<Holder>,
 }
 
 /// What every reconcile shares.
@@ -152,6 +160,7 @@ pub async fn run(
                     controllers.abort();
                     metrics.set_leader(false);
                     metrics.count_images(None);
+                    metrics.count_sets(None);
                     // Bounded: the pod's grace period is short, and a Lease left behind only
                     // delays the next leader by its duration.
                     match tokio::time::timeout(renew, lease::release(&client, &lease)).await {
@@ -180,6 +189,7 @@ pub async fn run(
         controllers.abort();
         metrics.set_leader(false);
         metrics.count_images(None);
+        metrics.count_sets(None);
         if lost {
             warn!("leader election: lease lost, controllers stopped");
         }
@@ -243,7 +253,7 @@ async fn run_controllers(
             }
         }
     };
-    let ensurer = Ensurer::new(client.clone(), image_store.clone(), tokens);
+    let ensurer = Ensurer::new(client.clone(), image_store.clone(), tokens.clone());
     let events = events::Events::new(client.clone(), "kache-controller", &config.instance);
     let (ready_tx, pods_ready) = tokio::sync::watch::channel(false);
     let pods_ready_signal = {
@@ -254,12 +264,57 @@ async fn run_controllers(
             }
         }
     };
+    // NodeImageSets, when the controller runs them and the API server serves them (`helm
+    // upgrade` does not install a new CRD): their store also feeds the kept list and the metrics.
+    let node_images_on = config.node_images.is_some() && node_images::served(&client).await;
+    let (set_store, set_writer) = reflector::store::<kache_api::NodeImageSet>();
+    let set_stream = node_images_on.then(|| {
+        watcher(
+            Api::<kache_api::NodeImageSet>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .reflect(set_writer)
+        .touched_objects()
+    });
+    let sets = set_stream.is_some().then(|| set_store.clone());
+    metrics.count_sets(sets.clone());
     let kept = kept::run(
         image_store.clone(),
         pod_store.clone(),
+        sets,
         pods_ready.clone(),
         registry.clone(),
     );
+    let node_images = {
+        let holder = config.node_images.clone().filter(|_| node_images_on);
+        let ctx = holder.map(|holder| {
+            let (holder_pods, holder_pod_writer) = reflector::store::<Pod>();
+            let ctx = node_images::SetContext {
+                client: client.clone(),
+                registry: registry.clone(),
+                holder,
+                proxy_port: config.policy.proxy_port,
+                nodes: node_store.clone(),
+                pods: holder_pods,
+                events: events::Events::new(client.clone(), "kache-controller", &config.instance),
+                tokens,
+                scoping: config.scoping.clone(),
+                checked: tenancy::Checked::default(),
+                failures: Mutex::default(),
+                metrics: metrics.clone(),
+            };
+            (ctx, holder_pod_writer)
+        });
+        async move {
+            match (ctx, set_stream) {
+                (Some((ctx, writer)), Some(stream)) => {
+                    node_images::run(set_store, stream, ctx, writer).await
+                }
+                _ => std::future::pending().await,
+            }
+        }
+    };
     let ctx = Arc::new(Context {
         pods_ready,
         client: client.clone(),
@@ -319,6 +374,7 @@ async fn run_controllers(
         recreate,
         workloads,
         kept,
-        refresh_tokens
+        refresh_tokens,
+        node_images
     );
 }

@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use kache_controller::{Config, ControllerMetrics, LeaseConfig, RegistryClient, WorkloadKind};
+use kache_controller::{
+    Config, ControllerMetrics, Holder, LeaseConfig, RegistryClient, WorkloadKind,
+};
 
 use crate::ControllerArgs;
 use crate::serve;
@@ -75,6 +77,15 @@ pub async fn controller(
             lease,
             instance: identity,
             scoping,
+            node_images: match (a.node_images_namespace, a.node_images_image) {
+                (Some(namespace), Some(image)) => Some(Holder {
+                    namespace,
+                    image,
+                    image_pull_policy: a.node_images_pull_policy,
+                    image_pull_secrets: a.node_images_pull_secrets,
+                }),
+                _ => None,
+            },
         },
         registry,
         metrics,

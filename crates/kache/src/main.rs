@@ -446,6 +446,28 @@ struct ControllerArgs {
     /// registry's --grant-ttl.
     #[arg(long, env = "KACHE_GRANT_RENEWAL", value_parser = parse_duration, default_value = "12h")]
     grant_renewal: Duration,
+    /// Runs NodeImageSets: their DaemonSets go in this namespace (kache's own). Without it,
+    /// NodeImageSets are left alone.
+    #[arg(
+        long,
+        env = "KACHE_NODE_IMAGES_NAMESPACE",
+        requires = "node_images_image"
+    )]
+    node_images_namespace: Option<String>,
+    /// The kache image the holder pods run (`kache prepull noop`, `kache pause`).
+    #[arg(
+        long,
+        env = "KACHE_NODE_IMAGES_IMAGE",
+        requires = "node_images_namespace"
+    )]
+    node_images_image: Option<String>,
+    /// The holder pods' pull policy for the kache image.
+    #[arg(long, env = "KACHE_NODE_IMAGES_PULL_POLICY", default_value = "IfNotPresent",
+          value_parser = ["Always", "IfNotPresent", "Never"])]
+    node_images_pull_policy: String,
+    /// Secrets in that namespace the kubelet needs to pull the kache image.
+    #[arg(long, env = "KACHE_NODE_IMAGES_PULL_SECRETS", value_delimiter = ',')]
+    node_images_pull_secrets: Vec<String>,
     #[command(flatten)]
     policy: PolicyArgs,
     #[arg(long, env = "KACHE_METRICS_LISTEN", default_value = "0.0.0.0:9090")]

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 
+mod convert;
+
 #[derive(clap::Args, Debug)]
 pub struct PrepullArgs {
     #[command(subcommand)]
@@ -27,12 +29,57 @@ enum PrepullCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Print a kubernetes-image-puller configuration as a NodeImageSet (YAML on stdout, for
+    /// `kubectl apply -f -`): its ConfigMap from a file (`-` for stdin), or its IMAGES string.
+    Convert {
+        /// The puller's ConfigMap (YAML or JSON); `-` reads stdin.
+        #[arg(required_unless_present = "images", conflicts_with = "images")]
+        config_map: Option<PathBuf>,
+        /// The puller's IMAGES value instead: `name=image;name=image;`.
+        #[arg(long)]
+        images: Option<String>,
+        /// The NodeImageSet's name (default: the ConfigMap's name, else `image-puller`).
+        #[arg(long)]
+        name: Option<String>,
+        /// The namespace of the pull secrets, when the ConfigMap names none (`NAMESPACE`).
+        #[arg(long)]
+        namespace: Option<String>,
+    },
 }
 
 /// Runs a `kache prepull` command.
 pub fn run(a: &PrepullArgs) -> anyhow::Result<()> {
     match &a.command {
         PrepullCommand::Noop { out } => write_noop(out),
+        PrepullCommand::Convert {
+            config_map,
+            images,
+            name,
+            namespace,
+        } => {
+            let config = match (config_map, images) {
+                (_, Some(images)) => convert::PullerConfig::from_images(images),
+                (Some(path), None) => {
+                    let text = if path.as_os_str() == "-" {
+                        std::io::read_to_string(std::io::stdin()).context("reading stdin")?
+                    } else {
+                        std::fs::read_to_string(path)
+                            .with_context(|| format!("reading {}", path.display()))?
+                    };
+                    convert::PullerConfig::from_config_map(&text)?
+                }
+                (None, None) => anyhow::bail!("give a ConfigMap file or --images"),
+            };
+            let (set, left_out) = convert::convert(&config, name.as_deref(), namespace.as_deref())?;
+            if !left_out.is_empty() {
+                eprintln!(
+                    "left out (a NodeImageSet's pods hold one small container, and its DaemonSet is named after it): {}",
+                    left_out.join(", ")
+                );
+            }
+            print!("{}", serde_yaml::to_string(&set)?);
+            Ok(())
+        }
     }
 }
 

@@ -225,6 +225,54 @@ impl KubeNode {
             .collect()
     }
 
+    /// The digests of the images the CRI (what the kubelet asks) says the node holds, as
+    /// `name@sha256:...`.
+    pub fn cri_image_digests(&self) -> Vec<String> {
+        let v = self.crictl_json(&["images", "-o", "json"]);
+        v["images"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|i| i["repoDigests"].as_array().cloned().unwrap_or_default())
+            .filter_map(|d| d.as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// The memory a running pod's cgroup charges now (its containers and sandbox together), found
+    /// above its container `container`'s: cgroup v1's `memory.usage_in_bytes` or v2's
+    /// `memory.current`.
+    pub fn pod_memory(&self, pod: &str, container: &str) -> u64 {
+        let ps = self.crictl_json(&["ps", "-o", "json"]);
+        let id = ps["containers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| {
+                c["labels"]["io.kubernetes.pod.name"] == pod
+                    && c["labels"]["io.kubernetes.container.name"] == container
+            })
+            .and_then(|c| c["id"].as_str())
+            .unwrap_or_else(|| panic!("no running container {container} of {pod}: {ps}"))
+            .to_owned();
+        // The container's cgroup is named after its id (either cgroup driver, v1 or v2); its
+        // pod's is the one above.
+        let found = ["/sys/fs/cgroup/memory", "/sys/fs/cgroup"]
+            .iter()
+            .find_map(|root| find_dir(Path::new(root), &id, 10))
+            .unwrap_or_else(|| panic!("no cgroup named after container {id}"));
+        let pod_cgroup = found.parent().expect("a pod cgroup above");
+        let file = ["memory.usage_in_bytes", "memory.current"]
+            .iter()
+            .map(|f| pod_cgroup.join(f))
+            .find(|f| f.exists())
+            .unwrap_or_else(|| panic!("no memory figure in {}", pod_cgroup.display()));
+        std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+            .trim()
+            .parse()
+            .expect("a byte count")
+    }
+
     /// Whether containerd holds the blob `digest` in its content store.
     pub fn has_content(&self, digest: &str) -> bool {
         self.ctr_ok(&["content", "ls", "-q"])
@@ -488,4 +536,24 @@ pub fn pod_events(kube: &KubeServer, ns: &str, name: &str) -> Vec<(String, Strin
         .collect();
     events.sort();
     events.into_iter().map(|(_, r, m)| (r, m)).collect()
+}
+
+/// A directory under `root` (at most `depth` levels down) whose name contains `needle`.
+fn find_dir(root: &Path, needle: &str, depth: usize) -> Option<PathBuf> {
+    if depth == 0 {
+        return None;
+    }
+    for e in std::fs::read_dir(root).ok()?.flatten() {
+        let p = e.path();
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        if e.file_name().to_string_lossy().contains(needle) {
+            return Some(p);
+        }
+        if let Some(found) = find_dir(&p, needle, depth - 1) {
+            return Some(found);
+        }
+    }
+    None
 }
