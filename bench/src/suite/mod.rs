@@ -31,6 +31,7 @@ mod gc;
 mod link;
 mod meter;
 mod pod;
+mod prepull;
 mod push;
 mod report;
 mod scale;
@@ -100,7 +101,7 @@ pub struct Options {
     #[arg(long, default_value_t = 100)]
     pod_image_mib: u64,
     /// Only these steps (comma-separated): blob, stream, manifest, private, cold, memory,
-    /// webhook, gc, scale, pod.
+    /// webhook, gc, scale, pod, prepull.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The whole run is stopped after this long.
@@ -230,5 +231,6 @@ async fn suite(o: &Options) -> Result<String> {
     gc::gc_step(&mut bench).await?;
     scale::scale_step(&mut bench).await?;
     pod::pod_step(&mut bench).await?;
+    prepull::prepull_step(&mut bench).await?;
     Ok(bench.report.finish(&processes.deaths()))
 }

@@ -67,18 +67,7 @@ pub(super) async fn pod_step(bench: &mut Bench<'_>) -> Result<()> {
     let dir = work.join("pod");
     std::fs::create_dir_all(&dir)?;
     eprintln!("pod: starting a control plane and a node");
-    let (kache, dir2) = (kache.clone(), dir.clone());
-    let (kube, node, pause) = blocking(move || {
-        let kube = KubeServer::start(Version::Current);
-        let node = KubeNode::start(&kube);
-        let out = dir2.join("image");
-        node::build_kache_image(&kache, &out, Some(KACHE_IMAGE));
-        node.import(&out.join("kache-image.tar"));
-        let pause = std::fs::read(kube.bin.join("pause")).expect("the pause program");
-        (kube, node, pause)
-    })
-    .await?;
-    let (kube, node) = (Arc::new(kube), Arc::new(node));
+    let (kube, node, pause) = start_node(kache, &dir, KACHE_IMAGE).await?;
 
     // Two fresh images a round (one pulled straight, one through kache), pushed to the
     // upstream: the pause program and one incompressible layer.
@@ -196,9 +185,31 @@ pub(super) async fn pod_step(bench: &mut Bench<'_>) -> Result<()> {
     Ok(())
 }
 
+/// A current control plane and a node holding the kache image `image` (built from `kache` into
+/// `dir`), and the node's pause program.
+pub(super) async fn start_node(
+    kache: &std::path::Path,
+    dir: &std::path::Path,
+    image: &'static str,
+) -> Result<(Arc<KubeServer>, Arc<KubeNode>, Vec<u8>)> {
+    let (kache, out) = (kache.to_owned(), dir.join("image"));
+    let (kube, node, pause) = blocking(move || {
+        let kube = KubeServer::start(Version::Current);
+        let node = KubeNode::start(&kube);
+        node::build_kache_image(&kache, &out, Some(image));
+        node.import(&out.join("kache-image.tar"));
+        let pause = std::fs::read(kube.bin.join("pause")).expect("the pause program");
+        (kube, node, pause)
+    })
+    .await?;
+    Ok((Arc::new(kube), Arc::new(node), pause))
+}
+
 /// Runs blocking work (the test kit's calls wait and panic) off the async workers; a panic
 /// becomes an error.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+pub(super) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(move || std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)))
         .await?
         .map_err(|p| {
@@ -212,7 +223,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 /// Pushes every blob of `img`, then its manifest as `v1`, to a distribution.
-async fn push_image(base: &str, repo: &str, img: &image::Image) -> Result<()> {
+pub(super) async fn push_image(base: &str, repo: &str, img: &image::Image) -> Result<()> {
     for blob in [&img.config].into_iter().chain(&img.layers) {
         let body = Bytes::from(blob.bytes.clone());
         let len = body.len() as u64;
