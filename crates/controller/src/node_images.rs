@@ -205,6 +205,62 @@ fn ready(
     }
 }
 
+/// What a reconcile saw, for the Ready condition.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    /// Images resolved to a digest (on the DaemonSet).
+    pinned: usize,
+    /// Images never resolved.
+    missing: usize,
+    /// Whether the DaemonSet controller has counted the nodes of the current template.
+    counted: bool,
+    desired_nodes: i64,
+    ready_nodes: i64,
+}
+
+/// The Ready condition's status, reason and message.
+fn readiness(seen: &Seen, failures: &[NodeImageFailure]) -> (bool, &'static str, String) {
+    if seen.pinned == 0 {
+        return (
+            false,
+            "WarmFailed",
+            "no image could be cached yet".to_owned(),
+        );
+    }
+    if let Some(f) = failures.first() {
+        let (reason, wher) = match &f.node {
+            Some(n) => ("PullFailed", format!("node {n}: ")),
+            None => ("WarmFailed", String::new()),
+        };
+        let message = format!(
+            "{} failure(s); first: {wher}{}: {}",
+            failures.len(),
+            f.image,
+            f.message.as_deref().unwrap_or(&f.reason)
+        );
+        return (false, reason, message);
+    }
+    if !seen.counted {
+        return (
+            false,
+            "Rolling",
+            "the DaemonSet controller has not counted the nodes yet".to_owned(),
+        );
+    }
+    if seen.ready_nodes < seen.desired_nodes || seen.missing > 0 {
+        let message = format!(
+            "{} of {} nodes hold every image",
+            seen.ready_nodes, seen.desired_nodes
+        );
+        return (false, "Rolling", message);
+    }
+    let message = format!(
+        "{} node(s) hold {} image(s)",
+        seen.desired_nodes, seen.pinned
+    );
+    (true, "AllNodesReady", message)
+}
+
 fn is_ready(conditions: &[Condition]) -> bool {
     conditions
         .iter()
@@ -305,6 +361,8 @@ async fn apply(set: &NodeImageSet, ctx: &SetContext) -> Result<Action, Error> {
     let pull_secret = grants(set, ctx, &images).await;
 
     let mut desired_nodes = 0;
+    // Whether the DaemonSet controller has counted the nodes of the current template yet.
+    let mut counted = false;
     let mut nodes = holder::Nodes::default();
     if !pinned.is_empty() {
         let wanted = holder::daemon_set(
@@ -320,6 +378,9 @@ async fn apply(set: &NodeImageSet, ctx: &SetContext) -> Result<Action, Error> {
             .as_ref()
             .map(|s| i64::from(s.desired_number_scheduled))
             .unwrap_or(0);
+        counted = ds.status.as_ref().is_some_and(|s| {
+            s.observed_generation.unwrap_or(0) >= ds.metadata.generation.unwrap_or(1)
+        });
         let by_proxied: BTreeMap<String, String> = pinned
             .iter()
             .filter_map(|p| Some((p.proxied(ctx.proxy_port)?, p.image.clone())))
@@ -354,53 +415,15 @@ async fn apply(set: &NodeImageSet, ctx: &SetContext) -> Result<Action, Error> {
     let mut failures = warm_failures;
     failures.extend(nodes.failures);
     let missing = resolved.iter().filter(|r| r.digest.is_none()).count();
-    let condition = if pinned.is_empty() {
-        ready(
-            &old.conditions,
-            false,
-            "WarmFailed",
-            "no image could be cached yet".to_owned(),
-            now,
-        )
-    } else if let Some(f) = failures.first() {
-        let wher = f
-            .node
-            .as_deref()
-            .map(|n| format!("node {n}: "))
-            .unwrap_or_default();
-        ready(
-            &old.conditions,
-            false,
-            if f.node.is_some() {
-                "PullFailed"
-            } else {
-                "WarmFailed"
-            },
-            format!(
-                "{} failure(s); first: {wher}{}: {}",
-                failures.len(),
-                f.image,
-                f.message.as_deref().unwrap_or(&f.reason)
-            ),
-            now,
-        )
-    } else if ready_nodes < desired_nodes || missing > 0 {
-        ready(
-            &old.conditions,
-            false,
-            "Rolling",
-            format!("{ready_nodes} of {desired_nodes} nodes hold every image"),
-            now,
-        )
-    } else {
-        ready(
-            &old.conditions,
-            true,
-            "AllNodesReady",
-            format!("{desired_nodes} node(s) hold {} image(s)", images.len()),
-            now,
-        )
+    let seen = Seen {
+        pinned: pinned.len(),
+        missing,
+        counted,
+        desired_nodes,
+        ready_nodes,
     };
+    let (is_true, reason, message) = readiness(&seen, &failures);
+    let condition = ready(&old.conditions, is_true, reason, message, now);
     if condition.status == "True" && !is_ready(&old.conditions) {
         publish(
             ctx,
@@ -670,6 +693,70 @@ mod tests {
         let long = format!("registry.local/{}:v1", "a/".repeat(114) + "b");
         let too_long = validate(&set(&[&long], None), 7439).unwrap_err();
         assert!(too_long.contains("too long"), "{too_long}");
+    }
+
+    #[test]
+    fn ready_only_once_the_nodes_are_counted_and_all_hold_every_image() {
+        let seen = Seen {
+            pinned: 2,
+            missing: 0,
+            counted: false,
+            desired_nodes: 0,
+            ready_nodes: 0,
+        };
+        // A DaemonSet just made: 0 of 0 is not "every node".
+        assert_eq!(readiness(&seen, &[]).1, "Rolling");
+        let counted = Seen {
+            counted: true,
+            ..seen
+        };
+        assert_eq!(
+            readiness(&counted, &[]),
+            (true, "AllNodesReady", "0 node(s) hold 2 image(s)".into())
+        );
+        let rolling = Seen {
+            desired_nodes: 3,
+            ready_nodes: 2,
+            ..counted
+        };
+        assert_eq!(readiness(&rolling, &[]).2, "2 of 3 nodes hold every image");
+        let unresolved = Seen {
+            missing: 1,
+            desired_nodes: 3,
+            ready_nodes: 3,
+            ..counted
+        };
+        assert_eq!(readiness(&unresolved, &[]).1, "Rolling");
+        let pull = NodeImageFailure {
+            node: Some("n1".into()),
+            image: "docker.io/library/redis:7".into(),
+            reason: "ImagePullBackOff".into(),
+            message: None,
+        };
+        let (ok, reason, message) = readiness(&counted, std::slice::from_ref(&pull));
+        assert!(!ok);
+        assert_eq!(reason, "PullFailed");
+        assert_eq!(
+            message,
+            "1 failure(s); first: node n1: docker.io/library/redis:7: ImagePullBackOff"
+        );
+        let warm = NodeImageFailure {
+            node: None,
+            message: Some("404".into()),
+            ..pull
+        };
+        assert_eq!(readiness(&counted, &[warm]).1, "WarmFailed");
+        assert_eq!(
+            readiness(
+                &Seen {
+                    pinned: 0,
+                    ..counted
+                },
+                &[]
+            )
+            .1,
+            "WarmFailed"
+        );
     }
 
     #[test]
