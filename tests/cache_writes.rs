@@ -517,3 +517,66 @@ fn warm_credentials_serve_the_fetch_and_are_never_stored() {
         assert!(stored.contains_key(&blob.digest), "{blob:?} was not warmed");
     }
 }
+
+#[test]
+fn a_refresh_warm_asks_the_upstream_for_the_tag_whatever_its_age() {
+    let s = Scratch::new("kache-e2e-warm-refresh");
+    let (old, new) = (multi_layer_image(1), multi_layer_image(20));
+    let mut upstream = Distribution::start(DistributionKind::Open);
+    let host = upstream.host();
+    let src = s.layout("src", &[("old", &old), ("new", &new)]);
+    let push = |tag: &str| {
+        s.skopeo.copy(
+            &format!("{src}:{tag}"),
+            &format!("docker://{host}/test/moving:v1"),
+            &[],
+        )
+    };
+    push("old");
+    // Tags stay fresh for an hour: only a refresh looks past that.
+    let registry = KacheRegistry::start_with_internal(
+        s.path("data"),
+        &["--insecure-registry", &host, "--tag-ttl", "1h"],
+    );
+    let image = format!("{host}/test/moving:v1");
+    let warmed = |body: serde_json::Value| {
+        let r = warm(&registry.internal_url(), body);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["digest"].as_str().expect("a digest").to_owned()
+    };
+    assert_eq!(warmed(serde_json::json!({ "image": image })), old.digest());
+
+    push("new");
+    assert_eq!(
+        warmed(serde_json::json!({ "image": image })),
+        old.digest(),
+        "a plain warm serves the cached tag while it is fresh"
+    );
+    assert_eq!(
+        warmed(serde_json::json!({ "image": image, "refresh": true })),
+        new.digest()
+    );
+    // The cache moved the tag: pulls see it too.
+    let r = get(
+        &format!(
+            "{}/v2/{}/manifests/v1",
+            registry.base_url(),
+            cache_repo(&host, "test/moving")
+        ),
+        &manifest_headers(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("docker-content-digest"), Some(new.digest()));
+
+    // With the upstream gone, a refresh keeps what the cache holds.
+    upstream.stop();
+    assert_eq!(
+        warmed(serde_json::json!({ "image": image, "refresh": true })),
+        new.digest()
+    );
+    let r = warm(
+        &registry.internal_url(),
+        serde_json::json!({ "image": image, "refresh": "yes" }),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+}

@@ -308,7 +308,7 @@ async fn warm(
     let credentials = decide::credentials_for(&ci.spec.source_image, &configs);
     let warmed = ctx
         .registry
-        .warm(&ci.spec.source_image, platforms, credentials)
+        .warm(&ci.spec.source_image, platforms, credentials, false)
         .await
         .map_err(|e| e.to_string())?;
     match warmed.failure() {

@@ -524,8 +524,9 @@ async fn warm<'a>(
     platforms: &[String],
     credentials: Option<(String, String)>,
 ) -> (&'a String, Result<String, String>) {
+    // A set resolves its tags as the upstream has them now: that is what its refresh is for.
     let result = registry
-        .warm(image, platforms, credentials)
+        .warm(image, platforms, credentials, true)
         .await
         .map_err(|e| e.to_string())
         .and_then(|w| match w.failure() {

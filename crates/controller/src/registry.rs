@@ -59,18 +59,21 @@ impl RegistryClient {
         }
     }
 
-    /// Caches `image` for `platforms`, with credentials for this fetch only.
+    /// Caches `image` for `platforms`, with credentials for this fetch only. With `refresh`, a
+    /// cached tag is asked upstream whatever its age.
     pub async fn warm(
         &self,
         image: &str,
         platforms: &[String],
         credentials: Option<(String, String)>,
+        refresh: bool,
     ) -> Result<WarmResponse, RegistryError> {
         let body = WarmRequest {
             image: image.to_owned(),
             platforms: platforms.to_vec(),
             credentials: credentials
                 .map(|(username, password)| WarmCredentials { username, password }),
+            refresh,
         };
         let req = self
             .http

@@ -10,6 +10,7 @@
 //! ([`crate::plan`]).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use kache_oci::credentials::Credentials;
 use kache_oci::{Descriptor, Digest, Origin, Reference, RepoName};
@@ -42,8 +43,10 @@ pub enum Purpose {
     /// A client pulls: counted in the cache metrics.
     #[default]
     Pull,
-    /// The controller warms the cache: not a client's hit or miss.
-    Warm,
+    /// The controller warms the cache: not a client's hit or miss. With `refresh`, a cached
+    /// tag is asked upstream whatever its age, and the answer waited for: a NodeImageSet's
+    /// refresh wants the tag as the upstream says now, where a pull wants an answer soon.
+    Warm { refresh: bool },
 }
 
 impl Requester {
@@ -140,7 +143,10 @@ impl Content {
     /// The one access rule on reads: a private cached repository is read only by a namespace
     /// whose grant holds (or by the controller's warm calls). Everything else reads freely.
     fn check_read(&self, repo: &RepoName, who: &Requester) -> Result<()> {
-        if self.scoping.is_none() || who.purpose == Purpose::Warm || !self.is_cached(repo) {
+        if self.scoping.is_none()
+            || matches!(who.purpose, Purpose::Warm { .. })
+            || !self.is_cached(repo)
+        {
             return Ok(());
         }
         if self.store.visibility(repo)? != Some(Visibility::Private) {
@@ -242,13 +248,14 @@ impl Content {
             },
             None => None,
         };
-        let plan = manifest_plan(
-            reference,
-            tag.as_ref(),
-            cached.is_some(),
-            now(),
-            self.freshness.tag_ttl,
-        );
+        let refresh = who.purpose == Purpose::Warm { refresh: true };
+        let (ttl, wait) = if refresh {
+            // The upstream's own timeout bounds the wait.
+            (Duration::ZERO, Duration::MAX)
+        } else {
+            (self.freshness.tag_ttl, self.freshness.revalidate_wait)
+        };
+        let plan = manifest_plan(reference, tag.as_ref(), cached.is_some(), now(), ttl);
         let errors = &self.metrics.upstream_errors;
         let creds = who.credentials.clone();
         match (plan, cached, reference) {
@@ -267,7 +274,7 @@ impl Content {
                 let flight = self
                     .manifests
                     .join(format!("{repo}:{t}?revalidate"), fut, errors);
-                match tokio::time::timeout(self.freshness.revalidate_wait, flight).await {
+                match tokio::time::timeout(wait, flight).await {
                     Ok(Ok(m)) => {
                         self.check_read(repo, who)?;
                         Ok(self.served("manifest", m, CacheOutcome::Hit, who))
@@ -278,7 +285,7 @@ impl Content {
                     }
                     // The check goes on, and moves the tag if the upstream did.
                     Err(_) => {
-                        tracing::warn!(%repo, tag = %t, wait = ?self.freshness.revalidate_wait, "upstream did not re-validate the tag in time; serving the cached manifest");
+                        tracing::warn!(%repo, tag = %t, ?wait, "upstream did not re-validate the tag in time; serving the cached manifest");
                         Ok(self.served("manifest", m, CacheOutcome::Stale, who))
                     }
                 }

@@ -77,7 +77,9 @@ impl Registry {
                 username: c.username,
                 password: c.password,
             }),
-            purpose: Purpose::Warm,
+            purpose: Purpose::Warm {
+                refresh: req.refresh,
+            },
             caller: Caller::Anonymous,
         };
         let top = content

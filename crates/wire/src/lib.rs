@@ -84,6 +84,10 @@ pub struct WarmRequest {
     /// Credentials for the image's registry, for this fetch only: never stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<WarmCredentials>,
+    /// Ask the upstream where a cached tag points now, whatever its age (the tag TTL is for
+    /// pulls); the cached answer is kept when the upstream cannot say.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refresh: bool,
 }
 
 /// Registry credentials for one warm call.
@@ -267,13 +271,20 @@ mod tests {
                 username: "u".into(),
                 password: "hunter2".into(),
             }),
+            refresh: true,
         };
         let json = serde_json::to_string(&req).unwrap();
         assert_eq!(serde_json::from_str::<WarmRequest>(&json).unwrap(), req);
+        // A plain warm says nothing of refresh, as registries before it expect.
+        let plain = WarmRequest {
+            refresh: false,
+            ..req.clone()
+        };
+        assert!(!serde_json::to_string(&plain).unwrap().contains("refresh"));
         assert!(!format!("{req:?}").contains("hunter2"));
         assert!(serde_json::from_str::<WarmRequest>(r#"{"image":"a","extra":1}"#).is_err());
         let bare: WarmRequest = serde_json::from_str(r#"{"image":"a"}"#).unwrap();
-        assert!(bare.platforms.is_empty() && bare.credentials.is_none());
+        assert!(bare.platforms.is_empty() && bare.credentials.is_none() && !bare.refresh);
     }
 
     fn answer(platforms: &[(&str, PlatformStatus)]) -> WarmResponse {
