@@ -57,9 +57,15 @@ impl Pinned {
     /// `localhost:7439/docker.io/library/nginx@sha256:...`.
     pub(crate) fn proxied(&self, proxy_port: u16) -> Option<String> {
         let r: ImageReference = self.image.parse().ok()?;
-        let name = format!("localhost:{proxy_port}/{}", r.cache_repository());
-        (name.len() <= MAX_NAME_LEN).then(|| format!("{name}@{}", self.digest))
+        Some(format!("{}@{}", proxied_name(&r, proxy_port)?, self.digest))
     }
+}
+
+/// The image's repository through the node proxy (`localhost:7439/docker.io/library/nginx`),
+/// or `None` when that name is longer than a reference may be.
+pub(crate) fn proxied_name(image: &ImageReference, proxy_port: u16) -> Option<String> {
+    let name = format!("localhost:{proxy_port}/{}", image.cache_repository());
+    (name.len() <= MAX_NAME_LEN).then_some(name)
 }
 
 /// A value fit for a label: the name when it is one, else a prefix and a hash of it.

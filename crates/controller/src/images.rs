@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use crate::Context;
 use crate::decide::{self, Expiry};
 use crate::phase;
+use crate::tenancy;
 
 /// Why a reconcile did not finish; it is retried with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -230,38 +231,26 @@ async fn grants(ci: &CachedImage, ctx: &Context) {
         .map(|r| r.namespace.as_str())
         .collect();
     for ns in namespaces {
-        let own = || ci.spec.pull_secrets.iter().filter(|r| r.namespace == ns);
-        // Decided before any Secret is read: a reconcile runs on every pod event, and a check
-        // that is not due must cost the API server nothing.
-        let fingerprint = {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            own().for_each(|r| r.name.hash(&mut h));
-            h.finish()
-        };
-        if !ctx.checked.due(image, ns, fingerprint, scoping.renew).await {
-            continue;
-        }
-        let configs = pull_configs(&ctx.client, own()).await;
-        let credentials = decide::credentials_for(image, &configs);
-        match ctx.registry.grant(image, ns, credentials).await {
-            Ok(g) => {
-                ctx.checked.done(image, ns, fingerprint).await;
-                if !g.granted {
-                    let why = g.message.unwrap_or_default();
-                    let note = phase::Note::warning(
-                        "AccessRefused",
-                        format!("namespace {ns} may not pull {image}: {why}"),
-                    );
-                    publish(ctx, ci, &note).await;
-                } else {
-                    tracing::debug!(%image, namespace = ns, visibility = g.visibility.as_str(), "access checked");
-                }
-            }
-            // Checked again at the next reconcile; the registry keeps what it granted.
-            Err(e) => {
-                warn!(%image, namespace = ns, error = %e, "cannot check the namespace's access")
-            }
+        let own: Vec<_> = ci
+            .spec
+            .pull_secrets
+            .iter()
+            .filter(|r| r.namespace == ns)
+            .collect();
+        let checked = tenancy::check_access(
+            &ctx.checked,
+            &ctx.client,
+            &ctx.registry,
+            scoping.renew,
+            (image, ns),
+            &own,
+        );
+        if let Some(Err(why)) = checked.await {
+            let note = phase::Note::warning(
+                "AccessRefused",
+                format!("namespace {ns} may not pull {image}: {why}"),
+            );
+            publish(ctx, ci, &note).await;
         }
     }
 }

@@ -165,12 +165,7 @@ pub(crate) fn validate(set: &NodeImageSet, proxy_port: u16) -> Result<Vec<String
             .parse()
             .map_err(|e| format!("spec.images[{i}] {image:?} is not an image reference: {e}"))?;
         let normal = r.to_string();
-        // The longest form the nodes will see: the digest-pinned name through the proxy.
-        let probe = Pinned {
-            image: normal.clone(),
-            digest: format!("sha256:{}", "0".repeat(64)),
-        };
-        if probe.proxied(proxy_port).is_none() {
+        if holder::proxied_name(&r, proxy_port).is_none() {
             return Err(format!(
                 "spec.images[{i}] {image:?}: its name through the node proxy would be too long"
             ));
@@ -546,31 +541,19 @@ async fn grants(set: &NodeImageSet, ctx: &SetContext, images: &[String]) -> Opti
     }
     let ns = &ctx.holder.namespace;
     tokens.ensure(ns).await;
-    let fingerprint = {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        set.spec.pull_secrets.hash(&mut h);
-        h.finish()
-    };
-    let mut configs = None;
+    let secrets: Vec<_> = set.spec.pull_secrets.iter().collect();
     for image in images {
-        if !ctx.checked.due(image, ns, fingerprint, scoping.renew).await {
-            continue;
-        }
-        if configs.is_none() {
-            configs = Some(images::pull_configs(&ctx.client, set.spec.pull_secrets.iter()).await);
-        }
-        let credentials = decide::credentials_for(image, configs.as_deref().unwrap_or_default());
-        match ctx.registry.grant(image, ns, credentials).await {
-            Ok(g) => {
-                ctx.checked.done(image, ns, fingerprint).await;
-                if !g.granted {
-                    let why = g.message.unwrap_or_default();
-                    let note = format!("{image}: the set's pull secrets are refused: {why}");
-                    publish(ctx, set, Kind::Warning, "AccessRefused", &note).await;
-                }
-            }
-            Err(e) => warn!(%image, error = %e, "cannot check the set's access to an image"),
+        let checked = tenancy::check_access(
+            &ctx.checked,
+            &ctx.client,
+            &ctx.registry,
+            scoping.renew,
+            (image, ns),
+            &secrets,
+        );
+        if let Some(Err(why)) = checked.await {
+            let note = format!("{image}: the set's pull secrets are refused: {why}");
+            publish(ctx, set, Kind::Warning, "AccessRefused", &note).await;
         }
     }
     Some(scoping.secret_name.clone())

@@ -237,6 +237,47 @@ impl Checked {
     }
 }
 
+/// Has the registry check whether `namespace` may pull `image` with the credentials `secrets`
+/// hold for its registry, when that is due (see [`Checked`]). The Secrets are read only then: a
+/// reconcile runs on every pod event, and a check not due must cost the API server nothing.
+/// `Some(Err(why))` when refused; `None` when not due, or when the registry could not answer
+/// (asked again next time; it keeps what it granted).
+pub(crate) async fn check_access(
+    checked: &Checked,
+    client: &Client,
+    registry: &crate::RegistryClient,
+    renew: Duration,
+    (image, namespace): (&str, &str),
+    secrets: &[&kache_api::SecretReference],
+) -> Option<Result<(), String>> {
+    let fingerprint = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        secrets.hash(&mut h);
+        h.finish()
+    };
+    if !checked.due(image, namespace, fingerprint, renew).await {
+        return None;
+    }
+    let configs = crate::images::pull_configs(client, secrets.iter().copied()).await;
+    let credentials = crate::decide::credentials_for(image, &configs);
+    match registry.grant(image, namespace, credentials).await {
+        Ok(g) => {
+            checked.done(image, namespace, fingerprint).await;
+            tracing::debug!(%image, namespace, granted = g.granted, visibility = g.visibility.as_str(), "access checked");
+            Some(if g.granted {
+                Ok(())
+            } else {
+                Err(g.message.unwrap_or_default())
+            })
+        }
+        Err(e) => {
+            warn!(%image, namespace, error = %e, "cannot check a namespace's access to an image");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

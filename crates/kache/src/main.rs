@@ -344,9 +344,7 @@ struct PolicyArgs {
 }
 
 fn parse_secret_name(s: &str) -> Result<String, String> {
-    let ok =
-        !s.is_empty() && s.len() <= 253 && s.split('.').all(kache_api::pod_marks::is_dns_label);
-    if ok {
+    if kache_api::pod_marks::is_dns_subdomain(s) {
         Ok(s.to_owned())
     } else {
         Err(format!("{s:?} is not a Secret name"))
