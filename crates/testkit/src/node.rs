@@ -311,6 +311,31 @@ impl KubeNode {
         }
     }
 
+    /// Pulls `image` through the CRI, as the kubelet would for a pod.
+    pub fn pull(&self, image: &str) {
+        self.crictl_json(&["pull", image]);
+    }
+
+    /// Restarts the kubelet; its pods run on. With `image_gc`, its image garbage collection
+    /// removes every image no container uses, once at start and every 5 minutes after (as on a
+    /// node whose disk is full); without, it never runs (how the node starts).
+    pub fn restart_kubelet(&self, image_gc: bool) {
+        let mut cmd = Command::new("bash");
+        cmd.arg(script("kube-test-node"))
+            .arg("restart-kubelet")
+            .arg(&self.dir);
+        if image_gc {
+            cmd.arg("gc");
+        }
+        let out = cmd.output().expect("run scripts/kube-test-node");
+        assert!(
+            out.status.success(),
+            "kube-test-node restart-kubelet failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+    }
+
     /// Makes the node forget every image with a name that starts with `prefix`, content and
     /// unpacked layers included: the next pod has to pull all of it again. It goes through the
     /// CRI (crictl), which keeps its own view of the node's images: removed beneath it (with
