@@ -123,12 +123,23 @@ fn deployment(name: &str, image: &str, replicas: u32) -> Value {
 /// Applies the CRDs, as generated from the types (crates/api/crds.yaml is checked against them),
 /// and waits until they are served.
 fn install_crd(kube: &KubeServer) {
-    for crd in [CachedImage::crd(), NodeImageSet::crd()] {
-        let name = crd.metadata.name.clone().unwrap();
+    install_crds(
+        kube,
+        &[
+            serde_json::to_value(CachedImage::crd()).unwrap(),
+            serde_json::to_value(NodeImageSet::crd()).unwrap(),
+        ],
+    );
+}
+
+/// Applies `crds` and waits until they are served.
+fn install_crds(kube: &KubeServer, crds: &[Value]) {
+    for crd in crds {
+        let name = crd["metadata"]["name"].as_str().unwrap();
         kube.ok(
             "POST",
             "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
-            Some(&serde_json::to_value(crd).unwrap()),
+            Some(crd),
         );
         kube.wait_for(
             &format!("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}"),
@@ -150,6 +161,31 @@ fn least_privilege(kube: &KubeServer, dir: &Path) -> std::path::PathBuf {
     kube.namespace("kache");
     kube.apply_yaml(&support::helm::controller_rbac(kube));
     kube.service_account_kubeconfig("kache", "kache-controller", &dir.join("kubeconfig"))
+}
+
+/// A controller with the chart's rights and node pre-pull on (holder pods in `kache`, running
+/// `image`); its log is `logs/first.log`.
+fn node_images_controller(
+    kube: &KubeServer,
+    registry: &KacheRegistry,
+    logs: &Path,
+    image: &str,
+) -> (Controller, std::path::PathBuf) {
+    let log = logs.join("first.log");
+    let kubeconfig = least_privilege(kube, logs);
+    let controller = Controller::start_with(
+        &kubeconfig,
+        &registry.internal_url(),
+        "only",
+        &log,
+        &[
+            "--node-images-namespace",
+            "kache",
+            "--node-images-image",
+            image,
+        ],
+    );
+    (controller, log)
 }
 
 /// Creates a CachedImage by hand, with `retain`: how a user warms an image.
@@ -1013,7 +1049,13 @@ fn node_image_sets_become_digest_pinned_daemon_sets_and_say_what_is_missing(vers
         multi_layer_image(63),
     );
     let src = s.layout("src", &[("a", &a), ("b", &b), ("moved", &moved)]);
-    for (tag, repo) in [("a", "team/a:v1"), ("b", "team/b:v1")] {
+    for (tag, repo) in [
+        ("a", "team/a:v1"),
+        ("b", "team/b:v1"),
+        ("b", "team/c:v1"),
+        ("b", "team/d:v1"),
+        ("b", "team/e:v1"),
+    ] {
         s.skopeo.copy(
             &format!("{src}:{tag}"),
             &format!("docker://{host}/{repo}"),
@@ -1037,21 +1079,8 @@ fn node_image_sets_become_digest_pinned_daemon_sets_and_say_what_is_missing(vers
     kube.namespace("t");
     let logs = tempfile::tempdir().unwrap();
     let _dump = DumpOnPanic(logs.path().to_owned());
-    let log = logs.path().join("first.log");
+    let (controller, log) = node_images_controller(&kube, &registry, logs.path(), KACHE_IMAGE);
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
-    let kubeconfig = least_privilege(&kube, logs.path());
-    let controller = Controller::start_with(
-        &kubeconfig,
-        &registry.internal_url(),
-        "only",
-        &log,
-        &[
-            "--node-images-namespace",
-            "kache",
-            "--node-images-image",
-            KACHE_IMAGE,
-        ],
-    );
 
     let image_a = format!("{host}/team/a:v1");
     let image_b = format!("{host}/team/b:v1");
@@ -1080,7 +1109,7 @@ fn node_image_sets_become_digest_pinned_daemon_sets_and_say_what_is_missing(vers
             .map(|c| c["image"].as_str().unwrap_or_default().to_owned())
             .collect()
     };
-    let ds_path = format!("{DAEMON_SETS}/kache-images-ci");
+    let ds_path = format!("{DAEMON_SETS}/kache-images-ci-0");
     let ds = kube.wait_for(&ds_path, WAIT, |code, v| (code == 200).then(|| v.clone()));
     assert_eq!(
         init_images(&ds),
@@ -1095,10 +1124,7 @@ fn node_image_sets_become_digest_pinned_daemon_sets_and_say_what_is_missing(vers
     let pod = &ds["spec"]["template"]["spec"];
     assert_eq!(pod["nodeSelector"], json!({"pool": "ci"}));
     assert_eq!(pod["tolerations"], json!([{"operator": "Exists"}]));
-    assert_eq!(
-        pod["containers"][0]["command"],
-        json!(["/usr/local/bin/kache", "pause"])
-    );
+    assert_eq!(pod["containers"][0]["command"], json!(["/kache/hold"]));
     assert_eq!(pod["initContainers"][1]["command"], json!(["/kache/noop"]));
     assert_eq!(
         pod["initContainers"][1]["securityContext"]["runAsUser"],
@@ -1200,7 +1226,7 @@ fn node_image_sets_become_digest_pinned_daemon_sets_and_say_what_is_missing(vers
         });
         let message = set["status"]["conditions"][0]["message"].as_str().unwrap();
         assert!(message.starts_with(&why), "{name}: {message}");
-        let (code, _) = kube.request("GET", &format!("{DAEMON_SETS}/kache-images-{name}"), None);
+        let (code, _) = kube.request("GET", &format!("{DAEMON_SETS}/kache-images-{name}-0"), None);
         assert_eq!(code, 404, "{name}");
         eventually(|| {
             let reasons = event_reasons(&kube, name);
@@ -1214,15 +1240,107 @@ fn node_image_sets_become_digest_pinned_daemon_sets_and_say_what_is_missing(vers
         Some(&pull_secret("creds", &host, "u", "p")),
     );
     let ds = kube.wait_for(
-        &format!("{DAEMON_SETS}/kache-images-secret"),
+        &format!("{DAEMON_SETS}/kache-images-secret-0"),
         WAIT,
         |code, v| (code == 200).then(|| v.clone()),
     );
     assert_eq!(init_images(&ds)[1], proxied("team/b", b.digest()));
 
-    // Deleting the set removes its DaemonSet and unpins its digests.
+    // Five images make two lanes, each a DaemonSet of its own; with two images left, the second
+    // lane goes.
+    let five: Vec<String> = ["a", "b", "c", "d", "e"]
+        .iter()
+        .map(|r| format!("{host}/team/{r}:v1"))
+        .collect();
+    kube.ok(
+        "POST",
+        SETS,
+        Some(
+            &json!({"apiVersion": "kache.io/v1alpha1", "kind": "NodeImageSet",
+            "metadata": {"name": "wide"}, "spec": {"images": five}}),
+        ),
+    );
+    let lane = |i: usize| format!("{DAEMON_SETS}/kache-images-wide-{i}");
+    let first = kube.wait_for(&lane(0), WAIT, |code, v| (code == 200).then(|| v.clone()));
+    let second = kube.wait_for(&lane(1), WAIT, |code, v| (code == 200).then(|| v.clone()));
+    assert_eq!(
+        init_images(&first)[1..],
+        [
+            proxied("team/a", moved.digest()),
+            proxied("team/b", b.digest()),
+            proxied("team/c", b.digest()),
+        ]
+    );
+    assert_eq!(
+        init_images(&second)[1..],
+        [proxied("team/d", b.digest()), proxied("team/e", b.digest())]
+    );
+    kube.ok(
+        "PATCH",
+        &format!("{SETS}/wide"),
+        Some(&json!({"spec": {"images": &five[..2]}})),
+    );
+    kube.wait_for(&lane(1), WAIT, |code, _| (code == 404).then_some(()));
+    let first = kube.wait_for(&lane(0), WAIT, |_, v| {
+        (init_images(v).len() == 3).then(|| v.clone())
+    });
+    assert_eq!(
+        init_images(&first)[1..],
+        [
+            proxied("team/a", moved.digest()),
+            proxied("team/b", b.digest())
+        ]
+    );
+
+    // An image the registry cannot get: reported with the warm's reason and no node, counted in
+    // the metrics; the set's other images are held all the same.
+    let missing = format!("{host}/team/missing:v1");
+    kube.ok(
+        "POST",
+        SETS,
+        Some(
+            &json!({"apiVersion": "kache.io/v1alpha1", "kind": "NodeImageSet",
+            "metadata": {"name": "partial"}, "spec": {"images": [image_b, missing]}}),
+        ),
+    );
+    let set = kube.wait_for(&format!("{SETS}/partial"), WAIT, |_, v| {
+        v["status"]["failures"]
+            .as_array()?
+            .iter()
+            .any(|f| f["image"] == missing.as_str() && f["reason"] == "WarmFailed")
+            .then(|| v.clone())
+    });
+    assert!(set["status"]["failures"][0].get("node").is_none(), "{set}");
+    assert_eq!(set["status"]["conditions"][0]["status"], "False", "{set}");
+    let ds = kube.wait_for(
+        &format!("{DAEMON_SETS}/kache-images-partial-0"),
+        WAIT,
+        |code, v| (code == 200).then(|| v.clone()),
+    );
+    assert_eq!(
+        init_images(&ds)[1..],
+        [proxied("team/b", b.digest())],
+        "{ds}"
+    );
+    eventually(|| {
+        let text = metrics::scrape(&format!("http://{}/metrics", controller.metrics));
+        let got = metrics::value(
+            &text,
+            "kache_controller_nodeimageset_failures",
+            &[("set", "partial")],
+        );
+        (got != 1.0).then(|| format!("failures {got}"))
+    });
+    eventually(|| {
+        let reasons = event_reasons(&kube, "partial");
+        (!reasons.contains(&"WarmFailed".to_owned())).then(|| format!("{reasons:?}"))
+    });
+
+    // Deleting the sets holding team/a removes their DaemonSets and unpins its digests.
     kube.ok("DELETE", &format!("{SETS}/ci"), None);
+    kube.ok("DELETE", &format!("{SETS}/wide"), None);
     kube.wait_for(&ds_path, WAIT, |code, _| (code == 404).then_some(()));
+    kube.wait_for(&lane(0), WAIT, |code, _| (code == 404).then_some(()));
     let by_digest_moved = format!("{}@{}", cache_repo(&host, "team/a"), moved.digest());
     eventually(|| {
         let k = kept();
@@ -1232,4 +1350,38 @@ fn node_image_sets_become_digest_pinned_daemon_sets_and_say_what_is_missing(vers
             });
         held.then(|| format!("still kept after the set went: {k}"))
     });
+}
+
+/// An API server without the NodeImageSet CRD (`helm upgrade` installs no new CRD): the
+/// controller says what to do, and runs CachedImages as before.
+#[test]
+fn without_the_node_image_set_crd_the_controller_says_so_and_runs_the_rest() {
+    let kube = KubeServer::start(Version::Current);
+    let s = Scratch::new("kache-e2e-controller-no-sets");
+    install_crds(&kube, &[serde_json::to_value(CachedImage::crd()).unwrap()]);
+    let upstream = Distribution::start(DistributionKind::Open);
+    let host = non_loopback_name(&upstream.host());
+    let image = multi_layer_image(64);
+    let src = s.layout("src", &[("v1", &image)]);
+    s.skopeo.copy(
+        &format!("{src}:v1"),
+        &format!("docker://{host}/team/kept:v1"),
+        &[],
+    );
+    let registry =
+        KacheRegistry::start_with_internal(s.path("data"), &["--insecure-registry", &host]);
+    let logs = tempfile::tempdir().unwrap();
+    let _dump = DumpOnPanic(logs.path().to_owned());
+    let (_controller, log) = node_images_controller(&kube, &registry, logs.path(), "k/k:1");
+    retained(&kube, "kept", &format!("{host}/team/kept:v1"));
+    let cached = kube.wait_for(&format!("{IMAGES}/kept"), WAIT, |_, v| {
+        (v["status"]["phase"] == "Cached").then(|| v.clone())
+    });
+    assert_eq!(cached["status"]["digest"], image.digest());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("does not serve NodeImageSets")
+            && text.contains("kache crds | kubectl apply -f -"),
+        "{text}"
+    );
 }

@@ -21,8 +21,10 @@
 //!   still starts, every byte from kache;
 //! - a NodeImageSet of 20 images (built from scratch: no shell, no program; one private, read
 //!   with a pull secret only the controller sees): all 20 reach the node's CRI by digest, the
-//!   set is Ready 1/1, its holder pod's cgroup charges under 16 MiB; with the upstreams stopped and the node's copies removed, a new holder
-//!   pod gets them all again from kache; deleting the set removes its DaemonSet.
+//!   set is Ready 1/1, its holder pods (5 lanes) charge under 16 MiB together; they survive the kubelet's
+//!   image garbage collection; a tag moved upstream reaches the node at the set's refresh; with
+//!   the upstreams stopped and the node's copies removed, a new holder pod gets them all again
+//!   from kache; deleting the set removes its DaemonSet.
 
 use kache_testkit as support;
 
@@ -92,6 +94,21 @@ fn delete_pod(kube: &KubeServer, ns: &str, name: &str) {
         WAIT,
         |code, _| (code == 404).then_some(()),
     );
+}
+
+/// The names of the holder pods of the set `held`, in kache's namespace.
+fn holder_pods(kube: &KubeServer) -> Vec<String> {
+    let pods = kube.ok(
+        "GET",
+        &format!("/api/v1/namespaces/{NS}/pods?labelSelector=kache.io/node-image-set=held"),
+        None,
+    );
+    pods["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 fn scale(kube: &KubeServer, name: &str, replicas: u32) {
@@ -297,7 +314,11 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
         Some(&json!({
             "apiVersion": "kache.io/v1alpha1", "kind": "NodeImageSet",
             "metadata": {"name": "held"},
-            "spec": {"images": set_images, "pullSecrets": [{"namespace": APPS, "name": "held-creds"}]},
+            "spec": {
+                "images": set_images,
+                "pullSecrets": [{"namespace": APPS, "name": "held-creds"}],
+                "refresh": "1m",
+            },
         })),
     );
     let held_ready = || {
@@ -315,7 +336,7 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
     assert_eq!(set["status"]["desiredNodes"], 1, "{set}");
     assert_eq!(set["status"]["imageCount"], 20, "{set}");
     let on_node = |im: &Image, repo: &str| format!("localhost:7439/{}@{}", repo, im.digest());
-    let held_refs: Vec<String> = held
+    let mut held_refs: Vec<String> = held
         .iter()
         .enumerate()
         .map(|(i, im)| {
@@ -336,18 +357,68 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
     for r in &held_refs {
         assert!(cri.contains(r), "{r} is not in the CRI's images: {cri:?}");
     }
-    // The holder pod holds one small container, whatever the number of images.
-    let holder = kube.ok(
-        "GET",
-        &format!("/api/v1/namespaces/{NS}/pods?labelSelector=kache.io/node-image-set=held"),
-        None,
+    // The holder pods (one per lane: 20 images make 5) each hold one small container, whatever
+    // the number of images.
+    let holders = holder_pods(&kube);
+    assert_eq!(holders.len(), 5, "{holders:?}");
+    let memory: u64 = holders.iter().map(|h| node.pod_memory(h, "hold")).sum();
+    assert!(memory < 16 << 20, "the holder pods charge {memory} bytes");
+
+    // The kubelet's image garbage collection, as on a node whose disk fills up: an image no
+    // container uses goes (pulled for the purpose: its going shows the collection ran), the
+    // set's images stay.
+    let unused = format!(
+        "localhost:7439/{}:v1",
+        support::pull::cache_repo(&host, "e2e/plain")
     );
-    let holder = holder["items"][0]["metadata"]["name"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let memory = node.pod_memory(&holder, "pause");
-    assert!(memory < 16 << 20, "the holder pod charges {memory} bytes");
+    node.pull(&unused);
+    assert!(node.images().contains(&unused), "{:?}", node.images());
+    node.restart_kubelet(true);
+    // The collection runs as the kubelet starts, or 5 minutes later if its stats were not ready.
+    let deadline = Instant::now() + Duration::from_secs(420);
+    while node.images().contains(&unused) {
+        assert!(
+            Instant::now() < deadline,
+            "the kubelet never collected images"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    node.restart_kubelet(false);
+    let cri = node.cri_image_digests();
+    for r in &held_refs {
+        assert!(cri.contains(r), "{r} was collected: {cri:?}");
+    }
+
+    // A tag moved upstream: the set's refresh (1m) resolves it again, and the holder pod rolls
+    // out with the new digest.
+    let moved = ImageBuilder::new(Flavor::Oci)
+        .random_layer(200, &[64 << 10])
+        .build();
+    let moved_src = s.layout("moved", &[("m", &moved)]);
+    s.skopeo.copy(
+        &format!("{moved_src}:m"),
+        &format!("docker://{}", set_images[0]),
+        &[],
+    );
+    held_refs[0] = on_node(&moved, &support::pull::cache_repo(&host, "e2e/held-0"));
+    kube.wait_for(
+        "/apis/kache.io/v1alpha1/nodeimagesets/held",
+        Duration::from_secs(240),
+        |_, v| {
+            let st = &v["status"];
+            let digest = st["images"]
+                .as_array()?
+                .iter()
+                .find(|i| i["image"] == set_images[0].as_str())?["digest"]
+                .clone();
+            (digest == moved.digest()
+                && st["conditions"][0]["status"] == "True"
+                && st["readyNodes"] == 1)
+                .then_some(())
+        },
+    );
+    let cri = node.cri_image_digests();
+    assert!(cri.contains(&held_refs[0]), "{cri:?}");
 
     // 2. An ignored pod pulls straight from the upstream (containerd speaks plain HTTP to it).
     support::containerd::write_hosts_toml(
@@ -614,44 +685,37 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
     );
     assert!(!upstream.is_running());
 
-    // 7. Both upstreams are gone and the node forgot the set's images (step 6): a new holder pod,
-    // as on a new node, gets every one of them from kache.
+    // 7. Both upstreams are gone and the node forgot the set's images (step 6): new holder pods,
+    // as on a new node, get every one of them from kache.
     assert!(!private.is_running());
-    let holders = kube.ok(
-        "GET",
-        &format!("/api/v1/namespaces/{NS}/pods?labelSelector=kache.io/node-image-set=held"),
-        None,
-    );
-    let gone: Vec<String> = holders["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(gone.len(), 1, "{holders}");
+    let gone = holder_pods(&kube);
+    assert_eq!(gone.len(), 5, "{gone:?}");
     for r in &held_refs {
         assert!(
             !node.cri_image_digests().contains(r),
             "{r} still on the node"
         );
     }
-    delete_pod(&kube, NS, &gone[0]);
+    for pod in &gone {
+        delete_pod(&kube, NS, pod);
+    }
     kube.wait_for(
         &format!("/api/v1/namespaces/{NS}/pods?labelSelector=kache.io/node-image-set=held"),
         WAIT,
         |_, v| {
-            v["items"]
+            let fresh_and_ready = v["items"]
                 .as_array()?
                 .iter()
-                .any(|p| {
-                    p["metadata"]["name"] != gone[0].as_str()
+                .filter(|p| {
+                    !gone.iter().any(|g| p["metadata"]["name"] == g.as_str())
                         && p["status"]["conditions"]
                             .as_array()
                             .into_iter()
                             .flatten()
                             .any(|c| c["type"] == "Ready" && c["status"] == "True")
                 })
-                .then_some(())
+                .count();
+            (fresh_and_ready == gone.len()).then_some(())
         },
     );
     held_ready();
@@ -662,11 +726,13 @@ fn pods_pull_through_kache_on_a_real_node_and_start_without_the_upstream() {
             "{r} is not back in the CRI's images: {cri:?}"
         );
     }
-    // Deleting the set removes its DaemonSet.
+    // Deleting the set removes its DaemonSets.
     kube.ok("DELETE", "/apis/kache.io/v1alpha1/nodeimagesets/held", None);
     kube.wait_for(
-        &format!("/apis/apps/v1/namespaces/{NS}/daemonsets/kache-images-held"),
+        &format!(
+            "/apis/apps/v1/namespaces/{NS}/daemonsets?labelSelector=kache.io/node-image-set=held"
+        ),
         WAIT,
-        |code, _| (code == 404).then_some(()),
+        |_, v| v["items"].as_array()?.is_empty().then_some(()),
     );
 }

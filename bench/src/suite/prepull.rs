@@ -3,12 +3,12 @@
 //!
 //! - the image-puller's way: one DaemonSet pod with one long-running container per image, each
 //!   pulled straight from the upstream by the kubelet;
-//! - kache's: a NodeImageSet, whose holder pod runs each image as a short init container,
-//!   pulled through the node proxy from the warm cache (the node forgot them first), and one
-//!   `kache pause` container.
+//! - kache's: a NodeImageSet, whose holder pods (one per lane, 5 for 20 images) run each image
+//!   as a short init container, pulled through the node proxy from the warm cache (the node
+//!   forgot them first), and one `hold` container each.
 //!
-//! Measured: the time from the pod's creation until it is Ready (every image present), and the
-//! memory its cgroup charges once Ready. Needs root, as a node does.
+//! Measured: the time from the pods' creation until they are all Ready (every image present),
+//! and the memory their cgroups charge once Ready. Needs root, as a node does.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -30,6 +30,8 @@ const KACHE_IMAGE: &str = "bench.invalid/kache:bench";
 const IMAGES: usize = 20;
 /// Bytes of each image's own layer.
 const IMAGE_BYTES: usize = 2 * MIB as usize;
+/// The holder pods of a set of `IMAGES` images: one per lane.
+const LANES: usize = 5;
 /// The longest the step waits for a pod.
 const LIMIT: Duration = Duration::from_secs(600);
 const NS: &str = "kache";
@@ -107,10 +109,10 @@ pub(super) async fn prepull_step(bench: &mut Bench<'_>) -> Result<()> {
         let direct = puller_daemon_set(&h);
         let t0 = Instant::now();
         k.ok("POST", &format!("/apis/apps/v1/namespaces/{NS}/daemonsets"), Some(&direct));
-        let pod = wait_pod_ready(&k, "app=puller", None, t0)?;
+        let pods = wait_pods_ready(&k, "app=puller", 1, &[], t0)?;
         let direct = Held {
             ready: t0.elapsed(),
-            memory: n.pod_memory(&pod, "c0"),
+            memory: n.pod_memory(&pods[0], "c0"),
         };
         eprintln!("  puller: ready in {}", secs(direct.ready));
 
@@ -125,23 +127,27 @@ pub(super) async fn prepull_step(bench: &mut Bench<'_>) -> Result<()> {
             Some(&json!({"apiVersion": "kache.io/v1alpha1", "kind": "NodeImageSet",
                 "metadata": {"name": "bench"}, "spec": {"images": images}})),
         );
-        let pod = wait_pod_ready(&k, "kache.io/node-image-set=bench", None, t0)?;
+        let holders = "kache.io/node-image-set=bench";
+        let pods = wait_pods_ready(&k, holders, LANES, &[], t0)?;
+        let memory = |pods: &[String]| pods.iter().map(|p| n.pod_memory(p, "hold")).sum();
         let cold = Held {
             ready: t0.elapsed(),
-            memory: n.pod_memory(&pod, "pause"),
+            memory: memory(&pods),
         };
         eprintln!("  kache cold: ready in {}", secs(cold.ready));
         n.forget("localhost:7439/");
         let t0 = Instant::now();
-        k.ok(
-            "DELETE",
-            &format!("/api/v1/namespaces/{NS}/pods/{pod}?gracePeriodSeconds=0"),
-            None,
-        );
-        let again = wait_pod_ready(&k, "kache.io/node-image-set=bench", Some(&pod), t0)?;
+        for pod in &pods {
+            k.ok(
+                "DELETE",
+                &format!("/api/v1/namespaces/{NS}/pods/{pod}?gracePeriodSeconds=0"),
+                None,
+            );
+        }
+        let again = wait_pods_ready(&k, holders, LANES, &pods, t0)?;
         let warm = Held {
             ready: t0.elapsed(),
-            memory: n.pod_memory(&again, "pause"),
+            memory: memory(&again),
         };
         eprintln!("  kache warm: ready in {}", secs(warm.ready));
         Ok((direct, cold, warm))
@@ -160,10 +166,11 @@ pub(super) async fn prepull_step(bench: &mut Bench<'_>) -> Result<()> {
 
     let _ = writeln!(
         report.md,
-        "Time from the pod's creation (for kache cold, the NodeImageSet's, warming included) \
-         until it is Ready with every image on the node; memory is what the pod's cgroup charges \
-         then (kernel figures, page cache included). The puller's containers run the pause \
-         program here, smaller than its own Go `sleep`.\n\n\
+        "Time from the pods' creation (for kache cold, the NodeImageSet's, warming included) \
+         until they are Ready with every image on the node; memory is what the pods' cgroups \
+         charge then (kernel figures, page cache included; kache's {LANES} lane pods summed). \
+         The puller's containers run the pause program here, smaller than its own Go \
+         `sleep`.\n\n\
          | way | every image present | vs the puller | pod memory | vs the puller |\n\
          | --- | ---: | ---: | ---: | ---: |"
     );
@@ -216,32 +223,37 @@ fn puller_daemon_set(host: &str) -> Value {
     })
 }
 
-/// Waits until a pod matching `selector` in kache's namespace (not `not`) is Ready; its name.
-fn wait_pod_ready(
+/// Waits until `count` pods matching `selector` in kache's namespace (none of `not`) are Ready;
+/// their names.
+fn wait_pods_ready(
     kube: &KubeServer,
     selector: &str,
-    not: Option<&str>,
+    count: usize,
+    not: &[String],
     t0: Instant,
-) -> Result<String> {
+) -> Result<Vec<String>> {
     let path = format!("/api/v1/namespaces/{NS}/pods?labelSelector={selector}");
     loop {
         let (_, v) = kube.request("GET", &path, None);
-        let ready = v["items"].as_array().into_iter().flatten().find(|p| {
-            p["metadata"]["name"].as_str() != not
-                && p["status"]["conditions"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
-        });
-        if let Some(p) = ready {
-            return Ok(p["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned());
+        let ready: Vec<String> = v["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| {
+                !not.iter().any(|n| p["metadata"]["name"] == n.as_str())
+                    && p["status"]["conditions"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            })
+            .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_owned))
+            .collect();
+        if ready.len() >= count {
+            return Ok(ready);
         }
         if t0.elapsed() > LIMIT {
-            bail!("no pod {selector} was Ready in {LIMIT:?}: {v}");
+            bail!("{count} pods {selector} were not Ready in {LIMIT:?}: {v}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -1,18 +1,24 @@
 //! What a NodeImageSet becomes on the nodes, and what the nodes say back; pure, so that both can
 //! be checked without a cluster.
 //!
-//! One DaemonSet per set, in kache's namespace. Its pods pull each image by running it as an init
-//! container: the first init container (the kache image) writes a static no-op program into an
-//! emptyDir, and every image then runs that program, so an image without a shell, built from
-//! scratch or with any `USER` runs it the same way. Init containers run one at a time, so the
-//! pod's memory is one container's whatever the number of images; its one container is
-//! `kache pause`. The kubelet keeps the images of a live pod's finished init containers, so its
-//! image GC leaves them alone while the set exists.
+//! A set's images are split into a few lanes, each one DaemonSet in kache's namespace. Its pods
+//! pull each image by running it as an init container: the first init container (the kache
+//! image) writes a static no-op program into an emptyDir, and every image then runs that program,
+//! so an image without a shell, built from scratch or with any `USER` runs it the same way. Init
+//! containers run one at a time, so a pod's memory is one container's whatever the number of
+//! images; its one container runs `hold`, the no-op's twin that waits to be stopped (a few
+//! pages). The kubelet keeps the images of a live pod's finished init containers, so its image
+//! GC leaves them alone while the set exists.
+//!
+//! Why lanes: the kubelet starts a pod's next init container only once it has seen the previous
+//! one exit, at its next look at the runtime (once a second), so one pod takes about a second per
+//! image. Pods sync in parallel: a few lanes cut the time to the longest lane's, for one small
+//! container each.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodSpec};
 use kache_api::pod_marks::{POLICY_IGNORE, POLICY_LABEL};
 use kache_api::{MAX_NAME_LEN, NODE_IMAGE_SET_LABEL, NodeImageFailure, NodeImageSet};
 use kache_oci::ImageReference;
@@ -24,7 +30,7 @@ use sha2::{Digest as _, Sha256};
 pub struct Holder {
     /// kache's namespace: the DaemonSets and their pods live there.
     pub namespace: String,
-    /// The kache image (it writes the no-op program and runs `kache pause`).
+    /// The kache image (it writes the pod's programs).
     pub image: String,
     /// The pull policy of the kache image.
     pub image_pull_policy: String,
@@ -35,13 +41,20 @@ pub struct Holder {
 /// The annotation holding the set's full name on the DaemonSet and its pods (a label value is
 /// at most 63 characters; a set's name may be longer).
 pub(crate) const SET_ANNOTATION: &str = "kache.io/node-image-set";
+/// The label with a holder DaemonSet's (and its pods') lane number.
+pub(crate) const LANE_LABEL: &str = "kache.io/lane";
+/// A set gets one more lane for every this many images...
+const LANE_IMAGES: usize = 4;
+/// ...up to this many: each lane is a pod on every selected node.
+pub(crate) const MAX_LANES: usize = 5;
 /// The annotation holding the hash of what the controller last wrote.
 pub(crate) const SPEC_HASH_ANNOTATION: &str = "kache.io/spec-hash";
 /// The user every holder container runs as: numeric, so that no image needs it in /etc/passwd.
 const USER: i64 = 65532;
-/// Where the no-op program is.
+/// Where the pod's programs are: the no-op every image runs, and the hold its one container runs.
 const NOOP_DIR: &str = "/kache";
 const NOOP: &str = "/kache/noop";
+const HOLD: &str = "/kache/hold";
 /// Where the kache binary is in its image.
 const KACHE: &str = "/usr/local/bin/kache";
 
@@ -78,34 +91,82 @@ pub(crate) fn label_value(name: &str) -> String {
     format!("{}-{hash}", prefix.trim_end_matches(['-', '.']))
 }
 
-/// The DaemonSet's name: `kache-images-<set>`, shortened with a hash when long, so that pod
-/// names made from it stay valid.
-pub(crate) fn daemon_set_name(set: &str) -> String {
+/// The name of lane `lane`'s DaemonSet: `kache-images-<set>-<lane>`, the set's name shortened
+/// with a hash when long, so that pod names made from it stay valid.
+pub(crate) fn daemon_set_name(set: &str, lane: usize) -> String {
     let name = format!("kache-images-{set}");
-    if name.len() <= 52 {
-        return name;
+    if name.len() <= 50 {
+        return format!("{name}-{lane}");
     }
     let hash = hex::encode(&Sha256::digest(set.as_bytes())[..4]);
-    let prefix: String = name.chars().take(43).collect();
-    format!("{}-{hash}", prefix.trim_end_matches(['-', '.']))
+    let prefix: String = name.chars().take(41).collect();
+    format!("{}-{hash}-{lane}", prefix.trim_end_matches(['-', '.']))
 }
 
-/// The DaemonSet of `set`, pulling `pinned` (in the spec's order) through the proxy on
+/// The set's images in lanes: in the spec's order, as many lanes as [`LANE_IMAGES`] asks (at
+/// most [`MAX_LANES`]), their lengths within one of each other. Each entry is the index of its
+/// first image, and its images.
+pub(crate) fn lanes(pinned: &[Pinned]) -> Vec<(usize, &[Pinned])> {
+    let count = pinned.len().div_ceil(LANE_IMAGES).clamp(1, MAX_LANES);
+    let (base, extra) = (pinned.len() / count, pinned.len() % count);
+    let mut at = 0;
+    (0..count)
+        .map(|i| {
+            let len = base + usize::from(i < extra);
+            let lane = (at, &pinned[at..at + len]);
+            at += len;
+            lane
+        })
+        .collect()
+}
+
+/// The DaemonSets of `set`, one per lane (see [`lanes`]), pulling `pinned` through the proxy on
 /// `proxy_port`; `pull_secret` is kache's own token Secret, for private images.
-pub(crate) fn daemon_set(
+pub(crate) fn daemon_sets(
     set: &NodeImageSet,
     pinned: &[Pinned],
+    holder: &Holder,
+    proxy_port: u16,
+    pull_secret: Option<&str>,
+) -> Vec<DaemonSet> {
+    lanes(pinned)
+        .into_iter()
+        .enumerate()
+        .map(|(lane, (first, images))| {
+            let lane = Lane {
+                index: lane,
+                first,
+                images,
+            };
+            daemon_set(set, &lane, holder, proxy_port, pull_secret)
+        })
+        .collect()
+}
+
+/// One lane: its number, the index of its first image in the set, and its images.
+struct Lane<'a> {
+    index: usize,
+    first: usize,
+    images: &'a [Pinned],
+}
+
+/// The DaemonSet of one lane of `set`.
+fn daemon_set(
+    set: &NodeImageSet,
+    lane: &Lane<'_>,
     holder: &Holder,
     proxy_port: u16,
     pull_secret: Option<&str>,
 ) -> DaemonSet {
     let set_name = set.metadata.name.clone().unwrap_or_default();
     let label = label_value(&set_name);
+    let lane_label = lane.index.to_string();
     let labels = json!({
         "app.kubernetes.io/name": "kache",
         "app.kubernetes.io/component": "node-images",
         "app.kubernetes.io/managed-by": "kache",
         NODE_IMAGE_SET_LABEL: label,
+        LANE_LABEL: lane_label,
         // Holder pods already name the proxy; the webhook has nothing to do with them.
         POLICY_LABEL: POLICY_IGNORE,
     });
@@ -120,17 +181,17 @@ pub(crate) fn daemon_set(
         "name": "noop",
         "image": holder.image,
         "imagePullPolicy": holder.image_pull_policy,
-        "command": [KACHE, "prepull", "noop", "--out", NOOP],
+        "command": [KACHE, "prepull", "programs", "--dir", NOOP_DIR],
         "volumeMounts": [{"name": "noop", "mountPath": NOOP_DIR}],
         "securityContext": security,
         "resources": small,
     })];
-    for (i, p) in pinned.iter().enumerate() {
+    for (i, p) in lane.images.iter().enumerate() {
         let Some(image) = p.proxied(proxy_port) else {
             continue;
         };
         init.push(json!({
-            "name": format!("image-{i}"),
+            "name": format!("image-{}", lane.first + i),
             "image": image,
             "imagePullPolicy": "IfNotPresent",
             "command": [NOOP],
@@ -156,10 +217,11 @@ pub(crate) fn daemon_set(
         },
         "initContainers": init,
         "containers": [{
-            "name": "pause",
+            "name": "hold",
             "image": holder.image,
             "imagePullPolicy": holder.image_pull_policy,
-            "command": [KACHE, "pause"],
+            "command": [HOLD],
+            "volumeMounts": mount,
             "securityContext": security,
             "resources": small,
         }],
@@ -183,7 +245,7 @@ pub(crate) fn daemon_set(
     }
     let annotations = json!({SET_ANNOTATION: set_name});
     let body = json!({
-        "selector": {"matchLabels": {NODE_IMAGE_SET_LABEL: label}},
+        "selector": {"matchLabels": {NODE_IMAGE_SET_LABEL: label, LANE_LABEL: lane_label}},
         "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": max_unavailable}},
         "template": {
             "metadata": {"labels": labels, "annotations": annotations},
@@ -199,7 +261,7 @@ pub(crate) fn daemon_set(
         }])
     });
     let mut metadata = json!({
-        "name": daemon_set_name(&set_name),
+        "name": daemon_set_name(&set_name, lane.index),
         "namespace": holder.namespace,
         "labels": labels,
         "annotations": {SET_ANNOTATION: set_name, SPEC_HASH_ANNOTATION: hash},
@@ -224,10 +286,24 @@ pub(crate) fn spec_hash(ds: &DaemonSet) -> Option<&str> {
         .map(String::as_str)
 }
 
+/// The proxied references a holder DaemonSet's pods pull.
+pub(crate) fn pulls(ds: &DaemonSet) -> BTreeSet<String> {
+    pulled(ds.spec.as_ref().and_then(|s| s.template.spec.as_ref()))
+}
+
+/// The images a holder pod spec pulls: its `image-*` init containers'.
+fn pulled(spec: Option<&PodSpec>) -> BTreeSet<String> {
+    spec.into_iter()
+        .flat_map(|s| s.init_containers.iter().flatten())
+        .filter(|c| c.name.starts_with("image-"))
+        .filter_map(|c| c.image.clone())
+        .collect()
+}
+
 /// What the holder pods of one set say.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Nodes {
-    /// Nodes whose pod runs the current images and is ready.
+    /// Nodes where every lane's pod runs the current images and is ready.
     pub ready: BTreeSet<String>,
     /// Images a node could not pull or run, with the kubelet's reason.
     pub failures: Vec<NodeImageFailure>,
@@ -236,31 +312,37 @@ pub(crate) struct Nodes {
 /// Container states that are on the way, not failures.
 const ON_THE_WAY: [&str; 2] = ["PodInitializing", "ContainerCreating"];
 
-/// Reads the holder pods: which nodes hold `want` (the proxied references of the current
-/// spec), and what failed where. `images` maps a proxied reference back to the spec's image.
+/// Reads the holder pods: which nodes hold every lane's images (`lanes[i]`: the proxied
+/// references lane `i` pulls now), and what failed where. `images` maps a proxied reference
+/// back to the spec's image. Pods of lanes the set no longer has are on their way out: ignored.
 pub(crate) fn read_nodes<'a>(
     pods: impl IntoIterator<Item = &'a Pod>,
-    want: &BTreeSet<String>,
+    lanes: &[BTreeSet<String>],
     images: &BTreeMap<String, String>,
 ) -> Nodes {
     let mut out = Nodes::default();
+    let mut held: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
     for pod in pods {
         let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
             continue;
         };
-        let has: BTreeSet<String> = pod
-            .spec
-            .iter()
-            .flat_map(|s| s.init_containers.iter().flatten())
-            .filter(|c| c.name.starts_with("image-"))
-            .filter_map(|c| c.image.clone())
-            .collect();
+        let Some(lane) = pod
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LANE_LABEL))
+            .and_then(|l| l.parse::<usize>().ok())
+            .filter(|l| *l < lanes.len())
+        else {
+            continue;
+        };
+        let has = pulled(pod.spec.as_ref());
         let status = pod.status.as_ref();
         let ready = status
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-        if ready && has == *want {
-            out.ready.insert(node.clone());
+        if ready && has == lanes[lane] {
+            held.entry(node.clone()).or_default().insert(lane);
         }
         let statuses = status
             .iter()
@@ -287,6 +369,11 @@ pub(crate) fn read_nodes<'a>(
             });
         }
     }
+    out.ready = held
+        .into_iter()
+        .filter(|(_, l)| l.len() == lanes.len())
+        .map(|(node, _)| node)
+        .collect();
     out.failures.sort();
     out.failures.dedup();
     out
@@ -373,15 +460,20 @@ mod tests {
             image_pull_secrets: vec!["ghcr".into()],
             ..holder()
         };
-        let ds = daemon_set(
+        let ds = daemon_sets(
             &set("ml", spec),
             &pinned(),
             &with_secret,
             7439,
             Some("kache-pull"),
         );
-        let v = serde_json::to_value(&ds).unwrap();
-        assert_eq!(v["metadata"]["name"], "kache-images-ml");
+        assert_eq!(ds.len(), 1, "two images are one lane");
+        let v = serde_json::to_value(&ds[0]).unwrap();
+        assert_eq!(v["metadata"]["name"], "kache-images-ml-0");
+        assert_eq!(
+            v["spec"]["selector"]["matchLabels"],
+            json!({"kache.io/node-image-set": "ml", "kache.io/lane": "0"})
+        );
         assert_eq!(v["metadata"]["namespace"], "kache");
         assert_eq!(v["metadata"]["ownerReferences"][0]["kind"], "NodeImageSet");
         let pod = &v["spec"]["template"]["spec"];
@@ -397,7 +489,7 @@ mod tests {
         );
         assert_eq!(
             init[0]["command"],
-            json!([KACHE, "prepull", "noop", "--out", NOOP])
+            json!([KACHE, "prepull", "programs", "--dir", NOOP_DIR])
         );
         for c in &init[1..] {
             assert_eq!(c["command"], json!([NOOP]));
@@ -411,7 +503,8 @@ mod tests {
             assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]), "{c}");
             assert_eq!(c["resources"]["limits"]["memory"], "32Mi", "{c}");
         }
-        assert_eq!(pod["containers"][0]["command"], json!([KACHE, "pause"]));
+        assert_eq!(pod["containers"][0]["command"], json!([HOLD]));
+        assert_eq!(pod["containers"][0]["volumeMounts"][0]["readOnly"], true);
         assert_eq!(
             pod["securityContext"]["seccompProfile"]["type"],
             "RuntimeDefault"
@@ -440,13 +533,14 @@ mod tests {
             ..NodeImageSetSpec::default()
         };
         let s = set("a", spec);
-        let one = daemon_set(&s, &pinned()[..1], &holder(), 7439, None);
-        let again = daemon_set(&s, &pinned()[..1], &holder(), 7439, None);
+        let lane = |p: &[Pinned]| daemon_sets(&s, p, &holder(), 7439, None).remove(0);
+        let one = lane(&pinned()[..1]);
+        let again = lane(&pinned()[..1]);
         let moved = vec![Pinned {
             image: "docker.io/library/python:3.12".into(),
             digest: D2.into(),
         }];
-        let other = daemon_set(&s, &moved, &holder(), 7439, None);
+        let other = lane(&moved);
         assert_eq!(spec_hash(&one), spec_hash(&again));
         assert_ne!(spec_hash(&one), spec_hash(&other));
         let v = serde_json::to_value(&one).unwrap();
@@ -464,23 +558,35 @@ mod tests {
     #[test]
     fn long_set_names_make_valid_names_and_labels() {
         let long = "a".repeat(200);
-        let name = daemon_set_name(&long);
+        let name = daemon_set_name(&long, MAX_LANES - 1);
         assert!(name.len() <= 52, "{name}");
-        assert_ne!(name, daemon_set_name(&"a".repeat(201)));
+        assert_ne!(name, daemon_set_name(&"a".repeat(201), MAX_LANES - 1));
+        assert_ne!(name, daemon_set_name(&long, 0));
+        assert_eq!(daemon_set_name("web", 2), "kache-images-web-2");
         let label = label_value(&long);
         assert!(label.len() <= 63, "{label}");
         assert_eq!(label_value("short"), "short");
     }
 
     fn pod(node: &str, images: &[&str], ready: bool, init_statuses: serde_json::Value) -> Pod {
+        lane_pod(node, 0, images, ready, init_statuses)
+    }
+
+    fn lane_pod(
+        node: &str,
+        lane: usize,
+        images: &[&str],
+        ready: bool,
+        init_statuses: serde_json::Value,
+    ) -> Pod {
         let init: Vec<_> = images
             .iter()
             .enumerate()
             .map(|(i, im)| json!({"name": format!("image-{i}"), "image": im}))
             .collect();
         serde_json::from_value(json!({
-            "metadata": {"name": format!("h-{node}")},
-            "spec": {"nodeName": node, "initContainers": init, "containers": [{"name": "pause", "image": "k"}]},
+            "metadata": {"name": format!("h-{node}-{lane}"), "labels": {LANE_LABEL: lane.to_string()}},
+            "spec": {"nodeName": node, "initContainers": init, "containers": [{"name": "hold", "image": "k"}]},
             "status": {
                 "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
                 "initContainerStatuses": init_statuses,
@@ -520,7 +626,7 @@ mod tests {
                 json!([waiting(&b, "PodInitializing")]),
             ),
         ];
-        let nodes = read_nodes(pods.iter(), &want, &images);
+        let nodes = read_nodes(pods.iter(), &[want], &images);
         assert_eq!(nodes.ready, ["n1".to_owned()].into());
         assert_eq!(
             nodes.failures,
@@ -540,7 +646,7 @@ mod tests {
             "state": {"terminated": {"exitCode": 126}}}]);
         let nodes = read_nodes(
             [pod("n1", &[&a], false, status)].iter(),
-            &[a.clone()].into(),
+            &[[a.clone()].into()],
             &BTreeMap::new(),
         );
         assert_eq!(nodes.failures[0].reason, "Error");
@@ -549,5 +655,90 @@ mod tests {
             Some("exited with code 126")
         );
         assert_eq!(nodes.failures[0].image, a);
+    }
+
+    fn many(n: usize) -> Vec<Pinned> {
+        (0..n)
+            .map(|i| Pinned {
+                image: format!("registry.local/team/app-{i}:v1"),
+                digest: D1.into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn images_are_spread_over_lanes_in_order_and_evenly() {
+        let shape = |n: usize| -> Vec<(usize, usize)> {
+            lanes(&many(n))
+                .iter()
+                .map(|(first, images)| (*first, images.len()))
+                .collect()
+        };
+        assert_eq!(shape(1), [(0, 1)]);
+        assert_eq!(shape(4), [(0, 4)]);
+        assert_eq!(shape(5), [(0, 3), (3, 2)]);
+        assert_eq!(shape(20), [(0, 4), (4, 4), (8, 4), (12, 4), (16, 4)]);
+        assert_eq!(shape(22), [(0, 5), (5, 5), (10, 4), (14, 4), (18, 4)]);
+        assert_eq!(shape(100).len(), MAX_LANES);
+
+        // Each lane is a DaemonSet of its own, its containers named by the images' places in
+        // the set, its selector its own.
+        let spec = NodeImageSetSpec {
+            images: many(5).into_iter().map(|p| p.image).collect(),
+            ..NodeImageSetSpec::default()
+        };
+        let ds = daemon_sets(&set("web", spec), &many(5), &holder(), 7439, None);
+        let v: Vec<_> = ds
+            .iter()
+            .map(|d| serde_json::to_value(d).unwrap())
+            .collect();
+        assert_eq!(v[1]["metadata"]["name"], "kache-images-web-1");
+        assert_eq!(
+            v[1]["spec"]["selector"]["matchLabels"]["kache.io/lane"],
+            "1"
+        );
+        assert_eq!(
+            v[1]["spec"]["template"]["metadata"]["labels"]["kache.io/lane"],
+            "1"
+        );
+        let names: Vec<&str> = v[1]["spec"]["template"]["spec"]["initContainers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["noop", "image-3", "image-4"]);
+        assert_ne!(spec_hash(&ds[0]), spec_hash(&ds[1]));
+    }
+
+    #[test]
+    fn a_node_is_ready_once_every_lane_is() {
+        let (a, b) = (
+            format!("localhost:7439/docker.io/library/python@{D1}"),
+            format!("localhost:7439/registry.local_5000/team/scratch@{D2}"),
+        );
+        let lanes: [BTreeSet<String>; 2] = [[a.clone()].into(), [b.clone()].into()];
+        let pods = [
+            lane_pod("n1", 0, &[&a], true, json!([])),
+            lane_pod("n1", 1, &[&b], true, json!([])),
+            lane_pod("n2", 0, &[&a], true, json!([])),
+            lane_pod("n2", 1, &[&b], false, json!([])),
+            // A lane the set no longer has, on its way out.
+            lane_pod("n3", 0, &[&a], true, json!([])),
+            lane_pod("n3", 1, &[&b], true, json!([])),
+            lane_pod("n3", 2, &[&b], false, json!([])),
+        ];
+        let nodes = read_nodes(pods.iter(), &lanes, &BTreeMap::new());
+        assert_eq!(nodes.ready, ["n1".to_owned(), "n3".to_owned()].into());
+        // Lane 1's pod of n2 holds lane 0's image: not ready for either.
+        let swapped = [
+            lane_pod("n2", 0, &[&a], true, json!([])),
+            lane_pod("n2", 1, &[&a], true, json!([])),
+        ];
+        assert!(
+            read_nodes(swapped.iter(), &lanes, &BTreeMap::new())
+                .ready
+                .is_empty()
+        );
     }
 }

@@ -52,6 +52,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kache_api::CachedImage;
 use kache_api::policy::Policy;
@@ -290,6 +291,7 @@ async fn run_controllers(
         let holder = config.node_images.clone().filter(|_| node_images_on);
         let ctx = holder.map(|holder| {
             let (holder_pods, holder_pod_writer) = reflector::store::<Pod>();
+            let (holder_sets, holder_set_writer) = reflector::store::<DaemonSet>();
             let ctx = node_images::SetContext {
                 client: client.clone(),
                 registry: registry.clone(),
@@ -297,6 +299,7 @@ async fn run_controllers(
                 proxy_port: config.policy.proxy_port,
                 nodes: node_store.clone(),
                 pods: holder_pods,
+                daemon_sets: holder_sets,
                 events: events::Events::new(client.clone(), "kache-controller", &config.instance),
                 tokens,
                 scoping: config.scoping.clone(),
@@ -304,12 +307,12 @@ async fn run_controllers(
                 failures: Mutex::default(),
                 metrics: metrics.clone(),
             };
-            (ctx, holder_pod_writer)
+            (ctx, holder_pod_writer, holder_set_writer)
         });
         async move {
             match (ctx, set_stream) {
-                (Some((ctx, writer)), Some(stream)) => {
-                    node_images::run(set_store, stream, ctx, writer).await
+                (Some((ctx, pods, daemon_sets)), Some(stream)) => {
+                    node_images::run(set_store, stream, ctx, pods, daemon_sets).await
                 }
                 _ => std::future::pending().await,
             }

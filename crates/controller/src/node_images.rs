@@ -53,6 +53,8 @@ pub(crate) struct SetContext {
     pub nodes: Store<Node>,
     /// The holder pods, in kache's namespace.
     pub pods: Store<Pod>,
+    /// The holder DaemonSets, in kache's namespace.
+    pub daemon_sets: Store<DaemonSet>,
     pub events: Events,
     pub tokens: Option<Arc<tenancy::Tokens>>,
     pub scoping: Option<tenancy::Scoping>,
@@ -77,6 +79,7 @@ pub(crate) async fn run(
     set_stream: impl futures_util::Stream<Item = Result<NodeImageSet, watcher::Error>> + Send + 'static,
     ctx: SetContext,
     pod_writer: kube::runtime::reflector::store::Writer<Pod>,
+    daemon_set_writer: kube::runtime::reflector::store::Writer<DaemonSet>,
 ) {
     let ns = ctx.holder.namespace.clone();
     let client = ctx.client.clone();
@@ -87,6 +90,7 @@ pub(crate) async fn run(
         .touched_objects();
     let daemon_sets = watcher(Api::<DaemonSet>::namespaced(client, &ns), owned)
         .default_backoff()
+        .reflect(daemon_set_writer)
         .touched_objects();
     Controller::for_stream(set_stream, sets)
         .watches_stream(pods, |p| set_of(&p))
@@ -356,37 +360,51 @@ async fn apply(set: &NodeImageSet, ctx: &SetContext) -> Result<Action, Error> {
     let pull_secret = grants(set, ctx, &images).await;
 
     let mut desired_nodes = 0;
-    // Whether the DaemonSet controller has counted the nodes of the current template yet.
+    // Whether the DaemonSet controller has counted the nodes of every lane's current template.
     let mut counted = false;
     let mut nodes = holder::Nodes::default();
-    if !pinned.is_empty() {
-        let wanted = holder::daemon_set(
+    let wanted = if pinned.is_empty() {
+        Vec::new()
+    } else {
+        holder::daemon_sets(
             set,
             &pinned,
             &ctx.holder,
             ctx.proxy_port,
             pull_secret.as_deref(),
-        );
-        let ds = ensure_daemon_set(ctx, set, wanted).await?;
-        desired_nodes = ds
-            .status
-            .as_ref()
+        )
+    };
+    if !wanted.is_empty() {
+        let lanes: Vec<BTreeSet<String>> = wanted.iter().map(holder::pulls).collect();
+        let mut have = Vec::with_capacity(wanted.len());
+        for ds in wanted.iter().cloned() {
+            have.push(ensure_daemon_set(ctx, set, ds).await?);
+        }
+        // Every lane selects the same nodes.
+        desired_nodes = have
+            .iter()
+            .filter_map(|ds| ds.status.as_ref())
             .map(|s| i64::from(s.desired_number_scheduled))
+            .max()
             .unwrap_or(0);
-        counted = ds.status.as_ref().is_some_and(|s| {
-            s.observed_generation.unwrap_or(0) >= ds.metadata.generation.unwrap_or(1)
+        counted = have.iter().all(|ds| {
+            ds.status.as_ref().is_some_and(|s| {
+                s.observed_generation.unwrap_or(0) >= ds.metadata.generation.unwrap_or(1)
+            })
         });
         let by_proxied: BTreeMap<String, String> = pinned
             .iter()
             .filter_map(|p| Some((p.proxied(ctx.proxy_port)?, p.image.clone())))
             .collect();
-        let want: BTreeSet<String> = by_proxied.keys().cloned().collect();
         let pods = ctx.pods.state();
         let own = pods.iter().map(|p| p.as_ref()).filter(|p| {
             p.annotations().get(SET_ANNOTATION).map(String::as_str) == Some(name.as_str())
         });
-        nodes = holder::read_nodes(own, &want, &by_proxied);
+        nodes = holder::read_nodes(own, &lanes, &by_proxied);
     }
+    // Lanes the set no longer has (it has fewer images, or none resolved).
+    let keep: BTreeSet<String> = wanted.iter().map(ResourceExt::name_any).collect();
+    delete_daemon_sets(ctx, set, |ds| !keep.contains(&ds.name_any())).await?;
     for f in nodes
         .failures
         .iter()
@@ -559,38 +577,77 @@ async fn grants(set: &NodeImageSet, ctx: &SetContext, images: &[String]) -> Opti
     Some(scoping.secret_name.clone())
 }
 
-/// Creates the DaemonSet, or replaces it when what the controller would write changed.
+/// Creates the DaemonSet, or replaces it when what the controller would write changed. Read
+/// from the watch's cache: when that is behind (the create or replace conflicts), read again.
 async fn ensure_daemon_set(
     ctx: &SetContext,
     set: &NodeImageSet,
-    mut wanted: DaemonSet,
+    wanted: DaemonSet,
 ) -> Result<DaemonSet, Error> {
     let api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.holder.namespace);
     let ds_name = wanted.name_any();
-    match api.get_opt(&ds_name).await? {
+    let cached = ctx
+        .daemon_sets
+        .get(&ObjectRef::new(&ds_name).within(&ctx.holder.namespace))
+        .map(|d| (*d).clone());
+    match write_daemon_set(&api, set, cached, wanted.clone()).await {
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            let fresh = api.get_opt(&ds_name).await?;
+            Ok(write_daemon_set(&api, set, fresh, wanted).await?)
+        }
+        r => Ok(r?),
+    }
+}
+
+async fn write_daemon_set(
+    api: &Api<DaemonSet>,
+    set: &NodeImageSet,
+    have: Option<DaemonSet>,
+    mut wanted: DaemonSet,
+) -> Result<DaemonSet, kube::Error> {
+    let ds_name = wanted.name_any();
+    match have {
         None => {
-            info!(set = %set.name_any(), daemonset = %ds_name, "creating the holder DaemonSet");
-            Ok(api.create(&PostParams::default(), &wanted).await?)
+            info!(set = %set.name_any(), daemonset = %ds_name, "creating a holder DaemonSet");
+            api.create(&PostParams::default(), &wanted).await
         }
         Some(have) if holder::spec_hash(&have) == holder::spec_hash(&wanted) => Ok(have),
         Some(have) => {
-            info!(set = %set.name_any(), daemonset = %ds_name, "updating the holder DaemonSet");
+            info!(set = %set.name_any(), daemonset = %ds_name, "updating a holder DaemonSet");
             wanted.metadata.resource_version = have.metadata.resource_version;
-            Ok(api
-                .replace(&ds_name, &PostParams::default(), &wanted)
-                .await?)
+            api.replace(&ds_name, &PostParams::default(), &wanted).await
         }
     }
 }
 
-async fn cleanup(set: &NodeImageSet, ctx: &SetContext) -> Result<Action, Error> {
+/// Deletes the set's DaemonSets that `drop` picks, as the watch's cache knows them.
+async fn delete_daemon_sets(
+    ctx: &SetContext,
+    set: &NodeImageSet,
+    drop: impl Fn(&DaemonSet) -> bool,
+) -> Result<(), Error> {
     let api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.holder.namespace);
-    let ds_name = holder::daemon_set_name(&set.name_any());
-    match api.delete(&ds_name, &DeleteParams::background()).await {
-        Ok(_) => info!(set = %set.name_any(), daemonset = %ds_name, "holder DaemonSet deleted"),
-        Err(kube::Error::Api(s)) if s.code == 404 => {}
-        Err(e) => return Err(e.into()),
+    let name = set.name_any();
+    let doomed = ctx
+        .daemon_sets
+        .state()
+        .into_iter()
+        .filter(|ds| ds.annotations().get(SET_ANNOTATION) == Some(&name) && drop(ds));
+    for ds in doomed {
+        let ds_name = ds.name_any();
+        match api.delete(&ds_name, &DeleteParams::background()).await {
+            Ok(_) => info!(set = %name, daemonset = %ds_name, "holder DaemonSet deleted"),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
     }
+    Ok(())
+}
+
+/// The set is going: its DaemonSets go first (their owner reference would have the cluster's
+/// garbage collector remove them too, later).
+async fn cleanup(set: &NodeImageSet, ctx: &SetContext) -> Result<Action, Error> {
+    delete_daemon_sets(ctx, set, |_| true).await?;
     ctx.failures.lock().await.remove(&set.name_any());
     Ok(Action::await_change())
 }

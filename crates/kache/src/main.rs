@@ -61,11 +61,8 @@ enum Command {
     Certs(certs::CertsArgs),
     /// Exit 0 when a listener answers 2xx: the healthcheck of containers run by an engine.
     Health(health::HealthArgs),
-    /// What node pre-pull pods run: the no-op their images run.
+    /// Node pre-pull: the programs its pods run; a NodeImageSet from an image-puller's settings.
     Prepull(prepull::PrepullArgs),
-    /// Wait until stopped (SIGTERM or SIGINT), then exit 0: a pre-pull pod's one long-running
-    /// container.
-    Pause,
     /// Re-hash every blob in a (stopped) store and report what does not verify, with its
     /// progress on stderr.
     Fsck {
@@ -452,7 +449,7 @@ struct ControllerArgs {
         requires = "node_images_image"
     )]
     node_images_namespace: Option<String>,
-    /// The kache image the holder pods run (`kache prepull noop`, `kache pause`).
+    /// The kache image the holder pods run (`kache prepull programs`).
     #[arg(
         long,
         env = "KACHE_NODE_IMAGES_IMAGE",
@@ -531,11 +528,9 @@ fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     init_tracing(cli.log_format);
-    // These run in pods of their own, one per node: no runtime of many threads for them.
-    match &cli.command {
-        Command::Pause => return prepull::pause(),
-        Command::Prepull(a) => return prepull::run(a),
-        _ => {}
+    // Needs no runtime.
+    if let Command::Prepull(a) = &cli.command {
+        return prepull::run(a);
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -635,7 +630,7 @@ fn main() -> anyhow::Result<()> {
             Command::Fsck { data_dir } => serve::fsck(&data_dir).await,
             Command::Certs(a) => certs::run(&a),
             Command::Health(a) => health::run(&a).await,
-            Command::Pause | Command::Prepull(_) => unreachable!("run before the runtime"),
+            Command::Prepull(_) => unreachable!("run before the runtime"),
         }
     })
 }
